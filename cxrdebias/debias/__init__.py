@@ -1,0 +1,40 @@
+"""The debiasing library: one module per method, no dataset-specific code.
+
+>>> from cxrdebias.debias import build_method
+>>> method = build_method("end", {"alpha": 0.1, "beta": 0.1})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from cxrdebias.debias.base import Method, MethodOptions
+from cxrdebias.debias.end import EnD, end_regularizer
+from cxrdebias.debias.vanilla import Vanilla
+from cxrdebias.errors import ConfigError
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Vanilla, EnD)}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """Instantiate a registered method with validated options (:class:`ConfigError` if bad)."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown method {name!r}; expected one of: {', '.join(method_names())}")
+    try:
+        opts = cls.Options(**(options or {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"method {name!r}: {problems}") from None
+    return cls(opts)
+
+
+__all__ = ["METHODS", "EnD", "Method", "MethodOptions", "Vanilla", "build_method", "end_regularizer", "method_names"]

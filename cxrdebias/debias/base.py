@@ -1,0 +1,107 @@
+"""The method seam: a debiasing method turns (model, batch) into a parameter update.
+
+The trainer never branches on a method's name. It calls :meth:`Method.update` once per batch
+and :meth:`Method.on_epoch_end` once per epoch. Simple methods only implement
+:meth:`Method.compute_loss` (a loss and a dict of logged values); methods with extra networks
+or optimisers (LNL's bias head, ReBias's biased network, LfF's biased model) own them as
+sub-modules and override :meth:`update`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from cxrdebias.data.base import UNKNOWN_BIAS, Batch
+from cxrdebias.models.base import ModelOutput
+
+AutocastFactory = Callable[[], AbstractContextManager]
+
+
+class MethodOptions(BaseModel):
+    """Options of a method; subclasses add fields. Unknown options are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Method(nn.Module):
+    """Base class of every debiasing method (``vanilla`` included)."""
+
+    #: registry name (``--method NAME``)
+    name: ClassVar[str] = ""
+    #: one-line description for ``--help`` and the docs
+    summary: ClassVar[str] = ""
+    #: whether the method needs bias labels in the batch
+    requires_bias: ClassVar[bool] = False
+    #: the last activation the model should use before its bottleneck (``None`` = default)
+    feature_activation: ClassVar[str | None] = None
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, options: MethodOptions | None = None):
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+        self.register_buffer("class_weights", None, persistent=False)
+
+    # -- configuration ------------------------------------------------------------------
+    def set_class_weights(self, weights: torch.Tensor | None) -> None:
+        """Per-class weights of the cross-entropy (class-imbalance handling)."""
+        self.class_weights = None if weights is None else weights.float()
+
+    def setup(self, model: nn.Module, make_optimizer: Callable[[Any], torch.optim.Optimizer]) -> None:
+        """Called once before training; methods with extra networks create their optimisers
+        with ``make_optimizer(parameters)`` (same optimiser settings as the main model)."""
+
+    # -- training ------------------------------------------------------------------------
+    def classification_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return F.cross_entropy(logits.float(), target, weight=weight)
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, output: ModelOutput
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss to minimise for the main model and the values to log (detached tensors)."""
+        raise NotImplementedError
+
+    def check_batch(self, batch: Batch) -> None:
+        if self.requires_bias and bool((batch["bias"] == UNKNOWN_BIAS).any()):
+            raise ValueError(
+                f"method {self.name!r} needs bias labels but the batch has samples with unknown bias"
+            )
+
+    def update(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        optimizer: torch.optim.Optimizer,
+        autocast: AutocastFactory,
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch``; returns the logged values."""
+        self.check_batch(batch)
+        with autocast():
+            output = model(batch["image"])
+            loss, logs = self.compute_loss(model, batch, output)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        logs = {"loss": loss.detach(), **logs}
+        logs["accuracy"] = (output.logits.detach().argmax(1) == batch["target"]).float().mean()
+        return logs
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called after each training epoch (e.g. to step the schedulers the method owns)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Optimiser/scheduler states the method owns (saved in checkpoints)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options.model_dump()}

@@ -1,0 +1,161 @@
+"""A run is a folder: resolved config, provenance, metrics log, checkpoints and the report.
+
+Files are always written atomically (temporary file in the same folder, fsync, rename), so a
+run killed at any moment leaves either the old or the new version of a file, never half of one.
+An existing run folder is never overwritten unless the caller says so (``force``), and is only
+reused to continue the same run (``resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+import yaml
+
+from cxrdebias.errors import CheckpointError, RunExistsError
+
+CONFIG_FILE = "config.yaml"
+RUN_INFO_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def torch_load_checked(path: str | Path) -> Any:
+    """Load a checkpoint, turning truncation/corruption into a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/...
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDir:
+    """The folder of one training run.
+
+    Use :meth:`create` to start (or resume) a run. ``path`` may not exist yet.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- life cycle -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, force: bool = False, resume: bool = False) -> RunDir:
+        """Open ``path`` for a new run.
+
+        - new or empty folder: used as is;
+        - existing run + ``resume``: reused (the caller checks the config matches);
+        - existing non-empty folder + ``force``: its contents are deleted first;
+        - otherwise :class:`RunExistsError`.
+        """
+        run = cls(path)
+        p = run.path
+        if p.exists() and not p.is_dir():
+            raise RunExistsError(f"{p}: exists and is not a folder; choose another --out")
+        non_empty = p.is_dir() and any(p.iterdir())
+        if resume:
+            if not non_empty:
+                raise CheckpointError(f"{p}: nothing to resume (folder missing or empty); drop --resume to start a new run")
+        elif non_empty:
+            if not force:
+                raise RunExistsError(
+                    f"{p}: output folder already exists and is not empty; pass --force to overwrite it or --resume to continue it"
+                )
+            shutil.rmtree(p)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        return run
+
+    # -- files ----------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_text_atomic(self.file(CONFIG_FILE), yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        path = self.file(CONFIG_FILE)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; {self.path} is not a cxrdebias run folder")
+        return yaml.safe_load(path.read_text())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json_atomic(self.file(name), obj)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.file(name).read_text())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one line to ``metrics.jsonl`` (flushed and fsynced)."""
+        with open(self.file(METRICS_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.file(METRICS_FILE)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Keep only the log lines of epochs ``<= last_epoch`` (used when resuming)."""
+        kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
+        write_text_atomic(self.file(METRICS_FILE), "".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,353 @@
+"""One training loop for every method and dataset.
+
+Adam + weight decay + StepLR, reproducible seeds, bf16 autocast where the hardware supports
+it, rich progress, per-epoch metrics to ``metrics.jsonl``, atomic checkpoints every epoch
+(``last.pt``; the previous one kept as ``prev.pt``), resume from the last good checkpoint, and
+model selection on a *validation* metric only (``best.pt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from cxrdebias.config import TrainConfig
+from cxrdebias.data.base import Batch
+from cxrdebias.debias.base import Method
+from cxrdebias.errors import CheckpointError, ConfigError
+from cxrdebias.evaluate import Predictions, predict, to_device
+from cxrdebias.runs import RunDir, torch_load_checked, torch_save_atomic
+
+CHECKPOINT_FORMAT = 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX (where bf16 matmul/conv beat fp32)."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        with contextlib.suppress(Exception):
+            if fn is not None and fn():
+                return True
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def make_autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+Evaluator = Callable[[Callable[[Iterable[Batch]], Predictions]], dict[str, float]]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    precision: str
+    device: str
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains ``model`` with ``method`` on ``train_loader``.
+
+    Args:
+        evaluate: called after an epoch with a ``predict(loader) -> Predictions`` function;
+            returns validation metrics (flat ``name -> float``), logged under ``val``.
+        select_metric: a key of those metrics used for model selection (``best.pt``) and
+            early stopping; ``None`` keeps only the last epoch (Biased-MNIST protocol).
+        select_mode: ``"max"`` or ``"min"``.
+        patience: stop after this many evaluations without improvement (``None``: never).
+        fingerprint: anything that must be identical for a run to be resumed (the resolved
+            config); stored in checkpoints and compared on resume.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        train_loader: Iterable[Batch],
+        config: TrainConfig,
+        *,
+        run: RunDir | None = None,
+        evaluate: Evaluator | None = None,
+        select_metric: str | None = None,
+        select_mode: str = "max",
+        patience: int | None = None,
+        seed: int = 0,
+        fingerprint: Any = None,
+        console: Console | None = None,
+    ):
+        if select_mode not in ("max", "min"):
+            raise ValueError(f"select_mode must be 'max' or 'min', got {select_mode!r}")
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.autocast = make_autocast(self.precision, self.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.method = method.to(self.device)
+        self.train_loader = train_loader
+        self.run = run
+        self.evaluate = evaluate
+        self.select_metric = select_metric
+        self.select_mode = select_mode
+        self.patience = patience
+        self.seed = seed
+        self.fingerprint = fingerprint
+        self.console = console or Console(stderr=True)
+        self.optimizer = self._make_optimizer(self.model.parameters())
+        self.scheduler = (
+            torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+            if config.lr_step
+            else None
+        )
+        self.method.setup(self.model, self._make_optimizer)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.start_epoch = 1
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    # -- prediction ---------------------------------------------------------------------------
+    def predict(self, loader: Iterable[Batch], keep_features: bool = False) -> Predictions:
+        return predict(
+            self.model,
+            loader,
+            device=self.device,
+            autocast=self.autocast,
+            channels_last=self.cfg.channels_last,
+            keep_features=keep_features,
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "method_extra": self.method.extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "history": self.history,
+            "best": self.best,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "fingerprint": self.fingerprint,
+        }
+
+    def save_checkpoint(self, epoch: int) -> None:
+        if self.run is None:
+            return
+        last = self.run.checkpoint_dir / "last.pt"
+        if last.exists():
+            last.replace(self.run.checkpoint_dir / "prev.pt")
+        torch_save_atomic(self._checkpoint(epoch), last)
+
+    def load_checkpoint(self) -> int:
+        """Restore the newest readable checkpoint; returns its epoch."""
+        assert self.run is not None
+        errors = []
+        for name in ("last.pt", "prev.pt"):
+            try:
+                state = torch_load_checked(self.run.checkpoint_dir / name)
+            except CheckpointError as exc:
+                errors.append(str(exc))
+                continue
+            if state.get("format") != CHECKPOINT_FORMAT:
+                errors.append(f"{name}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+                continue
+            if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
+                raise CheckpointError(
+                    f"{self.run.checkpoint_dir / name}: written by a run with a different config; "
+                    "resume with the same options or start a new run"
+                )
+            try:
+                self.model.load_state_dict(state["model"])
+                self.method.load_state_dict(state["method"])
+            except RuntimeError as exc:
+                raise CheckpointError(f"{self.run.checkpoint_dir / name}: does not fit this model ({exc})") from None
+            self.method.load_extra_state(state["method_extra"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler and state["scheduler"]:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.history = state["history"]
+            self.best = state["best"]
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            if name != "last.pt":
+                self.console.print(f"[yellow]last.pt unusable ({errors[-1]}); resumed from {name}[/]")
+            return int(state["epoch"])
+        raise CheckpointError("no usable checkpoint to resume: " + "; ".join(errors))
+
+    # -- training -------------------------------------------------------------------------------
+    def _improved(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best["value"]):
+            return not math.isnan(value)
+        return value > self.best["value"] if self.select_mode == "max" else value < self.best["value"]
+
+    def train_epoch(self, epoch: int, progress: Progress | None) -> dict[str, float]:
+        self.model.train()
+        self.method.train()
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        total = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
+        task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=total, stats="") if progress else None
+        sums: dict[str, float] = {}
+        n_seen = 0
+        t0 = time.perf_counter()
+        for batch in self.train_loader:
+            batch = to_device(batch, self.device, self.cfg.channels_last)
+            logs = self.method.update(self.model, batch, self.optimizer, self.autocast)
+            n = batch["target"].shape[0]
+            n_seen += n
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            if progress is not None:
+                progress.update(task, advance=1, stats=f"loss {sums['loss'] / n_seen:.4f}  {n_seen / (time.perf_counter() - t0):.0f} img/s")
+        elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress.remove_task(task)
+        if n_seen == 0:
+            raise ValueError("the training loader yielded no batch")
+        out = {k: v / n_seen for k, v in sums.items()}
+        out["img_per_s"] = n_seen / elapsed
+        out["time_s"] = elapsed
+        return out
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        resumed_from = None
+        if resume:
+            resumed_from = self.load_checkpoint()
+            self.start_epoch = resumed_from + 1
+            self.run.truncate_metrics(resumed_from)
+            self.console.print(f"resuming after epoch {resumed_from}")
+        else:
+            seed_everything(self.seed)
+        stopped_early = False
+        since_best = 0
+        progress = (
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+                console=self.console,
+                transient=True,
+            )
+            if self.cfg.progress
+            else None
+        )
+        with progress or contextlib.nullcontext():
+            for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+                lr = self.optimizer.param_groups[0]["lr"]
+                train_stats = self.train_epoch(epoch, progress)
+                if self.scheduler:
+                    self.scheduler.step()
+                self.method.on_epoch_end(epoch)
+                record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train": train_stats}
+                last = epoch == self.cfg.epochs
+                if self.evaluate and (epoch % self.cfg.eval_every == 0 or last):
+                    t0 = time.perf_counter()
+                    record["val"] = self.evaluate(self.predict)
+                    record["eval_time_s"] = time.perf_counter() - t0
+                    if self.select_metric:
+                        if self.select_metric not in record["val"]:
+                            raise ConfigError(
+                                f"selection metric {self.select_metric!r} not among validation metrics {sorted(record['val'])}"
+                            )
+                        value = float(record["val"][self.select_metric])
+                        if self._improved(value):
+                            self.best = {"epoch": epoch, "metric": self.select_metric, "value": value}
+                            since_best = 0
+                            if self.run is not None:
+                                torch_save_atomic(
+                                    {"epoch": epoch, "model": self.model.state_dict(), "best": self.best},
+                                    self.run.checkpoint_dir / "best.pt",
+                                )
+                        else:
+                            since_best += 1
+                self.history.append(record)
+                if self.run is not None:
+                    self.run.append_metrics(record)
+                self.save_checkpoint(epoch)
+                self._print_epoch(record)
+                if self.patience is not None and since_best >= self.patience and not last:
+                    stopped_early = True
+                    self.console.print(f"early stopping: no improvement of {self.select_metric} for {since_best} evaluations")
+                    break
+        return TrainResult(
+            history=self.history,
+            best=self.best,
+            precision=self.precision,
+            device=str(self.device),
+            stopped_early=stopped_early,
+            resumed_from_epoch=resumed_from,
+        )
+
+    def _print_epoch(self, record: dict[str, Any]) -> None:
+        tr = record["train"]
+        parts = [f"epoch {record['epoch']:>3}", f"loss {tr['loss']:.4f}", f"train acc {tr.get('accuracy', float('nan')):.4f}"]
+        parts += [f"{k} {tr[k]:.4f}" for k in ("R_perp", "R_par") if k in tr]
+        parts.append(f"{tr['img_per_s']:.0f} img/s")
+        for k, v in (record.get("val") or {}).items():
+            if isinstance(v, float):
+                parts.append(f"val {k} {v:.4f}")
+        self.console.print("  ".join(parts))
+
+    def load_best(self) -> None:
+        """Load the weights of the selected (best validation) epoch, if any."""
+        if self.run is None or self.best is None:
+            return
+        state = torch_load_checked(self.run.checkpoint_dir / "best.pt")
+        self.model.load_state_dict(state["model"])
