@@ -1,5 +1,5 @@
-"""Datasets: one module per source. Every dataset yields the sample contract of :mod:`.base`."""
+"""Datasets: one module per source; every dataset yields the sample contract of :mod:`.base`.
 
-from cxrdebias.data.base import UNKNOWN_BIAS, Batch, TensorBatchLoader, TensorSamples
-
-__all__ = ["UNKNOWN_BIAS", "Batch", "TensorBatchLoader", "TensorSamples"]
+Nothing is imported here on purpose: the torch-free modules (image reading, preprocessing)
+must stay importable by the ONNX runtime and the viewer without pulling in torch.
+"""
