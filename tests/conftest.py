@@ -1,0 +1,58 @@
+"""Shared fixtures. Real data lives in ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MNIST15K = SHARED_DATA / "mnist15k"
+CXR_SOURCES = SHARED_DATA / "cxr-covid-sources"
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    """Write a uint8 array in IDX format (the MNIST file format)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_fake_mnist(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0, gz: bool = False) -> Path:
+    """A tiny MNIST-layout folder: digits are class-dependent blobs so a CNN can learn them."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    sfx = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            r, col = divmod(int(c), 4)
+            images[i, 4 + 6 * r : 9 + 6 * r, 4 + 5 * col : 9 + 5 * col] = rng.integers(100, 256)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{sfx}", images, gz=gz)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{sfx}", labels, gz=gz)
+    return root
+
+
+@pytest.fixture
+def fake_mnist(tmp_path) -> Path:
+    return make_fake_mnist(tmp_path / "mnist")
+
+
+@pytest.fixture
+def mnist15k() -> Path:
+    if not (MNIST15K / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST-15k data not found at {MNIST15K} (see ../shared/data/README.md)")
+    return MNIST15K

@@ -1,0 +1,99 @@
+"""The command line: help, version, a tiny end-to-end run, and one-line errors for bad input."""
+
+import json
+import sys
+
+import pytest
+
+from cxrdebias import __version__
+from cxrdebias.cli import main
+
+
+def run_cli(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cxrdebias", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_version(monkeypatch, capsys):
+    code, out, _ = run_cli(["--version"], monkeypatch, capsys)
+    assert code == 0 and __version__ in out
+
+
+def test_help_lists_every_command(monkeypatch, capsys):
+    code, out, _ = run_cli(["--help"], monkeypatch, capsys)
+    assert code == 0
+    for cmd in ("reproduce", "methods", "demo"):
+        assert cmd in out
+
+
+def _tiny(fake_mnist, out):
+    return [
+        "reproduce", "biased-mnist", "--data-root", str(fake_mnist), "--rho", "0.99",
+        "--epochs", "1", "--out", str(out), "--set", "train.batch_size=64", "--set", "train.progress=false",
+        "--set", "model.kernel_size=3",
+    ]
+
+
+def test_reproduce_end_to_end(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli([*_tiny(fake_mnist, out), "--method", "end", "--alpha", "0.2", "--beta", "0.3"], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == {"name": "end", "alpha": 0.2, "beta": 0.3, "form": "paper"}
+    assert 0 <= res["metrics"]["unbiased_accuracy"] <= 1 and 0 <= res["metrics"]["biased_accuracy"] <= 1
+    assert res["config"]["data"]["rho"] == 0.99
+    assert len(res["data"]["source_sha256"]) == 64
+    assert res["code_version"]["package"] == __version__
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+    assert "unbiased_accuracy=" in stdout
+
+
+def test_existing_output_is_not_overwritten(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(_tiny(fake_mnist, out), monkeypatch, capsys)
+    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--rho", "1.5"], "(0, 1]"),
+        (["--rho", "0"], "(0, 1]"),
+        (["--set", "train.epochs=0"], "train.epochs"),
+        (["--set", "train.nonsense=1"], "unknown option"),
+        (["--method", "vanilla", "--alpha", "0.1"], "vanilla"),
+        (["--method", "end", "--form", "other"], "form"),
+    ],
+)
+def test_bad_options_give_one_line_errors(extra, message, fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli([*_tiny(fake_mnist, out), *extra], monkeypatch, capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # nothing written for a rejected run
+
+
+def test_missing_and_corrupt_mnist(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["reproduce", "biased-mnist", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "r")], monkeypatch, capsys)
+    assert code == 2 and "MNIST folder not found" in err
+    raw = tmp_path / "bad" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    code, _, err = run_cli(["reproduce", "biased-mnist", "--data-root", str(tmp_path / "bad"), "--out", str(tmp_path / "r")], monkeypatch, capsys)
+    assert code == 2 and "train-images-idx3-ubyte" in err
+
+
+def test_methods_lists_end(monkeypatch, capsys):
+    code, out, _ = run_cli(["methods"], monkeypatch, capsys)
+    assert code == 0 and "end" in out and "vanilla" in out

@@ -1,0 +1,33 @@
+import pytest
+
+from cxrdebias.config import load_config
+from cxrdebias.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_shipped_configs_are_valid():
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert paths
+    for p in paths:
+        load_config(p)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=5e-4", "method.name=end", "method.alpha=0.5", "train.lr_step=null"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 5e-4 and cfg.train.lr_step is None
+    assert cfg.method.options() == {"alpha": 0.5}
+
+
+@pytest.mark.parametrize("bad,field", [("train.epochs=-1", "train.epochs"), ("data.rhoo=1", "data.rhoo"), ("nokey", "KEY=VALUE")])
+def test_bad_overrides_name_the_field(bad, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [bad])
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,126 @@
+"""The trainer: a short run changes the model, logs, checkpoints, resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from cxrdebias.config import load_config
+from cxrdebias.data.base import TensorBatchLoader, TensorSamples
+from cxrdebias.debias import build_method
+from cxrdebias.errors import CheckpointError, RunExistsError
+from cxrdebias.models import SimpleConvNet
+from cxrdebias.runs import RunDir
+from cxrdebias.train import Trainer, resolve_precision, seed_everything
+
+
+def _data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 12, 12, generator=g) * 0.5
+    x[:, 0] += t.view(-1, 1, 1).float()  # the target is visible in channel 0
+    b = (t + (torch.rand(n, generator=g) < 0.2).long()) % 3
+    return TensorSamples(x, t, b, name="toy")
+
+
+def _trainer(run, epochs=3, method="end", **train):
+    cfg = load_config(None, [f"train.epochs={epochs}", "train.batch_size=32", "train.progress=false", "train.precision=fp32", "train.lr_step=2", *[f"train.{k}={v}" for k, v in train.items()]])
+    seed_everything(0)
+    model = SimpleConvNet(3, kernel_size=3, last_activation="tanh")
+    m = build_method(method, {"alpha": 0.5, "beta": 0.5} if method == "end" else {})
+    data = _data()
+    loader = TensorBatchLoader(data, 32, shuffle=True, seed=1)
+
+    def evaluate(predict):
+        p = predict(TensorBatchLoader(data, 50))
+        return {"accuracy": (p.predicted == p.targets).float().mean().item()}
+
+    return Trainer(model, m, loader, cfg.train, run=run, evaluate=evaluate, select_metric="accuracy", seed=0, fingerprint={"epochs": epochs})
+
+
+def test_training_changes_model_and_writes_log(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    tr = _trainer(run)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    res = tr.fit()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    lines = run.read_metrics()
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"loss", "ce", "R_perp", "R_par", "accuracy", "img_per_s"} <= set(lines[0]["train"])
+    assert lines[0]["lr"] == pytest.approx(1e-3) and lines[2]["lr"] == pytest.approx(1e-4)  # StepLR(2)
+    assert res.history[-1]["train"]["loss"] < res.history[0]["train"]["loss"]
+    assert (run.checkpoint_dir / "last.pt").is_file() and (run.checkpoint_dir / "best.pt").is_file()
+    assert res.best["metric"] == "accuracy"
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    ref = _trainer(RunDir.create(tmp_path / "ref"))
+    ref.fit()
+
+    run = RunDir.create(tmp_path / "interrupted")
+    tr = _trainer(run)
+    original = tr.save_checkpoint
+
+    def crash_after_first(epoch):
+        original(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    tr.save_checkpoint = crash_after_first
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    resumed = _trainer(RunDir.create(tmp_path / "interrupted", resume=True))
+    res = resumed.fit(resume=True)
+    assert res.resumed_from_epoch == 1
+    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3]
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    _trainer(run, epochs=2).fit()
+    last = run.checkpoint_dir / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    tr = _trainer(RunDir.create(tmp_path / "run", resume=True), epochs=2)
+    assert tr.load_checkpoint() == 1  # prev.pt holds epoch 1
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    _trainer(run, epochs=1).fit()
+    tr = _trainer(RunDir.create(tmp_path / "run", resume=True), epochs=2)
+    with pytest.raises(CheckpointError, match="different config"):
+        tr.fit(resume=True)
+
+
+def test_run_dir_refuses_to_overwrite(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    (run.path / "results.json").write_text("{}")
+    with pytest.raises(RunExistsError, match="--force"):
+        RunDir.create(tmp_path / "run")
+    assert (run.path / "results.json").exists()
+    RunDir.create(tmp_path / "run", force=True)
+    assert not (run.path / "results.json").exists()
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        RunDir.create(tmp_path / "new", resume=True)
+
+
+def test_method_needing_bias_refuses_unknown_bias(tmp_path):
+    tr = _trainer(None, epochs=1)
+    tr.train_loader.samples.biases[:] = -1
+    with pytest.raises(ValueError, match="unknown bias"):
+        tr.fit()
+
+
+def test_precision_resolution():
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+
+
+def test_metrics_log_is_json_lines(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    _trainer(run, epochs=1, method="vanilla").fit()
+    for line in (run.path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
