@@ -25,10 +25,10 @@ def regulariser_times(n: int = 256, d: int = 128, repeats: int = 200) -> dict:
         t = torch.randint(0, 10, (n,), generator=g)
         b = torch.randint(0, 10, (n,), generator=g)
 
-        def fwd():
+        def fwd(f=f, t=t, b=b, form=form):
             end_regularizer(f, t, b, 0.1, 0.1, form=form, return_terms=True)
 
-        def fwd_bwd():
+        def fwd_bwd(f=f, t=t, b=b, form=form):
             f.grad = None
             end_regularizer(f, t, b, 0.1, 0.1, form=form, return_terms=True).total.backward()
 

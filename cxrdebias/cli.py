@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,8 +22,8 @@ app = typer.Typer(
 reproduce_app = typer.Typer(help="Reproduce the published results of the debiasing papers.", no_args_is_help=True)
 app.add_typer(reproduce_app, name="reproduce")
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -35,7 +35,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = None,
 ) -> None:
@@ -54,64 +54,65 @@ def methods_cmd() -> None:
         out.print(f"[bold]{name}[/]: {cls.summary} ({bias}; {fields})")
 
 
-def _biased_mnist_config(
+def _build_config(
     config: Path | None,
-    rho: float | None,
-    method: str | None,
-    alpha: float | None,
-    beta: float | None,
-    form: str | None,
-    epochs: int | None,
-    data_root: Path | None,
-    seed: int | None,
-    overrides: list[str],
+    *,
+    default_config: Path | None = None,
+    method: str | None = None,
+    method_options: dict | None = None,
+    options: dict | None = None,
+    overrides: list[str] | None = None,
 ):
+    """Config file (or the default one) ← ``--set`` overrides ← named options.
+
+    ``--method`` replaces the whole method section (options of another method do not carry
+    over); method options given on the command line (``--alpha`` …) are then applied.
+    """
     from cxrdebias.config import load_config
     from cxrdebias.errors import ConfigError
 
-    ov: list[str] = []
-    method_options = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("form", form)) if v is not None}
-    cfg0 = load_config(config, overrides)
-    if method is not None and method != cfg0.method.name:
-        # --method replaces the whole method section: options of another method do not carry over
-        base = cfg0.model_dump(mode="json")
+    cfg = load_config(config or default_config, overrides or [])
+    if method is not None and method != cfg.method.name:
+        base = cfg.model_dump(mode="json")
         base["method"] = {"name": method}
-        cfg0 = load_config(None, None, base=base)
-    if method_options and cfg0.method.name == "vanilla":
+        cfg = load_config(None, None, base=base)
+    method_options = {k: v for k, v in (method_options or {}).items() if v is not None}
+    if method_options and cfg.method.name == "vanilla":
         raise ConfigError(f"--{'/--'.join(method_options)} only apply to methods that take them, not 'vanilla'")
-    for k, v in method_options.items():
-        ov.append(f"method.{k}={v}")
-    if rho is not None:
-        ov.append(f"data.rho={rho}")
-    if epochs is not None:
-        ov.append(f"train.epochs={epochs}")
-    if data_root is not None:
-        ov.append(f"data.root={data_root}")
-    if seed is not None:
-        ov.append(f"seed={seed}")
-    return load_config(None, ov, base=cfg0.model_dump(mode="json"))
+    ov = [f"method.{k}={v}" for k, v in method_options.items()]
+    ov += [f"{k}={v}" for k, v in (options or {}).items() if v is not None]
+    return load_config(None, ov, base=cfg.model_dump(mode="json"))
+
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @reproduce_app.command("biased-mnist")
 def reproduce_biased_mnist(
-    rho: Annotated[Optional[float], typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Debiasing method (see `cxrdebias methods`).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="EnD: weight of the disentangling term.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="EnD: weight of the entangling term.")] = None,
-    form: Annotated[Optional[str], typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML config (see configs/biased_mnist/).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: --set train.lr=5e-4")] = None,
+    rho: Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")] = None,
+    method: Annotated[str | None, typer.Option(help="Debiasing method (see `cxrdebias methods`).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="EnD: weight of the disentangling term.")] = None,
+    beta: Annotated[float | None, typer.Option(help="EnD: weight of the entangling term.")] = None,
+    form: Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (see configs/biased_mnist/).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
 ) -> None:
     """Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy."""
     from cxrdebias.reproduce import default_run_name, run_biased_mnist
 
-    cfg = _biased_mnist_config(config, rho, method, alpha, beta, form, epochs, data_root, seed, set_ or [])
+    cfg = _build_config(
+        config,
+        method=method,
+        method_options={"alpha": alpha, "beta": beta, "form": form},
+        options={"data.rho": rho, "train.epochs": epochs, "data.root": data_root, "seed": seed},
+        overrides=set_,
+    )
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER")
     out_dir = out_dir or Path("runs") / default_run_name(cfg)
@@ -120,12 +121,93 @@ def reproduce_biased_mnist(
     out.print(f"biased_accuracy={m['biased_accuracy']:.4f} unbiased_accuracy={m['unbiased_accuracy']:.4f} run={out_dir}")
 
 
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path | None, typer.Option(help="Manifest CSV (path, label, site, patient_id).")] = None,
+    bias: Annotated[str | None, typer.Option(help="Bias label for the method: 'site' or 'none'.")] = None,
+    method: Annotated[str | None, typer.Option(help="Debiasing method (see `cxrdebias methods`).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/cxr-<method>-<time>).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/cxr/default.yaml).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="EnD: weight of the disentangling term.")] = None,
+    beta: Annotated[float | None, typer.Option(help="EnD: weight of the entangling term.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum training epochs.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Model input size in pixels (square).")] = None,
+    pretrained: Annotated[Path | None, typer.Option(help="Local DenseNet-121 weights (torchvision/timm/torchxrayvision).")] = None,
+    site_source: Annotated[str | None, typer.Option(help="'column' or 'dicom:<Keyword>', e.g. dicom:InstitutionName.")] = None,
+    allow_drop: Annotated[bool, typer.Option("--allow-drop", help="Drop invalid manifest rows (listed) instead of failing.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+) -> None:
+    """Train a DenseNet-121 COVID-19 classifier on a CXR manifest with the site as the bias."""
+    from datetime import datetime
+
+    from cxrdebias.pipeline import train_cxr
+
+    cfg = _build_config(
+        config,
+        default_config=REPO_CONFIGS / "cxr" / "default.yaml",
+        method=method,
+        method_options={"alpha": alpha, "beta": beta},
+        options={
+            "data.manifest": data,
+            "data.bias": bias,
+            "data.site_source": site_source,
+            "data.allow_drop_bad_rows": True if allow_drop else None,
+            "data.preprocess.image_size": image_size,
+            "model.pretrained": pretrained,
+            "train.epochs": epochs,
+            "seed": seed,
+        },
+        overrides=set_,
+    )
+    if resume and out_dir is None:
+        raise typer.BadParameter("--resume needs --out RUN_FOLDER")
+    out_dir = out_dir or Path("runs") / f"cxr-{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    res = train_cxr(cfg, out_dir, force=force, resume=resume, console=err)
+    v = res["val_metrics"]
+    out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={out_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `cxrdebias train`.")],
+    per_institution: Annotated[bool, typer.Option("--per-institution/--overall", help="Per-site report (default).")] = True,
+    data: Annotated[Path | None, typer.Option(help="Evaluate this manifest instead of the run's test split.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (patient level).")] = 1000,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default RUN/eval).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
+) -> None:
+    """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run."""
+    from cxrdebias.evaluate import evaluate_run
+    from cxrdebias.report import to_markdown
+
+    report = evaluate_run(run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err)
+    if per_institution:
+        out.print(report["markdown"])
+    else:
+        out.print(to_markdown({**report, "by_group": {}, "sites": []}))
+    err.print(f"report written to {out_dir or run / 'eval'} (report.json, report.csv, report.md, report.png, predictions.csv)")
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Annotated[Path, typer.Argument(help="First evaluated run (e.g. vanilla).")],
+    run_b: Annotated[Path, typer.Argument(help="Second evaluated run (e.g. EnD).")],
+) -> None:
+    """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
+    from cxrdebias.evaluate import compare_runs
+
+    out.print(compare_runs(run_a, run_b))
+
+
 @app.command("demo")
 def demo(
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the demo runs.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the demo runs.")] = None,
 ) -> None:
     """Main job on the default data: vanilla vs EnD on Biased MNIST (ρ=0.997, short schedule)."""
-    from cxrdebias.config import load_config
     from cxrdebias.reproduce import run_biased_mnist
 
     root = Path(__file__).resolve().parents[1] / "configs" / "biased_mnist" / "demo.yaml"
@@ -134,8 +216,8 @@ def demo(
     base = out_dir or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     rows = []
     for method in ("vanilla", "end"):
-        cfg = _biased_mnist_config(root, None, method, None, None, None, None, None, None, [])
-        r = run_biased_mnist(load_config(None, None, base=cfg.model_dump(mode="json")), base / method, console=err)
+        cfg = _build_config(root, method=method)
+        r = run_biased_mnist(cfg, base / method, console=err)
         rows.append((method, r["metrics"]["biased_accuracy"], r["metrics"]["unbiased_accuracy"]))
     out.print("\n| method | biased acc | unbiased acc |\n|---|---|---|")
     for method, b, u in rows:

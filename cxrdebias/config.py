@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cxrdebias.data.biased_mnist import BiasedMNISTConfig
+from cxrdebias.data.cxr import CXRDataConfig
 from cxrdebias.errors import ConfigError
 
 
@@ -23,12 +24,17 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["simple_conv"] = "simple_conv"
-    kernel_size: int = Field(7, ge=1)
+    arch: Literal["simple_conv", "densenet121"] = "simple_conv"
+    kernel_size: int = Field(7, ge=1, description="simple_conv: convolution kernel size")
     last_activation: Literal["auto", "relu", "tanh"] = Field(
         "auto", description="'auto': what the method asks for (Tanh for EnD), else ReLU"
     )
     normalize_features: bool = Field(True, description="L2-normalise the bottleneck in the forward path")
+    hidden_dim: int = Field(256, ge=1, description="densenet121: width of the two-layer classifier head")
+    dropout: float = Field(0.2, ge=0, lt=1, description="densenet121: dropout between the head's layers")
+    pretrained: str | None = Field(
+        None, description="densenet121: local torchvision/timm/torchxrayvision DenseNet-121 weights (never downloaded)"
+    )
 
 
 class MethodConfig(BaseModel):
@@ -58,21 +64,46 @@ class TrainConfig(_Strict):
     drop_last: bool = False
     eval_every: int = Field(1, ge=1, description="evaluate the validation set every N epochs")
     progress: bool = True
+    class_balance: Literal["none", "weighted_loss"] = Field(
+        "none", description="weighted_loss: cross-entropy weighted by inverse class frequency of the training split"
+    )
+    select_metric: str | None = Field(
+        None, description="validation metric used for model selection/early stopping (None: last epoch)"
+    )
+    select_mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(None, ge=1, description="early stopping after N evaluations without improvement")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes when images are not cached")
 
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 42
-    data: BiasedMNISTConfig = Field(default_factory=BiasedMNISTConfig)
+    data: Annotated[BiasedMNISTConfig | CXRDataConfig, Field(discriminator="kind")] = Field(
+        default_factory=BiasedMNISTConfig
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_data_kind(cls, data: Any) -> Any:
+        # a data section without `kind` is Biased MNIST (the configs of the first release)
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and "kind" not in data["data"]:
+            data = {**data, "data": {"kind": "biased_mnist", **data["data"]}}
+        return data
+
+
+DATA_KINDS = ("biased_mnist", "cxr")
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     parts = []
     for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = [str(p) for p in e["loc"]]
+        if len(parts) > 1 and parts[0] == "data" and parts[1] in DATA_KINDS:
+            del parts[1]  # the discriminator tag pydantic inserts for the data union
+        loc = ".".join(parts)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown option"

@@ -1,82 +1,136 @@
-"""Running a model over a dataset and turning its predictions into reports."""
+"""Evaluation runs → report files: per-institution reports of trained CXR runs, comparisons.
+
+``evaluate_run`` is ``cxrdebias evaluate RUN --per-institution``; ``compare_runs`` is
+``cxrdebias compare RUN_A RUN_B``. The metrics themselves live in :mod:`cxrdebias.metrics`,
+the writers (JSON, CSV, Markdown, PNG) in :mod:`cxrdebias.report`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+import json
+from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
+import pandas as pd
+from rich.console import Console
 
-from cxrdebias.data.base import Batch
+from cxrdebias.config import load_config
+from cxrdebias.data.base import TensorBatchLoader
+from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
+from cxrdebias.data.preprocess import PreprocessSpec
+from cxrdebias.errors import DataError, RunExistsError
+from cxrdebias.inference import Predictions, predict
+from cxrdebias.metrics import site_report
+from cxrdebias.pipeline import SPLITS_FILE, load_model_artefact, positive_scores
+from cxrdebias.report import compare_markdown, plot_site_report, to_markdown, write_report
+from cxrdebias.runs import RunDir, write_text_atomic
+from cxrdebias.train import make_autocast, resolve_device, resolve_precision
 
+__all__ = ["EVAL_DIR", "Predictions", "compare_runs", "evaluate_run", "predict", "write_predictions"]
 
-@dataclass
-class Predictions:
-    """Model outputs over a dataset, in dataset order of ``index``."""
-
-    logits: torch.Tensor  # N×K float32
-    targets: torch.Tensor  # N
-    biases: torch.Tensor  # N
-    indices: torch.Tensor  # N
-    features: torch.Tensor | None = None  # N×D (when requested)
-
-    @property
-    def predicted(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
-
-    @property
-    def probabilities(self) -> torch.Tensor:
-        return self.logits.softmax(dim=1)
+EVAL_DIR = "eval"
 
 
-def to_device(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
-    image = batch["image"].to(device, non_blocking=True)
-    if channels_last and image.dim() == 4:
-        image = image.contiguous(memory_format=torch.channels_last)
-    return Batch(
-        image=image,
-        target=batch["target"].to(device, non_blocking=True),
-        bias=batch["bias"].to(device, non_blocking=True),
-        index=batch["index"],
-    )
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Iterable[Batch],
+def evaluate_run(
+    run_dir: str | Path,
     *,
-    device: torch.device | str = "cpu",
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    channels_last: bool = False,
-    keep_features: bool = False,
-) -> Predictions:
-    """Evaluate ``model`` (in eval mode, restored afterwards) over every batch of ``loader``."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    logits, targets, biases, indices, feats = [], [], [], [], []
-    try:
-        for batch in loader:
-            batch = to_device(batch, device, channels_last)
-            with autocast():
-                out = model(batch["image"])
-            logits.append(out.logits.float().cpu())
-            if keep_features:
-                feats.append(out.features.float().cpu())
-            targets.append(batch["target"].cpu())
-            biases.append(batch["bias"].cpu())
-            indices.append(batch["index"].cpu())
-    finally:
-        model.train(was_training)
-    if not logits:
-        raise ValueError("predict: the loader yielded no batch")
-    return Predictions(
-        logits=torch.cat(logits),
-        targets=torch.cat(targets),
-        biases=torch.cat(biases),
-        indices=torch.cat(indices),
-        features=torch.cat(feats) if keep_features else None,
+    manifest=None,
+    split: str = "test",
+    out=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    force: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Per-site report of a trained run (``cxrdebias evaluate RUN --per-institution``).
+
+    Without ``manifest`` the run's own split table is used (``split``, default the test
+    patients). With ``manifest`` every row of that manifest is evaluated (a manifest with a
+    ``split`` column is restricted to ``split``). Uses the threshold chosen on validation and
+    saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
+    ``RUN/eval``), which must not exist unless ``force``.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    run = RunDir(run_dir)
+    cfg = load_config(None, None, base=run.read_config())
+    model, art = load_model_artefact(run.path)
+    out = Path(out) if out is not None else run.file(EVAL_DIR)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RunExistsError(f"{out}: an evaluation report already exists; pass --force to overwrite it or --out elsewhere")
+    data_cfg = cfg.data
+    if manifest is None:
+        table = load_manifest(
+            data_cfg.manifest, site_source=data_cfg.site_source, label_map=data_cfg.label_map, check_duplicates=False,
+            max_pixels=data_cfg.max_pixels, workers=data_cfg.workers,
+        )
+        table = load_splits(run.file(SPLITS_FILE), table)
+        source = f"{data_cfg.manifest} ({split} split of the run)"
+    else:
+        table = load_manifest(
+            manifest, site_source=data_cfg.site_source, label_map=data_cfg.label_map, check_duplicates=False,
+            max_pixels=data_cfg.max_pixels, workers=data_cfg.workers,
+        )
+        if "split" not in table.columns or table["split"].isna().all() or (table["split"] == "").all():
+            table = table.assign(split=split)
+        source = str(manifest)
+    table = table[table["split"] == split]
+    if table.empty:
+        raise DataError(f"{source}: no rows in split {split!r} to evaluate")
+
+    spec = PreprocessSpec.model_validate(art["preprocess"])
+    ds = CXRDataset(table, spec, art["site_to_index"], cache=False, name=split)
+    samples = ds.to_tensor_samples(workers=data_cfg.workers)
+
+    device = resolve_device(cfg.train.device)
+    model = model.to(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    p = predict(model, TensorBatchLoader(samples, 64), device=device, autocast=make_autocast(precision, device))
+    y, score = p.targets.numpy(), positive_scores(p)
+    sites = np.array(ds.bias_names)[p.biases.numpy()]
+    patients = ds.table["patient_id"].to_numpy()[p.indices.numpy()]
+    report = site_report(y, score, sites, threshold=art["threshold"], patient_ids=patients, n_boot=n_boot, seed=seed)
+    report["run"] = str(run.path)
+    report["method"] = art["method"]
+    report["split"] = split
+    report["source"] = source
+    report["threshold_method"] = art["threshold_method"]
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{run.path.name} ({art['method']['name']})"
+    write_report(report, out, run_name=name, metadata={"source": source, "split": split, "method": art["method"]})
+    plot_site_report(report, out / "report.png", y_true=y, y_score=score, sites=sites, title=name)
+    write_predictions(out / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, art["threshold"])
+    report["markdown"] = to_markdown(report, run_name=name)
+    return report
+
+
+def write_predictions(path, table, score, threshold) -> None:
+    """One row per image: file, patient, site, label, probability, predicted label."""
+
+
+    df = pd.DataFrame(
+        {
+            "path": table["path"].to_numpy(),
+            "patient_id": table["patient_id"].to_numpy(),
+            "site": table["site"].to_numpy(),
+            "label": table["label"].to_numpy(),
+            "probability": score,
+            "predicted": (score >= threshold).astype(int),
+        }
     )
+    write_text_atomic(path, df.to_csv(index=False))
+
+
+def compare_runs(run_a, run_b, *, name_a: str | None = None, name_b: str | None = None) -> str:
+    """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
+
+
+    reports = []
+    for run in (run_a, run_b):
+        path = Path(run) / EVAL_DIR / "report.json"
+        if not path.is_file():
+            raise DataError(f"{path}: no evaluation report; run `cxrdebias evaluate {run} --per-institution` first")
+        reports.append(json.loads(path.read_text()))
+    name_a = name_a or f"{Path(run_a).name} ({reports[0]['method']['name']})"
+    name_b = name_b or f"{Path(run_b).name} ({reports[1]['method']['name']})"
+    return compare_markdown(reports[0], reports[1], name_a, name_b)

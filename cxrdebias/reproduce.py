@@ -42,7 +42,7 @@ def run_biased_mnist(
     resume: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     resolved = config_to_dict(cfg)
     method = build_method(cfg.method.name, cfg.method.options())  # validates before touching disk
     data = build_biased_mnist(cfg.data, cfg.seed)  # fails on bad data before touching disk

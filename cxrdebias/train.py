@@ -19,14 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method
 from cxrdebias.errors import CheckpointError, ConfigError
-from cxrdebias.evaluate import Predictions, predict, to_device
+from cxrdebias.inference import Predictions, predict, to_device
 from cxrdebias.runs import RunDir, torch_load_checked, torch_save_atomic
 
 CHECKPOINT_FORMAT = 1
@@ -141,7 +148,7 @@ class Trainer:
         self.patience = patience
         self.seed = seed
         self.fingerprint = fingerprint
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.optimizer = self._make_optimizer(self.model.parameters())
         self.scheduler = (
             torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_gamma)

@@ -14,10 +14,10 @@ def test_simple_conv_outputs_logits_and_unit_features():
 
 def test_architecture_matches_reference():
     m = SimpleConvNet(10, kernel_size=7)
-    convs = [l for l in m.modules() if isinstance(l, torch.nn.Conv2d)]
+    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 32, 64, 128]
     assert all(c.kernel_size == (7, 7) and c.stride == (1, 1) and c.padding == (3, 3) for c in convs)
-    assert sum(isinstance(l, torch.nn.BatchNorm2d) for l in m.modules()) == 4
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules()) == 4
 
 
 def test_tanh_features_can_be_negative_relu_cannot():

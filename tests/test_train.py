@@ -43,7 +43,7 @@ def test_training_changes_model_and_writes_log(tmp_path):
     tr = _trainer(run)
     before = [p.detach().clone() for p in tr.model.parameters()]
     res = tr.fit()
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
     lines = run.read_metrics()
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert {"loss", "ce", "R_perp", "R_par", "accuracy", "img_per_s"} <= set(lines[0]["train"])
@@ -72,7 +72,7 @@ def test_resume_gives_identical_weights(tmp_path):
     resumed = _trainer(RunDir.create(tmp_path / "interrupted", resume=True))
     res = resumed.fit(resume=True)
     assert res.resumed_from_epoch == 1
-    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()):
+    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3]
 

@@ -115,3 +115,39 @@ class TensorBatchLoader:
             order = torch.arange(n)
         for b in range(len(self)):
             yield self.samples.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+
+
+class EpochDataLoader:
+    """A :class:`torch.utils.data.DataLoader` whose shuffling order depends only on
+    ``(seed, epoch)`` — the streaming counterpart of :class:`TensorBatchLoader` for datasets
+    too large to hold in memory."""
+
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0, collate_fn=None, drop_last: bool = False):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=g,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            drop_last=self.drop_last,
+        )
+        yield from loader

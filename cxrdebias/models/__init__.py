@@ -23,6 +23,20 @@ def build_model(cfg, num_classes: int, *, in_channels: int = 3, feature_activati
             last_activation=act,
             normalize_features=cfg.normalize_features,
         )
+    if cfg.arch == "densenet121":
+        from cxrdebias.models.densenet import DenseNet121, load_pretrained_backbone
+
+        model = DenseNet121(
+            num_classes,
+            in_channels=in_channels,
+            last_activation=act,
+            normalize_features=cfg.normalize_features,
+            hidden_dim=cfg.hidden_dim,
+            dropout=cfg.dropout,
+        )
+        if cfg.pretrained:
+            load_pretrained_backbone(model, cfg.pretrained)
+        return model
     raise ValueError(f"unknown model arch {cfg.arch!r}")
 
 

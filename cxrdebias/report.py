@@ -1,0 +1,385 @@
+"""Report writers for :func:`cxrdebias.metrics.site_report`: Markdown, CSV, JSON and a PNG figure.
+
+Everything here reads the report dict only (plus, for the ROC panel, the raw scores), so a
+report loaded back from ``report.json`` — where undefined values are ``null`` — renders the
+same as the in-memory one, where they are NaN.
+
+The figure is drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no
+pyplot state, no display needed, safe to call from worker threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdebias.metrics import SITE_METRICS, _binary_labels, _np, _scores
+from cxrdebias.runs import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+OVERALL = "overall"
+"""Value of the ``site`` column on the row that pools every site."""
+
+LABELS = {
+    "prevalence": "prevalence",
+    "tpr": "TPR",
+    "tnr": "TNR",
+    "balanced_accuracy": "BA",
+    "auroc": "AUROC",
+}
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "site",
+    "n",
+    "n_patients",
+    "n_positive",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    *(f"{m}{suffix}" for m in SITE_METRICS for suffix in ("", "_ci_low", "_ci_high", "_n_valid_boot")),
+)
+"""Columns of :func:`to_csv_rows` / ``report.csv``, in order."""
+
+
+# -- small helpers --------------------------------------------------------------------------
+
+
+def _num(x: Any) -> float:
+    """A report value as float; ``None`` (JSON null) → NaN."""
+    return float("nan") if x is None else float(x)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    v = _num(x)
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _fmt_ci(value: Any, ci: Sequence[Any] | None, digits: int = 3) -> str:
+    text = _fmt(value, digits)
+    if text == "n/a" or ci is None:
+        return text
+    lo, hi = (_num(c) for c in ci)
+    if math.isnan(lo) or math.isnan(hi):
+        return text
+    return f"{text} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _fmt_diff(a: Any, b: Any, digits: int = 3) -> str:
+    d = _num(b) - _num(a)
+    return "n/a" if math.isnan(d) else f"{d:+.{digits}f}"
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _ci_pct(report: Mapping[str, Any]) -> str:
+    return f"{100 * _num(report['bootstrap']['ci']):g}%"
+
+
+def _rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(site, entry) for every site in report order, then (``"overall"``, overall)."""
+    return [(s, report["by_group"][s]) for s in report["sites"]] + [(OVERALL, report["overall"])]
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """Copy of ``obj`` with float NaN/±inf replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
+# -- Markdown -------------------------------------------------------------------------------
+
+
+def to_markdown(
+    report: Mapping[str, Any],
+    *,
+    run_name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    digits: int = 3,
+) -> str:
+    """Markdown summary of a site report.
+
+    A heading (``run_name``), optional ``metadata`` as a bullet list, then the table
+    ``site | n | prevalence | TPR [CI] | TNR [CI] | BA [CI] | AUROC [CI]`` with one row per site
+    and a bold ``overall`` row, then the summary lines (worst site, max − min gaps,
+    equalized odds difference) and how the intervals were obtained.
+    """
+    pct = _ci_pct(report)
+    lines: list[str] = []
+    lines.append(f"# {run_name}" if run_name else "# Per-site evaluation")
+    lines.append("")
+    if metadata:
+        lines += [f"- {_cell(k)}: {_cell(v)}" for k, v in metadata.items()]
+        lines.append("")
+    header = ["site", "n", "prevalence"] + [
+        f"{LABELS[m]} [{pct} CI]" for m in ("tpr", "tnr", "balanced_accuracy", "auroc")
+    ]
+    lines.append(_row(header))
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for site, e in _rows(report):
+        cells = [site, str(e["n"]), _fmt(e["prevalence"], digits)] + [
+            _fmt_ci(e[m], e["ci"].get(m), digits) for m in ("tpr", "tnr", "balanced_accuracy", "auroc")
+        ]
+        if site == OVERALL:
+            cells = [f"**{c}**" for c in cells]
+        lines.append(_row(cells))
+    lines.append("")
+
+    worst = report["worst_site"]
+    gmin = report["group_min"]
+    diff = report["difference"]
+    eod = report["equalized_odds_difference"]
+    lines.append(
+        f"- worst site (lowest balanced accuracy): {_cell(worst['site'])} — BA "
+        f"{_fmt(worst['balanced_accuracy'], digits)}; minimum BA over sites "
+        f"{_fmt_ci(gmin['balanced_accuracy'], gmin['ci'].get('balanced_accuracy'), digits)}"
+    )
+    for m in ("balanced_accuracy", "tpr", "tnr", "auroc"):
+        lines.append(
+            f"- {LABELS[m]} gap (max − min across sites): "
+            f"{_fmt_ci(diff[m], diff['ci'].get(m), digits)}"
+        )
+    lines.append(
+        "- equalized odds difference (max of TPR and FPR gaps): "
+        f"{_fmt_ci(eod['value'], eod['ci'], digits)}"
+    )
+    boot = report["bootstrap"]
+    lines.append(
+        f"- threshold: {_num(report['threshold']):.6g} (positive if {report['positive_if']}); "
+        f"{pct} percentile intervals from {boot['n_boot']} {boot['unit']}-level bootstrap "
+        f"resamples within each site (seed {boot['seed']})"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(
+    report_a: Mapping[str, Any],
+    report_b: Mapping[str, Any],
+    name_a: str = "A",
+    name_b: str = "B",
+    *,
+    digits: int = 3,
+) -> str:
+    """Two runs side by side per site, as in EnD's Table 5 (Tartaglione et al., CVPR 2021:
+    vanilla vs EnD per hospital).
+
+    For TPR, TNR, balanced accuracy and AUROC: the value of run A, of run B and Δ = B − A,
+    per site (union of both reports' sites; a site missing from one run shows ``n/a``), the
+    pooled ``overall`` row, then worst-site BA, BA gap and equalized odds difference.
+    """
+    metrics = ("tpr", "tnr", "balanced_accuracy", "auroc")
+    header = ["site", "n"]
+    for m in metrics:
+        header += [f"{LABELS[m]} {name_a}", f"{LABELS[m]} {name_b}", f"Δ{LABELS[m]}"]
+    lines = [f"# {name_a} vs {name_b}", "", _row(header)]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+
+    sites = list(report_a["sites"]) + [s for s in report_b["sites"] if s not in report_a["sites"]]
+    empty: dict[str, Any] = {}
+    for site in [*sites, OVERALL]:
+        ea = report_a["overall"] if site == OVERALL else report_a["by_group"].get(site, empty)
+        eb = report_b["overall"] if site == OVERALL else report_b["by_group"].get(site, empty)
+        na, nb = ea.get("n"), eb.get("n")
+        n = str(na if na is not None else nb) if na == nb or None in (na, nb) else f"{na} / {nb}"
+        cells = [site, n]
+        for m in metrics:
+            a, b = ea.get(m), eb.get(m)
+            cells += [_fmt(a, digits), _fmt(b, digits), _fmt_diff(a, b, digits)]
+        if site == OVERALL:
+            cells = [f"**{c}**" for c in cells]
+        lines.append(_row(cells))
+    lines.append("")
+
+    def summary(label: str, a: Any, b: Any) -> str:
+        return f"- {label}: {name_a} {_fmt(a, digits)}, {name_b} {_fmt(b, digits)} (Δ {_fmt_diff(a, b, digits)})"
+
+    wa, wb = report_a["worst_site"], report_b["worst_site"]
+    lines.append(
+        summary(
+            f"worst-site BA ({name_a}: {wa['site']}, {name_b}: {wb['site']})",
+            wa["balanced_accuracy"],
+            wb["balanced_accuracy"],
+        )
+    )
+    for m in ("balanced_accuracy", "tpr", "tnr"):
+        lines.append(
+            summary(f"{LABELS[m]} gap (max − min)", report_a["difference"][m], report_b["difference"][m])
+        )
+    lines.append(
+        summary(
+            "equalized odds difference",
+            report_a["equalized_odds_difference"]["value"],
+            report_b["equalized_odds_difference"]["value"],
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+# -- CSV / JSON -----------------------------------------------------------------------------
+
+
+def to_csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One dict per site (report order) plus one for ``overall``, keyed by :data:`CSV_COLUMNS`.
+
+    Undefined values are NaN (written as empty cells by :func:`to_csv`).
+    """
+    rows = []
+    for site, e in _rows(report):
+        row: dict[str, Any] = {"site": site}
+        for c in ("n", "n_patients", "n_positive", "tp", "fp", "tn", "fn"):
+            row[c] = int(e[c])
+        for m in SITE_METRICS:
+            lo, hi = e["ci"].get(m, (None, None))
+            row[m] = _num(e[m])
+            row[f"{m}_ci_low"] = _num(lo)
+            row[f"{m}_ci_high"] = _num(hi)
+            row[f"{m}_n_valid_boot"] = int(e["n_valid_boot"].get(m, 0))
+        rows.append(row)
+    return rows
+
+
+def to_csv(report: Mapping[str, Any]) -> str:
+    """The rows of :func:`to_csv_rows` as CSV text (header first; NaN → empty cell)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in to_csv_rows(report):
+        writer.writerow(
+            {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        )
+    return buf.getvalue()
+
+
+def write_csv(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Write :func:`to_csv` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    write_text_atomic(path, to_csv(report))
+    return path
+
+
+def write_report(
+    report: Mapping[str, Any],
+    out_dir: str | Path,
+    stem: str = "report",
+    *,
+    run_name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``, each atomically.
+
+    The JSON is the report with NaN written as ``null`` (strict JSON), plus ``run_name`` and
+    ``metadata`` when given. Returns ``{"json": path, "csv": path, "md": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
+    doc: dict[str, Any] = {}
+    if run_name is not None:
+        doc["run_name"] = run_name
+    if metadata:
+        doc["metadata"] = dict(metadata)
+    doc.update(report)
+    write_json_atomic(paths["json"], _nan_to_none(doc))
+    write_csv(report, paths["csv"])
+    write_text_atomic(paths["md"], to_markdown(report, run_name=run_name, metadata=metadata))
+    return paths
+
+
+# -- figure ---------------------------------------------------------------------------------
+
+
+def plot_site_report(
+    report: Mapping[str, Any],
+    path_png: str | Path,
+    *,
+    y_true: Any = None,
+    y_score: Any = None,
+    sites: Any = None,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Save a PNG of the report: per-site TPR/TNR bars with their bootstrap intervals, and —
+    when ``y_true``, ``y_score`` and ``sites`` are given (the arrays the report was computed
+    from) — the ROC curve of every site and of all sites pooled, each with its operating point
+    at the report's threshold. Written atomically; returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    raw = (y_true, y_score, sites)
+    if any(a is not None for a in raw) and not all(a is not None for a in raw):
+        raise ValueError("plot_site_report: pass y_true, y_score and sites together (or none)")
+    with_roc = y_true is not None
+
+    fig = Figure(figsize=(11 if with_roc else 6.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_bar = fig.add_subplot(1, 2 if with_roc else 1, 1)
+    rows = _rows(report)
+    x = np.arange(len(rows))
+    width = 0.38
+    for offset, m, color in ((-width / 2, "tpr", "tab:red"), (width / 2, "tnr", "tab:blue")):
+        vals = np.array([_num(e[m]) for _, e in rows])
+        cis = np.array([[_num(c) for c in e["ci"].get(m, (None, None))] for _, e in rows])
+        # error bars only where both the value and its interval are defined
+        err = np.vstack([vals - cis[:, 0], cis[:, 1] - vals])
+        err = np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
+        ax_bar.bar(x + offset, np.nan_to_num(vals), width, color=color, label=LABELS[m],
+                   yerr=err, capsize=3, error_kw={"elinewidth": 1})
+    ax_bar.set_xticks(x, [s for s, _ in rows], rotation=30, ha="right")
+    ax_bar.set_ylim(0, 1.18)
+    ax_bar.set_yticks(np.linspace(0, 1, 6))
+    ax_bar.set_ylabel("rate")
+    ax_bar.set_title(f"TPR / TNR per site ({_ci_pct(report)} CI)")
+    ax_bar.legend(loc="upper center", ncols=2, frameon=False)
+    ax_bar.grid(axis="y", alpha=0.3)
+
+    if with_roc:
+        from sklearn.metrics import roc_curve
+
+        t = _binary_labels(y_true, "y_true")
+        s = _scores(y_score, t.shape[0])
+        site_str = np.array([str(v) for v in _np(sites).reshape(-1).tolist()])
+        if site_str.shape[0] != t.shape[0]:
+            raise ValueError(f"sites: expected {t.shape[0]} labels, got {site_str.shape[0]}")
+        ax_roc = fig.add_subplot(1, 2, 2)
+        ax_roc.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--")
+        for site, e in rows:
+            mask = slice(None) if site == OVERALL else site_str == site
+            ts, ss = t[mask], s[mask]
+            if ts.all() or not ts.any():
+                continue  # ROC undefined with one class
+            fpr, tpr, _ = roc_curve(ts, ss)
+            kw = {"color": "black", "lw": 2} if site == OVERALL else {"lw": 1.3}
+            (line,) = ax_roc.plot(fpr, tpr, label=f"{site} (AUROC {_fmt(e['auroc'])})", **kw)
+            ax_roc.plot(1 - _num(e["tnr"]), _num(e["tpr"]), "o", color=line.get_color(), ms=5)
+        ax_roc.set_xlim(0, 1)
+        ax_roc.set_ylim(0, 1.02)
+        ax_roc.set_xlabel("1 − specificity (FPR)")
+        ax_roc.set_ylabel("sensitivity (TPR)")
+        ax_roc.set_title(f"ROC per site (dots: threshold {_num(report['threshold']):.3g})")
+        ax_roc.legend(loc="lower right", fontsize="small")
+    if title:
+        fig.suptitle(title)
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path = Path(path_png)
+    write_bytes_atomic(path, buf.getvalue())
+    return path

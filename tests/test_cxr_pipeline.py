@@ -1,0 +1,95 @@
+"""End to end on the real two-source CXR set: train → evaluate per institution → compare."""
+
+import json
+import sys
+
+import pytest
+
+from cxrdebias.cli import main
+from tests.conftest import CXR_SOURCES
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    path = CXR_SOURCES / "manifest.csv"
+    if not path.is_file():
+        pytest.skip(f"real CXR set not found at {CXR_SOURCES} (see ../shared/data/README.md)")
+    return path
+
+
+def cli(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cxrdebias", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+FAST = ["--epochs", "1", "--image-size", "32", "--set", "train.progress=false", "--set", "train.batch_size=32", "--set", "model.hidden_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def trained(manifest, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    runs = {}
+    base = tmp_path_factory.mktemp("runs")
+    for method in ("vanilla", "end"):
+        out = base / method
+        mp.setattr(sys, "argv", ["cxrdebias", "train", "--data", str(manifest), "--bias", "site", "--method", method, "--out", str(out), *FAST])
+        main()
+        mp.setattr(sys, "argv", ["cxrdebias", "evaluate", str(out), "--per-institution", "--n-boot", "100"])
+        main()
+        runs[method] = out
+    mp.undo()
+    return runs
+
+
+def test_train_writes_model_and_provenance(trained):
+    run = trained["end"]
+    res = json.loads((run / "results.json").read_text())
+    assert res["method"]["name"] == "end" and res["bias"] == "site"
+    assert 0 < res["threshold"] < 1
+    assert set(res["data"]["site_to_index"]) == {"actualmed", "ieee8023"}
+    assert len(res["data"]["dataset_sha256"]) == 64 and res["code_version"]["package"]
+    assert (run / "model.pt").is_file() and (run / "splits.csv").is_file()
+    splits = (run / "splits.csv").read_text()
+    assert "test" in splits and "val" in splits
+
+
+def test_evaluate_per_institution_report(trained):
+    ev = trained["vanilla"] / "eval"
+    rep = json.loads((ev / "report.json").read_text())
+    assert set(rep["by_group"]) == {"actualmed", "ieee8023"}
+    for site in rep["by_group"].values():
+        for k in ("tpr", "tnr", "balanced_accuracy", "auroc"):
+            assert k in site and k in site["ci"]
+    assert rep["split"] == "test" and rep["bootstrap"]["unit"] == "patient"
+    for f in ("report.csv", "report.md", "report.png", "predictions.csv"):
+        assert (ev / f).stat().st_size > 0
+
+
+def test_compare_prints_both_runs(trained, monkeypatch, capsys):
+    code, out, _ = cli(["compare", str(trained["vanilla"]), str(trained["end"])], monkeypatch, capsys)
+    assert code == 0
+    assert "actualmed" in out and "ieee8023" in out and "vanilla" in out and "end" in out
+
+
+def test_evaluate_refuses_to_overwrite(trained, monkeypatch, capsys):
+    code, _, err = cli(["evaluate", str(trained["end"])], monkeypatch, capsys)
+    assert code == 2 and "--force" in err
+
+
+def test_train_refuses_bad_manifest(tmp_path, monkeypatch, capsys):
+    m = tmp_path / "m.csv"
+    m.write_text("path,label,site,patient_id\nmissing.png,1,a,p1\n")
+    code, _, err = cli(["train", "--data", str(m), "--out", str(tmp_path / "run"), *FAST], monkeypatch, capsys)
+    assert code == 2 and "row 2" in err and "missing.png" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_end_without_bias_labels_is_refused(manifest, tmp_path, monkeypatch, capsys):
+    code, _, err = cli(["train", "--data", str(manifest), "--bias", "none", "--method", "end", "--out", str(tmp_path / "r"), *FAST], monkeypatch, capsys)
+    assert code == 2 and "needs bias labels" in err
