@@ -175,3 +175,30 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def check_resumable(saved: dict[str, Any], requested: ExperimentConfig, where: str) -> None:
+    """Refuse to resume a run with other options than it was started with.
+
+    The saved config is re-validated first, so options added to cxrdebias since the run
+    started (with their defaults) do not count as a difference.
+    """
+    from cxrdebias.errors import CheckpointError
+
+    try:
+        normalised = load_config(None, None, base=saved).model_dump(mode="json")
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: the saved config is no longer valid ({exc})") from None
+    current = requested.model_dump(mode="json")
+    if normalised != current:
+        diff = sorted(_diff_keys(normalised, current))
+        raise CheckpointError(f"{where}: saved config differs from the requested one ({', '.join(diff[:5])}); resume with the same options")
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

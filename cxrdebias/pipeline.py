@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cxrdebias.config import ExperimentConfig, config_to_dict
+from cxrdebias.config import ExperimentConfig, check_resumable, config_to_dict
 from cxrdebias.data.base import UNKNOWN_BIAS, EpochDataLoader, TensorBatchLoader, TensorSamples
 from cxrdebias.data.cxr import (
     CLASS_NAMES,
@@ -140,8 +140,8 @@ def train_cxr(
         raise ConfigError(f"method {method.name!r} needs bias labels; use --bias site")
     if resume:
         run = RunDir.create(out, resume=True)
-        if run.read_config() != resolved:
-            raise CheckpointError(f"{run.path}: saved config differs from the requested one; resume with the same options")
+        resolved = run.read_config()
+        check_resumable(resolved, cfg, str(run.path))
         splits = run.file(SPLITS_FILE)
         data: CXRData = build_cxr(cfg.data, splits_file=splits)
     else:
@@ -254,7 +254,8 @@ def train_cxr(
         "train": {
             "precision": result.precision,
             "device": result.device,
-            "time_s": train_time,
+            "time_s": sum(h["train"]["time_s"] + h.get("eval_time_s", 0.0) for h in result.history),
+            "time_s_this_invocation": train_time,
             "image_load_time_s": load_time,
             "img_per_s_last_epoch": result.history[-1]["train"]["img_per_s"],
             "resumed_from_epoch": result.resumed_from_epoch,

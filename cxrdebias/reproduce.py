@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cxrdebias.config import ExperimentConfig, config_to_dict
+from cxrdebias.config import ExperimentConfig, check_resumable, config_to_dict
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.biased_mnist import NUM_CLASSES, build_biased_mnist
 from cxrdebias.debias import build_method
@@ -49,10 +49,8 @@ def run_biased_mnist(
     run = RunDir.create(out, force=force, resume=resume)
     if resume:
         saved = run.read_config()
-        if saved != resolved:
-            from cxrdebias.errors import CheckpointError
-
-            raise CheckpointError(f"{run.path}: saved config differs from the requested one; resume with the same options")
+        check_resumable(saved, cfg, str(run.path))
+        resolved = saved  # what the checkpoints were written with
     else:
         run.write_config(resolved)
         run.write_json(
@@ -127,7 +125,8 @@ def run_biased_mnist(
         "train": {
             "precision": result.precision,
             "device": result.device,
-            "time_s": train_time,
+            "time_s": sum(h["train"]["time_s"] + h.get("eval_time_s", 0.0) for h in result.history),
+            "time_s_this_invocation": train_time,
             "img_per_s_last_epoch": last["train"]["img_per_s"],
             "resumed_from_epoch": result.resumed_from_epoch,
         },

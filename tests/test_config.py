@@ -31,3 +31,15 @@ def test_bad_yaml_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_resume_check_ignores_options_added_later():
+    from cxrdebias.config import check_resumable
+    from cxrdebias.errors import CheckpointError
+
+    cfg = load_config(None, ["train.epochs=3"])
+    saved = cfg.model_dump(mode="json")
+    del saved["train"]["class_balance"]  # a run started before this option existed
+    check_resumable(saved, cfg, "run")
+    with pytest.raises(CheckpointError, match="train.epochs"):
+        check_resumable(saved, load_config(None, ["train.epochs=4"]), "run")
