@@ -7,8 +7,12 @@ Targets (issue 2): regulariser ≤ 2 ms; EnD step ≤ 1.05× vanilla step.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import time_call, write_section
 from cxrdebias.debias import build_method

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from benchmarks._common import DOCS, REPO
 
 RESULTS = DOCS / "results" / "biased_mnist"

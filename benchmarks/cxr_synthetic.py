@@ -1,0 +1,129 @@
+"""Acceptance benchmark of the CXR application (issue 3) → docs/results/cxr/ → docs/cxr.md.
+
+On the embedded synthetic two-site set (default generator settings, one data seed), train
+vanilla and EnD (site as the bias) with several training seeds using
+``configs/cxr/synthetic.yaml``, evaluate each per institution on the balanced test split, and
+tabulate per-site TPR/TNR/BA and the worst-site balanced accuracy (mean ± std over seeds).
+Finished cells are skipped; ``--table-only`` rebuilds the Markdown.
+
+    python benchmarks/cxr_synthetic.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks._common import DOCS, REPO
+from cxrdebias.config import load_config
+from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
+from cxrdebias.evaluate import evaluate_run
+from cxrdebias.pipeline import train_cxr
+
+RESULTS = DOCS / "results" / "cxr"
+TABLE = DOCS / "cxr.md"
+CONFIG = REPO / "configs" / "cxr" / "synthetic.yaml"
+METHODS = ("vanilla", "end")
+
+
+def run_cell(method: str, seed: int, data: Path, runs: Path, overrides: list[str]) -> None:
+    dest = RESULTS / f"{method}-s{seed}.json"
+    if dest.exists():
+        print(f"skip {dest.name} (done)")
+        return
+    out = runs / f"{method}-s{seed}"
+    base = load_config(CONFIG, [f"data.manifest={data / 'manifest.csv'}", f"seed={seed}", "train.progress=false", *overrides]).model_dump(mode="json")
+    if method == "vanilla":
+        base["method"] = {"name": "vanilla"}
+    cfg = load_config(None, None, base=base)
+    if not (out / "model.pt").exists():
+        train_cxr(cfg, out, force=out.exists())
+    report = evaluate_run(out, force=True)
+    results = json.loads((out / "results.json").read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report.pop("markdown", None)
+    dest.write_text(json.dumps({"results": results, "report": report}, indent=2, default=str) + "\n")
+    shutil.copyfile(out / "eval" / "report.png", RESULTS / f"{method}-s{seed}.png")
+
+
+def _ms(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def build_table() -> str:
+    cells: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for p in sorted(RESULTS.glob("*.json")):
+        d = json.loads(p.read_text())
+        cells[d["results"]["method"]["name"]].append(d)
+    sites = sorted({s for ds in cells.values() for d in ds for s in d["report"]["by_group"]})
+    lines = [
+        "| method | seeds | site | TPR | TNR | balanced accuracy | AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in METHODS:
+        ds = cells[m]
+        if not ds:
+            continue
+        seeds = ", ".join(str(d["results"]["seed"]) for d in ds)
+        for s in sites:
+            g = [d["report"]["by_group"][s] for d in ds]
+            lines.append(
+                f"| {m} | {seeds} | {s} | {_ms([x['tpr'] for x in g])} | {_ms([x['tnr'] for x in g])} "
+                f"| {_ms([x['balanced_accuracy'] for x in g])} | {_ms([x['auroc'] for x in g])} |"
+            )
+    lines += ["", "| method | worst-site BA (mean ± std) | per seed: worst-site BA [95% CI] | equalized-odds difference |", "|---|---|---|---|"]
+    for m in METHODS:
+        ds = cells[m]
+        if not ds:
+            continue
+        worst = [d["report"]["group_min"]["balanced_accuracy"] for d in ds]
+        per_seed = "; ".join(
+            f"s{d['results']['seed']}: {d['report']['group_min']['balanced_accuracy']:.3f} "
+            f"[{d['report']['group_min']['ci']['balanced_accuracy'][0]:.3f}, {d['report']['group_min']['ci']['balanced_accuracy'][1]:.3f}]"
+            for d in ds
+        )
+        eod = [d["report"]["equalized_odds_difference"]["value"] for d in ds]
+        lines.append(f"| {m} | {_ms(worst)} | {per_seed} | {_ms(eod)} |")
+    return "\n".join(lines)
+
+
+def write_table() -> None:
+    start, end = "<!-- table:cxr:start -->", "<!-- table:cxr:end -->"
+    text = TABLE.read_text()
+    head, rest = text.split(start, 1)
+    TABLE.write_text(head + start + "\n" + build_table() + "\n" + end + rest.split(end, 1)[1])
+    print(build_table())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--runs", type=Path, default=REPO / "runs" / "cxr-benchmark")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    if not args.table_only:
+        data = args.runs / f"data-s{args.data_seed}"
+        if not (data / "manifest.csv").exists():
+            synthesize(data, SynthConfig(seed=args.data_seed), force=data.exists())
+        for seed in args.seeds:
+            for method in METHODS:
+                run_cell(method, seed, data, args.runs, args.overrides)
+                write_table()
+    write_table()
+
+
+if __name__ == "__main__":
+    main()
