@@ -35,9 +35,9 @@ EVAL_DIR = "eval"
 def evaluate_run(
     run_dir: str | Path,
     *,
-    manifest=None,
+    manifest: str | Path | None = None,
     split: str = "test",
-    out=None,
+    out: str | Path | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     force: bool = False,
@@ -53,31 +53,31 @@ def evaluate_run(
     """
     console = console or Console(stderr=True, soft_wrap=True)
     run = RunDir(run_dir)
+    console.print(f"evaluating {run.path} on the {split} split" + (f" of {manifest}" if manifest else ""))
     cfg = load_config(None, None, base=run.read_config())
     model, art = load_model_artefact(run.path)
     out = Path(out) if out is not None else run.file(EVAL_DIR)
     if out.exists() and any(out.iterdir()) and not force:
         raise RunExistsError(f"{out}: an evaluation report already exists; pass --force to overwrite it or --out elsewhere")
     data_cfg = cfg.data
+    table = load_manifest(
+        data_cfg.manifest if manifest is None else manifest,
+        site_source=data_cfg.site_source,
+        label_map=data_cfg.label_map,
+        check_duplicates=False,
+        max_pixels=data_cfg.max_pixels,
+        workers=data_cfg.workers,
+    )
     if manifest is None:
-        table = load_manifest(
-            data_cfg.manifest, site_source=data_cfg.site_source, label_map=data_cfg.label_map, check_duplicates=False,
-            max_pixels=data_cfg.max_pixels, workers=data_cfg.workers,
-        )
         table = load_splits(run.file(SPLITS_FILE), table)
         source = f"{data_cfg.manifest} ({split} split of the run)"
     else:
-        table = load_manifest(
-            manifest, site_source=data_cfg.site_source, label_map=data_cfg.label_map, check_duplicates=False,
-            max_pixels=data_cfg.max_pixels, workers=data_cfg.workers,
-        )
-        if "split" not in table.columns or table["split"].isna().all() or (table["split"] == "").all():
-            table = table.assign(split=split)
+        if "split" not in table.columns or not table["split"].isin(["train", "val", "test"]).any():
+            table = table.assign(split=split)  # a manifest without splits is evaluated whole
         source = str(manifest)
     table = table[table["split"] == split]
     if table.empty:
         raise DataError(f"{source}: no rows in split {split!r} to evaluate")
-
     spec = PreprocessSpec.model_validate(art["preprocess"])
     ds = CXRDataset(table, spec, art["site_to_index"], cache=False, name=split)
     samples = ds.to_tensor_samples(workers=data_cfg.workers)
@@ -104,10 +104,8 @@ def evaluate_run(
     return report
 
 
-def write_predictions(path, table, score, threshold) -> None:
+def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, threshold: float) -> None:
     """One row per image: file, patient, site, label, probability, predicted label."""
-
-
     df = pd.DataFrame(
         {
             "path": table["path"].to_numpy(),
@@ -121,10 +119,8 @@ def write_predictions(path, table, score, threshold) -> None:
     write_text_atomic(path, df.to_csv(index=False))
 
 
-def compare_runs(run_a, run_b, *, name_a: str | None = None, name_b: str | None = None) -> str:
+def compare_runs(run_a: str | Path, run_b: str | Path, *, name_a: str | None = None, name_b: str | None = None) -> str:
     """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
-
-
     reports = []
     for run in (run_a, run_b):
         path = Path(run) / EVAL_DIR / "report.json"

@@ -214,6 +214,8 @@ def train_cxr(
     p_val = trainer.predict(val_loader)
     val = validation_metrics(p_val)
     y_val, s_val = p_val.targets.numpy(), positive_scores(p_val)
+    if len(np.unique(y_val)) < 2:
+        raise ConfigError("the validation split holds a single class: no decision threshold can be chosen; add patients of both classes")
     threshold = youden_threshold(y_val, s_val)
     artefact = {
         "format": MODEL_FORMAT,
