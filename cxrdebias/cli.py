@@ -24,6 +24,14 @@ app.add_typer(reproduce_app, name="reproduce")
 data_app = typer.Typer(help="Create and check datasets (synthetic CXR set, manifest validation).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+# options shared by several commands (one definition, one help text)
+MethodOpt = Annotated[str | None, typer.Option(help="Debiasing method (see `cxrdebias methods`).")]
+AlphaOpt = Annotated[float | None, typer.Option(help="EnD: weight of the disentangling term.")]
+BetaOpt = Annotated[float | None, typer.Option(help="EnD: weight of the entangling term.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
+
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
@@ -92,18 +100,18 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @reproduce_app.command("biased-mnist")
 def reproduce_biased_mnist(
     rho: Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")] = None,
-    method: Annotated[str | None, typer.Option(help="Debiasing method (see `cxrdebias methods`).")] = None,
-    alpha: Annotated[float | None, typer.Option(help="EnD: weight of the disentangling term.")] = None,
-    beta: Annotated[float | None, typer.Option(help="EnD: weight of the entangling term.")] = None,
+    method: MethodOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
     form: Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     data_root: Annotated[Path | None, typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (see configs/biased_mnist/).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy."""
     from cxrdebias.reproduce import default_run_name, run_biased_mnist
@@ -127,20 +135,20 @@ def reproduce_biased_mnist(
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="Manifest CSV (path, label, site, patient_id).")] = None,
     bias: Annotated[str | None, typer.Option(help="Bias label for the method: 'site' or 'none'.")] = None,
-    method: Annotated[str | None, typer.Option(help="Debiasing method (see `cxrdebias methods`).")] = None,
+    method: MethodOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/cxr-<method>-<time>).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/cxr/default.yaml).")] = None,
-    alpha: Annotated[float | None, typer.Option(help="EnD: weight of the disentangling term.")] = None,
-    beta: Annotated[float | None, typer.Option(help="EnD: weight of the entangling term.")] = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum training epochs.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Model input size in pixels (square).")] = None,
     pretrained: Annotated[Path | None, typer.Option(help="Local DenseNet-121 weights (torchvision/timm/torchxrayvision).")] = None,
     site_source: Annotated[str | None, typer.Option(help="'column' or 'dicom:<Keyword>', e.g. dicom:InstitutionName.")] = None,
     allow_drop: Annotated[bool, typer.Option("--allow-drop", help="Drop invalid manifest rows (listed) instead of failing.")] = False,
     seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Train a DenseNet-121 COVID-19 classifier on a CXR manifest with the site as the bias."""
     from datetime import datetime

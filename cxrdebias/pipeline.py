@@ -17,7 +17,6 @@ The test split is never touched here: ``cxrdebias evaluate RUN`` reports on it.
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +42,7 @@ from cxrdebias.errors import CheckpointError, ConfigError
 from cxrdebias.inference import Predictions
 from cxrdebias.metrics import auroc, balanced_accuracy, youden_threshold
 from cxrdebias.models import build_model
-from cxrdebias.provenance import code_version, environment
+from cxrdebias.provenance import code_version, environment, run_info
 from cxrdebias.runs import (
     RESULTS_FILE,
     RUN_INFO_FILE,
@@ -153,20 +152,16 @@ def train_cxr(
         console.print(f"[yellow]{format_drop_summary(data.dropped, len(data.table) + len(data.dropped))}[/]")
     if data.val is None:
         raise ConfigError("the split has no validation patients; set data.val_fraction > 0 (model selection needs it)")
-    info = {
-        "started": datetime.now(timezone.utc).isoformat(),
-        "command": sys.argv,
-        "code_version": code_version(),
-        "environment": environment(),
-        "data": {
+    info = run_info(
+        {
             "manifest": str(cfg.data.manifest),
             "manifest_sha256": data.manifest_sha256,
             "dataset_sha256": data.data_hash(),
             "site_to_index": data.site_to_index,
             "splits": {s: int((data.table["split"] == s).sum()) for s in ("train", "val", "test")},
             "dropped_rows": len(data.dropped),
-        },
-    }
+        }
+    )
     if not resume:
         run.write_json(RUN_INFO_FILE, info)
 

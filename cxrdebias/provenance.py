@@ -79,3 +79,17 @@ def sha256_tensors(*tensors: torch.Tensor) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def run_info(data: dict[str, Any]) -> dict[str, Any]:
+    """What ``run.json`` records when a run starts: time, command line, code, environment, data."""
+    import sys
+    from datetime import datetime, timezone
+
+    return {
+        "started": datetime.now(timezone.utc).isoformat(),
+        "command": sys.argv,
+        "code_version": code_version(),
+        "environment": environment(),
+        "data": data,
+    }

@@ -8,7 +8,6 @@ unbiased test ρ=0.1), trains with the chosen method for the configured epochs a
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from cxrdebias.data.biased_mnist import NUM_CLASSES, build_biased_mnist
 from cxrdebias.debias import build_method
 from cxrdebias.metrics import group_accuracy
 from cxrdebias.models import build_model
-from cxrdebias.provenance import code_version, environment
+from cxrdebias.provenance import code_version, environment, run_info
 from cxrdebias.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
 from cxrdebias.train import Trainer, seed_everything
 
@@ -53,20 +52,8 @@ def run_biased_mnist(
         resolved = saved  # what the checkpoints were written with
     else:
         run.write_config(resolved)
-        run.write_json(
-            RUN_INFO_FILE,
-            {
-                "started": datetime.now(timezone.utc).isoformat(),
-                "command": sys.argv,
-                "code_version": code_version(),
-                "environment": environment(),
-                "data": {
-                    "source_files": data.source_files,
-                    "source_sha256": data.source_sha256,
-                    "dataset_sha256": data.data_hash(),
-                },
-            },
-        )
+        data_info = {"source_files": data.source_files, "source_sha256": data.source_sha256, "dataset_sha256": data.data_hash()}
+        run.write_json(RUN_INFO_FILE, run_info(data_info))
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model, NUM_CLASSES, feature_activation=method.feature_activation)

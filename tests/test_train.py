@@ -124,3 +124,22 @@ def test_metrics_log_is_json_lines(tmp_path):
     _trainer(run, epochs=1, method="vanilla").fit()
     for line in (run.path / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_loaders_shuffle_by_seed_and_epoch_only():
+    from cxrdebias.data.base import EpochDataLoader
+    from cxrdebias.data.cxr import collate
+
+    data = _data(n=50)
+    mem = TensorBatchLoader(data, 8, shuffle=True, seed=3)
+    stream = EpochDataLoader(data, 8, shuffle=True, seed=3, collate_fn=collate)
+    orders = {}
+    for epoch in (0, 1):
+        mem.set_epoch(epoch)
+        stream.set_epoch(epoch)
+        a = torch.cat([b["index"] for b in mem])
+        b = torch.cat([b["index"] for b in stream])
+        assert torch.equal(a, b) and sorted(a.tolist()) == list(range(50))
+        orders[epoch] = a
+    assert not torch.equal(orders[0], orders[1])
+    assert len(mem) == len(stream) == 7

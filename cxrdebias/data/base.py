@@ -74,25 +74,17 @@ class TensorSamples(torch.utils.data.Dataset):
         )
 
 
-class TensorBatchLoader:
-    """Batches of a :class:`TensorSamples` by tensor indexing (no per-sample Python calls).
+class _EpochSeededLoader:
+    """Shared by the loaders below: batch size, epoch-seeded shuffling, ``len`` in batches.
 
-    Shuffling is reproducible: the order of epoch ``e`` depends only on ``(seed, e)``, so a
-    run resumed at an epoch boundary sees exactly the batches an uninterrupted run would.
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed at an epoch
+    boundary sees exactly the batches an uninterrupted run would.
     """
 
-    def __init__(
-        self,
-        samples: TensorSamples,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-    ):
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.samples = samples
+        self._n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -102,52 +94,44 @@ class TensorBatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
     def __len__(self) -> int:
-        n = len(self.samples)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._n // self.batch_size if self.drop_last else -(-self._n // self.batch_size)
+
+
+class TensorBatchLoader(_EpochSeededLoader):
+    """Batches of a :class:`TensorSamples` by tensor indexing (no per-sample Python calls)."""
+
+    def __init__(self, samples: TensorSamples, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
+        super().__init__(len(samples), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.samples = samples
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.samples)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
+        order = torch.randperm(n, generator=self.generator()) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
             yield self.samples.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
 
 
-class EpochDataLoader:
-    """A :class:`torch.utils.data.DataLoader` whose shuffling order depends only on
-    ``(seed, epoch)`` — the streaming counterpart of :class:`TensorBatchLoader` for datasets
-    too large to hold in memory."""
+class EpochDataLoader(_EpochSeededLoader):
+    """A :class:`torch.utils.data.DataLoader` with the same epoch-seeded shuffling — the
+    streaming counterpart of :class:`TensorBatchLoader` for datasets too large for memory."""
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0, collate_fn=None, drop_last: bool = False):
+        super().__init__(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.dataset = dataset
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
         self.num_workers = num_workers
         self.collate_fn = collate_fn
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        loader = torch.utils.data.DataLoader(
+        yield from torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             shuffle=self.shuffle,
-            generator=g,
+            generator=self.generator(),
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             drop_last=self.drop_last,
         )
-        yield from loader
