@@ -131,15 +131,18 @@ def test_loaders_shuffle_by_seed_and_epoch_only():
     from cxrdebias.data.cxr import collate
 
     data = _data(n=50)
-    mem = TensorBatchLoader(data, 8, shuffle=True, seed=3)
-    stream = EpochDataLoader(data, 8, shuffle=True, seed=3, collate_fn=collate)
-    orders = {}
-    for epoch in (0, 1):
-        mem.set_epoch(epoch)
-        stream.set_epoch(epoch)
-        a = torch.cat([b["index"] for b in mem])
-        b = torch.cat([b["index"] for b in stream])
-        assert torch.equal(a, b) and sorted(a.tolist()) == list(range(50))
-        orders[epoch] = a
-    assert not torch.equal(orders[0], orders[1])
-    assert len(mem) == len(stream) == 7
+    for make in (
+        lambda: TensorBatchLoader(data, 8, shuffle=True, seed=3),
+        lambda: EpochDataLoader(data, 8, shuffle=True, seed=3, collate_fn=collate),
+    ):
+        orders = {}
+        for epoch in (0, 1):
+            runs = []
+            for _ in range(2):  # a fresh loader (a resumed run) sees the same order
+                loader = make()
+                loader.set_epoch(epoch)
+                runs.append(torch.cat([b["index"] for b in loader]))
+            assert torch.equal(runs[0], runs[1]) and sorted(runs[0].tolist()) == list(range(50))
+            orders[epoch] = runs[0]
+        assert not torch.equal(orders[0], orders[1])
+        assert len(make()) == 7
