@@ -194,6 +194,15 @@ def train_cxr(
         seed=cfg.seed,
         fingerprint=resolved,
         console=console,
+        num_samples=len(data.train),
+        num_classes=len(CLASS_NAMES),
+        num_biases=None if hide else len(data.site_to_index),
+        build_model=lambda **overrides: build_model(
+            cfg.model.model_copy(update=overrides),
+            len(CLASS_NAMES),
+            in_channels=spec.channels,
+            feature_activation=method.feature_activation,
+        ),
     )
     sites = ", ".join(f"{s}={i}" for s, i in data.site_to_index.items())
     console.print(

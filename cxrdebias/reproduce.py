@@ -78,6 +78,12 @@ def run_biased_mnist(
         seed=cfg.seed,
         fingerprint=resolved,
         console=console,
+        num_samples=len(data.train),
+        num_classes=NUM_CLASSES,
+        num_biases=NUM_CLASSES,
+        build_model=lambda **overrides: build_model(
+            cfg.model.model_copy(update=overrides), NUM_CLASSES, feature_activation=method.feature_activation
+        ),
     )
     console.print(
         f"[bold]Biased MNIST[/] ρ={cfg.data.rho} method={method.name} {method.describe()} "

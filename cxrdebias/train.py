@@ -31,7 +31,7 @@ from torch import nn
 
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
-from cxrdebias.debias.base import Method
+from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.errors import CheckpointError, ConfigError
 from cxrdebias.inference import Predictions, predict, to_device
 from cxrdebias.runs import RunDir, torch_load_checked, torch_save_atomic
@@ -82,6 +82,19 @@ def make_autocast(precision: str, device: torch.device) -> Callable[[], contextl
     return contextlib.nullcontext
 
 
+def _len_samples(loader: Any) -> int:
+    for attr in ("samples", "dataset"):
+        data = getattr(loader, attr, None)
+        if data is not None:
+            return len(data)
+    return 0
+
+
+def _num_outputs(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else 0
+
+
 Evaluator = Callable[[Callable[[Iterable[Batch]], Predictions]], dict[str, float]]
 
 
@@ -125,6 +138,10 @@ class Trainer:
         seed: int = 0,
         fingerprint: Any = None,
         console: Console | None = None,
+        num_samples: int | None = None,
+        num_classes: int | None = None,
+        num_biases: int | None = None,
+        build_model: Callable[..., nn.Module] | None = None,
     ):
         if select_mode not in ("max", "min"):
             raise ValueError(f"select_mode must be 'max' or 'min', got {select_mode!r}")
@@ -150,18 +167,31 @@ class Trainer:
         self.fingerprint = fingerprint
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.optimizer = self._make_optimizer(self.model.parameters())
-        self.scheduler = (
-            torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
-            if config.lr_step
-            else None
+        self.scheduler = self._make_scheduler(self.optimizer)
+        self.method.setup(
+            self.model,
+            TrainContext(
+                num_samples=num_samples if num_samples is not None else _len_samples(train_loader),
+                num_classes=num_classes if num_classes is not None else _num_outputs(self.model),
+                num_biases=num_biases,
+                make_optimizer=self._make_optimizer,
+                make_scheduler=self._make_scheduler,
+                build_model=build_model,
+                device=self.device,
+            ),
         )
-        self.method.setup(self.model, self._make_optimizer)
+        self.method.to(self.device)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.start_epoch = 1
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer):
+        if not self.cfg.lr_step:
+            return None
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.cfg.lr_step, gamma=self.cfg.lr_gamma)
 
     # -- prediction ---------------------------------------------------------------------------
     def predict(self, loader: Iterable[Batch], keep_features: bool = False) -> Predictions:

@@ -9,8 +9,9 @@ sub-modules and override :meth:`update`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,25 @@ from cxrdebias.data.base import UNKNOWN_BIAS, Batch
 from cxrdebias.models.base import ModelOutput
 
 AutocastFactory = Callable[[], AbstractContextManager]
+
+
+@dataclass
+class TrainContext:
+    """What a method may need to know about the run when it is set up.
+
+    ``build_model(**overrides)`` returns a fresh model of the same family as the main one
+    (overrides change its config, e.g. ``kernel_size=1`` for ReBias's biased network);
+    ``make_optimizer``/``make_scheduler`` give the run's optimiser and LR schedule for the
+    method's own networks.
+    """
+
+    num_samples: int
+    num_classes: int
+    num_biases: int | None
+    make_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+    make_scheduler: Callable[[torch.optim.Optimizer], Any]
+    build_model: Callable[..., nn.Module] | None = None
+    device: torch.device = torch.device("cpu")
 
 
 class MethodOptions(BaseModel):
@@ -53,9 +73,9 @@ class Method(nn.Module):
         """Per-class weights of the cross-entropy (class-imbalance handling)."""
         self.class_weights = None if weights is None else weights.float()
 
-    def setup(self, model: nn.Module, make_optimizer: Callable[[Any], torch.optim.Optimizer]) -> None:
-        """Called once before training; methods with extra networks create their optimisers
-        with ``make_optimizer(parameters)`` (same optimiser settings as the main model)."""
+    def setup(self, model: nn.Module, context: TrainContext) -> None:
+        """Called once before training (and before a checkpoint is restored): methods with
+        extra networks build them and their optimisers from ``context``."""
 
     # -- training ------------------------------------------------------------------------
     def classification_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
