@@ -59,7 +59,9 @@ def methods_cmd() -> None:
 
     for name in sorted(METHODS):
         cls = METHODS[name]
-        fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Options.model_fields.items()) or "no options"
+        fields = ", ".join(
+            f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in cls.Options.model_fields.items()
+        ) or "no options"
         bias = "needs bias labels" if cls.requires_bias else "no bias labels"
         out.print(f"[bold]{name}[/]: {cls.summary} ({bias}; {fields})")
 
@@ -220,7 +222,7 @@ def data_synth(
     bias_strength: Annotated[float, typer.Option(help="Site–label correlation in train/val: 0 none, 1 the default prevalences.")] = 1.0,
     image_size: Annotated[int, typer.Option(help="Native image size in pixels.")] = 256,
     train_patients: Annotated[int, typer.Option(help="Training patients per site.")] = 250,
-    val_patients: Annotated[int, typer.Option(help="Validation patients per site.")] = 50,
+    val_patients: Annotated[int, typer.Option(help="Validation patients per site.")] = 100,
     test_patients: Annotated[int, typer.Option(help="Test patients per site (even: the test set is balanced).")] = 100,
     preview_png: Annotated[Path | None, typer.Option("--preview", help="Also write a contact sheet PNG.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing synthetic set in --out.")] = False,

@@ -41,7 +41,7 @@ from cxrdebias.debias import build_method
 from cxrdebias.errors import CheckpointError, ConfigError
 from cxrdebias.inference import Predictions
 from cxrdebias.metrics import auroc, balanced_accuracy, youden_threshold
-from cxrdebias.models import build_model
+from cxrdebias.models import build_model, model_factory
 from cxrdebias.provenance import code_version, environment, run_info
 from cxrdebias.runs import (
     RESULTS_FILE,
@@ -197,11 +197,8 @@ def train_cxr(
         num_samples=len(data.train),
         num_classes=len(CLASS_NAMES),
         num_biases=None if hide else len(data.site_to_index),
-        build_model=lambda **overrides: build_model(
-            cfg.model.model_copy(update=overrides),
-            len(CLASS_NAMES),
-            in_channels=spec.channels,
-            feature_activation=method.feature_activation,
+        build_model=model_factory(
+            cfg.model, len(CLASS_NAMES), in_channels=spec.channels, feature_activation=method.feature_activation
         ),
     )
     sites = ", ".join(f"{s}={i}" for s, i in data.site_to_index.items())

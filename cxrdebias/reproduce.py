@@ -20,7 +20,7 @@ from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.biased_mnist import NUM_CLASSES, build_biased_mnist
 from cxrdebias.debias import build_method
 from cxrdebias.metrics import group_accuracy
-from cxrdebias.models import build_model
+from cxrdebias.models import build_model, model_factory
 from cxrdebias.provenance import code_version, environment, run_info
 from cxrdebias.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
 from cxrdebias.train import Trainer, seed_everything
@@ -81,9 +81,7 @@ def run_biased_mnist(
         num_samples=len(data.train),
         num_classes=NUM_CLASSES,
         num_biases=NUM_CLASSES,
-        build_model=lambda **overrides: build_model(
-            cfg.model.model_copy(update=overrides), NUM_CLASSES, feature_activation=method.feature_activation
-        ),
+        build_model=model_factory(cfg.model, NUM_CLASSES, feature_activation=method.feature_activation),
     )
     console.print(
         f"[bold]Biased MNIST[/] ρ={cfg.data.rho} method={method.name} {method.describe()} "

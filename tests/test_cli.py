@@ -97,3 +97,14 @@ def test_missing_and_corrupt_mnist(tmp_path, monkeypatch, capsys):
 def test_methods_lists_end(monkeypatch, capsys):
     code, out, _ = run_cli(["methods"], monkeypatch, capsys)
     assert code == 0 and "end" in out and "vanilla" in out
+
+
+@pytest.mark.parametrize("method", ["vanilla", "end", "lnl", "blindeye", "rebias"])
+def test_every_method_runs_on_biased_mnist(method, fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / method
+    args = [*_tiny(fake_mnist, out), "--method", method, "--set", "data.limit_train=128", "--set", "data.limit_test=64"]
+    code, stdout, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"]["name"] == method
+    assert all(k in res["metrics"] for k in ("biased_accuracy", "unbiased_accuracy"))

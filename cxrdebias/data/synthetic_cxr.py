@@ -129,7 +129,7 @@ class SynthConfig(BaseModel):
     )
     n_train_patients_per_site: int = Field(250, ge=1, description="training patients per site")
     n_val_patients_per_site: int = Field(
-        50, ge=0, description="validation patients per site (biased pool, like train)"
+        100, ge=0, description="validation patients per site (biased pool, like train)"
     )
     n_test_patients_per_site: int = Field(
         100, ge=0, description="test patients per site; even: half positive, half negative"

@@ -10,12 +10,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cxrdebias.debias.base import Method, MethodOptions
+from cxrdebias.debias.base import Method, MethodOptions, TrainContext
+from cxrdebias.debias.blindeye import BlindEye
 from cxrdebias.debias.end import EnD, end_regularizer
+from cxrdebias.debias.lnl import LNL
+from cxrdebias.debias.rebias import ReBias
 from cxrdebias.debias.vanilla import Vanilla
 from cxrdebias.errors import ConfigError
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Vanilla, EnD)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Vanilla, EnD, LNL, BlindEye, ReBias)}
 
 
 def method_names() -> list[str]:
@@ -37,4 +40,17 @@ def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return cls(opts)
 
 
-__all__ = ["METHODS", "EnD", "Method", "MethodOptions", "Vanilla", "build_method", "end_regularizer", "method_names"]
+__all__ = [
+    "METHODS",
+    "BlindEye",
+    "EnD",
+    "LNL",
+    "Method",
+    "MethodOptions",
+    "ReBias",
+    "TrainContext",
+    "Vanilla",
+    "build_method",
+    "end_regularizer",
+    "method_names",
+]

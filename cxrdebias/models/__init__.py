@@ -40,4 +40,22 @@ def build_model(cfg, num_classes: int, *, in_channels: int = 3, feature_activati
     raise ValueError(f"unknown model arch {cfg.arch!r}")
 
 
-__all__.append("build_model")
+def model_factory(cfg, num_classes: int, *, in_channels: int = 3, feature_activation: str | None = None):
+    """``build(**overrides)`` → a fresh model of the same family with some config fields
+    changed (ReBias's biased network: ``kernel_size=1``). Overrides are validated: a misspelt
+    key is an error, not silently ignored."""
+    from pydantic import ValidationError
+
+    from cxrdebias.errors import ConfigError
+
+    def build(**overrides):
+        try:
+            changed = type(cfg).model_validate({**cfg.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ConfigError(f"model overrides {overrides}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        return build_model(changed, num_classes, in_channels=in_channels, feature_activation=feature_activation)
+
+    return build
+
+
+__all__ += ["build_model", "model_factory"]
