@@ -279,6 +279,7 @@ class Trainer:
         total = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
         task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=total, stats="") if progress else None
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # per key: a value logged only in some batches is averaged over those
         n_seen = 0
         t0 = time.perf_counter()
         for batch in self.train_loader:
@@ -288,14 +289,15 @@ class Trainer:
             n_seen += n
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
+                counts[k] = counts.get(k, 0) + n
             if progress is not None:
-                progress.update(task, advance=1, stats=f"loss {sums['loss'] / n_seen:.4f}  {n_seen / (time.perf_counter() - t0):.0f} img/s")
+                progress.update(task, advance=1, stats=f"loss {sums['loss'] / counts['loss']:.4f}  {n_seen / (time.perf_counter() - t0):.0f} img/s")
         elapsed = time.perf_counter() - t0
         if progress is not None:
             progress.remove_task(task)
         if n_seen == 0:
             raise ValueError("the training loader yielded no batch")
-        out = {k: v / n_seen for k, v in sums.items()}
+        out = {k: v / counts[k] for k, v in sums.items()}
         out["img_per_s"] = n_seen / elapsed
         out["time_s"] = elapsed
         return out
@@ -375,7 +377,8 @@ class Trainer:
     def _print_epoch(self, record: dict[str, Any]) -> None:
         tr = record["train"]
         parts = [f"epoch {record['epoch']:>3}", f"loss {tr['loss']:.4f}", f"train acc {tr.get('accuracy', float('nan')):.4f}"]
-        parts += [f"{k} {tr[k]:.4f}" for k in ("R_perp", "R_par") if k in tr]
+        skip = {"loss", "accuracy", "img_per_s", "time_s"}
+        parts += [f"{k} {v:.4f}" for k, v in tr.items() if k not in skip]
         parts.append(f"{tr['img_per_s']:.0f} img/s")
         for k, v in (record.get("val") or {}).items():
             if isinstance(v, float):

@@ -99,7 +99,7 @@ def test_methods_lists_end(monkeypatch, capsys):
     assert code == 0 and "end" in out and "vanilla" in out
 
 
-@pytest.mark.parametrize("method", ["vanilla", "end", "lnl", "blindeye", "rebias"])
+@pytest.mark.parametrize("method", ["vanilla", "end", "lnl", "blindeye", "rebias", "groupdro", "lff"])
 def test_every_method_runs_on_biased_mnist(method, fake_mnist, tmp_path, monkeypatch, capsys):
     out = tmp_path / method
     args = [*_tiny(fake_mnist, out), "--method", method, "--set", "data.limit_train=128", "--set", "data.limit_test=64"]

@@ -13,12 +13,14 @@ from pydantic import ValidationError
 from cxrdebias.debias.base import Method, MethodOptions, TrainContext
 from cxrdebias.debias.blindeye import BlindEye
 from cxrdebias.debias.end import EnD, end_regularizer
+from cxrdebias.debias.groupdro import GroupDRO
+from cxrdebias.debias.lff import LfF
 from cxrdebias.debias.lnl import LNL
 from cxrdebias.debias.rebias import ReBias
 from cxrdebias.debias.vanilla import Vanilla
 from cxrdebias.errors import ConfigError
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Vanilla, EnD, LNL, BlindEye, ReBias)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Vanilla, EnD, LNL, BlindEye, ReBias, GroupDRO, LfF)}
 
 
 def method_names() -> list[str]:
@@ -44,7 +46,9 @@ __all__ = [
     "METHODS",
     "BlindEye",
     "EnD",
+    "GroupDRO",
     "LNL",
+    "LfF",
     "Method",
     "MethodOptions",
     "ReBias",
