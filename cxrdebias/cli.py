@@ -133,6 +133,37 @@ def reproduce_biased_mnist(
     out.print(f"biased_accuracy={m['biased_accuracy']:.4f} unbiased_accuracy={m['unbiased_accuracy']:.4f} run={out_dir}")
 
 
+@reproduce_app.command("table")
+def reproduce_table(
+    table: Annotated[str, typer.Argument(help="biased-mnist (Table 1), ablation (2), celeba (3) or imdb (4); or 1–4.")],
+    run: Annotated[bool, typer.Option("--run/--no-run", help="Run the missing cells (default: only collect finished ones).")] = False,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat the option); default 42.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="Methods (repeat); default: the table's.")] = None,
+    rhos: Annotated[list[float] | None, typer.Option("--rho", help="Biased MNIST ρ values (repeat); default 0.997 and 0.990.")] = None,
+    results_dir: Annotated[Path | None, typer.Option("--results", help="Where finished cells are kept (default docs/results/).")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs", help="Run folders of the cells.")] = Path("runs/tables"),
+    md_out: Annotated[Path | None, typer.Option("--markdown", help="Also write the table to this Markdown file.")] = None,
+    update_docs: Annotated[bool, typer.Option(help="Rewrite the table's block in docs/reproduction.md.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads per run (does not change results).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Regenerate one of the EnD paper's tables: our mean ± std over seeds beside the published numbers."""
+    from cxrdebias.tables import DEFAULT_RESULTS, REPO, build_table, get_table, update_markdown
+
+    spec = get_table(
+        table, seeds=seeds or None, methods=methods or None, rhos=rhos or None, rho=(rhos or [None])[0], overrides=set_ or []
+    )
+    runtime = ["train.progress=false"] + ([f"train.num_threads={threads}"] if threads else [])
+    result = build_table(spec, results_dir=results_dir or DEFAULT_RESULTS, runs_dir=runs_dir, run=run, runtime_overrides=runtime, console=err)
+    out.print(result.markdown, markup=False, highlight=False)
+    if md_out is not None:
+        md_out.write_text(result.markdown + "\n")
+    if update_docs:
+        update_markdown(REPO / "docs" / "reproduction.md", spec.results_subdir, result.markdown)
+    if result.missing:
+        err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {', '.join(result.missing[:6])}{' …' if len(result.missing) > 6 else ''}")
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="Manifest CSV (path, label, site, patient_id).")] = None,

@@ -1,0 +1,398 @@
+"""The EnD paper's tables, regenerated: cells → runs → results JSONs → Markdown.
+
+``cxrdebias reproduce table NAME`` builds one of
+
+- ``biased-mnist`` (EnD Table 1): every method at each ρ, unbiased and biased test accuracy;
+- ``ablation`` (EnD Table 2): EnD with only R⊥, only R∥ and both, at one ρ;
+- ``celeba`` (EnD Table 3): vanilla, Group DRO, LfF, EnD on BlondHair and HeavyMakeup;
+- ``imdb`` (EnD Table 4): vanilla, LNL, EnD on IMDB Face, learning gender (age as bias) and
+  age (gender as bias), trained on EB1 or EB2.
+
+A *cell* is one run (table row × setting × seed). Its finished ``results.json`` is copied to
+``RESULTS/<table>/<cell>.json`` (``docs/results/`` by default, committed), and a cell whose JSON
+is there is skipped on the next invocation — so a table is built over several sittings. An
+interrupted cell resumes from its last checkpoint. A JSON produced with other options than
+the cell asks for is an error, never silently mixed into the mean.
+
+Published numbers (``../shared/REFERENCE-FACTS.md``) are printed beside ours; "–" where the
+paper has no number for that cell.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cxrdebias.config import ExperimentConfig, load_config
+from cxrdebias.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DEFAULT_RESULTS = REPO / "docs" / "results"
+DEFAULT_RUNS = Path("runs") / "tables"
+
+#: train options that change how fast a run goes, not what it computes
+_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    header: str
+    get: Callable[[dict[str, Any]], float | None]
+
+
+@dataclass
+class Cell:
+    """One run of a table: ``row`` identifies the row (everything but the seed)."""
+
+    name: str
+    row: tuple[str, ...]
+    seed: int
+    config: ExperimentConfig
+    runner: str  # "biased_mnist" | "celeba" | "imdb_face" (a function of cxrdebias.reproduce)
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    row_headers: tuple[str, ...]
+    metrics: list[Metric]
+    cells: list[Cell]
+    published: dict[tuple[str, ...], list[float | None]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def results_subdir(self) -> str:
+        return self.name.replace("-", "_")
+
+
+# -- published numbers (REFERENCE-FACTS.md) -------------------------------------------------
+#: unbiased accuracy on full MNIST, ρ → %, EnD paper Table 1 (vanilla and ReBias from ReBias)
+PUBLISHED_BIASED_MNIST = {
+    "vanilla": {0.999: 10.4, 0.997: 33.4, 0.995: 72.1, 0.990: 89.1},
+    "rebias": {0.999: 22.7, 0.997: 64.2, 0.995: 76.0, 0.990: 88.1},
+    "end": {0.999: 52.30, 0.997: 83.70, 0.995: 93.92, 0.990: 96.02},
+}
+#: (unbiased, bias-conflicting) %, EnD paper Table 3
+PUBLISHED_CELEBA = {
+    ("vanilla", "blond_hair"): (70.25, 52.52),
+    ("groupdro", "blond_hair"): (85.43, 83.40),
+    ("lff", "blond_hair"): (84.24, 81.24),
+    ("end", "blond_hair"): (91.21, 87.45),
+    ("vanilla", "heavy_makeup"): (62.00, 33.75),
+    ("groupdro", "heavy_makeup"): (64.88, 50.24),
+    ("lff", "heavy_makeup"): (66.20, 45.48),
+    ("end", "heavy_makeup"): (75.93, 53.70),
+}
+#: (accuracy on the other extreme-bias split, on the test split), EnD paper Table 4 / LNL
+PUBLISHED_IMDB = {
+    ("vanilla", "gender", "eb1"): (59.86, 84.42),
+    ("vanilla", "gender", "eb2"): (57.84, 69.75),
+    ("lnl", "gender", "eb1"): (68.00, 86.66),
+    ("lnl", "gender", "eb2"): (64.18, 74.50),
+    ("end", "gender", "eb1"): (65.49, 87.15),
+    ("end", "gender", "eb2"): (69.40, 78.19),
+    ("end", "age", "eb1"): (76.04, 80.15),
+    ("end", "age", "eb2"): (74.25, 78.80),
+}
+
+TABLE_METHODS = ("vanilla", "end", "lnl", "blindeye", "rebias", "groupdro", "lff")
+TABLE_NAMES = ("biased-mnist", "ablation", "celeba", "imdb")
+
+
+def _metric(*path: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(results: dict[str, Any]) -> float | None:
+        node: Any = results
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return float(node) if node is not None else None
+
+    return get
+
+
+def _with(cfg: ExperimentConfig, method: dict[str, Any] | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    tree = cfg.model_dump(mode="json")
+    if method is not None:
+        tree["method"] = method
+    return load_config(None, list(overrides), base=tree)
+
+
+def _method_section(base: ExperimentConfig, method: str) -> dict[str, Any]:
+    """The shipped config's options when it is that method (EnD's α, β), else the defaults."""
+    return base.method.model_dump(mode="json") if base.method.name == method else {"name": method}
+
+
+def _label(cfg: ExperimentConfig) -> str:
+    opts = cfg.method.options()
+    return cfg.method.name + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
+
+
+# -- table definitions ---------------------------------------------------------------------
+def biased_mnist_table(
+    rhos: Iterable[float] = (0.997, 0.990),
+    methods: Iterable[str] = TABLE_METHODS,
+    seeds: Iterable[int] = (42,),
+    overrides: Iterable[str] = (),
+) -> Table:
+    cells = []
+    for rho in rhos:
+        base = load_config(_rho_config(rho), list(overrides))
+        for method in methods:
+            cfg = _with(base, _method_section(base, method))
+            form = cfg.method.options().get("form")
+            for seed in seeds:
+                name = f"rho{rho:.3f}-{method}{'-' + form if form else ''}-s{seed}"
+                cells.append(Cell(name, (_label(cfg), f"{rho:.3f}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist"))
+    published = {
+        (c.row[0], c.row[1]): [None, PUBLISHED_BIASED_MNIST.get(c.config.method.name, {}).get(round(float(c.row[1]), 3))]
+        for c in cells
+    }
+    return Table(
+        "biased-mnist",
+        "EnD Table 1 — Biased MNIST (MNIST-15k protocol), last epoch",
+        ("method", "ρ"),
+        [Metric("biased acc (%)", _metric("metrics", "biased_accuracy")), Metric("unbiased acc (%)", _metric("metrics", "unbiased_accuracy"))],
+        cells,
+        published,
+        ["Published numbers are on full MNIST (60k digits, 80 epochs); ours on MNIST-15k with the schedule of the shipped configs."],
+    )
+
+
+def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: Iterable[str] = ()) -> Table:
+    """EnD with each term alone and both, at the shipped config's α and β."""
+    base = load_config(_rho_config(rho), list(overrides))
+    end = _method_section(base, "end")
+    alpha, beta = end.get("alpha", 1.0), end.get("beta", 1.0)
+    cells = []
+    for a, b in ((0.0, 0.0), (alpha, 0.0), (0.0, beta), (alpha, beta)):
+        cfg = _with(base, {**end, "name": "end", "alpha": a, "beta": b})
+        for seed in seeds:
+            name = f"rho{rho:.3f}-end-{cfg.method.options().get('form', 'paper')}-a{a:g}-b{b:g}-s{seed}"
+            cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist"))
+    return Table(
+        "ablation",
+        f"EnD Table 2 — ablation of the two terms, Biased MNIST ρ = {rho} (MNIST-15k), last epoch",
+        ("α (R⊥)", "β (R∥)"),
+        [Metric("biased acc (%)", _metric("metrics", "biased_accuracy")), Metric("unbiased acc (%)", _metric("metrics", "unbiased_accuracy"))],
+        cells,
+        {},
+        ["α = β = 0 is the EnD network (Tanh, normalised bottleneck) without either term.",
+         "The paper's Table 2 numbers are not in REFERENCE-FACTS.md, so no published column is shown."],
+    )
+
+
+def celeba_table(
+    targets: Iterable[str] = ("blond_hair", "heavy_makeup"),
+    methods: Iterable[str] = ("vanilla", "groupdro", "lff", "end"),
+    seeds: Iterable[int] = (42,),
+    overrides: Iterable[str] = (),
+) -> Table:
+    cells = []
+    for target in targets:
+        base = load_config(CONFIGS / "celeba" / f"{target}.yaml", list(overrides))
+        for method in methods:
+            cfg = _with(base, _method_section(base, method))
+            for seed in seeds:
+                cells.append(Cell(f"{target}-{method}-s{seed}", (_label(cfg), target), seed, _with(cfg, overrides=[f"seed={seed}"]), "celeba"))
+    published = {c.row: list(PUBLISHED_CELEBA.get((c.config.method.name, c.row[1]), (None, None))) for c in cells}
+    return Table(
+        "celeba",
+        "EnD Table 3 — CelebA (bias: Male), last epoch",
+        ("method", "target"),
+        [Metric("unbiased acc (%)", _metric("metrics", "unbiased_accuracy")), Metric("bias-conflicting acc (%)", _metric("metrics", "conflicting_accuracy"))],
+        cells,
+        published,
+    )
+
+
+def imdb_table(
+    settings: Iterable[tuple[str, str]] = (("gender", "eb1"), ("gender", "eb2"), ("age", "eb1"), ("age", "eb2")),
+    methods: Iterable[str] = ("vanilla", "lnl", "end"),
+    seeds: Iterable[int] = (42,),
+    overrides: Iterable[str] = (),
+) -> Table:
+    cells = []
+    for target, split in settings:
+        base = load_config(CONFIGS / "imdb_face" / f"{target}_{split}.yaml", list(overrides))
+        for method in methods:
+            cfg = _with(base, _method_section(base, method))
+            for seed in seeds:
+                cells.append(Cell(f"{target}-{split}-{method}-s{seed}", (_label(cfg), target, split), seed, _with(cfg, overrides=[f"seed={seed}"]), "imdb_face"))
+    published = {c.row: list(PUBLISHED_IMDB.get((c.config.method.name, c.row[1], c.row[2]), (None, None))) for c in cells}
+    return Table(
+        "imdb",
+        "EnD Table 4 — IMDB Face, last epoch",
+        ("method", "target", "trained on"),
+        [Metric("other EB split acc (%)", _metric("metrics", "other_split_accuracy")), Metric("test acc (%)", _metric("metrics", "test_accuracy"))],
+        cells,
+        published,
+    )
+
+
+def _rho_config(rho: float) -> Path:
+    path = CONFIGS / "biased_mnist" / f"rho{rho:.3f}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem.removeprefix("rho") for p in (CONFIGS / "biased_mnist").glob("rho*.yaml"))
+        raise ConfigError(f"no shipped config for rho={rho} ({path}); available: {', '.join(shipped)}")
+    return path
+
+
+# -- running cells -------------------------------------------------------------------------
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """What must match for two runs to be the same cell: everything but paths and speed knobs."""
+    out = json.loads(json.dumps(config))
+    out.pop("name", None)
+    for key in ("root", "manifest", "csv_dir"):
+        (out.get("data") or {}).pop(key, None)
+    for key in _RUNTIME_KEYS:
+        (out.get("train") or {}).pop(key, None)
+    return out
+
+
+def check_cell_result(cell: Cell, results: dict[str, Any], source: Path) -> None:
+    """A results JSON may only stand for ``cell`` if it was run with the cell's options."""
+    want = _comparable(cell.config.model_dump(mode="json"))
+    have = _comparable(load_config(None, None, base=results["config"]).model_dump(mode="json"))
+    if want != have:
+        diff = sorted(_diff(want, have))
+        raise ConfigError(
+            f"{source}: was produced with other options than cell {cell.name} asks for ({', '.join(diff[:4])}); "
+            "move it away or pass another --results folder"
+        )
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} ≠ {a!r}"]
+
+
+def run_cell(cell: Cell, runs_dir: Path, console: Console, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Run (or resume) one cell into ``runs_dir/<cell>`` and return its results."""
+    import cxrdebias.reproduce as reproduce
+
+    out = runs_dir / cell.name
+    finished = out / "results.json"
+    if finished.is_file():
+        return json.loads(finished.read_text())
+    resume = (out / "checkpoints" / "last.pt").is_file()
+    force = out.exists() and not resume
+    cfg = _with(cell.config, overrides=overrides)
+    runner = getattr(reproduce, f"run_{cell.runner}")
+    console.print(f"[bold]cell[/] {cell.name} → {out}" + (" (resuming)" if resume else ""))
+    return runner(cfg, out, force=force, resume=resume, console=console)
+
+
+@dataclass
+class TableResult:
+    markdown: str
+    done: list[str]
+    missing: list[str]
+
+
+def build_table(
+    table: Table,
+    *,
+    results_dir: Path = DEFAULT_RESULTS,
+    runs_dir: Path = DEFAULT_RUNS,
+    run: bool = False,
+    runtime_overrides: Iterable[str] = (),
+    console: Console | None = None,
+) -> TableResult:
+    """Collect finished cells (running the missing ones when ``run``) and render Markdown."""
+    console = console or Console(stderr=True)
+    store = results_dir / table.results_subdir
+    found: dict[str, dict[str, Any]] = {}
+    missing = []
+    for cell in table.cells:
+        path = store / f"{cell.name}.json"
+        if path.is_file():
+            results = json.loads(path.read_text())
+            check_cell_result(cell, results, path)
+            found[cell.name] = results
+            continue
+        if not run:
+            missing.append(cell.name)
+            continue
+        results = run_cell(cell, runs_dir, console, runtime_overrides)
+        check_cell_result(cell, results, runs_dir / cell.name / "results.json")
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+        found[cell.name] = results
+    return TableResult(render(table, found), sorted(found), missing)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * 100
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values) * 100:.2f}"
+
+
+def render(table: Table, found: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one line per row, our mean ± std over the finished seeds beside the paper."""
+    rows: dict[tuple[str, ...], list[Cell]] = {}
+    for cell in table.cells:
+        rows.setdefault(cell.row, []).append(cell)
+    # a "paper" column for each metric the paper reports for at least one row
+    with_paper = [i for i in range(len(table.metrics)) if any(v[i] is not None for v in table.published.values())]
+    headers = [*table.row_headers, "seeds", *(m.header for m in table.metrics)]
+    headers += [f"paper: {table.metrics[i].header}" for i in with_paper]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row, cells in rows.items():
+        done = [found[c.name] for c in cells if c.name in found]
+        seeds = ", ".join(str(r["seed"]) for r in done) or "not run"
+        values = [_fmt([v for r in done if (v := m.get(r)) is not None]) for m in table.metrics]
+        line = [*row, seeds, *values]
+        published = table.published.get(row, [None] * len(table.metrics))
+        line += [f"{published[i]:.2f}" if published[i] is not None else "–" for i in with_paper]
+        lines.append("| " + " | ".join(line) + " |")
+    if table.notes:
+        lines += [""] + [f"- {n}" for n in table.notes]
+    n_done = sum(1 for c in table.cells if c.name in found)
+    lines += ["", f"{n_done} of {len(table.cells)} cells finished; mean ± std over seeds where more than one."]
+    return "\n".join(lines)
+
+
+def update_markdown(path: Path, key: str, markdown: str) -> None:
+    """Replace the block between ``<!-- table:KEY:start -->`` and ``<!-- table:KEY:end -->``."""
+    start, end = f"<!-- table:{key}:start -->", f"<!-- table:{key}:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ConfigError(f"{path}: missing the {start} … {end} markers for the table")
+    head, rest = text.split(start, 1)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(f"{head}{start}\n{markdown}\n{end}{rest.split(end, 1)[1]}")
+    tmp.replace(path)
+
+
+def get_table(name: str, **kwargs: Any) -> Table:
+    builders: dict[str, Callable[..., Table]] = {
+        "biased-mnist": biased_mnist_table,
+        "1": biased_mnist_table,
+        "ablation": ablation_table,
+        "2": ablation_table,
+        "celeba": celeba_table,
+        "3": celeba_table,
+        "imdb": imdb_table,
+        "4": imdb_table,
+    }
+    if name not in builders:
+        raise ConfigError(f"unknown table {name!r}; expected one of: {', '.join(TABLE_NAMES)} (or 1–4)")
+    builder = builders[name]
+    accepted = inspect.signature(builder).parameters
+    return builder(**{k: v for k, v in kwargs.items() if v is not None and k in accepted})

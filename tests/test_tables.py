@@ -1,0 +1,142 @@
+"""The paper tables: cells, resumable runs, consistency checks and the rendered Markdown."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cxrdebias.errors import ConfigError
+from cxrdebias.tables import (
+    ablation_table,
+    biased_mnist_table,
+    build_table,
+    get_table,
+    update_markdown,
+)
+
+TINY = [
+    "train.epochs=1", "train.batch_size=64", "train.progress=false", "model.kernel_size=3",
+    "data.limit_train=128", "data.limit_test=64", "train.eval_every=1",
+]
+
+
+def _fake_result(cell, biased: float, unbiased: float) -> dict:
+    return {
+        "seed": cell.seed,
+        "config": cell.config.model_dump(mode="json"),
+        "metrics": {"biased_accuracy": biased, "unbiased_accuracy": unbiased},
+    }
+
+
+def _store(tmp_path, table, name, results):
+    store = tmp_path / table.results_subdir
+    store.mkdir(parents=True, exist_ok=True)
+    (store / f"{name}.json").write_text(json.dumps(results))
+
+
+def test_cells_cover_methods_rhos_and_seeds_with_stable_names():
+    t = biased_mnist_table(rhos=[0.997, 0.990], methods=["vanilla", "end", "lff"], seeds=[42, 43])
+    names = [c.name for c in t.cells]
+    assert len(names) == len(set(names)) == 2 * 3 * 2
+    # the names of the committed docs/results/biased_mnist files
+    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-paper-s43" in names and "rho0.997-lff-s42" in names
+    end = next(c for c in t.cells if c.name == "rho0.997-end-paper-s42")
+    assert end.config.method.options()["alpha"] == 5.0  # the shipped config's EnD options
+    lff = next(c for c in t.cells if c.name == "rho0.997-lff-s43")
+    assert lff.config.method.name == "lff" and "alpha" not in lff.config.method.options() and lff.config.seed == 43
+
+
+def test_render_mean_std_over_seeds_and_published_numbers(tmp_path):
+    t = biased_mnist_table(rhos=[0.997], methods=["vanilla", "end"], seeds=[1, 2])
+    cells = {c.name: c for c in t.cells}
+    _store(tmp_path, t, "rho0.997-vanilla-s1", _fake_result(cells["rho0.997-vanilla-s1"], 1.0, 0.10))
+    _store(tmp_path, t, "rho0.997-vanilla-s2", _fake_result(cells["rho0.997-vanilla-s2"], 0.98, 0.12))
+    _store(tmp_path, t, "rho0.997-end-paper-s1", _fake_result(cells["rho0.997-end-paper-s1"], 0.9, 0.5))
+    r = build_table(t, results_dir=tmp_path)
+    assert r.missing == ["rho0.997-end-paper-s2"]
+    lines = r.markdown.splitlines()
+    vanilla = next(line for line in lines if line.startswith("| vanilla"))
+    # mean of 100/98 = 99.00, sample std = 1.41; unbiased 11.00 ± 1.41; paper 33.40
+    assert vanilla == "| vanilla | 0.997 | 1, 2 | 99.00 ± 1.41 | 11.00 ± 1.41 | 33.40 |"
+    end = next(line for line in lines if line.startswith("| end"))
+    assert "| 1 | 90.00 | 50.00 | 83.70 |" in end
+    assert "3 of 4 cells finished" in r.markdown
+
+
+def test_result_from_other_options_is_refused(tmp_path):
+    t = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42])
+    cell = t.cells[0]
+    bad = _fake_result(cell, 1.0, 0.5)
+    bad["config"]["method"]["alpha"] = 0.1
+    _store(tmp_path, t, cell.name, bad)
+    with pytest.raises(ConfigError, match=r"rho0.997-end-paper-s42.json: was produced with other options.*method.alpha"):
+        build_table(t, results_dir=tmp_path)
+
+
+def test_runtime_options_do_not_make_a_result_different(tmp_path):
+    t = biased_mnist_table(rhos=[0.997], methods=["vanilla"], seeds=[42])
+    cell = t.cells[0]
+    res = _fake_result(cell, 1.0, 0.1)
+    res["config"]["train"]["num_threads"] = 1
+    res["config"]["data"]["root"] = "/elsewhere/mnist"
+    _store(tmp_path, t, cell.name, res)
+    assert build_table(t, results_dir=tmp_path).missing == []
+
+
+def test_run_missing_cells_then_skip_them(fake_mnist, tmp_path):
+    overrides = [*TINY, f"data.root={fake_mnist}"]
+    t = biased_mnist_table(rhos=[0.99], methods=["vanilla", "end"], seeds=[0], overrides=overrides)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    first = build_table(t, results_dir=results, runs_dir=runs, run=True)
+    assert first.missing == [] and first.done == ["rho0.990-end-paper-s0", "rho0.990-vanilla-s0"]
+    stored = json.loads((results / "biased_mnist" / "rho0.990-end-paper-s0.json").read_text())
+    assert stored["method"]["name"] == "end" and stored["epochs"] == 1
+    # the second call runs nothing: remove the run folders and it still finds every cell
+    shutil.rmtree(runs)
+    again = build_table(t, results_dir=results, runs_dir=runs, run=True)
+    assert again.done == first.done and not runs.exists()
+    assert again.markdown == first.markdown
+
+
+def test_ablation_cells_switch_terms_off():
+    t = ablation_table(rho=0.997, seeds=[42])
+    pairs = [(c.config.method.options()["alpha"], c.config.method.options()["beta"]) for c in t.cells]
+    assert pairs == [(0.0, 0.0), (5.0, 0.0), (0.0, 0.5), (5.0, 0.5)]
+    assert all(c.config.method.name == "end" for c in t.cells)
+
+
+def test_unknown_table_and_rho_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown table 'table9'"):
+        get_table("table9")
+    with pytest.raises(ConfigError, match="no shipped config for rho=0.5"):
+        get_table("biased-mnist", rhos=[0.5])
+
+
+def test_update_markdown_replaces_only_the_block(tmp_path):
+    doc = tmp_path / "r.md"
+    doc.write_text("intro\n<!-- table:x:start -->\nold\n<!-- table:x:end -->\noutro\n")
+    update_markdown(doc, "x", "new table")
+    assert doc.read_text() == "intro\n<!-- table:x:start -->\nnew table\n<!-- table:x:end -->\noutro\n"
+    with pytest.raises(ConfigError, match="missing the <!-- table:y:start -->"):
+        update_markdown(doc, "y", "t")
+
+
+def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch, capsys):
+    from tests.test_cli import run_cli
+
+    md = tmp_path / "t.md"
+    base = ["reproduce", "table", "biased-mnist", "--rho", "0.99", "--method", "vanilla",
+            "--results", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"), "--set", f"data.root={fake_mnist}"]
+    for o in TINY:
+        base += ["--set", o]
+    code, stdout, err = run_cli([*base, "--seed", "0", "--run", "--markdown", str(md)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "| vanilla | 0.990 | 0 |" in stdout and "| 89.10 |" in stdout
+    assert md.read_text().strip() == stdout.strip()
+    assert (tmp_path / "res" / "biased_mnist" / "rho0.990-vanilla-s0.json").is_file()
+    # without --run a missing cell is reported, not run
+    code, stdout, err = run_cli([*base, "--seed", "1"], monkeypatch, capsys)
+    assert code == 0 and "| vanilla | 0.990 | not run |" in stdout and "1 cells not run yet" in err
+    assert not (tmp_path / "runs" / "rho0.990-vanilla-s1").exists()
