@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -99,6 +100,42 @@ def _build_config(
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs.")]
+PhotoSeedOpt = Annotated[int | None, typer.Option(help="Training seed (init, shuffling); the splits use data.split_seed.")]
+
+
+class CelebATarget(str, Enum):
+    blond_hair = "blond_hair"
+    heavy_makeup = "heavy_makeup"
+
+
+#: ``--target`` of ``reproduce celeba`` → the attribute name of ``list_attr_celeba.txt``
+CELEBA_ATTRIBUTES = {CelebATarget.blond_hair: "Blond_Hair", CelebATarget.heavy_makeup: "Heavy_Makeup"}
+
+
+class FaceTarget(str, Enum):
+    gender = "gender"
+    age = "age"
+
+
+class ExtremeBiasSplit(str, Enum):
+    eb1 = "eb1"
+    eb2 = "eb2"
+
+
+def _reproduce(run, cfg, out_dir: Path | None, *, force: bool, resume: bool, keys: tuple[str, ...]) -> None:
+    """Run a reproduction experiment (``run``: a ``cxrdebias.reproduce.run_*``) and print ``keys``."""
+    from cxrdebias.reproduce import default_run_name
+
+    if resume and out_dir is None:
+        raise typer.BadParameter("--resume needs --out RUN_FOLDER")
+    out_dir = out_dir or Path("runs") / default_run_name(cfg)
+    results = run(cfg, out_dir, force=force, resume=resume, console=err)
+    m = results["metrics"]
+    out.print(" ".join(f"{k}={m[k]:.4f}" for k in keys) + f" run={out_dir}")
+
+
 @reproduce_app.command("biased-mnist")
 def reproduce_biased_mnist(
     rho: Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")] = None,
@@ -106,17 +143,17 @@ def reproduce_biased_mnist(
     alpha: AlphaOpt = None,
     beta: BetaOpt = None,
     form: Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    epochs: EpochsOpt = None,
     data_root: Annotated[Path | None, typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")] = None,
+    out_dir: OutOpt = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (see configs/biased_mnist/).")] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy."""
-    from cxrdebias.reproduce import default_run_name, run_biased_mnist
+    from cxrdebias.reproduce import run_biased_mnist
 
     cfg = _build_config(
         config,
@@ -125,12 +162,81 @@ def reproduce_biased_mnist(
         options={"data.rho": rho, "train.epochs": epochs, "data.root": data_root, "seed": seed},
         overrides=set_,
     )
-    if resume and out_dir is None:
-        raise typer.BadParameter("--resume needs --out RUN_FOLDER")
-    out_dir = out_dir or Path("runs") / default_run_name(cfg)
-    results = run_biased_mnist(cfg, out_dir, force=force, resume=resume, console=err)
-    m = results["metrics"]
-    out.print(f"biased_accuracy={m['biased_accuracy']:.4f} unbiased_accuracy={m['unbiased_accuracy']:.4f} run={out_dir}")
+    _reproduce(run_biased_mnist, cfg, out_dir, force=force, resume=resume, keys=("biased_accuracy", "unbiased_accuracy"))
+
+
+@reproduce_app.command("celeba")
+def reproduce_celeba(
+    target: Annotated[
+        CelebATarget | None, typer.Option(help="Attribute to learn (bias: Male). Default: blond_hair.")
+    ] = None,
+    method: MethodOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    epochs: EpochsOpt = None,
+    data_root: Annotated[Path | None, typer.Option(help="CelebA folder (torchvision layout ROOT/celeba/).")] = None,
+    seed: PhotoSeedOpt = None,
+    out_dir: OutOpt = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/celeba/<target>.yaml).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """CelebA (Nam et al. protocol): unbiased (group-averaged) and bias-conflicting accuracy."""
+    from cxrdebias.reproduce import run_celeba
+
+    cfg = _build_config(
+        config,
+        default_config=REPO_CONFIGS / "celeba" / f"{(target or CelebATarget.blond_hair).value}.yaml",
+        method=method,
+        method_options={"alpha": alpha, "beta": beta},
+        options={
+            "data.target": CELEBA_ATTRIBUTES[target] if target else None,
+            "data.root": data_root,
+            "train.epochs": epochs,
+            "seed": seed,
+        },
+        overrides=set_,
+    )
+    _reproduce(run_celeba, cfg, out_dir, force=force, resume=resume, keys=("unbiased_accuracy", "bias_conflicting_accuracy"))
+
+
+@reproduce_app.command("imdb-face")
+def reproduce_imdb_face(
+    target: Annotated[FaceTarget | None, typer.Option(help="What to learn; the other is the bias. Default: gender.")] = None,
+    train_split: Annotated[
+        ExtremeBiasSplit | None, typer.Option(help="Extreme-bias split to train on. Default: eb1.")
+    ] = None,
+    method: MethodOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    epochs: EpochsOpt = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder with eb1.csv, eb2.csv and test.csv (image paths relative to it).")] = None,
+    seed: PhotoSeedOpt = None,
+    out_dir: OutOpt = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/imdb_face/<target>_<split>.yaml).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """IMDB Face (Kim et al. splits): accuracy on the test split and on the other extreme-bias split."""
+    from cxrdebias.reproduce import run_imdb_face
+
+    cfg = _build_config(
+        config,
+        default_config=REPO_CONFIGS / "imdb_face" / f"{(target or FaceTarget.gender).value}_{(train_split or ExtremeBiasSplit.eb1).value}.yaml",
+        method=method,
+        method_options={"alpha": alpha, "beta": beta},
+        options={
+            "data.target": target.value if target else None,
+            "data.train_split": train_split.value if train_split else None,
+            "data.root": data_root,
+            "train.epochs": epochs,
+            "seed": seed,
+        },
+        overrides=set_,
+    )
+    _reproduce(run_imdb_face, cfg, out_dir, force=force, resume=resume, keys=("test_accuracy", "other_eb_accuracy"))
 
 
 @reproduce_app.command("table")

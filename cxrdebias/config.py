@@ -15,7 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cxrdebias.data.biased_mnist import BiasedMNISTConfig
+from cxrdebias.data.celeba import CelebAConfig
 from cxrdebias.data.cxr import CXRDataConfig
+from cxrdebias.data.imdb_face import IMDBFaceConfig
 from cxrdebias.errors import ConfigError
 
 
@@ -24,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["simple_conv", "densenet121"] = "simple_conv"
+    arch: Literal["simple_conv", "densenet121", "resnet18"] = "simple_conv"
     kernel_size: int = Field(7, ge=1, description="simple_conv: convolution kernel size")
     last_activation: Literal["auto", "relu", "tanh"] = Field(
         "auto", description="'auto': what the method asks for (Tanh for EnD), else ReLU"
@@ -33,7 +35,9 @@ class ModelConfig(_Strict):
     hidden_dim: int = Field(256, ge=1, description="densenet121: width of the two-layer classifier head")
     dropout: float = Field(0.2, ge=0, lt=1, description="densenet121: dropout between the head's layers")
     pretrained: str | None = Field(
-        None, description="densenet121: local torchvision/timm/torchxrayvision DenseNet-121 weights (never downloaded)"
+        None,
+        description="densenet121: local torchvision/timm/torchxrayvision DenseNet-121 weights; "
+        "resnet18: local torchvision ResNet-18 weights (e.g. ImageNet resnet18-f37072fd.pth); never downloaded",
     )
 
 
@@ -78,7 +82,9 @@ class TrainConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 42
-    data: Annotated[BiasedMNISTConfig | CXRDataConfig, Field(discriminator="kind")] = Field(
+    data: Annotated[
+        BiasedMNISTConfig | CXRDataConfig | CelebAConfig | IMDBFaceConfig, Field(discriminator="kind")
+    ] = Field(
         default_factory=BiasedMNISTConfig
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -94,16 +100,16 @@ class ExperimentConfig(_Strict):
         return data
 
 
-DATA_KINDS = ("biased_mnist", "cxr")
+DATA_KINDS = ("biased_mnist", "cxr", "celeba", "imdb_face")
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     parts = []
     for e in exc.errors():
-        parts = [str(p) for p in e["loc"]]
-        if len(parts) > 1 and parts[0] == "data" and parts[1] in DATA_KINDS:
-            del parts[1]  # the discriminator tag pydantic inserts for the data union
-        loc = ".".join(parts)
+        keys = [str(p) for p in e["loc"]]
+        if len(keys) > 1 and keys[0] == "data" and keys[1] in DATA_KINDS:
+            del keys[1]  # the discriminator tag pydantic inserts for the data union
+        loc = ".".join(keys)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown option"

@@ -29,3 +29,7 @@ class RunExistsError(CxrDebiasError):
 
 class CheckpointError(CxrDebiasError):
     """A checkpoint is missing, truncated or belongs to a different model/config."""
+
+
+class ExportError(CxrDebiasError):
+    """A model cannot be exported, or the exported model failed its parity checks."""

@@ -27,13 +27,12 @@ import torch
 from rich.console import Console
 
 from cxrdebias.config import ExperimentConfig, check_resumable, config_to_dict
-from cxrdebias.data.base import UNKNOWN_BIAS, EpochDataLoader, TensorBatchLoader, TensorSamples
+from cxrdebias.data.base import UNKNOWN_BIAS, make_loader
 from cxrdebias.data.cxr import (
     CLASS_NAMES,
     CXRData,
     CXRDataConfig,
     build_cxr,
-    collate,
     format_drop_summary,
     save_splits,
 )
@@ -89,11 +88,12 @@ def validation_metrics(p: Predictions) -> dict[str, float]:
 
 
 def _loader(samples, cfg: ExperimentConfig, *, train: bool):
-    bs = cfg.train.batch_size if train else EVAL_BATCH
-    if isinstance(samples, TensorSamples):
-        return TensorBatchLoader(samples, bs, shuffle=train, seed=cfg.seed, drop_last=train and cfg.train.drop_last)
-    return EpochDataLoader(
-        samples, bs, shuffle=train, seed=cfg.seed, num_workers=cfg.train.num_workers, collate_fn=collate,
+    return make_loader(
+        samples,
+        cfg.train.batch_size if train else EVAL_BATCH,
+        shuffle=train,
+        seed=cfg.seed,
+        num_workers=cfg.train.num_workers,
         drop_last=train and cfg.train.drop_last,
     )
 

@@ -13,7 +13,7 @@ method consumes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -135,3 +135,32 @@ class EpochDataLoader(_EpochSeededLoader):
             collate_fn=self.collate_fn,
             drop_last=self.drop_last,
         )
+
+
+def collate(samples: Sequence[Batch]) -> Batch:
+    """Stack samples into a batch with the same keys (for ``torch.utils.data.DataLoader``)."""
+    return Batch(
+        image=torch.stack([s["image"] for s in samples]),
+        target=torch.stack([s["target"] for s in samples]),
+        bias=torch.stack([s["bias"] for s in samples]),
+        index=torch.stack([s["index"] for s in samples]),
+    )
+
+
+def make_loader(
+    samples: TensorSamples | torch.utils.data.Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> TensorBatchLoader | EpochDataLoader:
+    """The loader that fits ``samples``: tensor indexing for an in-memory
+    :class:`TensorSamples`, a streaming :class:`EpochDataLoader` (``num_workers`` processes,
+    :func:`collate`) for any other dataset of the sample contract."""
+    if isinstance(samples, TensorSamples):
+        return TensorBatchLoader(samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return EpochDataLoader(
+        samples, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, collate_fn=collate, drop_last=drop_last
+    )

@@ -31,12 +31,11 @@ is skipped silently.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import math
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,8 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.tag import BaseTag
 
 from cxrdebias.data.base import Batch, TensorSamples
+from cxrdebias.data.base import collate as collate  # re-exported: the collate of CXRDataset batches
+from cxrdebias.data.csv_records import read_csv_records, resolve_relative_path
 from cxrdebias.data.images import DEFAULT_MAX_PIXELS, read_dicom_tag, read_image, resolve_tag
 from cxrdebias.data.preprocess import PreprocessSpec, preprocess
 from cxrdebias.errors import ConfigError, DataError
@@ -193,70 +194,6 @@ def format_drop_summary(dropped: Sequence[ManifestProblem | Mapping[str, Any]], 
 
 
 # -- CSV reading ------------------------------------------------------------------------------
-def _read_csv_records(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and ``(line number, fields)`` records; blank lines are not records."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: manifest not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a manifest CSV file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} is not UTF-8 text; expected a UTF-8 CSV manifest") from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header: list[str] | None = None
-    records: list[tuple[int, list[str]]] = []
-    try:
-        while True:
-            start = reader.line_num + 1
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            if not fields or all(not f.strip() for f in fields) and len(fields) == 1:
-                continue  # a blank line is not a record
-            if header is None:
-                header = [f.strip() for f in fields]
-            else:
-                records.append((start, fields))
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
-    if header is None:
-        raise DataError(f"{path}: empty manifest; expected a header row with columns {', '.join(REQUIRED_COLUMNS)}")
-    dupes = sorted(name for name, n in Counter(header).items() if n > 1)
-    if dupes:
-        raise DataError(f"{path}: header repeats column(s) {', '.join(map(repr, dupes))}")
-    if "" in header:
-        raise DataError(f"{path}: header has an empty column name (column {header.index('') + 1})")
-    return header, records
-
-
-def _check_path(root: Path, rel: str) -> tuple[Path | None, str | None, str | None]:
-    """Absolute path of ``rel`` under ``root`` or ``(None, kind, reason)``."""
-    if not rel:
-        return None, "missing_path", "missing (empty)"
-    if "\x00" in rel:
-        return None, "bad_path", "contains a NUL character"
-    if os.path.isabs(rel) or Path(rel).drive:
-        return None, "path_outside", f"{rel!r} is absolute; expected a path relative to the manifest folder"
-    norm = os.path.normpath(rel)
-    if norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
-        return None, "path_outside", f"{rel!r} leaves the manifest folder"
-    full = root / norm
-    try:
-        exists = full.is_file()
-    except (OSError, ValueError) as exc:
-        return None, "missing_file", f"cannot access {rel!r} ({exc})"
-    if not exists:
-        return None, "missing_file", f"file not found: {rel}"
-    return full, None, None
-
-
 def _pixel_hash(pixels: np.ndarray) -> str:
     h = hashlib.sha256(f"{pixels.shape}:{pixels.dtype}".encode())
     h.update(np.ascontiguousarray(pixels).tobytes())
@@ -321,7 +258,7 @@ def load_manifest(
     tag = parse_site_source(site_source)
     if label_map is not None and any(v not in (0, 1) for v in label_map.values()):
         raise ConfigError(f"label_map {dict(label_map)}: values must be 0 or 1")
-    header, records = _read_csv_records(path)
+    header, records = read_csv_records(path, columns=REQUIRED_COLUMNS)
     required = [c for c in REQUIRED_COLUMNS if not (c == "site" and tag is not None)]
     missing = [c for c in required if c not in header]
     if missing:
@@ -349,7 +286,7 @@ def load_manifest(
         rec["row"] = line
         rec.setdefault("site", None)
         rel = rec["path"] or ""
-        full, kind, reason = _check_path(root, rel)
+        full, kind, reason = resolve_relative_path(root, rel)
         rec["abs_path"] = str(full) if full is not None else None
         if kind:
             problem(line, "path", kind, reason)
@@ -666,7 +603,7 @@ def load_splits(path: str | os.PathLike, df: pd.DataFrame | None = None) -> pd.D
         DataError: unreadable table, bad split values, or a table that does not match ``df``.
     """
     path = Path(path)
-    header, records = _read_csv_records(path)
+    header, records = read_csv_records(path, columns=REQUIRED_COLUMNS)
     missing = [c for c in SPLIT_TABLE_COLUMNS if c not in header]
     if missing:
         raise DataError(f"{path}: split table lacks column(s) {', '.join(missing)}; expected {', '.join(SPLIT_TABLE_COLUMNS)}")
@@ -710,16 +647,6 @@ def site_index_map(sites: Iterable[str]) -> dict[str, int]:
     it (saved with the run) to every evaluation dataset."""
     names = sorted({str(s) for s in sites})
     return {name: i for i, name in enumerate(names)}
-
-
-def collate(samples: Sequence[Batch]) -> Batch:
-    """Stack samples into a batch with the same keys (for ``torch.utils.data.DataLoader``)."""
-    return Batch(
-        image=torch.stack([s["image"] for s in samples]),
-        target=torch.stack([s["target"] for s in samples]),
-        bias=torch.stack([s["bias"] for s in samples]),
-        index=torch.stack([s["index"] for s in samples]),
-    )
 
 
 class CXRDataset(torch.utils.data.Dataset):

@@ -37,6 +37,15 @@ def build_model(cfg, num_classes: int, *, in_channels: int = 3, feature_activati
         if cfg.pretrained:
             load_pretrained_backbone(model, cfg.pretrained)
         return model
+    if cfg.arch == "resnet18":
+        from cxrdebias.models.resnet import ResNet18, load_pretrained_resnet
+
+        model = ResNet18(
+            num_classes, in_channels=in_channels, last_activation=act, normalize_features=cfg.normalize_features
+        )
+        if cfg.pretrained:
+            load_pretrained_resnet(model, cfg.pretrained)
+        return model
     raise ValueError(f"unknown model arch {cfg.arch!r}")
 
 

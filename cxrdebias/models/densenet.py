@@ -28,6 +28,12 @@ from torchvision.models import densenet121
 
 from cxrdebias.errors import CheckpointError
 from cxrdebias.models.base import L2Normalize, ModelOutput, activation
+from cxrdebias.models.weights import (
+    adapt_first_conv,
+    check_state_matches,
+    read_state_dict,
+    strip_wrapper_prefixes,
+)
 
 FEATURE_DIM = 1024
 
@@ -76,17 +82,6 @@ class DenseNet121(nn.Module):
 _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a DenseNet-121 state dict (torchvision, timm or torchxrayvision)")
-    return obj
-
-
 def normalize_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map torchvision/timm/torchxrayvision DenseNet-121 keys onto ``features.*``.
 
@@ -95,9 +90,7 @@ def normalize_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     """
     out = {}
     for k, v in state.items():
-        for prefix in ("module.", "model.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
+        k = strip_wrapper_prefixes(k)
         m = _OLD_KEY.match(k)
         if m:
             k = m.group(1) + m.group(2)
@@ -108,34 +101,13 @@ def normalize_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def load_pretrained_backbone(model: DenseNet121, path: str | Path) -> dict[str, Any]:
     """Load local DenseNet-121 weights into ``model.features``; returns a short report."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: pretrained weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load ({exc.__class__.__name__}: {exc})") from None
-    state = normalize_densenet_keys(_unwrap_state_dict(obj, path))
+    state = normalize_densenet_keys(
+        read_state_dict(path, "a DenseNet-121 state dict (torchvision, timm or torchxrayvision)")
+    )
     if not state:
         raise CheckpointError(f"{path}: no 'features.*' weights found; expected a DenseNet-121 checkpoint")
-    conv = state.get("features.conv0.weight")
-    adapted = False
-    if conv is not None and conv.shape[1] != model.in_channels:
-        if model.in_channels == 1:
-            state["features.conv0.weight"] = conv.sum(dim=1, keepdim=True)
-            adapted = True
-        else:
-            raise CheckpointError(f"{path}: first convolution has {conv.shape[1]} input channels, model has {model.in_channels}")
+    adapted = adapt_first_conv(state, "features.conv0.weight", model.in_channels, path)
     target = {f"features.{k}": v for k, v in model.features.state_dict().items()}
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: not a DenseNet-121 backbone ({len(missing)} missing keys, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
-        )
-    bad = [k for k in target if target[k].shape != state[k].shape]
-    if bad:
-        raise CheckpointError(f"{path}: shape mismatch for {bad[0]}: {tuple(state[bad[0]].shape)} vs {tuple(target[bad[0]].shape)}")
+    check_state_matches(target, state, path, "DenseNet-121 backbone")
     model.features.load_state_dict({k[len("features.") :]: v for k, v in state.items()})
     return {"path": str(path), "tensors": len(state), "conv0_adapted_to_1_channel": adapted}
