@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 from pathlib import Path
@@ -56,3 +57,47 @@ def mnist15k() -> Path:
     if not (MNIST15K / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST-15k data not found at {MNIST15K} (see ../shared/data/README.md)")
     return MNIST15K
+
+
+def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run ``cxrdebias ARGS`` in-process: exit code, stdout, stderr."""
+    import sys
+
+    from cxrdebias.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cxrdebias", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def cxr_manifest() -> Path:
+    path = CXR_SOURCES / "manifest.csv"
+    if not path.is_file():
+        pytest.skip(f"real CXR set not found at {CXR_SOURCES} (see ../shared/data/README.md)")
+    return path
+
+
+@contextlib.contextmanager
+def single_torch_thread():
+    """torch on one CPU thread inside the block (small models on a busy machine are many times
+    faster without OpenMP threads waiting on each other); the previous count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_one_thread():
+    with single_torch_thread():
+        yield

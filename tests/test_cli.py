@@ -1,23 +1,11 @@
 """The command line: help, version, a tiny end-to-end run, and one-line errors for bad input."""
 
 import json
-import sys
 
 import pytest
 
 from cxrdebias import __version__
-from cxrdebias.cli import main
-
-
-def run_cli(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["cxrdebias", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.conftest import run_cli
 
 
 def test_version(monkeypatch, capsys):

@@ -6,26 +6,12 @@ import sys
 import pytest
 
 from cxrdebias.cli import main
-from tests.conftest import CXR_SOURCES
+from tests.conftest import run_cli as cli
 
 
 @pytest.fixture(scope="module")
-def manifest():
-    path = CXR_SOURCES / "manifest.csv"
-    if not path.is_file():
-        pytest.skip(f"real CXR set not found at {CXR_SOURCES} (see ../shared/data/README.md)")
-    return path
-
-
-def cli(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["cxrdebias", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def manifest(cxr_manifest):
+    return cxr_manifest
 
 
 FAST = ["--epochs", "1", "--image-size", "32", "--set", "train.progress=false", "--set", "train.batch_size=32", "--set", "model.hidden_dim=16"]
