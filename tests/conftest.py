@@ -83,6 +83,14 @@ def cxr_manifest() -> Path:
     return path
 
 
+#: a one-epoch DenseNet-121 run at the default 64 px (a 2×2 last feature map, so Grad-CAM is
+#: not constant; at 32 px it would be 1×1)
+TINY_CXR_TRAIN = [
+    "--epochs", "1", "--image-size", "64", "--set", "train.progress=false", "--set", "train.batch_size=32",
+    "--set", "model.hidden_dim=16", "--set", "data.workers=2",
+]
+
+
 @contextlib.contextmanager
 def single_torch_thread():
     """torch on one CPU thread inside the block (small models on a busy machine are many times
@@ -101,3 +109,30 @@ def single_torch_thread():
 def torch_one_thread():
     with single_torch_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_cxr_run(cxr_manifest, tmp_path_factory) -> Path:
+    """An EnD (L2-normalised bottleneck + Tanh) CXR run on the real two-site set, site as the bias."""
+    import sys
+
+    from cxrdebias.cli import main
+
+    out = tmp_path_factory.mktemp("cxr-run") / "end"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", ["cxrdebias", "train", "--data", str(cxr_manifest), "--bias", "site", "--method", "end", "--out", str(out), *TINY_CXR_TRAIN])
+    try:
+        with single_torch_thread():
+            main()
+    finally:
+        mp.undo()
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
+    """``export_run`` of :func:`tiny_cxr_run`, verified on its validation split (an ``ExportResult``)."""
+    from cxrdebias.export import export_run
+
+    with single_torch_thread():
+        return export_run(tiny_cxr_run, tmp_path_factory.mktemp("exported") / "model.onnx", n_cam_images=8)

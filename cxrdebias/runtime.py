@@ -1,0 +1,384 @@
+"""Inference with an exported model: onnxruntime + the preprocessing recorded in the model.
+
+Torch-free on purpose: this module imports numpy, onnxruntime, Pillow and the torch-free
+modules of the package only (image reading, preprocessing, the metadata contract), so that a
+deployment needs neither torch nor a GPU build of it.
+
+>>> model = load_model("model.onnx")                       # doctest: +SKIP
+>>> model.provider, model.metadata.threshold                # doctest: +SKIP
+('CPUExecutionProvider', 0.41)
+>>> result = model.predict(["a.dcm", "b.png"], batch_size=16)  # doctest: +SKIP
+>>> result.positive_probability, result.predicted_labels, result.cams.shape  # doctest: +SKIP
+
+Inputs are read with :func:`cxrdebias.data.images.read_image` and turned into model inputs
+with :func:`cxrdebias.data.preprocess.preprocess` and the :class:`PreprocessSpec` from the
+model's metadata — never re-specified by hand. :func:`collect_inputs` expands folders
+(recursively: PNG, JPEG and DICOM files) and manifests (CSV with a ``path`` column relative to
+the manifest's folder; ``site``, ``label``, ``patient_id`` columns are carried along).
+:func:`predict_to_csv` is ``cxrdebias predict``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cxrdebias.data.csv_records import read_csv_records, resolve_relative_path
+from cxrdebias.data.images import read_image
+from cxrdebias.data.preprocess import PreprocessSpec, ResizeGeometry, preprocess, resize_geometry
+from cxrdebias.errors import CheckpointError, ConfigError, DataError, RunExistsError
+from cxrdebias.onnx_metadata import CAM, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, ModelMetadata
+from cxrdebias.overlay import save_overlay
+
+#: suffixes of the image files taken from a folder (DICOM files without a suffix are also
+#: taken when they carry the ``DICM`` marker)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
+#: manifest columns copied into the predictions
+MANIFEST_COLUMNS = ("site", "label", "patient_id")
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+# -- inputs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputImage:
+    """One image to predict: a file (``path``) or an in-memory ``[0, 1]`` array (``pixels``).
+
+    ``name`` is what the predictions call it; ``fields`` are the manifest's site/label/patient.
+    """
+
+    name: str
+    path: Path | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _is_dicom_without_suffix(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _folder_images(folder: Path) -> list[InputImage]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if name.startswith("."):
+                continue
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or (suffix == "" and _is_dicom_without_suffix(path)):
+                found.append(InputImage(str(path), path))
+    if not found:
+        raise DataError(f"{folder}: no PNG, JPEG or DICOM files in this folder")
+    return found
+
+
+def _manifest_images(manifest: Path) -> list[InputImage]:
+    header, records = read_csv_records(manifest, columns=("path",))
+    if "path" not in header:
+        raise DataError(f"{manifest}: manifest has no 'path' column (columns: {', '.join(header)})")
+    col = {name: header.index(name) for name in ("path", *MANIFEST_COLUMNS) if name in header}
+    found = []
+    for line, values in records:
+        if len(values) != len(header):
+            raise DataError(f"{manifest}: row {line} has {len(values)} fields, the header has {len(header)}")
+        path, _, reason = resolve_relative_path(manifest.parent, values[col["path"]].strip())
+        if path is None:
+            raise DataError(f"{manifest}: row {line} column 'path': {reason}")
+        fields = {name: values[i].strip() for name, i in col.items() if name != "path"}
+        found.append(InputImage(str(path), path, fields=fields))
+    if not found:
+        raise DataError(f"{manifest}: manifest has no rows")
+    return found
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputImage]:
+    """Folders (recursive), manifests (``*.csv``) and image files → the images to predict.
+
+    Raises:
+        DataError: a missing input, an empty folder or manifest, a manifest without ``path``
+            column or with a row whose file is missing or outside the manifest's folder.
+    """
+    found: list[InputImage] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += _folder_images(path)
+        elif path.suffix.lower() == ".csv":
+            found += _manifest_images(path)
+        elif path.is_file():
+            found.append(InputImage(str(path), path))
+        else:
+            raise DataError(f"{path}: file or folder not found")
+    if not found:
+        raise DataError("no input images given")
+    return found
+
+
+def _as_input(item: str | os.PathLike | np.ndarray | InputImage, position: int) -> InputImage:
+    if isinstance(item, InputImage):
+        return item
+    if isinstance(item, np.ndarray):
+        return InputImage(f"array[{position}]", pixels=item)
+    return InputImage(str(item), Path(item))
+
+
+def load_pixels(image: InputImage) -> np.ndarray:
+    """The ``[0, 1]`` H×W image of an input (read from its file unless given in memory)."""
+    if image.pixels is not None:
+        return image.pixels
+    assert image.path is not None
+    return read_image(image.path).pixels
+
+
+def prepare(images: Sequence[InputImage], spec: PreprocessSpec) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Model input batch (N×C×S×S float32) and the ``[0, 1]`` originals of ``images``.
+
+    Raises:
+        DataError: an unreadable file (named), or an array that is not a ``[0, 1]`` image.
+    """
+    originals, batch = [], []
+    for image in images:
+        pixels = load_pixels(image)
+        try:
+            batch.append(preprocess(pixels, spec))
+        except ValueError as exc:
+            raise DataError(f"{image.name}: {exc}") from None
+        originals.append(pixels)
+    return np.stack(batch), originals
+
+
+# -- the model ----------------------------------------------------------------------------------
+@dataclass
+class Predictions:
+    """Outputs for ``names`` (in input order) at the model's saved threshold.
+
+    ``probabilities``: N×K (columns = ``labels``); ``cams``: N×S×S Grad-CAM of the positive
+    class in ``[0, 1]``, in model-input geometry (``geometries[i]`` maps it onto image ``i``,
+    see :func:`cxrdebias.overlay.cam_to_image`). ``images`` holds the ``[0, 1]`` originals
+    only while streaming (:meth:`CXRModel.iter_predict`).
+    """
+
+    names: list[str]
+    probabilities: np.ndarray
+    cams: np.ndarray
+    labels: tuple[str, ...]
+    positive_index: int
+    threshold: float
+    provider: str
+    geometries: list[ResizeGeometry]
+    fields: list[dict[str, str]]
+    images: list[np.ndarray] | None = None
+
+    @property
+    def positive_probability(self) -> np.ndarray:
+        return self.probabilities[:, self.positive_index]
+
+    @property
+    def predicted_positive(self) -> np.ndarray:
+        """``positive_probability >= threshold`` (bool, N)."""
+        return self.positive_probability >= self.threshold
+
+    @property
+    def predicted_labels(self) -> list[str]:
+        negative = self.labels[1 - self.positive_index]
+        return [self.labels[self.positive_index] if p else negative for p in self.predicted_positive]
+
+    @classmethod
+    def concat(cls, parts: Sequence[Predictions]) -> Predictions:
+        """One :class:`Predictions` from consecutive batches (the originals are dropped)."""
+        first = parts[0]
+        return cls(
+            names=[n for p in parts for n in p.names],
+            probabilities=np.concatenate([p.probabilities for p in parts]),
+            cams=np.concatenate([p.cams for p in parts]),
+            labels=first.labels,
+            positive_index=first.positive_index,
+            threshold=first.threshold,
+            provider=first.provider,
+            geometries=[g for p in parts for g in p.geometries],
+            fields=[f for p in parts for f in p.fields],
+        )
+
+
+def _providers(device: str) -> list[str]:
+    if device not in DEVICES:
+        raise ConfigError(f"device {device!r}; expected one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise ConfigError(
+            "device 'cuda' needs onnxruntime-gpu (`make install-gpu`); installed providers: " + ", ".join(available)
+        )
+    if device != "cpu" and CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class CXRModel:
+    """An exported cxrdebias model in an onnxruntime session (see :func:`load_model`)."""
+
+    def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata, source: str):
+        self.session = session
+        self.metadata = metadata
+        self.source = source
+
+    @property
+    def provider(self) -> str:
+        """The execution provider onnxruntime actually uses (the first of the session's)."""
+        return self.session.get_providers()[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N×K) and CAMs (N×S×S) of a preprocessed batch (N×C×S×S float32)."""
+        expected = self.metadata.preprocessing.output_shape
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise DataError(f"model input must be N×{'×'.join(map(str, expected))}, got {batch.shape}")
+        probs, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return probs, cams
+
+    def iter_predict(
+        self, images: Iterable[str | os.PathLike | np.ndarray | InputImage], batch_size: int = 16
+    ) -> Iterator[Predictions]:
+        """:class:`Predictions` of consecutive batches of ``images``, with their originals."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        items = [_as_input(x, i) for i, x in enumerate(images)]
+        spec, meta = self.metadata.preprocessing, self.metadata
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            batch, originals = prepare(chunk, spec)
+            probs, cams = self.run(batch)
+            yield Predictions(
+                names=[x.name for x in chunk],
+                probabilities=probs,
+                cams=cams,
+                labels=meta.labels,
+                positive_index=meta.positive_index,
+                threshold=meta.threshold,
+                provider=self.provider,
+                geometries=[resize_geometry(p.shape, spec) for p in originals],
+                fields=[x.fields for x in chunk],
+                images=originals,
+            )
+
+    def predict(
+        self, images: Iterable[str | os.PathLike | np.ndarray | InputImage], batch_size: int = 16
+    ) -> Predictions:
+        """Probabilities, labels at the saved threshold and CAMs of image files or ``[0, 1]`` arrays."""
+        parts = list(self.iter_predict(images, batch_size))
+        if not parts:
+            raise DataError("no input images given")
+        return Predictions.concat(parts)
+
+
+def load_model(model: str | os.PathLike | bytes, *, device: str = "auto") -> CXRModel:
+    """Open an exported model (file path or the ONNX bytes) for inference.
+
+    ``device``: ``auto`` (CUDA when onnxruntime-gpu and a GPU are present, else CPU), ``cpu``
+    or ``cuda``. :attr:`CXRModel.provider` says which one onnxruntime uses.
+
+    Raises:
+        CheckpointError: missing, corrupted or non-ONNX file; an ONNX model without cxrdebias
+            metadata or whose inputs/outputs are not the exported ones.
+        ConfigError: ``device`` unknown, or ``cuda`` without onnxruntime-gpu.
+    """
+    source = "<bytes>" if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise CheckpointError(f"{source}: model file not found")
+    providers = _providers(device)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: a missing GPU is reported through .provider
+    try:
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own pybind types for invalid files
+        text = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {text})") from None
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, source)
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [INPUT_NAME] or outputs != [PROBABILITIES, CAM]:
+        raise CheckpointError(f"{source}: graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}")
+    return CXRModel(session, metadata, source)
+
+
+# -- cxrdebias predict --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictSummary:
+    """What :func:`predict_to_csv` wrote."""
+
+    csv: Path
+    images: int
+    positive: int
+    provider: str
+    cam_dir: Path | None
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_outputs(out_csv: Path, cam_dir: Path | None, force: bool) -> None:
+    if out_csv.exists() and not force:
+        raise RunExistsError(f"{out_csv}: already exists; pass --force to overwrite it")
+    if cam_dir is not None and cam_dir.is_dir() and any(cam_dir.iterdir()) and not force:
+        raise RunExistsError(f"{cam_dir}: CAM folder is not empty; pass --force to write into it")
+
+
+def predict_to_csv(
+    model: CXRModel,
+    inputs: Iterable[str | os.PathLike],
+    out_csv: str | os.PathLike,
+    *,
+    cam_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    force: bool = False,
+) -> PredictSummary:
+    """``cxrdebias predict``: one CSV row per image, optional CAM overlay PNGs.
+
+    Columns: ``file``, ``probability`` (of the positive class), ``predicted_label``,
+    ``threshold``, ``provider``, then ``site``, ``label``, ``patient_id`` when any input came
+    from a manifest, and ``cam`` (overlay file name) with ``cam_dir``. Overlays are named
+    ``<row number>_<file stem>.png``. Nothing is written over an existing CSV or into a
+    non-empty CAM folder without ``force``; the CSV is written last, in one piece.
+    """
+    out_csv = Path(out_csv)
+    cams = Path(cam_dir) if cam_dir is not None else None
+    _check_outputs(out_csv, cams, force)
+    items = collect_inputs(inputs)
+    extra = [c for c in MANIFEST_COLUMNS if any(c in x.fields for x in items)]
+    header = ["file", "probability", "predicted_label", "threshold", "provider", *extra] + (["cam"] if cams else [])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    n_positive, row = 0, 0
+    for part in model.iter_predict(items, batch_size):
+        for i, name in enumerate(part.names):
+            row += 1
+            values = [name, f"{part.positive_probability[i]:.6f}", part.predicted_labels[i], f"{part.threshold:.6f}", part.provider]
+            values += [part.fields[i].get(c, "") for c in extra]
+            if cams is not None:
+                overlay = f"{row:05d}_{Path(name).stem}.png"
+                assert part.images is not None
+                save_overlay(cams / overlay, part.images[i], part.cams[i], part.geometries[i])
+                values.append(overlay)
+            writer.writerow(values)
+        n_positive += int(part.predicted_positive.sum())
+    _write_text(out_csv, buf.getvalue())
+    return PredictSummary(out_csv, row, n_positive, model.provider, cams)
