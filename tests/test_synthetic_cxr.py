@@ -236,21 +236,43 @@ def test_site_is_easier_to_detect_than_disease(unbiased):
     assert 0.6 < disease_acc < site_acc - 0.1
 
 
-def test_disease_is_lower_peripheral_opacity(unbiased):
-    """Positives are brighter than negatives in the lower lateral lung zones, within each site,
-    and the difference there is larger than in the upper central lung zones."""
-    df, images = unbiased
+def _zone_effects(df: pd.DataFrame, images: np.ndarray) -> dict[str, tuple[float, float, float]]:
+    """Per site: (positive − negative mean brightness in the lower lateral lung zones, the same
+    in the upper central zones, pooled SD of the lower lateral brightness)."""
     g = _pool(images, 4)  # 16×16 grid; rows/cols in lung-zone coordinates of the phantom
     lower_peripheral = g[:, 9:12, [2, 3, 12, 13]].mean(axis=(1, 2))
     upper_central = g[:, 3:6, [5, 10]].mean(axis=(1, 2))
+    out = {}
     for site in ("hospital_a", "hospital_b"):
         sel = (df["site"] == site).to_numpy()
         pos, neg = sel & (df["label"] == 1).to_numpy(), sel & (df["label"] == 0).to_numpy()
         diff_lp = lower_peripheral[pos].mean() - lower_peripheral[neg].mean()
         diff_uc = upper_central[pos].mean() - upper_central[neg].mean()
         pooled_sd = np.sqrt((lower_peripheral[pos].var() + lower_peripheral[neg].var()) / 2)
+        out[site] = (float(diff_lp), float(diff_uc), float(pooled_sd))
+    return out
+
+
+def test_disease_is_lower_peripheral_opacity(tmp_path):
+    """With extensive disease, positives are brighter than negatives in the lower lateral lung
+    zones, within each site, and the difference there is larger than in the upper central
+    zones (where the opacities are, not only that they exist)."""
+    out = tmp_path / "extensive"
+    synthesize(out, UNBIASED.model_copy(update={"severity_range": (0.3, 1.0)}))
+    df = pd.read_csv(out / "manifest.csv")
+    images = np.stack([read_image(out / p).pixels for p in df["path"]])
+    for site, (diff_lp, diff_uc, pooled_sd) in _zone_effects(df, images).items():
         assert diff_lp > 0.5 * pooled_sd, (site, diff_lp, pooled_sd)
         assert diff_lp > 2 * abs(diff_uc), (site, diff_lp, diff_uc)
+
+
+def test_default_disease_is_subtle_but_present(unbiased):
+    """The default severity is subtle (the shortcut must be easier than the disease) yet the
+    opacities are still there, in the lower lateral zones, at every site."""
+    df, images = unbiased
+    for site, (diff_lp, diff_uc, pooled_sd) in _zone_effects(df, images).items():
+        assert 0.1 * pooled_sd < diff_lp < 1.0 * pooled_sd, (site, diff_lp, pooled_sd)
+        assert diff_lp > abs(diff_uc), (site, diff_lp, diff_uc)
 
 
 def test_site_style_strength_zero_removes_the_site_signature(tmp_path):
