@@ -32,6 +32,23 @@ BetaOpt = Annotated[float | None, typer.Option(help="EnD: weight of the entangli
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
+LabellerOpt = Annotated[
+    str | None, typer.Option(help="--bias auto: pseudo-bias labeller (attractor, cluster or gce_head; docs/unsupervised.md).")
+]
+
+
+def _bias_options(bias: str | None, labeller: str | None, dataset_values: tuple[str, ...]) -> dict:
+    """``--bias``/``--labeller`` as config overrides: ``auto`` switches on the online pseudo-bias
+    labeller (the dataset's bias labels, when it has them, then only feed the agreement metrics)."""
+    if labeller is not None and bias != "auto":
+        raise typer.BadParameter("--labeller only applies with --bias auto")
+    if bias is None:
+        return {}
+    if bias == "auto":
+        return {"unsupervised.enabled": True, "unsupervised.labeller": labeller}
+    if bias not in dataset_values:
+        raise typer.BadParameter(f"--bias {bias!r}: expected {', '.join(dataset_values)} or auto")
+    return {"unsupervised.enabled": False}
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -143,6 +160,8 @@ def reproduce_biased_mnist(
     alpha: AlphaOpt = None,
     beta: BetaOpt = None,
     form: Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
+    bias: Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")] = None,
+    labeller: LabellerOpt = None,
     epochs: EpochsOpt = None,
     data_root: Annotated[Path | None, typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
@@ -159,7 +178,10 @@ def reproduce_biased_mnist(
         config,
         method=method,
         method_options={"alpha": alpha, "beta": beta, "form": form},
-        options={"data.rho": rho, "train.epochs": epochs, "data.root": data_root, "seed": seed},
+        options={
+            "data.rho": rho, "train.epochs": epochs, "data.root": data_root, "seed": seed,
+            **_bias_options(bias, labeller, ("colour",)),
+        },
         overrides=set_,
     )
     _reproduce(run_biased_mnist, cfg, out_dir, force=force, resume=resume, keys=("biased_accuracy", "unbiased_accuracy"))
@@ -273,7 +295,10 @@ def reproduce_table(
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="Manifest CSV (path, label, site, patient_id).")] = None,
-    bias: Annotated[str | None, typer.Option(help="Bias label for the method: 'site' or 'none'.")] = None,
+    bias: Annotated[
+        str | None, typer.Option(help="Bias label for the method: 'site', 'none' or 'auto' (online pseudo-bias labels).")
+    ] = None,
+    labeller: LabellerOpt = None,
     method: MethodOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/cxr-<method>-<time>).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/cxr/default.yaml).")] = None,
@@ -301,7 +326,8 @@ def train_cmd(
         method_options={"alpha": alpha, "beta": beta},
         options={
             "data.manifest": data,
-            "data.bias": bias,
+            "data.bias": bias if bias != "auto" else None,
+            **_bias_options(bias, labeller, ("site", "none")),
             "data.site_source": site_source,
             "data.allow_drop_bad_rows": True if allow_drop else None,
             "data.preprocess.image_size": image_size,
@@ -350,6 +376,22 @@ def compare_cmd(
     from cxrdebias.evaluate import compare_runs
 
     out.print(compare_runs(run_a, run_b))
+
+
+@app.command("analyze-bias")
+def analyze_bias_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder (any method; --bias auto runs use their own labeller).")],
+    split: Annotated[str, typer.Option(help="Split whose bottleneck is plotted: val, train or a test set.")] = "val",
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint: last or best.")] = "last",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/analysis).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing analysis.")] = False,
+) -> None:
+    """Bottleneck (2-D PCA) coloured by target, marked by true and pseudo-bias; per-epoch agreement table."""
+    from cxrdebias.bias_analysis import analyze_run, format_report
+
+    report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force)
+    out.print(format_report(report), markup=False, highlight=False)
+    err.print(f"wrote {report['plot']} and agreement.json / agreement.md beside it")
 
 
 @app.command("export")

@@ -18,6 +18,7 @@ from cxrdebias.data.biased_mnist import BiasedMNISTConfig
 from cxrdebias.data.celeba import CelebAConfig
 from cxrdebias.data.cxr import CXRDataConfig
 from cxrdebias.data.imdb_face import IMDBFaceConfig
+from cxrdebias.debias.pseudo_bias import PseudoBiasOptions
 from cxrdebias.errors import ConfigError
 
 
@@ -90,6 +91,10 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    unsupervised: PseudoBiasOptions = Field(
+        default_factory=PseudoBiasOptions,
+        description="online pseudo-bias labels instead of the dataset's (--bias auto; docs/unsupervised.md)",
+    )
 
     @model_validator(mode="before")
     @classmethod

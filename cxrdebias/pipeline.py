@@ -134,7 +134,8 @@ def train_cxr(
     if cfg.model.arch != "densenet121":
         raise ConfigError(f"model.arch={cfg.model.arch!r}: the CXR application trains densenet121")
     resolved = config_to_dict(cfg)
-    method = build_method(cfg.method.name, cfg.method.options())
+    method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)
+    bias = "auto" if cfg.unsupervised.enabled else cfg.data.bias  # auto: true sites only for the agreement metrics
     if method.requires_bias and cfg.data.bias == "none":
         raise ConfigError(f"method {method.name!r} needs bias labels; use --bias site")
     if resume:
@@ -203,7 +204,7 @@ def train_cxr(
     )
     sites = ", ".join(f"{s}={i}" for s, i in data.site_to_index.items())
     console.print(
-        f"[bold]CXR[/] method={method.name} bias={cfg.data.bias} ({sites}) train={len(data.train)} "
+        f"[bold]CXR[/] method={method.name} bias={bias} ({sites}) train={len(data.train)} "
         f"val={len(data.val)} test={len(data.test)} images, {spec.image_size}px, precision={trainer.precision} → {run.path}"
     )
     t1 = time.perf_counter()
@@ -232,7 +233,7 @@ def train_cxr(
         "threshold_method": "Youden's J (max TPR - FPR) on the validation split",
         "site_to_index": data.site_to_index,
         "site_source": cfg.data.site_source,
-        "bias": cfg.data.bias,
+        "bias": bias,
         "method": method.describe(),
         "selected_epoch": selected_epoch,
         "selection": f"validation {cfg.train.select_metric}" if cfg.train.select_metric else "last epoch",
@@ -246,7 +247,7 @@ def train_cxr(
         "experiment": "cxr",
         "name": cfg.name,
         "method": method.describe(),
-        "bias": cfg.data.bias,
+        "bias": bias,
         "seed": cfg.seed,
         "epochs_trained": result.history[-1]["epoch"],
         "selected_epoch": selected_epoch,

@@ -122,7 +122,7 @@ def run_protocol(
     """Train and test one reproduction experiment into the run folder ``out`` (module doc)."""
     console = console or Console(stderr=True, soft_wrap=True)
     resolved = config_to_dict(cfg)
-    method = build_method(cfg.method.name, cfg.method.options())  # validates before touching disk
+    method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)  # validates before touching disk
     proto = make_protocol(cfg)  # fails on bad data before touching disk
     _check_selection(cfg, proto)
     run = RunDir.create(out, force=force, resume=resume)

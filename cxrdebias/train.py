@@ -333,8 +333,8 @@ class Trainer:
                 train_stats = self.train_epoch(epoch, progress)
                 if self.scheduler:
                     self.scheduler.step()
+                record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train": train_stats, **self.method.epoch_metrics()}
                 self.method.on_epoch_end(epoch)
-                record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train": train_stats}
                 last = epoch == self.cfg.epochs
                 if self.evaluate and (epoch % self.cfg.eval_every == 0 or last):
                     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from cxrdebias.debias.end import EnD, end_regularizer
 from cxrdebias.debias.groupdro import GroupDRO
 from cxrdebias.debias.lff import LfF
 from cxrdebias.debias.lnl import LNL
+from cxrdebias.debias.pseudo_bias import PseudoBiasOptions, UnsupervisedBias
 from cxrdebias.debias.rebias import ReBias
 from cxrdebias.debias.vanilla import Vanilla
 from cxrdebias.errors import ConfigError
@@ -27,8 +28,15 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
-    """Instantiate a registered method with validated options (:class:`ConfigError` if bad)."""
+def build_method(
+    name: str, options: dict[str, Any] | None = None, unsupervised: PseudoBiasOptions | dict[str, Any] | None = None
+) -> Method:
+    """Instantiate a registered method with validated options (:class:`ConfigError` if bad).
+
+    ``unsupervised`` (the config's ``unsupervised`` section): when ``enabled``, the method is
+    wrapped in :class:`~cxrdebias.debias.pseudo_bias.UnsupervisedBias` and fed online
+    pseudo-bias labels instead of the dataset's (``--bias auto``).
+    """
     cls = METHODS.get(name)
     if cls is None:
         raise ConfigError(f"unknown method {name!r}; expected one of: {', '.join(method_names())}")
@@ -39,7 +47,15 @@ def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
             f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"method {name!r}: {problems}") from None
-    return cls(opts)
+    method = cls(opts)
+    if isinstance(unsupervised, dict):
+        try:
+            unsupervised = PseudoBiasOptions(**unsupervised)
+        except ValidationError as exc:
+            raise ConfigError(f"unsupervised: {exc.errors()[0]['msg']}") from None
+    if unsupervised is not None and unsupervised.enabled:
+        return UnsupervisedBias(method, unsupervised)
+    return method
 
 
 __all__ = [
@@ -51,8 +67,10 @@ __all__ = [
     "LfF",
     "Method",
     "MethodOptions",
+    "PseudoBiasOptions",
     "ReBias",
     "TrainContext",
+    "UnsupervisedBias",
     "Vanilla",
     "build_method",
     "end_regularizer",

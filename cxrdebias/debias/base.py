@@ -88,6 +88,17 @@ class Method(nn.Module):
         """Loss to minimise for the main model and the values to log (detached tensors)."""
         raise NotImplementedError
 
+    def with_bias(self, batch: Batch, output: ModelOutput) -> Batch:
+        """The batch whose ``bias`` the method must use, given the model's output on it.
+
+        The batch itself, unless a wrapper supplies the bias labels from that output
+        (``--bias auto``: :class:`~cxrdebias.debias.pseudo_bias.UnsupervisedBias`). A method
+        that overrides :meth:`update` and needs bias labels calls it right after its first
+        forward pass and reads ``batch["bias"]`` only from the batch it returns.
+        """
+        source = self.__dict__.get("_bias_source")
+        return batch if source is None else source(batch, output)
+
     def check_batch(self, batch: Batch) -> None:
         if self.requires_bias and bool((batch["bias"] == UNKNOWN_BIAS).any()):
             raise ValueError(
@@ -115,6 +126,11 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after each training epoch (e.g. to step the schedulers the method owns)."""
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Per-epoch values that are not batch averages, merged into the epoch's record of
+        ``metrics.jsonl`` (e.g. ``{"pseudo_bias": {...}}``); called once after each epoch."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
         """Optimiser/scheduler states the method owns (saved in checkpoints)."""

@@ -51,10 +51,12 @@ class BlindEye(BiasHeadMethod):
         autocast: AutocastFactory,
     ) -> dict[str, torch.Tensor]:
         head, head_optimizer = self._head()
-        self.check_batch(batch)
-        image, target, bias = batch["image"], batch["target"], batch["bias"]
+        image, target = batch["image"], batch["target"]
         with autocast():
             output = model(image)
+        batch = self.with_bias(batch, output)  # pseudo-bias labels under --bias auto
+        self.check_batch(batch)
+        bias = batch["bias"]
 
         # step 1: the bias head learns the bias from the current (detached) features
         bias_logits = head(output.features.detach())

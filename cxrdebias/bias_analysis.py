@@ -1,0 +1,209 @@
+"""``cxrdebias analyze-bias RUN``: the bottleneck of a trained run, and how well pseudo-bias
+labels agree with the true bias.
+
+1. rebuild the run's data (from its saved config; CXR runs use the saved ``splits.csv``) and
+   its model, load the weights of ``checkpoints/last.pt`` (or ``best.pt``);
+2. compute the bottleneck features of one split (validation by default) in one pass;
+3. pseudo-bias labels for those samples: the run's own labeller state (runs with
+   ``--bias auto``), else an attractor labeller fitted on the features (nearest class mean);
+4. write ``bottleneck.png``: a 2-D PCA projection, colour = target, marker = true bias (left,
+   when known) and pseudo-bias (right), class centroids drawn as stars;
+5. write ``agreement.json`` / ``agreement.md``: the per-epoch agreement logged during training
+   (``metrics.jsonl``, ``pseudo_bias``) and the agreement on the analysed split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrdebias.config import ModelConfig, load_config
+from cxrdebias.data.base import make_loader
+from cxrdebias.debias import build_method
+from cxrdebias.debias.pseudo_bias import AttractorLabeller, PseudoBiasOptions, UnsupervisedBias
+from cxrdebias.errors import CheckpointError, ConfigError, RunExistsError
+from cxrdebias.inference import predict
+from cxrdebias.metrics import label_agreement
+from cxrdebias.models import build_model
+from cxrdebias.runs import RunDir, torch_load_checked, write_json_atomic, write_text_atomic
+
+AGREEMENT_COLUMNS = ("nmi", "ari", "matched_accuracy", "minority_matched_accuracy")
+OUTPUT_FILES = ("bottleneck.png", "agreement.json", "agreement.md")
+MARKERS = "os^vD<>pPX*h"
+
+
+def agreement_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch of ``metrics.jsonl`` that logged ``pseudo_bias``."""
+    rows = []
+    for r in records:
+        pb = r.get("pseudo_bias")
+        if not pb:
+            continue
+        rows.append({"epoch": r["epoch"], "n": pb.get("n"), "labels_used": pb.get("labels_used"),
+                     **{k: pb.get(k) for k in AGREEMENT_COLUMNS}})
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3f}"
+    return "–" if v is None else str(v)
+
+
+def agreement_markdown(rows: list[dict[str, Any]], split: dict[str, Any] | None = None, split_name: str = "") -> str:
+    head = ["epoch", "labels used", "n", "NMI", "ARI", "acc. after matching", "minority acc. after matching"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in ("epoch", "labels_used", "n", *AGREEMENT_COLUMNS)) + " |")
+    if not rows:
+        lines.append("| (no pseudo-bias agreement logged: not a --bias auto run, or no true bias labels) |" + " |" * (len(head) - 1))
+    if split:
+        lines.append(
+            f"| {split_name} (analysed) | – | " + " | ".join(_fmt(split.get(k)) for k in ("n", *AGREEMENT_COLUMNS)) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_data(cfg, run: RunDir, split: str):
+    """(samples, num_classes, in_channels) of ``split`` of the run's data."""
+    kind = cfg.data.kind
+    if kind == "cxr":
+        from cxrdebias.data.cxr import CLASS_NAMES, build_cxr
+        from cxrdebias.pipeline import SPLITS_FILE, _materialise
+
+        data = build_cxr(cfg.data, splits_file=run.file(SPLITS_FILE))
+        ds = {"train": data.train, "val": data.val, "test": data.test}.get(split)
+        if ds is None:
+            raise ConfigError(f"split {split!r}: expected train, val or test (and the run must have it)")
+        return _materialise(ds, cfg.data, hide_bias=cfg.data.bias == "none"), len(CLASS_NAMES), cfg.data.preprocess.channels
+    from cxrdebias.reproduce import biased_mnist_protocol, celeba_protocol, imdb_face_protocol
+
+    proto = {"biased_mnist": biased_mnist_protocol, "celeba": celeba_protocol, "imdb_face": imdb_face_protocol}[kind](cfg)
+    sets = {"train": proto.train, "val": proto.val, **proto.tests}
+    if sets.get(split) is None:
+        raise ConfigError(f"split {split!r}: this run has {', '.join(k for k, v in sets.items() if v is not None)}")
+    return sets[split], proto.num_classes, 3
+
+
+def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred PCA to 2-D: (mean, 2×D components)."""
+    mean = features.mean(dim=0)
+    _, _, v = torch.linalg.svd(features - mean, full_matrices=False)
+    return mean, v[:2]
+
+
+def analyze_run(
+    run_path: str | Path,
+    *,
+    split: str = "val",
+    checkpoint: str = "last",
+    out: str | Path | None = None,
+    force: bool = False,
+    max_points: int = 3000,
+) -> dict[str, Any]:
+    """Bottleneck plot and pseudo-bias agreement of a run folder (module doc)."""
+    run = RunDir(run_path)
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path}: run folder not found")
+    out_dir = Path(out) if out is not None else run.path / "analysis"
+    existing = [n for n in OUTPUT_FILES if (out_dir / n).exists()]
+    if existing and not force:
+        raise RunExistsError(f"{out_dir}: already holds {', '.join(existing)}; pass --force to overwrite")
+    cfg = load_config(None, None, base=run.read_config())
+    ckpt_file = run.checkpoint_dir / f"{checkpoint}.pt"
+    state = torch_load_checked(ckpt_file)
+    samples, num_classes, in_channels = _run_data(cfg, run, split)
+
+    method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)
+    model_cfg = ModelConfig.model_validate({**cfg.model.model_dump(), "pretrained": None})  # weights from the checkpoint
+    model = build_model(model_cfg, num_classes, in_channels=in_channels, feature_activation=method.feature_activation)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{ckpt_file}: does not fit the run's model ({exc})") from None
+    p = predict(model, make_loader(samples, 256), keep_features=True)
+    feats = p.features.flatten(1).float()
+
+    # pseudo labels: the run's own labeller (auto runs) or a fitted attractor (any run)
+    if isinstance(method, UnsupervisedBias) and "method" in state:
+        labeller = method.labeller
+        labeller.setup(feats.shape[1], num_classes, 1, "cpu", None)
+        prefix = "labeller."
+        own = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix) and "soft_" not in k}
+        missing = labeller.load_state_dict(own, strict=False).missing_keys
+        if [k for k in missing if "soft_" not in k]:
+            raise CheckpointError(f"{ckpt_file}: the labeller state lacks {missing}")
+        pseudo_source = f"the run's {labeller.name} labeller ({checkpoint}.pt)"
+    else:
+        labeller = AttractorLabeller(PseudoBiasOptions(labeller="attractor", momentum=0.0))
+        labeller.setup(feats.shape[1], num_classes)
+        labeller.update(feats, p.logits, p.targets, 0)
+        pseudo_source = "attractor fitted on the analysed features (nearest class mean)"
+    pseudo = torch.cat([labeller.assign(f, lg, t) for f, lg, t in zip(feats.split(1024), p.logits.split(1024), p.targets.split(1024), strict=True)])
+    split_agreement = label_agreement(p.biases, pseudo, p.targets)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / "bottleneck.png"
+    _plot(feats, p.targets, p.biases, pseudo, num_classes, png, max_points=max_points, title=f"{run.path.name} — {split}")
+    rows = agreement_table(run.read_metrics())
+    report = {
+        "run": str(run.path),
+        "split": split,
+        "checkpoint": checkpoint,
+        "pseudo_labels_from": pseudo_source,
+        "per_epoch": rows,
+        "split_agreement": split_agreement,
+        "plot": str(png),
+    }
+    write_json_atomic(out_dir / "agreement.json", report)
+    md = agreement_markdown(rows, split_agreement, split)
+    write_text_atomic(out_dir / "agreement.md", f"# Pseudo-bias agreement — {run.path.name}\n\nPseudo labels on `{split}`: {pseudo_source}.\n\n{md}")
+    report["markdown"] = md
+    return report
+
+
+def _plot(feats, targets, biases, pseudo, num_classes, path: Path, *, max_points: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, comps = pca_2d(feats)
+    xy = ((feats - mean) @ comps.T).numpy()
+    t, b, pb = targets.numpy(), biases.numpy(), pseudo.numpy()
+    keep = np.arange(len(t))
+    if len(keep) > max_points:
+        keep = np.random.default_rng(0).choice(len(t), max_points, replace=False)
+    centroids = np.stack([xy[t == c].mean(axis=0) if (t == c).any() else np.full(2, np.nan) for c in range(num_classes)])
+    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    known = (b >= 0).any()
+    panels = [("true bias", b), ("pseudo-bias", pb)] if known else [("pseudo-bias", pb)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
+    for ax, (label, marks) in zip(axes[0], panels, strict=True):
+        for m in np.unique(marks[keep]):
+            sel = keep[marks[keep] == m]
+            ax.scatter(xy[sel, 0], xy[sel, 1], c=[cmap(int(c) % cmap.N) for c in t[sel]], marker=MARKERS[int(m) % len(MARKERS)],
+                       s=14, alpha=0.6, linewidths=0, label=f"{label} {int(m)}")
+        for c, (cx, cy) in enumerate(centroids):
+            if np.isfinite(cx):
+                ax.scatter([cx], [cy], marker="*", s=380, c=[cmap(c % cmap.N)], edgecolors="black", linewidths=1.2, zorder=5)
+                ax.annotate(str(c), (cx, cy), fontsize=9, weight="bold", ha="center", va="center", zorder=6)
+        ax.set_title(f"colour = target, marker = {label}; ★ = class centroid")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        if len(np.unique(marks)) <= 12:
+            ax.legend(fontsize=7, markerscale=1.2, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    return f"pseudo labels: {report['pseudo_labels_from']}\n\n{report['markdown']}\n" + json.dumps(
+        {k: v for k, v in report["split_agreement"].items()}, indent=None
+    )

@@ -1,0 +1,412 @@
+"""Unsupervised online debiasing (--bias auto): labellers, agreement metrics, wrapper, CLI."""
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import silhouette_score
+
+from cxrdebias.debias import build_method
+from cxrdebias.debias.base import TrainContext
+from cxrdebias.debias.pseudo_bias import (
+    AttractorLabeller,
+    ClusterLabeller,
+    GCEHeadLabeller,
+    PseudoBiasOptions,
+    UnsupervisedBias,
+    cosine_silhouette,
+)
+from cxrdebias.errors import ConfigError
+from cxrdebias.metrics import label_agreement
+from cxrdebias.models.base import ModelOutput
+from tests.conftest import run_cli
+
+AUTOCAST = contextlib.nullcontext
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _opts(**kw):
+    return PseudoBiasOptions(enabled=True, **kw)
+
+
+def _ctx(num_samples=8, num_classes=2, num_biases=None):
+    return TrainContext(
+        num_samples=num_samples,
+        num_classes=num_classes,
+        num_biases=num_biases,
+        make_optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        make_scheduler=lambda opt: None,
+    )
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, dim, num_classes=2):
+        super().__init__()
+        self.fc = torch.nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x):
+        f = F.normalize(x.flatten(1), dim=1)
+        return ModelOutput(self.fc(f), f)
+
+
+# ---------------------------------------------------------------------------------- attractor
+def test_attractor_label_is_nearest_centroid_hand_computed():
+    lab = AttractorLabeller(_opts(momentum=0.0))
+    lab.setup(2, 3)
+    # class means (after L2 normalisation of each sample): (1,0), (0,1), (-1,0)
+    feats = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [-1.0, 0.0]])
+    targets = torch.tensor([0, 0, 1, 1, 2])
+    lab.update(feats, torch.zeros(5, 3), targets, step=0)
+    assert torch.allclose(lab.centroids, torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    # cosines to (1,0),(0,1),(-1,0): (0.8,0.6)->0 ; (-0.6,0.8)->1 ; (-0.8,-0.6)->2 ; (0.1,-1)->0
+    x = torch.tensor([[0.8, 0.6], [-0.6, 0.8], [-0.8, -0.6], [0.1, -1.0]])
+    assert lab.assign(x, torch.zeros(4, 3), torch.tensor([1, 2, 0, 1])).tolist() == [0, 1, 2, 0]
+
+
+def test_conflicting_sample_near_other_class_centroid_gets_that_class():
+    lab = AttractorLabeller(_opts(momentum=0.5))
+    lab.setup(3, 2)
+    g = torch.Generator().manual_seed(0)
+    red = torch.tensor([1.0, 0.0, 0.0])  # the bias direction of class 0
+    green = torch.tensor([0.0, 1.0, 0.0])  # the bias direction of class 1
+    for step in range(5):
+        feats = torch.cat([red + 0.1 * torch.randn(8, 3, generator=g), green + 0.1 * torch.randn(8, 3, generator=g)])
+        lab.update(feats, torch.zeros(16, 2), torch.tensor([0] * 8 + [1] * 8), step)
+    # a class-1 sample carrying class 0's bias: pseudo-bias 0, flagged as conflicting
+    conflicting = (red + torch.tensor([0.0, 0.2, 0.1]))[None]
+    label = lab.assign(conflicting, torch.zeros(1, 2), torch.tensor([1]))
+    assert label.tolist() == [0]
+    assert lab.conflicting(label, torch.tensor([1])).tolist() == [True]
+
+
+# ---------------------------------------------------------------------------------- cluster
+def _two_blobs(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.05 * torch.randn(n, 4, generator=g)
+    b = torch.tensor([0.0, 0.0, 1.0, 0.0]) + 0.05 * torch.randn(n, 4, generator=g)
+    return torch.cat([a, b]), torch.tensor([0] * n + [1] * n)
+
+
+@pytest.mark.parametrize("k", [2, "auto"])
+def test_cluster_recovers_two_blobs_within_a_class(k):
+    feats, blob = _two_blobs()
+    lab = ClusterLabeller(_opts(labeller="cluster", k=k, k_max=4, bank_size=256, refresh_every=1))
+    lab.setup(4, 2)
+    targets = torch.zeros(len(blob), dtype=torch.long)  # every sample in class 0
+    lab.update(feats, torch.zeros(len(blob), 2), targets, step=0)
+    labels = lab.assign(feats, torch.zeros(len(blob), 2), targets)
+    assert label_agreement(blob, labels)["ari"] == pytest.approx(1.0)
+    assert set(labels.tolist()) <= {0, 1, 2, 3} and lab.summary()["k_per_class"][0] == 2
+    # the other class has no sample: its labels are c·k + 0 (fallback)
+    assert lab.assign(feats[:2], torch.zeros(2, 2), torch.ones(2, dtype=torch.long)).tolist() == [lab.k, lab.k]
+
+
+def test_cluster_auto_keeps_one_cluster_for_structureless_class():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.tensor([1.0, 1.0, 1.0]) + 0.01 * torch.randn(60, 3, generator=g)
+    lab = ClusterLabeller(_opts(labeller="cluster", k="auto", min_silhouette=0.9))
+    lab.setup(3, 2)
+    lab.update(feats, torch.zeros(60, 2), torch.zeros(60, dtype=torch.long), 0)
+    assert lab.summary()["k_per_class"] == [1, 0]
+
+
+def test_cosine_silhouette_matches_sklearn():
+    feats, blob = _two_blobs(n=15, seed=3)
+    labels = blob.clone()
+    labels[:3] = 1  # a few wrong ones, so the value is not trivial
+    ours = cosine_silhouette(feats, labels)
+    assert ours == pytest.approx(silhouette_score(feats.numpy(), labels.numpy(), metric="cosine"), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------- GCE head
+def test_gce_head_learns_the_easy_bias_feature():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    bias = torch.randint(0, 2, (n,), generator=g)
+    target = torch.where(torch.rand(n, generator=g) < 0.9, bias, 1 - bias)  # 10% conflicting
+    x = torch.zeros(n, 3)
+    x[:, 0] = (2.0 * bias - 1) * 3  # the bias: easy, linearly separable with a large margin
+    x[:, 1] = (2.0 * target - 1) * 0.3 + 0.5 * torch.randn(n, generator=g)  # the target: weak, noisy
+    x[:, 2] = 1.0
+    conflicting = target != bias
+
+    def bias_share(q):  # share of the conflicting samples on which the head predicts the bias
+        torch.manual_seed(0)
+        lab = GCEHeadLabeller(_opts(labeller="gce_head", refresh_every=1, q=q))
+        lab.setup(3, 2, make_optimizer=lambda p: torch.optim.Adam(p, lr=5e-2))
+        order = torch.Generator().manual_seed(1)
+        for step in range(100):
+            idx = torch.randint(0, n, (64,), generator=order)
+            lab.update(x[idx], torch.zeros(64, 2), target[idx], step)
+        pred = lab.assign(x, torch.zeros(n, 2), target)
+        return float((pred[conflicting] == bias[conflicting]).float().mean())
+
+    gce, ce = bias_share(0.7), bias_share(1e-4)  # q -> 0 is the cross-entropy
+    assert gce > 0.9 and gce > ce + 0.1  # GCE sticks to the easy cue longer than CE
+
+
+# ---------------------------------------------------------------------------------- agreement
+def test_agreement_metrics_on_hand_made_labels():
+    true = torch.tensor([0, 0, 1, 1, 2, 2, -1])  # -1 = unknown: ignored
+    perfect = label_agreement(true, torch.tensor([0, 0, 1, 1, 2, 2, 0]))
+    assert perfect["n"] == 6 and perfect["nmi"] == pytest.approx(1) and perfect["ari"] == pytest.approx(1)
+    assert perfect["matched_accuracy"] == 1
+    permuted = label_agreement(true, torch.tensor([7, 7, 3, 3, 5, 5, 1]))
+    assert permuted["nmi"] == pytest.approx(1) and permuted["ari"] == pytest.approx(1) and permuted["matched_accuracy"] == 1
+    # hand-computed: pseudo [0,0,1,1,1,2] vs true [0,0,1,1,2,2] -> best matching 0-0,1-1,2-2 = 5/6
+    assert label_agreement(true[:6], torch.tensor([0, 0, 1, 1, 1, 2]))["matched_accuracy"] == pytest.approx(5 / 6)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 10, 5000), rng.integers(0, 10, 5000)
+    indep = label_agreement(a, b)
+    assert indep["nmi"] < 0.01 and abs(indep["ari"]) < 0.01 and indep["matched_accuracy"] < 0.15
+    assert label_agreement([-1, -1], [0, 1]) == {"n": 0}
+
+
+def test_minority_matched_accuracy_looks_at_conflicting_samples():
+    targets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    true = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])  # one conflicting sample per class
+    pseudo = targets.clone()  # "pseudo-bias = target": right on the majority, wrong on both minorities
+    res = label_agreement(true, pseudo, targets)
+    assert res["matched_accuracy"] == pytest.approx(0.75) and res["n_minority"] == 2
+    assert res["minority_matched_accuracy"] == 0
+
+
+# ---------------------------------------------------------------------------------- wrapper
+def _batch(n=16, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.arange(n) % 2
+    bias = (target + (torch.rand(n, generator=g) < 0.25).long()) % 2
+    return {"image": torch.randn(n, dim, generator=g), "target": target, "bias": bias, "index": torch.arange(n)}
+
+
+def _wrapped(method="end", **kw):
+    m = build_method(method, {"alpha": 1.0, "beta": 1.0} if method == "end" else {}, _opts(**kw))
+    model = TinyNet(6)
+    m.setup(model, _ctx(num_samples=16))
+    return m, model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_warmup_gives_no_bias_labels_then_end_terms_switch_on():
+    m, model, opt = _wrapped(warmup_steps=2, refresh_every=1)
+    assert isinstance(m, UnsupervisedBias) and m.name == "end" and not m.requires_bias
+    logs = [m.update(model, _batch(seed=s), opt, AUTOCAST) for s in range(4)]
+    for warm in logs[:2]:  # plain CE: no regulariser, loss == CE
+        assert float(warm["pseudo_active"]) == 0 and "R_perp" not in warm
+        assert float(warm["loss"]) == pytest.approx(float(warm["ce"]))
+    for active in logs[2:]:
+        assert float(active["pseudo_active"]) == 1 and float(active["loss"]) > float(active["ce"])
+
+
+def test_true_bias_never_reaches_the_method():
+    m, model, opt = _wrapped(warmup_steps=0)
+    seen = []
+    original = m.inner.compute_loss
+
+    def spy(model_, batch, output):
+        seen.append(batch["bias"].clone())
+        return original(model_, batch, output)
+
+    m.inner.compute_loss = spy
+    b = _batch()
+    b["bias"] = torch.full_like(b["bias"], -1)  # unknown bias: fine with --bias auto
+    m.update(model, b, opt, AUTOCAST)
+    assert len(seen) == 1 and bool((seen[0] >= 0).all()) and bool((seen[0] < m.labeller.num_labels).all())
+    assert m.epoch_metrics()["pseudo_bias"]["n"] == 0  # no true label to compare with
+
+
+def test_reweight_adds_the_conflicting_cross_entropy():
+    m, model, opt = _wrapped(method="vanilla", warmup_steps=0, reweight=3.0)
+    torch.manual_seed(0)
+    b = _batch()
+    out = model(b["image"])
+    m.labeller.update(out.features, out.logits, b["target"], 0)
+    pseudo = m.labeller.assign(out.features, out.logits, b["target"])
+    conflict = m.labeller.conflicting(pseudo, b["target"]).float()
+    ce = F.cross_entropy(out.logits, b["target"], reduction="none")
+    assert 0 < conflict.sum() < len(conflict)
+    expected = (ce.mean() + 2.0 * (conflict * ce).mean()).detach()
+    m.labeller.last_refresh.fill_(-1)  # recompute the same snapshot inside update
+    m.labeller.seen.zero_()
+    logs = m.update(model, b, opt, AUTOCAST)
+    assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("labeller,source", [("attractor", "ema"), ("cluster", "live"), ("gce_head", "frozen")])
+def test_state_dict_round_trip(labeller, source):
+    kw = {"labeller": labeller, "source": source, "warmup_steps": 1, "refresh_every": 1, "bank_size": 32}
+    m, model, opt = _wrapped(**kw)
+    for s in range(3):
+        m.update(model, _batch(seed=s), opt, AUTOCAST)
+    state, extra = m.state_dict(), m.extra_state()
+    assert int(state["step"]) == 3 and any(k.startswith("labeller.") for k in state)
+    m2, _, _ = _wrapped(**kw)
+    m2.load_state_dict(state)
+    m2.load_extra_state(extra)
+    b = _batch(seed=9)
+    out = model(b["image"])
+    args = (out.features, out.logits, b["target"], 3)
+    assert torch.equal(m.labeller.assign(*args), m2.labeller.assign(*args))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_methods_that_cannot_take_pseudo_labels_are_refused_clearly():
+    for name in ("lff", "rebias"):
+        with pytest.raises(ConfigError, match="never uses bias labels"):
+            build_method(name, {}, _opts())
+    with pytest.raises(ConfigError, match="reweight"):
+        build_method("lnl", {}, _opts(reweight=2.0))
+    assert isinstance(build_method("lnl", {}, _opts()), UnsupervisedBias)
+    assert isinstance(build_method("groupdro", {}, _opts()), UnsupervisedBias)
+    assert isinstance(build_method("vanilla", {}, _opts()), UnsupervisedBias)  # observes / re-weights
+    assert not isinstance(build_method("end", {}, PseudoBiasOptions()), UnsupervisedBias)  # not enabled
+
+
+@pytest.mark.parametrize("method", ["lnl", "blindeye"])
+def test_own_update_methods_get_pseudo_labels_through_with_bias(method):
+    m = build_method(method, {}, _opts(warmup_steps=1, refresh_every=1))
+    model = TinyNet(6)
+    m.setup(model, _ctx(num_samples=16, num_biases=7))  # the dataset's count is replaced
+    assert m.inner.bias_head.num_biases == m.labeller.num_labels == 2
+    seen = []
+    original = m.inner.check_batch
+    m.inner.check_batch = lambda batch: (seen.append(batch["bias"].clone()), original(batch))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    warm = m.update(model, _batch(seed=0), opt, AUTOCAST)
+    assert float(warm["pseudo_active"]) == 0 and "bias_ce" not in warm and seen == []  # warm-up: plain CE
+    logs = m.update(model, _batch(seed=1), opt, AUTOCAST)
+    assert float(logs["pseudo_active"]) == 1 and "bias_ce" in logs and int(m.step) == 2
+    assert len(seen) == 1 and bool(((seen[0] >= 0) & (seen[0] < 2)).all())  # pseudo labels, never -1/true
+    assert m.epoch_metrics()["pseudo_bias"]["n"] == 32  # one labelling per step
+
+
+def test_groupdro_sees_pseudo_bias_groups():
+    m, model, opt = _wrapped(method="groupdro", labeller="cluster", k=2, warmup_steps=0, bank_size=64)
+    assert m.inner.num_biases == m.labeller.num_labels == 4
+    m.update(model, _batch(), opt, AUTOCAST)
+
+
+# ---------------------------------------------------------------------------------- end to end
+def _tiny(fake_mnist, out, *extra):
+    return [
+        "reproduce", "biased-mnist", "--data-root", str(fake_mnist), "--rho", "0.99", "--epochs", "2",
+        "--out", str(out), "--set", "train.batch_size=64", "--set", "train.progress=false",
+        "--set", "model.kernel_size=3", "--set", "data.limit_train=128", "--set", "data.limit_test=64",
+        "--set", "unsupervised.warmup_steps=1", "--set", "unsupervised.refresh_every=1", *extra,
+    ]
+
+
+def test_bias_auto_run_logs_agreement_every_epoch_and_analyze_bias(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(_tiny(fake_mnist, out, "--method", "end", "--bias", "auto", "--labeller", "cluster"), monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"]["bias"] == "auto" and res["method"]["unsupervised"]["labeller"] == "cluster"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        pb = r["pseudo_bias"]
+        assert pb["n"] > 0 and {"nmi", "ari", "matched_accuracy", "minority_matched_accuracy"} <= set(pb)
+
+    code, stdout, err = run_cli(["analyze-bias", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    png = out / "analysis" / "bottleneck.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "analysis" / "agreement.json").read_text())
+    assert [r["epoch"] for r in report["per_epoch"]] == [1, 2] and "cluster labeller" in report["pseudo_labels_from"]
+    assert report["split_agreement"]["n"] > 0
+    md = (out / "analysis" / "agreement.md").read_text()
+    assert "| NMI |" in md and md.count("\n| ") >= 4
+    assert "NMI" in stdout
+    # nothing is overwritten without --force
+    code, _, err = run_cli(["analyze-bias", str(out)], monkeypatch, capsys)
+    assert code == 2 and "--force" in err
+
+
+def test_analyze_bias_on_a_supervised_run_fits_an_attractor(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "vanilla"
+    code, _, err = run_cli(_tiny(fake_mnist, out, "--method", "vanilla", "--epochs", "1"), monkeypatch, capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["analyze-bias", str(out), "--split", "unbiased"], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((out / "analysis" / "agreement.json").read_text())
+    assert report["per_epoch"] == [] and "attractor fitted" in report["pseudo_labels_from"]
+
+
+def test_bias_auto_with_lff_is_a_one_line_error(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    code, _, err = run_cli(_tiny(fake_mnist, out, "--method", "lff", "--bias", "auto"), monkeypatch, capsys)
+    assert code == 2 and "never uses bias labels" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cxr_train_with_bias_auto(cxr_manifest, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cxr"
+    args = [
+        "train", "--data", str(cxr_manifest), "--bias", "auto", "--method", "end", "--out", str(out),
+        "--epochs", "1", "--image-size", "32", "--set", "train.progress=false", "--set", "train.batch_size=32",
+        "--set", "model.hidden_dim=16", "--set", "unsupervised.warmup_steps=1",
+    ]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["bias"] == "auto" and res["config"]["data"]["bias"] == "site"  # true sites: agreement metrics only
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["pseudo_bias"]["n"] == res["data"]["splits"]["train"] and "nmi" in record["pseudo_bias"]
+
+
+@pytest.mark.parametrize("labeller", ["cluster", "gce_head"])
+def test_resume_of_a_bias_auto_run_is_exact(labeller, tmp_path):
+    from cxrdebias.config import load_config
+    from cxrdebias.data.base import TensorBatchLoader
+    from cxrdebias.models import SimpleConvNet
+    from cxrdebias.runs import RunDir
+    from cxrdebias.train import Trainer, seed_everything
+    from tests.test_train import _data
+
+    def trainer(path, resume=False):
+        cfg = load_config(None, [
+            "train.epochs=2", "train.batch_size=32", "train.progress=false", "train.precision=fp32",
+            "unsupervised.enabled=true", f"unsupervised.labeller={labeller}", "unsupervised.warmup_steps=2",
+            "unsupervised.refresh_every=2", "unsupervised.source=ema", "unsupervised.bank_size=64",
+        ])
+        seed_everything(0)
+        model = SimpleConvNet(3, kernel_size=3, last_activation="tanh")
+        method = build_method("end", {"alpha": 0.5, "beta": 0.5}, cfg.unsupervised)
+        loader = TensorBatchLoader(_data(), 32, shuffle=True, seed=1)
+        return Trainer(model, method, loader, cfg.train, run=RunDir.create(path, resume=resume), seed=0,
+                       fingerprint={"labeller": labeller}, num_classes=3, num_biases=3)
+
+    ref = trainer(tmp_path / "ref")
+    ref.fit()
+    tr = trainer(tmp_path / "cut")
+    original = tr.save_checkpoint
+
+    def crash_after_first(epoch):
+        original(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    tr.save_checkpoint = crash_after_first
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    resumed = trainer(tmp_path / "cut", resume=True)
+    resumed.fit(resume=True)
+    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for k, v in ref.method.state_dict().items():
+        assert torch.equal(v, resumed.method.state_dict()[k]), k
+    epochs = RunDir(tmp_path / "cut").read_metrics()
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("pseudo_bias" in r for r in epochs)
+    assert epochs[1]["pseudo_bias"] == RunDir(tmp_path / "ref").read_metrics()[1]["pseudo_bias"]
