@@ -443,6 +443,51 @@ def predict_cmd(
     )
 
 
+def viewer_script() -> Path:
+    """``apps/viewer.py`` of this checkout (the package is installed editable from it)."""
+    script = Path(cxrdebias.__file__).resolve().parents[1] / "apps" / "viewer.py"
+    if not script.is_file():
+        from cxrdebias.errors import ConfigError
+
+        raise ConfigError(f"{script}: viewer page not found; install cxrdebias editable from a checkout (pip install -e .)")
+    return script
+
+
+def viewer_command(model: Path, data: list[Path], port: int) -> list[str]:
+    """The ``streamlit run`` command line of ``cxrdebias view`` (local, headless)."""
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(viewer_script()),
+        "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
+        "--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve()),
+    ]
+    for d in data:
+        cmd += ["--data", str(d.resolve())]
+    return cmd
+
+
+@app.command("view")
+def view_cmd(
+    model: Annotated[Path, typer.Option("--model", help="ONNX model written by `cxrdebias export`.")],
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Folder, manifest CSV or image to browse (repeat).")] = None,
+    port: Annotated[int, typer.Option(help="Local port of the page (http://127.0.0.1:PORT).")] = 8501,
+) -> None:
+    """Open the viewer (Streamlit, onnxruntime only): study table, image + Grad-CAM, model panel."""
+    import subprocess
+
+    from cxrdebias.errors import DataError
+
+    if not model.is_file():
+        from cxrdebias.errors import CheckpointError
+
+        raise CheckpointError(f"{model}: model file not found")
+    for d in data or []:
+        if not d.exists():
+            raise DataError(f"{d}: file or folder not found")
+    cmd = viewer_command(model, list(data or []), port)
+    err.print(f"viewer on http://127.0.0.1:{port} (Ctrl+C stops it); NOT FOR CLINICAL USE")
+    sys.exit(subprocess.call(cmd))
+
+
 @data_app.command("synth")
 def data_synth(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the DICOM files and manifest.csv.")],

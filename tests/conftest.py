@@ -83,6 +83,18 @@ def cxr_manifest() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def real_pngs(cxr_manifest):
+    """Two real radiographs of each site: manifest rows (paths into the shared data, never copied)."""
+    import csv
+
+    rows = list(csv.DictReader(cxr_manifest.open()))
+    by_site: dict[str, list[dict]] = {}
+    for row in rows:
+        by_site.setdefault(row["site"], []).append(row)
+    return [r for site in sorted(by_site) for r in by_site[site][:2]]
+
+
 #: a one-epoch DenseNet-121 run at the default 64 px (a 2×2 last feature map, so Grad-CAM is
 #: not constant; at 32 px it would be 1×1)
 TINY_CXR_TRAIN = [

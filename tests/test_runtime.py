@@ -29,16 +29,6 @@ def model_file(exported_cxr_model):
     return exported_cxr_model.model
 
 
-@pytest.fixture(scope="module")
-def real_pngs(cxr_manifest):
-    """Two real radiographs of each site (paths into the shared data, never copied)."""
-    rows = list(csv.DictReader(cxr_manifest.open()))
-    by_site: dict[str, list[dict]] = {}
-    for row in rows:
-        by_site.setdefault(row["site"], []).append(row)
-    return [r for site in sorted(by_site) for r in by_site[site][:2]]
-
-
 @pytest.fixture
 def inputs(tmp_path, cxr_manifest, real_pngs):
     """A folder (DICOM + JPEG made from real PNGs, and a link to a PNG) and a two-row manifest."""

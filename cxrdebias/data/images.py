@@ -170,6 +170,43 @@ def resolve_tag(tag: TagLike) -> BaseTag:
         raise ConfigError(f"DICOM tag {tag!r}: {exc}") from None
 
 
+def read_dicom_modality_values(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The modality-LUT output of a DICOM file (stored values × RescaleSlope + RescaleIntercept,
+    or the Modality LUT Sequence) as float32 H×W, and ``{"window", "inverted"}``: the file's
+    first Window Center/Width (``{"type": "window", "center", "width"}``, modality-LUT units)
+    or, without one, ``{"type": "min-max", "low", "high"}``, and whether it is MONOCHROME1.
+
+    What a window/level control acts on (the viewer's sliders, in the file's own units).
+    ``None`` for PNG/JPEG files. The file is expected to have passed :func:`read_image`.
+
+    Raises:
+        DataError: not a readable single-frame grayscale DICOM image.
+    """
+    path = Path(path)
+    head = _read_head(path)
+    is_dicom = head[128:132] == b"DICM"
+    if not is_dicom and (head.startswith(_PNG_SIGNATURE) or head.startswith(_JPEG_SIGNATURE) or path.suffix.lower() not in DICOM_SUFFIXES):
+        return None
+    ds = _dcmread(path, force=not is_dicom)
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: DICOM has no Pixel Data; expected a radiograph")
+    try:
+        values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            center, width = ds.WindowCenter, ds.WindowWidth
+            center = float(center[0] if isinstance(center, MultiValue) else center)
+            width = float(width[0] if isinstance(width, MultiValue) else width)
+            window: dict[str, Any] = {"type": "window", "center": center, "width": width}
+        else:
+            window = {"type": "min-max", "low": float(values.min()), "high": float(values.max())}
+    except Exception as exc:  # decoder or LUT errors on a malformed file
+        raise DataError(f"{path}: cannot apply the DICOM modality LUT ({type(exc).__name__}: {_short(exc)})") from None
+    if values.ndim != 2:
+        raise DataError(f"{path}: DICOM pixels of shape {values.shape}; expected a single-frame grayscale image")
+    photometric = (_tag_text(ds, Tag("PhotometricInterpretation")) or "").upper()
+    return values, {"window": window, "inverted": photometric == "MONOCHROME1"}
+
+
 def window_level(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
     """Window/level a ``[0, 1]`` image for display: ``clip((x - (center - width/2)) / width, 0, 1)``.
 

@@ -1,0 +1,218 @@
+"""cxrdebias viewer: a Streamlit page over an exported ONNX model (onnxruntime only, no torch).
+
+Launch with ``cxrdebias view --model model.onnx [--data folder-or-manifest ...]``, or
+``streamlit run apps/viewer.py -- --model model.onnx --data scans/``. The environment
+variables ``CXRDEBIAS_VIEWER_MODEL`` and ``CXRDEBIAS_VIEWER_DATA`` (paths joined with
+``os.pathsep``) take precedence over the script arguments (used by the tests).
+
+The page logic lives in :mod:`cxrdebias.viewer_logic`; this file only lays it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from cxrdebias.errors import CxrDebiasError
+from cxrdebias.runtime import CXRModel, InputImage, collect_inputs, load_model
+from cxrdebias.viewer_logic import (
+    DISAGREEMENT,
+    NOT_FOR_CLINICAL_USE,
+    TABLE_COLUMNS,
+    analyse,
+    apply_window,
+    display_source,
+    filter_table,
+    gray_image,
+    model_panel,
+    overlay_image,
+    predict_study,
+    predictions_csv,
+    report_png,
+    save_upload,
+    sort_table,
+)
+
+MODEL_ENV, DATA_ENV = "CXRDEBIAS_VIEWER_MODEL", "CXRDEBIAS_VIEWER_DATA"
+UPLOAD_PREFIX = "upload/"
+
+
+def settings() -> tuple[str | None, list[str]]:
+    """The model path and data inputs: environment variables, else the script arguments."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--model")
+    ap.add_argument("--data", action="append", default=[])
+    args, _ = ap.parse_known_args(sys.argv[1:])
+    model = os.environ.get(MODEL_ENV) or args.model
+    data = [d for d in os.environ.get(DATA_ENV, "").split(os.pathsep) if d] or args.data
+    return model, data
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def cached_model(path: str, mtime: float) -> CXRModel:
+    return load_model(path)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def cached_model_bytes(digest: str, _data: bytes) -> CXRModel:
+    return load_model(_data)
+
+
+@st.cache_resource(show_spinner="Predicting the study…", max_entries=4)
+def cached_study(model_key: str, data: tuple[str, ...], _model: CXRModel):
+    return predict_study(_model, collect_inputs(data))
+
+
+@st.cache_resource(max_entries=16)
+def cached_analysis(model_key: str, name: str, stamp: float, _model: CXRModel, _image: InputImage):
+    """Prediction + CAM and the window/level source of one image (moving a slider reuses them)."""
+    result = analyse(_model, _image)
+    return result, display_source(_image, result.pixels)
+
+
+st.set_page_config(page_title="cxrdebias viewer", layout="wide")
+st.title("cxrdebias viewer")
+st.warning(NOT_FOR_CLINICAL_USE, icon="⚠️")
+
+model_path, data_inputs = settings()
+
+# -- the model ----------------------------------------------------------------------------------
+with st.sidebar:
+    st.header("Model")
+    model_upload = st.file_uploader("…or open another exported model (.onnx)", type=None, key="model_upload")
+model: CXRModel | None = None
+try:
+    if model_upload is not None:
+        blob = model_upload.getvalue()
+        digest = hashlib.sha256(blob).hexdigest()
+        model, model_key = cached_model_bytes(digest, blob), digest
+    elif model_path:
+        p = Path(model_path)
+        model = cached_model(str(p.resolve()), p.stat().st_mtime if p.is_file() else 0.0)
+        model_key = f"{p.resolve()}:{p.stat().st_mtime}"
+except CxrDebiasError as exc:
+    source = model_upload.name if model_upload is not None else model_path
+    st.error(f"Cannot open the model {source}: {exc}")
+except OSError as exc:
+    st.error(f"Cannot open the model {model_path}: {exc}")
+if model is None:
+    if not model_path and model_upload is None:
+        st.error("No model given: launch with `cxrdebias view --model model.onnx` or upload one in the sidebar.")
+    st.stop()
+
+meta = model.metadata
+panel = model_panel(meta)
+with st.sidebar:
+    st.markdown(f"**{panel['model_version']}** · provider `{model.provider}`")
+    st.markdown(f"**Intended use:** {panel['intended_use']}")
+    st.markdown(f"**Debiasing method:** {panel['method']} · bias: `{panel['bias']}`")
+    st.markdown(f"**Threshold:** {panel['threshold']:.4f} ({panel['threshold_method']})")
+    st.markdown("**Per-site validation** (exported model, validation split; optimistic: the threshold was chosen on it)")
+    if panel["per_site"] is not None:
+        st.table(panel["per_site"])
+    else:
+        st.info(f"No per-site validation metrics in this model ({panel['validation_note']}).")
+
+# -- the study ----------------------------------------------------------------------------------
+tables, images = [], {}
+if data_inputs:
+    try:
+        table, kept, errors = cached_study(model_key, tuple(data_inputs), model)
+    except CxrDebiasError as exc:
+        st.error(f"Cannot read the data: {exc}")
+        table, kept, errors = None, [], []
+    for message in errors:
+        st.error(f"Skipped: {message}")
+    if table is not None:
+        tables.append(table)
+        images.update({x.name: x for x in kept})
+
+uploads = st.file_uploader("Upload DICOM, PNG or JPEG images", accept_multiple_files=True, key="uploads")
+if uploads:
+    folder = st.session_state.setdefault("upload_dir", tempfile.mkdtemp(prefix="cxrdebias-viewer-"))
+    good = []
+    for up in uploads:
+        try:
+            item, _ = save_upload(up.name, up.getvalue(), Path(folder) / hashlib.sha256(up.getvalue()).hexdigest()[:16])
+        except CxrDebiasError as exc:
+            st.error(f"Upload {up.name}: {exc}")
+            continue
+        good.append(InputImage(UPLOAD_PREFIX + item.name, item.path, fields=item.fields))
+    if good:
+        table, kept, errors = predict_study(model, good)
+        for message in errors:
+            st.error(f"Upload: {message}")
+        tables.append(table)
+        images.update({x.name: x for x in kept})
+
+if not tables or sum(len(t) for t in tables) == 0:
+    st.info("No images yet: launch with `--data FOLDER_OR_MANIFEST` or upload images above.")
+    st.stop()
+
+
+
+full = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+with st.sidebar:
+    st.header("Filter")
+    site_options = sorted(s for s in full["site"].unique() if s)
+    chosen_sites = st.multiselect("Sites", site_options, key="sites")
+    disagreement = st.radio(
+        "Prediction vs ground truth", DISAGREEMENT, key="disagreement",
+        format_func={"all": "all images", "disagree": "disagrees with ground truth", "agree": "agrees with ground truth"}.get,
+    )
+    sort_by = st.selectbox("Sort by", TABLE_COLUMNS, index=TABLE_COLUMNS.index("probability"), key="sort_by")
+    descending = st.checkbox("Descending", value=True, key="descending")
+
+shown = sort_table(filter_table(full, sites=chosen_sites, disagreement=disagreement), sort_by, descending=descending)
+st.subheader(f"Study: {len(shown)} of {len(full)} images")
+st.dataframe(shown, hide_index=True, width="stretch", key="study_table")
+st.download_button("Download predictions CSV", predictions_csv(full, meta.threshold), "predictions.csv", "text/csv", key="csv", on_click="ignore")
+
+# -- one image ----------------------------------------------------------------------------------
+selected = st.selectbox("Image", list(shown["file"]), index=None, placeholder="Choose an image…", key="image")
+if selected is None:
+    st.stop()
+image = images[selected]
+try:
+    stamp = image.path.stat().st_mtime if image.path is not None else 0.0
+    result, source = cached_analysis(model_key, selected, stamp, model, image)
+except CxrDebiasError as exc:
+    st.error(f"Cannot show {selected}: {exc}")
+    st.stop()
+
+row = full[full["file"] == selected].iloc[0].to_dict()
+c1, c2, c3, c4 = st.columns(4)
+c1.metric(f"P({result.positive_label})", f"{result.probability:.3f}")
+c2.metric("Threshold", f"{result.threshold:.3f}")
+c3.metric("Prediction", result.predicted_label)
+c4.metric("Ground truth", row["ground_truth"] or "unknown")
+
+span = max(source.high - source.low, 1e-6)
+w1, w2, w3 = st.columns(3)
+center = w1.slider(f"Window level ({source.units})", float(source.low - span / 2), float(source.high + span / 2), float(source.center), key=f"center:{selected}")
+width = w2.slider(f"Window width ({source.units})", float(span / 100), float(2 * span), float(min(max(source.width, span / 100), 2 * span)), key=f"width:{selected}")
+opacity = w3.slider("Grad-CAM opacity", 0.0, 1.0, 0.4, 0.05, key="opacity")
+side_by_side = st.toggle("Side by side", value=True, key="side_by_side")
+
+display = apply_window(source, center, width)
+gray = gray_image(display)
+cam = overlay_image(display, result.heat, opacity)
+overlay_caption = f"Grad-CAM overlay of '{result.positive_label}' (opacity {opacity:.2f})"
+if side_by_side:
+    left, right = st.columns(2)
+    left.image(gray, caption=f"{selected} (level {center:.3g}, width {width:.3g})", width="stretch")
+    right.image(cam, caption=overlay_caption, width="stretch")
+else:
+    st.image(cam, caption=overlay_caption, width="stretch")
+
+st.download_button(  # rendered only when clicked (Streamlit's deferred download)
+    "Download one-page report (PNG)", lambda: report_png(result, gray, cam, meta, row=row),
+    f"{Path(selected).stem}_report.png", "image/png", key="report", on_click="ignore",
+)

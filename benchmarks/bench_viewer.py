@@ -1,0 +1,257 @@
+"""The viewer's time from selecting an image to showing its prediction and Grad-CAM (issue 6:
+target < 0.5 s on a 2-core CPU), measured in-process on the calls ``apps/viewer.py`` makes.
+
+Steps, as the page runs them after a selection: :func:`cxrdebias.viewer_logic.analyse` (read the
+file, preprocess with the model's spec, one onnxruntime call for probabilities + CAM, CAM mapped
+onto the image at display size), :func:`display_source` + :func:`apply_window` (window/level; DICOM:
+the modality-LUT values are read again), :func:`gray_image` and :func:`overlay_image` (the two
+pictures), then the browser encoding of both pictures (JPEG, what ``st.image`` sends). The
+one-page report (rendered by the page only when its download button is clicked) is timed
+separately.
+
+Models: ``--model`` (an exported model, e.g. the 64 px test model) and, for each ``--sizes``
+value, a DenseNet-121 EnD graph with random weights (the speed does not depend on the weights),
+wrapped with the same metadata. Images: real radiographs from the shared CXR set (PNG,
+≈384 px) and a 2048×2048 12-bit DICOM made from one of them (the size of a real CR/DX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks._common import write_section
+
+SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-covid-sources"
+
+
+def random_model(size: int, folder: Path) -> Path:
+    """A random-weight EnD DenseNet-121 exported graph with runtime metadata, at ``size`` px."""
+    import torch
+
+    from cxrdebias.data.preprocess import PreprocessSpec
+    from cxrdebias.export import INTENDED_USE, to_onnx_bytes, with_metadata
+    from cxrdebias.models.densenet import DenseNet121
+    from cxrdebias.onnx_metadata import FORMAT_KEY, FORMAT_VERSION
+
+    torch.manual_seed(0)
+    net = DenseNet121(2, last_activation="tanh", normalize_features=True).eval()
+    spec = PreprocessSpec(image_size=size)
+    meta = {
+        FORMAT_KEY: FORMAT_VERSION, "model_version": f"bench-random-{size}", "labels": ["negative", "positive"],
+        "positive_label": "positive", "threshold": 0.5, "preprocessing": spec.model_dump(mode="json"),
+        "method": {"name": "end"}, "bias": "site", "intended_use": INTENDED_USE,
+    }
+    path = folder / f"random-{size}.onnx"
+    path.write_bytes(with_metadata(to_onnx_bytes(net, spec), meta))
+    return path
+
+
+def bench_images(folder: Path, n_per_site: int) -> list[tuple[str, Path]]:
+    from PIL import Image
+
+    from cxrdebias.data.images import write_dicom
+
+    rows = list(csv.DictReader((SHARED_CXR / "manifest.csv").open()))
+    by_site: dict[str, list[dict]] = {}
+    for r in rows:
+        by_site.setdefault(r["site"], []).append(r)
+    out = [("PNG", SHARED_CXR / r["path"]) for s in sorted(by_site) for r in by_site[s][:n_per_site]]
+    big = Image.open(out[0][1]).convert("L").resize((2048, 2048), Image.Resampling.BICUBIC)
+    stored = (np.asarray(big, dtype=np.uint16) * 16).astype(np.uint16)
+    out.append(("DICOM 2048²", write_dicom(folder / "big.dcm", stored, bits_stored=12, window=(2048.0, 4096.0))))
+    return out
+
+
+def time_select(model, image, repeats: int) -> dict[str, float]:
+    from cxrdebias.viewer_logic import (
+        analyse,
+        apply_window,
+        display_source,
+        gray_image,
+        overlay_image,
+        report_png,
+    )
+
+    def once():
+        t0 = time.perf_counter()
+        res = analyse(model, image)
+        t1 = time.perf_counter()
+        src = display_source(image, res.pixels)
+        display = apply_window(src, src.center, src.width)
+        gray, cam = gray_image(display), overlay_image(display, res.heat, 0.4)
+        t2 = time.perf_counter()
+        for pic in (gray, cam):
+            pic.convert("RGB").save(io.BytesIO(), format="JPEG", quality=90)
+        t3 = time.perf_counter()
+        report_png(res, gray, cam, model.metadata)
+        t4 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, t4 - t3
+
+    once()  # warm-up
+    runs = np.array([once() for _ in range(repeats)])
+    med = np.median(runs, axis=0)
+    total = np.median(runs[:, :3].sum(axis=1))
+    return {"predict_cam_s": med[0], "window_overlay_s": med[1], "encode_s": med[2], "select_to_shown_s": total, "report_s": med[3]}
+
+
+def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folder: Path) -> dict[str, list[float]]:
+    """Seconds from clicking an image in the page's *Image* box to its overlay ``<img>`` being
+    loaded, in headless Chromium (Debian ``chromium`` + ``chromium-driver``), per image kind.
+
+    Every image is selected once (its prediction is not cached yet); the server is the
+    ``cxrdebias view`` command line on a free localhost port.
+    """
+    import os
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from cxrdebias.cli import viewer_command
+
+    data = folder / "browser"
+    data.mkdir()
+    kinds = {}
+    for i, (kind, path) in enumerate(images):
+        link = data / f"{i:02d}{path.suffix}"
+        link.symlink_to(path)
+        kinds[str(data.resolve() / link.name)] = kind
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(viewer_command(model_path, [data], port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = None
+    out: dict[str, list[float]] = {}
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    f"--user-data-dir={folder / 'chromium-profile'}", "--window-size=1400,1800"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 120, poll_frequency=0.02, ignored_exceptions=(StaleElementReferenceException,))
+
+        def image_box(d):
+            boxes = [b for b in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"]') if b.text.startswith("Image")]
+            return boxes[0] if boxes else False
+
+        names = list(kinds)
+        for name in names:
+            wait.until(image_box).find_element(By.CSS_SELECTOR, "input").click()
+            option = wait.until(lambda d, n=name: next((o for o in d.find_elements(By.CSS_SELECTOR, '[role="option"]') if o.text == n), False))
+            t0 = time.perf_counter()
+            option.click()
+
+            def shown(d, n=name):
+                caps = [c.text for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')]
+                if not any(c.startswith(n) for c in caps):
+                    return False
+                for im in d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]'):
+                    cap = im.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
+                    img = im.find_elements(By.TAG_NAME, "img")
+                    if cap and img and cap[0].text.startswith("Grad-CAM overlay"):
+                        return bool(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img[0]))
+                return False
+
+            wait.until(shown)
+            out.setdefault(kinds[name], []).append(time.perf_counter() - t0)
+            print(f"browser {kinds[name]} {name}: {out[kinds[name]][-1]:.3f} s", flush=True)
+    finally:
+        if driver is not None:
+            driver.quit()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="an exported model (e.g. the 64 px test model)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[64, 224], help="random-weight models at these sizes")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--per-site", type=int, default=2, help="real PNGs per site")
+    ap.add_argument("--browser", action="store_true", help="also time click → overlay shown in headless Chromium (--model's page)")
+    ap.add_argument("--note", default="", help="a sentence added to the section (e.g. that the CPU was shared)")
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    from cxrdebias.runtime import collect_inputs, load_model
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-viewer-"))
+    models = ([("exported " + args.model.name, args.model)] if args.model else []) + [(f"random {s} px", random_model(s, folder)) for s in args.sizes]
+    images = bench_images(folder, args.per_site)
+    rows, data = [], {}
+    for label, path in models:
+        model = load_model(path, device="cpu")
+        size = model.metadata.preprocessing.image_size
+        for kind in dict.fromkeys(k for k, _ in images):
+            results = [time_select(model, collect_inputs([p])[0], args.repeats) for k, p in images if k == kind]
+            r = {key: float(np.median([x[key] for x in results])) for key in results[0]}
+            data[f"{label} / {kind}"] = {**r, "image_size": size, "n_images": len(results)}
+            rows.append(
+                f"| {label} | {size}² | {kind} ({len(results)}) | {1000 * r['predict_cam_s']:.0f} | {1000 * r['window_overlay_s']:.0f} | "
+                f"{1000 * r['encode_s']:.0f} | **{1000 * r['select_to_shown_s']:.0f}** | {1000 * r['report_s']:.0f} |"
+            )
+            print(rows[-1], flush=True)
+    browser_md: list[str] = []
+    if args.browser and args.model:
+        times = browser_select_times(args.model, images, folder)
+        data["browser_select_to_overlay_s"] = times
+        browser_md = [
+            "",
+            f"End to end in headless Chromium ({args.model.name}, `cxrdebias view`'s server on localhost): click on an image in "
+            "*Image* → its Grad-CAM overlay `<img>` loaded (Streamlit rerun, websocket, image download and decode included; "
+            "each image selected once, so not cached):",
+            "",
+            "| image (n) | median (s) | max (s) |",
+            "|---|---:|---:|",
+            *(f"| {k} ({len(v)}) | {np.median(v):.2f} | {max(v):.2f} |" for k, v in times.items()),
+        ]
+    md = "\n".join(
+        [
+            "## Viewer: selecting an image → prediction + Grad-CAM shown (issue 6)",
+            "",
+            "In-process timing of the calls `apps/viewer.py` makes after an image is selected (median over images of the "
+            f"median of {args.repeats} runs after one warm-up), onnxruntime {ort.__version__}, CPU provider, default threads. "
+            "*predict + CAM*: read, preprocess, one onnxruntime call, CAM onto the image at display size (long side ≤ 1024); "
+            "*window + overlay*: the window/level source (for DICOM the modality-LUT values, read once more), window/level "
+            "and the two pictures; *encode*: both pictures as JPEG (what `st.image` sends); *total* = the three "
+            "(target < 500 ms on a 2-core CPU). *report PNG*: the one-page report, rendered only when its download button is clicked. Streamlit's "
+            "own rerun and the browser are not included. The random-weight models time the same graph as an export.",
+            *(["", args.note] if args.note else []),
+            "",
+            "| model | input | image (n) | predict + CAM (ms) | window + overlay (ms) | encode (ms) | total (ms) | report PNG (ms) |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+            *browser_md,
+        ]
+    )
+    write_section("bench_viewer", md, {"repeats": args.repeats, "note": args.note, "onnxruntime": ort.__version__, "results": data})
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

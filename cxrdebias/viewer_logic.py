@@ -1,0 +1,422 @@
+"""Page logic of the Streamlit viewer (``apps/viewer.py``), testable without Streamlit.
+
+Torch-free (numpy, pandas, Pillow, pydicom, onnxruntime through :mod:`cxrdebias.runtime`):
+the viewer must run where only the deployment dependencies are installed.
+
+- :func:`study_table` / :func:`filter_table` / :func:`sort_table`: one row per image (file,
+  patient, site, probability, predicted label, ground truth when known, disagreement);
+- :func:`analyse`: what selecting an image computes (read → preprocess → onnxruntime →
+  CAM on the original pixels), the step timed by ``benchmarks/bench_viewer.py``;
+- :func:`display_source` / :func:`apply_window`: window/level on the raw DICOM values
+  (modality-LUT output, e.g. Hounsfield-like units) or on the ``[0, 1]`` pixels of PNG/JPEG;
+- :func:`model_panel`: the model's intended use, method and per-site validation table;
+- :func:`report_png`: a one-page PNG report of one image;
+- :func:`save_upload`: an uploaded file → an image input, or a one-line error.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from cxrdebias.data.images import (
+    LoadedImage,
+    read_dicom_modality_values,
+    read_dicom_tag,
+    read_image,
+    window_level,
+)
+from cxrdebias.data.preprocess import ResizeGeometry
+from cxrdebias.errors import DataError
+from cxrdebias.onnx_metadata import ModelMetadata
+from cxrdebias.overlay import ALPHA, MAX_OVERLAY_SIDE, cam_to_image, overlay
+from cxrdebias.runtime import CXRModel, InputImage, Predictions
+
+NOT_FOR_CLINICAL_USE = (
+    "NOT FOR CLINICAL USE. Research software about shortcut learning (hospital site as a bias); "
+    "its outputs must not be used for diagnosis or treatment decisions."
+)
+#: columns of the study table, in display order
+TABLE_COLUMNS = ("file", "patient", "site", "probability", "predicted_label", "ground_truth", "disagrees")
+#: values of the disagreement filter
+DISAGREEMENT = ("all", "disagree", "agree")
+UNKNOWN = ""
+#: longest side of the pictures the page shows (window/level and the overlay work at this size)
+MAX_DISPLAY_SIDE = 1024
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
+
+
+# -- study table --------------------------------------------------------------------------------
+def _dicom_fields(image: InputImage) -> dict[str, str]:
+    """Site (InstitutionName) and patient (PatientID) of a DICOM file, read without pixels."""
+    if image.path is None or image.path.suffix.lower() not in _DICOM_SUFFIXES:
+        return {}
+    out = {}
+    for key, tag in (("site", "InstitutionName"), ("patient_id", "PatientID")):
+        try:
+            value = read_dicom_tag(image.path, tag)
+        except DataError:
+            return {}
+        if value:
+            out[key] = value
+    return out
+
+
+def ground_truth(label: str | None, labels: Sequence[str]) -> str:
+    """A manifest's ``label`` (``0``/``1`` index, or a class name) as a class name; ``""`` if unknown."""
+    text = (label or "").strip()
+    if text in labels:
+        return text
+    if text.isdigit() and int(text) < len(labels):
+        return labels[int(text)]
+    return UNKNOWN
+
+
+def study_table(images: Sequence[InputImage], predictions: Predictions) -> pd.DataFrame:
+    """One row per image: ``file, patient, site, probability, predicted_label, ground_truth,
+    disagrees`` (``disagrees`` is ``None`` when the ground truth is unknown).
+
+    Site and patient come from the manifest, else from the DICOM tags (InstitutionName,
+    PatientID), else are empty.
+    """
+    if len(images) != len(predictions.names):
+        raise ValueError(f"{len(images)} images but {len(predictions.names)} predictions")
+    rows = []
+    for i, image in enumerate(images):
+        fields = {**_dicom_fields(image), **{k: v for k, v in image.fields.items() if v}}
+        truth = ground_truth(fields.get("label"), predictions.labels)
+        predicted = predictions.predicted_labels[i]
+        rows.append(
+            {
+                "file": image.name,
+                "patient": fields.get("patient_id", UNKNOWN),
+                "site": fields.get("site", UNKNOWN),
+                "probability": float(predictions.positive_probability[i]),
+                "predicted_label": predicted,
+                "ground_truth": truth,
+                "disagrees": (predicted != truth) if truth else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def predict_study(model: CXRModel, images: Sequence[InputImage], batch_size: int = 16) -> tuple[pd.DataFrame, list[InputImage], list[str]]:
+    """Predict every image; unreadable ones are left out and reported instead of failing all.
+
+    Returns the study table, the images in its rows (same order) and one message per image
+    that could not be read.
+    """
+    kept: list[InputImage] = []
+    parts: list[Predictions] = []
+    errors: list[str] = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start : start + batch_size])
+        try:
+            parts.append(model.predict(chunk, batch_size=batch_size))
+            kept += chunk
+            continue
+        except DataError:
+            pass
+        for image in chunk:  # a bad file in the batch: one at a time, to name it and keep the rest
+            try:
+                parts.append(model.predict([image]))
+                kept.append(image)
+            except DataError as exc:
+                errors.append(str(exc))
+    if not parts:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS)), [], errors
+    return study_table(kept, Predictions.concat(parts)), kept, errors
+
+
+def filter_table(table: pd.DataFrame, *, sites: Sequence[str] | None = None, disagreement: str = "all") -> pd.DataFrame:
+    """Rows of ``sites`` (all when ``None``/empty) and, with ``disagreement`` ``"disagree"`` or
+    ``"agree"``, only images whose prediction differs from / matches a known ground truth."""
+    if disagreement not in DISAGREEMENT:
+        raise ValueError(f"disagreement must be one of {DISAGREEMENT}, got {disagreement!r}")
+    keep = pd.Series(True, index=table.index)
+    if sites:
+        keep &= table["site"].isin(list(sites))
+    if disagreement != "all":
+        known = table["disagrees"].notna()
+        keep &= known & (table["disagrees"] == (disagreement == "disagree"))
+    return table[keep]
+
+
+def sort_table(table: pd.DataFrame, by: str, *, descending: bool = False) -> pd.DataFrame:
+    """``table`` sorted by one column (stable; unknown values last)."""
+    if by not in table.columns:
+        raise ValueError(f"no column {by!r}; columns: {', '.join(table.columns)}")
+    return table.sort_values(by, ascending=not descending, kind="stable", na_position="last")
+
+
+def predictions_csv(table: pd.DataFrame, threshold: float) -> bytes:
+    """The study table as CSV bytes (UTF-8), with the threshold in every row."""
+    out = table.assign(threshold=threshold)
+    return out.to_csv(index=False, float_format="%.6f").encode("utf-8")
+
+
+# -- one image ----------------------------------------------------------------------------------
+def display_shape(shape: Sequence[int], max_side: int = MAX_DISPLAY_SIDE) -> tuple[int, int]:
+    """(height, width) of an image of ``shape`` on the page: long side ≤ ``max_side``."""
+    h, w = int(shape[0]), int(shape[1])
+    scale = min(1.0, max_side / max(h, w))
+    return (max(1, round(h * scale)), max(1, round(w * scale))) if scale < 1.0 else (h, w)
+
+
+def shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``values`` (H×W) box-averaged to ``shape`` (float32; unchanged when already that size)."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape == tuple(shape):
+        return values
+    im = Image.fromarray(np.ascontiguousarray(values), mode="F")
+    return np.asarray(im.resize((shape[1], shape[0]), Image.Resampling.BOX), dtype=np.float32)
+
+
+def _scaled_geometry(geometry: ResizeGeometry, shape: tuple[int, int]) -> ResizeGeometry:
+    """``geometry`` for the same image shown at ``shape`` instead of its ``source_shape``."""
+    fy, fx = shape[0] / geometry.source_shape[0], shape[1] / geometry.source_shape[1]
+    x0, y0, x1, y1 = geometry.source_box
+    return ResizeGeometry(tuple(shape), geometry.size, (x0 * fx, y0 * fy, x1 * fx, y1 * fy), geometry.target_box)
+
+
+@dataclass
+class ImageAnalysis:
+    """What the page shows for one image: the ``[0, 1]`` original (``pixels``), the
+    prediction, and the CAM mapped onto the image at display size (``heat``,
+    :func:`display_shape` of the original)."""
+
+    name: str
+    pixels: np.ndarray
+    probability: float
+    predicted_label: str
+    threshold: float
+    positive_label: str
+    heat: np.ndarray
+    geometry: ResizeGeometry
+    provider: str
+
+
+def analyse(model: CXRModel, image: InputImage, *, max_side: int = MAX_DISPLAY_SIDE) -> ImageAnalysis:
+    """Read, preprocess and predict one image, and map its Grad-CAM onto the image (at display
+    size: long side ≤ ``max_side``).
+
+    Raises:
+        DataError: the image cannot be read.
+    """
+    part = next(model.iter_predict([image], batch_size=1))
+    assert part.images is not None
+    pixels, geometry = part.images[0], part.geometries[0]
+    shown = display_shape(pixels.shape, max_side)
+    return ImageAnalysis(
+        name=image.name,
+        pixels=pixels,
+        probability=float(part.positive_probability[0]),
+        predicted_label=part.predicted_labels[0],
+        threshold=part.threshold,
+        positive_label=part.labels[part.positive_index],
+        heat=cam_to_image(part.cams[0], _scaled_geometry(geometry, shown)),
+        geometry=geometry,
+        provider=part.provider,
+    )
+
+
+@dataclass
+class DisplaySource:
+    """The values the window/level sliders act on.
+
+    DICOM: the modality-LUT output (stored values × slope + intercept), with the file's own
+    window (or its min–max) as the default and ``invert`` for MONOCHROME1; PNG/JPEG and arrays:
+    the ``[0, 1]`` pixels, default window centre 0.5, width 1 (the identity).
+    """
+
+    values: np.ndarray
+    center: float
+    width: float
+    low: float
+    high: float
+    invert: bool
+    units: str
+
+
+def display_source(image: InputImage, pixels: np.ndarray, *, max_side: int = MAX_DISPLAY_SIDE) -> DisplaySource:
+    """The window/level source of ``image`` at display size (``pixels``: its ``[0, 1]``
+    reading, used for PNG/JPEG). Range and default window are those of the full image."""
+    shape = display_shape(pixels.shape, max_side)
+    if image.path is not None:
+        raw = read_dicom_modality_values(image.path)
+        if raw is not None:
+            values, info = raw
+            low, high = float(values.min()), float(values.max())
+            window = info["window"]
+            if window["type"] == "window":
+                center, width = float(window["center"]), float(window["width"])
+            else:
+                center, width = (low + high) / 2.0, max(high - low, 1e-6)
+            return DisplaySource(shrink(values, shape), center, width, low, high, bool(info["inverted"]), "DICOM modality-LUT units")
+    return DisplaySource(shrink(pixels, shape), 0.5, 1.0, 0.0, 1.0, False, "display units [0, 1]")
+
+
+def apply_window(source: DisplaySource, center: float, width: float) -> np.ndarray:
+    """``[0, 1]`` display image: linear window ``clip((v − (c − w/2)) / w, 0, 1)`` of the
+    source values, inverted for MONOCHROME1 (so that 1 is always bright)."""
+    shown = window_level(source.values, center, width)
+    return 1.0 - shown if source.invert else shown
+
+
+def overlay_image(display: np.ndarray, heat: np.ndarray, opacity: float = ALPHA) -> Image.Image:
+    """The Grad-CAM overlay (jet, ``opacity`` in [0, 1]) over the windowed image (same shape)."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    return overlay(display, heat, alpha=opacity)
+
+
+def gray_image(display: np.ndarray, max_side: int = MAX_OVERLAY_SIDE) -> Image.Image:
+    """The windowed radiograph as an 8-bit grayscale image (long side ≤ ``max_side``)."""
+    out = Image.fromarray(np.round(np.clip(display, 0.0, 1.0) * 255.0).astype(np.uint8))
+    scale = max_side / max(out.size)
+    if scale < 1.0:
+        out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))), Image.Resampling.BOX)
+    return out
+
+
+# -- model panel --------------------------------------------------------------------------------
+def _num(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def model_panel(metadata: ModelMetadata) -> dict[str, Any]:
+    """Model facts for the page: version, intended use, method, bias, threshold, sites and the
+    per-site validation table (``None`` when the export recorded none)."""
+    raw = metadata.raw
+    method = dict(raw.get("method") or {})
+    name = method.pop("name", "unknown")
+    options = ", ".join(f"{k}={v}" for k, v in method.items())
+    val = raw.get("validation") or {}
+    table = None
+    if val.get("per_site"):
+        rows = [*val["per_site"].items()] + ([("all", val["overall"])] if val.get("overall") else [])
+        table = pd.DataFrame(
+            [
+                {
+                    "site": site,
+                    "images": m.get("n"),
+                    "positive": m.get("n_positive"),
+                    "TPR": _num(m.get("tpr")),
+                    "TNR": _num(m.get("tnr")),
+                    "balanced accuracy": _num(m.get("balanced_accuracy")),
+                    "AUROC": _num(m.get("auroc")),
+                }
+                for site, m in rows
+            ]
+        )
+    return {
+        "model_version": metadata.model_version,
+        "intended_use": str(raw.get("intended_use") or NOT_FOR_CLINICAL_USE),
+        "method": f"{name} ({options})" if options else name,
+        "bias": str(raw.get("bias", "unknown")),
+        "threshold": metadata.threshold,
+        "threshold_method": str(raw.get("threshold_method", "")),
+        "sites": list((raw.get("sites") or {}).get("names") or []),
+        "per_site": table,
+        "validation_note": val.get("note"),
+    }
+
+
+# -- report -------------------------------------------------------------------------------------
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(im: Image.Image, box: int) -> Image.Image:
+    im = im.convert("RGB")
+    scale = box / max(im.size)
+    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
+
+
+def report_png(analysis: ImageAnalysis, display: Image.Image, cam_overlay: Image.Image, metadata: ModelMetadata, *, row: Mapping[str, Any] | None = None) -> bytes:
+    """A one-page (A4 proportions, 1240×1754 px) PNG report of one image: the notice, the
+    image and its Grad-CAM overlay side by side, probability, threshold, decision, ground truth
+    when known, and the model's version, method and intended use."""
+    width, height, margin = 1240, 1754, 60
+    page = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(page)
+    title, body, small = _font(40), _font(26), _font(20)
+    y = margin
+    draw.text((margin, y), "cxrdebias viewer: single-image report", font=title, fill="black")
+    y += 64
+    draw.rectangle((margin, y, width - margin, y + 60), fill=(178, 34, 34))
+    draw.text((margin + 16, y + 14), "NOT FOR CLINICAL USE (research software)", font=body, fill="white")
+    y += 90
+    box = (width - 3 * margin) // 2
+    left, right = _fit(display, box), _fit(cam_overlay, box)
+    page.paste(left, (margin, y))
+    page.paste(right, (2 * margin + box, y))
+    y += max(left.height, right.height) + 10
+    draw.text((margin, y), "image (windowed)", font=small, fill="black")
+    draw.text((2 * margin + box, y), f"Grad-CAM of '{analysis.positive_label}'", font=small, fill="black")
+    y += 50
+    panel = model_panel(metadata)
+    lines = [
+        f"file: {analysis.name}",
+        f"probability of '{analysis.positive_label}': {analysis.probability:.4f}",
+        f"threshold: {analysis.threshold:.4f}   decision: {analysis.predicted_label}",
+    ]
+    if row:
+        lines.append(f"site: {row.get('site') or 'unknown'}   patient: {row.get('patient') or 'unknown'}   "
+                     f"ground truth: {row.get('ground_truth') or 'unknown'}")
+    lines += [
+        "",
+        f"model: {panel['model_version']}   method: {panel['method']}   bias: {panel['bias']}",
+        f"provider: {analysis.provider}",
+    ]
+    for line in lines:
+        draw.text((margin, y), line, font=body, fill="black")
+        y += 38
+    y += 20
+    for line in _wrap(panel["intended_use"], 95):
+        draw.text((margin, y), line, font=small, fill=(80, 80, 80))
+        y += 28
+    buf = io.BytesIO()
+    page.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
+# -- uploads ------------------------------------------------------------------------------------
+def save_upload(name: str, data: bytes, folder: str | os.PathLike) -> tuple[InputImage, LoadedImage]:
+    """Write an uploaded file into ``folder`` and check that it is a readable image.
+
+    Returns the input for the model and its reading. Raises :class:`DataError` (message
+    naming the upload, not the temporary file) for an empty, non-image or corrupt file.
+    """
+    safe = Path(name).name or "upload"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / safe
+    path.write_bytes(data)
+    try:
+        loaded = read_image(path)
+    except DataError as exc:
+        raise DataError(str(exc).replace(str(path), safe)) from None
+    return InputImage(safe, path, fields={k: v for k, v in (("site", loaded.site), ("patient_id", loaded.meta.get("patient_id"))) if v}), loaded

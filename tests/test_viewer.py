@@ -1,0 +1,395 @@
+"""The Streamlit viewer (apps/viewer.py): page logic, AppTest runs of the page, `cxrdebias view`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrdebias.data.images import read_image, write_dicom
+from cxrdebias.errors import DataError
+from cxrdebias.runtime import collect_inputs, load_model
+from cxrdebias.viewer_logic import (
+    NOT_FOR_CLINICAL_USE,
+    TABLE_COLUMNS,
+    analyse,
+    apply_window,
+    display_source,
+    filter_table,
+    gray_image,
+    overlay_image,
+    predict_study,
+    predictions_csv,
+    report_png,
+    save_upload,
+    sort_table,
+)
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+VIEWER = REPO / "apps" / "viewer.py"
+
+
+@pytest.fixture(scope="module")
+def model_file(exported_cxr_model):
+    return exported_cxr_model.model
+
+
+@pytest.fixture(scope="module")
+def study_data(cxr_manifest, real_pngs, tmp_path_factory):
+    """A manifest of the four real radiographs (links) and a folder with one DICOM made from one
+    of them (site and patient only in its tags)."""
+    root = tmp_path_factory.mktemp("viewer-data")
+    man = root / "manifest"
+    man.mkdir()
+    lines = ["path,label,site,patient_id"]
+    for i, r in enumerate(real_pngs):
+        (man / f"img{i}.png").symlink_to(cxr_manifest.parent / r["path"])
+        lines.append(f"img{i}.png,{r['label']},{r['site']},{r['patient_id']}")
+    (man / "manifest.csv").write_text("\n".join(lines) + "\n")
+    folder = root / "dicom"
+    gray = np.asarray(Image.open(cxr_manifest.parent / real_pngs[0]["path"]).convert("L"))
+    write_dicom(folder / "a.dcm", gray, institution_name="tag-site", patient_id="tag-patient")
+    return man / "manifest.csv", folder
+
+
+@pytest.fixture
+def app(model_file, study_data, monkeypatch):
+    """An AppTest of the page with the model and the study given through the environment."""
+    from streamlit.testing.v1 import AppTest
+
+    manifest, folder = study_data
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_MODEL", str(model_file))
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_DATA", f"{manifest}{os.pathsep}{folder}")
+    at = AppTest.from_file(str(VIEWER), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _table(at):
+    return at.dataframe[0].value
+
+
+# -- AppTest: the page --------------------------------------------------------------------------
+def test_study_table_rows_columns_sort_and_filters(app, study_data):
+    df = _table(app)
+    assert list(df.columns) == list(TABLE_COLUMNS)
+    assert len(df) == 5  # four manifest rows + the DICOM of the folder
+    dicom = df[df["file"].str.endswith("a.dcm")].iloc[0]
+    assert dicom["site"] == "tag-site" and dicom["patient"] == "tag-patient" and dicom["ground_truth"] == ""
+    assert pd.isna(dicom["disagrees"])
+    assert (df["probability"].diff().dropna() <= 0).all()  # default: probability, descending
+    known = df[df["ground_truth"] != ""]
+    assert ((known["predicted_label"] != known["ground_truth"]) == known["disagrees"].astype(bool)).all()
+
+    site = sorted(s for s in df["site"].unique() if s != "tag-site")[0]
+    app.multiselect(key="sites").set_value([site]).run()
+    only = _table(app)
+    assert len(only) == 2 and set(only["site"]) == {site}
+
+    app.multiselect(key="sites").set_value([]).run()
+    app.radio(key="disagreement").set_value("disagree").run()
+    dis = _table(app)
+    assert len(dis) == int(known["disagrees"].astype(bool).sum()) and dis["disagrees"].astype(bool).all()
+    app.radio(key="disagreement").set_value("agree").run()
+    agree = _table(app)
+    assert len(agree) + len(dis) == len(known) and not agree["disagrees"].astype(bool).any()
+
+    app.radio(key="disagreement").set_value("all").run()
+    app.selectbox(key="sort_by").set_value("file").run()
+    app.checkbox(key="descending").uncheck().run()
+    assert list(_table(app)["file"]) == sorted(df["file"])
+    assert not app.exception
+
+
+def test_select_image_shows_prediction_threshold_and_overlay(app, model_file):
+    df = _table(app)
+    name = df["file"].iloc[0]
+    assert not app.image  # nothing selected yet
+    app.selectbox(key="image").set_value(name).run()
+    assert not app.exception and not app.error
+    model = load_model(model_file)
+    expected = model.predict([name]).positive_probability[0]
+    metrics = {m.label: m.value for m in app.metric}
+    assert float(metrics["P(positive)"]) == pytest.approx(expected, abs=1e-3)
+    assert float(metrics["Threshold"]) == pytest.approx(model.metadata.threshold, abs=1e-3)
+    assert metrics["Prediction"] == ("positive" if expected >= model.metadata.threshold else "negative")
+    captions = [c for im in app.image for c in im.captions]
+    assert len(captions) == 2 and any(c.startswith("Grad-CAM overlay") and "opacity 0.40" in c for c in captions)
+    app.slider(key="opacity").set_value(0.8).run()
+    assert any("opacity 0.80" in c for im in app.image for c in im.captions)
+    app.toggle(key="side_by_side").set_value(False).run()
+    assert [c for im in app.image for c in im.captions] == ["Grad-CAM overlay of 'positive' (opacity 0.80)"]
+    assert {b.label for b in app.get("download_button")} == {"Download predictions CSV", "Download one-page report (PNG)"}
+
+
+def test_notice_and_model_panel(app, model_file):
+    assert any(w.value == NOT_FOR_CLINICAL_USE for w in app.warning)
+    side = " ".join(m.value for m in app.sidebar.markdown)
+    meta = load_model(model_file).metadata
+    assert "NOT FOR CLINICAL USE" in side and meta.raw["method"]["name"] in side and "site" in side
+    per_site = app.sidebar.table[0].value
+    assert set(meta.raw["sites"]["names"]) | {"all"} == set(per_site["site"])
+    assert list(per_site.columns) == ["site", "images", "positive", "TPR", "TNR", "balanced accuracy", "AUROC"]
+
+
+def test_bad_uploads_are_messages_not_tracebacks(app, real_pngs, cxr_manifest):
+    good = (cxr_manifest.parent / real_pngs[1]["path"]).read_bytes()
+    corrupt_dicom = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage"
+    app.file_uploader(key="uploads").set_value(
+        [("notes.txt", b"just text", "text/plain"), ("broken.dcm", corrupt_dicom, "application/dicom"), ("good.png", good, "image/png")]
+    ).run()
+    assert not app.exception
+    errors = [e.value for e in app.error]
+    assert any("notes.txt" in e and "not a PNG, JPEG or DICOM" in e for e in errors), errors
+    assert any("broken.dcm" in e for e in errors), errors
+    assert not any("/tmp" in e or "Traceback" in e for e in errors)
+    df = _table(app)
+    assert "upload/good.png" in set(df["file"]) and len(df) == 6
+    app.selectbox(key="image").set_value("upload/good.png").run()
+    assert not app.exception and len(app.image) == 2
+
+
+def test_wrong_model_file_is_a_message(model_file, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_file.read_bytes()[:4096])
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_MODEL", str(truncated))
+    monkeypatch.delenv("CXRDEBIAS_VIEWER_DATA", raising=False)
+    at = AppTest.from_file(str(VIEWER), default_timeout=60).run()
+    assert not at.exception
+    assert any("Cannot open the model" in e.value and "not a readable ONNX model" in e.value for e in at.error)
+    assert any(w.value == NOT_FOR_CLINICAL_USE for w in at.warning)  # the notice comes first
+    # an uploaded non-ONNX "model": a message as well
+    at.file_uploader(key="model_upload").set_value(("model.onnx", b"not a model", "application/octet-stream")).run()
+    assert not at.exception and any("model.onnx" in e.value for e in at.error)
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_MODEL", str(tmp_path / "missing.onnx"))
+    at = AppTest.from_file(str(VIEWER), default_timeout=60).run()
+    assert not at.exception and any("not found" in e.value for e in at.error)
+
+
+def test_viewer_page_does_not_import_torch(model_file, study_data):
+    manifest, _ = study_data
+    code = (
+        "import os, sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"os.environ['CXRDEBIAS_VIEWER_MODEL'] = {str(model_file)!r}\n"
+        f"os.environ['CXRDEBIAS_VIEWER_DATA'] = {str(manifest)!r}\n"
+        f"at = AppTest.from_file({str(VIEWER)!r}, default_timeout=120).run()\n"
+        "at.selectbox(key='image').set_value(at.dataframe[0].value['file'].iloc[0]).run()\n"
+        "assert not at.exception and len(at.image) == 2, at.exception\n"
+        "bad = sorted(m for m in ('torch', 'torchvision', 'monai', 'timm') if m in sys.modules)\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+
+
+# -- page logic ---------------------------------------------------------------------------------
+def test_predict_study_skips_unreadable_images(model_file, study_data, tmp_path):
+    manifest, _ = study_data
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n-- truncated")
+    images = collect_inputs([manifest, bad])
+    table, kept, errors = predict_study(load_model(model_file), images, batch_size=4)
+    assert len(table) == 4 and len(kept) == 4 and len(errors) == 1 and "bad.png" in errors[0]
+    assert list(filter_table(table, sites=["nowhere"])["file"]) == []
+    assert list(sort_table(table, "probability")["probability"]) == sorted(table["probability"])
+    rows = list(csv.DictReader(io.StringIO(predictions_csv(table, 0.5).decode())))
+    assert list(rows[0]) == [*TABLE_COLUMNS, "threshold"] and len(rows) == 4
+    with pytest.raises(ValueError, match="disagreement"):
+        filter_table(table, disagreement="maybe")
+
+
+def test_dicom_window_level_acts_on_raw_values(tmp_path):
+    stored = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096).astype(np.uint16)
+    path = write_dicom(tmp_path / "x.dcm", stored, bits_stored=12, rescale=(2.0, -1000.0), window=(1000.0, 2000.0))
+    image = collect_inputs([path])[0]
+    reading = read_image(path)
+    src = display_source(image, reading.pixels)
+    np.testing.assert_allclose(src.values, stored * 2.0 - 1000.0)
+    assert (src.center, src.width, src.low, src.high) == (1000.0, 2000.0, -1000.0, 2.0 * 4095 - 1000.0)
+    shown = apply_window(src, src.center, src.width)
+    np.testing.assert_allclose(shown, reading.pixels, atol=2e-3)  # the file's own window ≈ read_image
+    narrow = apply_window(src, 0.0, 10.0)
+    assert set(np.unique(narrow[src.values <= -5])) == {0.0} and set(np.unique(narrow[src.values >= 5])) == {1.0}
+    # MONOCHROME1: the same window, inverted so that 1 stays bright
+    m1 = write_dicom(tmp_path / "m1.dcm", stored, bits_stored=12, photometric="MONOCHROME1")
+    src1 = display_source(collect_inputs([m1])[0], read_image(m1).pixels)
+    assert src1.invert and src1.units.startswith("DICOM")
+    np.testing.assert_allclose(apply_window(src1, src1.center, src1.width), read_image(m1).pixels, atol=1e-3)
+    # PNG: the [0, 1] pixels, identity window by default
+    png = tmp_path / "x.png"
+    Image.fromarray((stored // 16).astype(np.uint8)).save(png)
+    p = read_image(png).pixels
+    src2 = display_source(collect_inputs([png])[0], p)
+    assert (src2.center, src2.width, src2.invert) == (0.5, 1.0, False)
+    np.testing.assert_allclose(apply_window(src2, 0.5, 1.0), p, atol=1e-6)
+
+
+def test_overlay_opacity_and_report_png(model_file, study_data):
+    manifest, _ = study_data
+    model = load_model(model_file)
+    image = collect_inputs([manifest])[0]
+    res = analyse(model, image)
+    assert res.heat.shape == res.pixels.shape and 0.0 <= res.probability <= 1.0
+    src = display_source(image, res.pixels)
+    display = apply_window(src, src.center, src.width)
+    none, full = np.asarray(overlay_image(display, res.heat, 0.0)), np.asarray(overlay_image(display, res.heat, 1.0))
+    np.testing.assert_array_equal(none[..., 0], np.asarray(gray_image(display)))  # opacity 0: the radiograph
+    assert np.abs(full.astype(int) - none.astype(int)).max() > 50
+    with pytest.raises(ValueError, match="opacity"):
+        overlay_image(display, res.heat, 1.5)
+    png = report_png(res, gray_image(display), overlay_image(display, res.heat), model.metadata, row={"site": "s", "ground_truth": "negative"})
+    page = Image.open(io.BytesIO(png))
+    assert page.format == "PNG" and page.size == (1240, 1754)
+    # the red notice banner is on the page
+    assert (np.asarray(page.convert("RGB"))[150:200, 100:1100] == (178, 34, 34)).all(axis=-1).mean() > 0.5
+
+
+def test_save_upload_names_the_upload(tmp_path):
+    with pytest.raises(DataError, match=r"^notes\.txt: not a PNG, JPEG or DICOM"):
+        save_upload("notes.txt", b"plain text", tmp_path / "u")
+    with pytest.raises(DataError, match="empty"):
+        save_upload("../../empty.png", b"", tmp_path / "u")
+    assert not (tmp_path / "empty.png").exists()  # the name cannot leave the upload folder
+
+
+# -- cxrdebias view -----------------------------------------------------------------------------
+def test_cli_view_launches_streamlit_on_localhost(model_file, study_data, monkeypatch, capsys):
+    manifest, folder = study_data
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    code, _, err = run_cli(["view", "--model", model_file, "--data", manifest, "--data", folder, "--port", "8765"], monkeypatch, capsys)
+    assert code == 0, err
+    (cmd,) = calls
+    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and cmd[4] == str(VIEWER) and VIEWER.is_file()
+    head = cmd[: cmd.index("--")]
+    assert head[head.index("--server.address") + 1] == "127.0.0.1" and head[head.index("--server.headless") + 1] == "true"
+    assert head[head.index("--server.port") + 1] == "8765"
+    assert cmd[cmd.index("--") + 1 :] == ["--model", str(model_file.resolve()), "--data", str(manifest.resolve()), "--data", str(folder.resolve())]
+    assert "NOT FOR CLINICAL USE" in err
+    code, _, err = run_cli(["view", "--model", model_file.parent / "missing.onnx"], monkeypatch, capsys)
+    assert code == 2 and "not found" in err and len(calls) == 1
+
+
+# -- a real browser -----------------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_viewer_in_headless_chromium(model_file, study_data, tmp_path):
+    """`cxrdebias view`'s command line serves the page; Chromium selects an image and gets the overlay."""
+    import shutil
+    import signal
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    if not Path(CHROMIUM).is_file() or shutil.which("chromedriver") is None and not Path(CHROMEDRIVER).is_file():
+        pytest.skip(f"needs {CHROMIUM} and chromedriver (Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from cxrdebias.cli import viewer_command
+
+    manifest, _ = study_data
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(viewer_command(model_file, [manifest], port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the Streamlit server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1800"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or CHROMEDRIVER), options=options)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 120, ignored_exceptions=(StaleElementReferenceException,))
+        wait.until(lambda d: any("NOT FOR CLINICAL USE" in w.text for w in d.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')))
+
+        def image_box(d):
+            boxes = [b for b in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"]') if b.text.startswith("Image")]
+            return boxes[0] if boxes else False
+
+        box = wait.until(image_box)
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]')  # nothing selected yet
+        box.find_element(By.CSS_SELECTOR, "input").click()
+        options_ = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[role="option"]'))
+        chosen = options_[0].text
+        assert chosen.endswith(".png")
+        options_[0].click()
+
+        def overlay(d):
+            for im in d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]'):
+                caption = im.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
+                img = im.find_elements(By.TAG_NAME, "img")
+                if caption and img and caption[0].text.startswith("Grad-CAM overlay") and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img[0]):
+                    return img[0]
+            return False
+
+        img = wait.until(overlay)
+        assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
+        metrics = [m.text for m in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')]
+        assert any("P(positive)" in m for m in metrics) and any("Threshold" in m for m in metrics)
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    finally:
+        if driver is not None:
+            driver.quit()
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_large_images_are_shown_at_display_size(model_file, study_data):
+    from cxrdebias.overlay import cam_to_image
+    from cxrdebias.runtime import InputImage
+    from cxrdebias.viewer_logic import display_shape, shrink
+
+    manifest, _ = study_data
+    small = read_image(collect_inputs([manifest])[0].path).pixels
+    big = np.asarray(Image.fromarray(small).resize((1500, 2100), Image.Resampling.BILINEAR))  # a 2100×1500 radiograph
+    model = load_model(model_file)
+    image = InputImage("big", pixels=np.clip(big, 0.0, 1.0))
+    res = analyse(model, image)
+    assert display_shape(big.shape) == (1024, 731) and res.heat.shape == (1024, 731)
+    src = display_source(image, res.pixels)
+    assert src.values.shape == (1024, 731)
+    overlay_image(apply_window(src, 0.5, 1.0), res.heat)  # same shapes: no error
+    part = model.predict([image])
+    full = cam_to_image(part.cams[0], part.geometries[0])
+    assert np.abs(shrink(full, (1024, 731)) - res.heat).mean() < 0.01  # the same map, computed at display size
