@@ -40,14 +40,16 @@ LabellerOpt = Annotated[
 def _bias_options(bias: str | None, labeller: str | None, dataset_values: tuple[str, ...]) -> dict:
     """``--bias``/``--labeller`` as config overrides: ``auto`` switches on the online pseudo-bias
     labeller (the dataset's bias labels, when it has them, then only feed the agreement metrics)."""
+    from cxrdebias.errors import ConfigError
+
     if labeller is not None and bias != "auto":
-        raise typer.BadParameter("--labeller only applies with --bias auto")
+        raise ConfigError("--labeller only applies with --bias auto")
     if bias is None:
         return {}
     if bias == "auto":
         return {"unsupervised.enabled": True, "unsupervised.labeller": labeller}
     if bias not in dataset_values:
-        raise typer.BadParameter(f"--bias {bias!r}: expected {', '.join(dataset_values)} or auto")
+        raise ConfigError(f"--bias {bias!r}: expected {', '.join(dataset_values)} or auto")
     return {"unsupervised.enabled": False}
 
 err = Console(stderr=True, soft_wrap=True)

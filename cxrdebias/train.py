@@ -383,6 +383,9 @@ class Trainer:
         for k, v in (record.get("val") or {}).items():
             if isinstance(v, float):
                 parts.append(f"val {k} {v:.4f}")
+        for section, values in record.items():  # the method's epoch_metrics() sections
+            if section not in ("train", "val") and isinstance(values, dict):
+                parts += [f"{section} {k} {v:.3f}" for k, v in values.items() if isinstance(v, float) and not k.startswith("n_")]
         self.console.print("  ".join(parts))
 
     def load_best(self) -> None:

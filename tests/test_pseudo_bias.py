@@ -315,6 +315,7 @@ def test_bias_auto_run_logs_agreement_every_epoch_and_analyze_bias(fake_mnist, t
     assert res["method"]["bias"] == "auto" and res["method"]["unsupervised"]["labeller"] == "cluster"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
+    assert "pseudo_bias nmi" in err  # shown in the epoch line too
     for r in records:
         pb = r["pseudo_bias"]
         assert pb["n"] > 0 and {"nmi", "ari", "matched_accuracy", "minority_matched_accuracy"} <= set(pb)
@@ -342,6 +343,15 @@ def test_analyze_bias_on_a_supervised_run_fits_an_attractor(fake_mnist, tmp_path
     assert code == 0, err
     report = json.loads((out / "analysis" / "agreement.json").read_text())
     assert report["per_epoch"] == [] and "attractor fitted" in report["pseudo_labels_from"]
+
+
+def test_labeller_without_bias_auto_is_refused(fake_mnist, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(_tiny(fake_mnist, tmp_path / "r", "--method", "end", "--labeller", "cluster"), monkeypatch, capsys)
+    assert code == 2 and "--bias auto" in err and "Traceback" not in err
+    code, _, err = run_cli(_tiny(fake_mnist, tmp_path / "r", "--bias", "auto", "--labeller", "kmeans"), monkeypatch, capsys)
+    assert code == 2 and "unsupervised.labeller" in err
+    code, _, err = run_cli(_tiny(fake_mnist, tmp_path / "r", "--bias", "gender"), monkeypatch, capsys)
+    assert code == 2 and "expected colour or auto" in err
 
 
 def test_bias_auto_with_lff_is_a_one_line_error(fake_mnist, tmp_path, monkeypatch, capsys):
