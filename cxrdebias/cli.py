@@ -341,7 +341,8 @@ def train_cmd(
     )
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER")
-    out_dir = out_dir or Path("runs") / f"cxr-{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    auto = "-auto" if cfg.unsupervised.enabled else ""
+    out_dir = out_dir or Path("runs") / f"cxr-{cfg.method.name}{auto}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     res = train_cxr(cfg, out_dir, force=force, resume=resume, console=err)
     v = res["val_metrics"]
     out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={out_dir}")

@@ -86,7 +86,8 @@ def default_run_name(cfg: ExperimentConfig) -> str:
         tag = f"imdb-face-{data.target}-{data.train_split}"
     else:
         tag = f"biased-mnist-rho{getattr(data, 'rho', '')}"
-    return f"{tag}-{cfg.method.name}-seed{cfg.seed}-{stamp}"
+    method = cfg.method.name + ("-auto" if cfg.unsupervised.enabled else "")  # --bias auto
+    return f"{tag}-{method}-seed{cfg.seed}-{stamp}"
 
 
 def _require_kind(cfg: ExperimentConfig, kind: str, command: str) -> None:

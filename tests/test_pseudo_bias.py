@@ -345,6 +345,14 @@ def test_analyze_bias_on_a_supervised_run_fits_an_attractor(fake_mnist, tmp_path
     assert report["per_epoch"] == [] and "attractor fitted" in report["pseudo_labels_from"]
 
 
+def test_default_run_name_marks_bias_auto():
+    from cxrdebias.config import load_config
+    from cxrdebias.reproduce import default_run_name
+
+    assert "-end-auto-seed42-" in default_run_name(load_config(None, ["method.name=end", "unsupervised.enabled=true"]))
+    assert "-end-seed42-" in default_run_name(load_config(None, ["method.name=end"]))
+
+
 def test_labeller_without_bias_auto_is_refused(fake_mnist, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(_tiny(fake_mnist, tmp_path / "r", "--method", "end", "--labeller", "cluster"), monkeypatch, capsys)
     assert code == 2 and "--bias auto" in err and "Traceback" not in err
