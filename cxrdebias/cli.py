@@ -571,13 +571,22 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # usage errors (typer ≥ 0.16 raises its own bundled click's classes)
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, (click.ClickException, *_typer_click_exceptions())):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _typer_click_exceptions() -> tuple[type[Exception], ...]:
+    """The ClickException class of the click that typer uses (bundled in typer ≥ 0.16)."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer: plain click, already caught
+        return ()
+    return (ClickException,)
 
 
 if __name__ == "__main__":

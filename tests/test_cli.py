@@ -96,3 +96,12 @@ def test_every_method_runs_on_biased_mnist(method, fake_mnist, tmp_path, monkeyp
     res = json.loads((out / "results.json").read_text())
     assert res["method"]["name"] == method
     assert all(k in res["metrics"] for k in ("biased_accuracy", "unbiased_accuracy"))
+
+
+def test_usage_error_raised_in_a_command_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """A typer.BadParameter raised inside a command body (not by option parsing) is shown as a
+    usage error with exit code 2, whichever click typer bundles."""
+    code, out, err = run_cli(["reproduce", "biased-mnist", "--resume"], monkeypatch, capsys)
+    assert code == 2
+    assert "--resume needs --out RUN_FOLDER" in err
+    assert "Traceback" not in err + out
