@@ -75,6 +75,31 @@ def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def interrupt_after_epoch(trainer, epoch: int = 1) -> None:
+    """Run ``trainer.fit()`` and crash (KeyboardInterrupt) right after the checkpoint of ``epoch``."""
+    save = trainer.save_checkpoint
+
+    def crash(e):
+        save(e)
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    trainer.save_checkpoint = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
+def assert_same_tensors(a, b) -> None:
+    """Two modules (or objects with ``state_dict``) hold bit-identical tensors."""
+    import torch
+
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            assert x == y
+
+
 @pytest.fixture(scope="session")
 def cxr_manifest() -> Path:
     path = CXR_SOURCES / "manifest.csv"

@@ -24,6 +24,7 @@ from cxrdebias.debias.lnl import (
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.models.base import ModelOutput
+from tests.conftest import assert_same_tensors, interrupt_after_epoch
 
 NO_AUTOCAST = contextlib.nullcontext
 
@@ -515,21 +516,10 @@ def test_trainer_resume_continues_exactly(method_cls, tmp_path):
     ref.fit()
     run = RunDir.create(tmp_path / "cut")
     tr = trainer(run)
-    original = tr.save_checkpoint
-
-    def crash_after_first(epoch):
-        original(epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    tr.save_checkpoint = crash_after_first
-    with pytest.raises(KeyboardInterrupt):
-        tr.fit()
+    interrupt_after_epoch(tr)
     resumed = trainer(RunDir.create(tmp_path / "cut", resume=True))
     resumed.fit(resume=True)
-    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(ref.method.state_dict().values(), resumed.method.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_tensors(ref.model, resumed.model)
+    assert_same_tensors(ref.method, resumed.method)
     assert resumed.method.head_optimizer.param_groups[0]["lr"] == pytest.approx(ref.method.head_optimizer.param_groups[0]["lr"])
     assert {"bias_ce", "bias_accuracy"} <= set(ref.history[-1]["train"])

@@ -23,6 +23,7 @@ from cxrdebias.debias.hsic import (
 from cxrdebias.debias.rebias import ReBias, ReBiasOptions
 from cxrdebias.errors import CheckpointError
 from cxrdebias.models import SimpleConvNet
+from tests.conftest import assert_same_tensors, interrupt_after_epoch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -384,10 +385,8 @@ def test_save_restore_reproduces_the_next_step():
 
     for k in logs:
         assert torch.equal(logs[k], logs2[k]), k
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(method.state_dict().values(), method2.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_tensors(model, model2)
+    assert_same_tensors(method, method2)
     with pytest.raises(CheckpointError):
         method2.load_extra_state({})
 
@@ -423,19 +422,8 @@ def test_trainer_resume_continues_exactly(tmp_path):
     assert ref.method.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # G's StepLR(2) stepped
 
     interrupted = trainer(RunDir.create(tmp_path / "run"))
-    save = interrupted.save_checkpoint
-
-    def crash_after_first(epoch):
-        save(epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    interrupted.save_checkpoint = crash_after_first
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    interrupt_after_epoch(interrupted)
     resumed = trainer(RunDir.create(tmp_path / "run", resume=True))
     resumed.fit(resume=True)
-    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(ref.method.state_dict().values(), resumed.method.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_tensors(ref.model, resumed.model)
+    assert_same_tensors(ref.method, resumed.method)

@@ -12,6 +12,7 @@ from cxrdebias.errors import CheckpointError, RunExistsError
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.runs import RunDir
 from cxrdebias.train import Trainer, resolve_precision, seed_everything
+from tests.conftest import assert_same_tensors, interrupt_after_epoch
 
 
 def _data(n=96, seed=0):
@@ -59,21 +60,11 @@ def test_resume_gives_identical_weights(tmp_path):
 
     run = RunDir.create(tmp_path / "interrupted")
     tr = _trainer(run)
-    original = tr.save_checkpoint
-
-    def crash_after_first(epoch):
-        original(epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    tr.save_checkpoint = crash_after_first
-    with pytest.raises(KeyboardInterrupt):
-        tr.fit()
+    interrupt_after_epoch(tr)
     resumed = _trainer(RunDir.create(tmp_path / "interrupted", resume=True))
     res = resumed.fit(resume=True)
     assert res.resumed_from_epoch == 1
-    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert_same_tensors(ref.model, resumed.model)
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3]
 
 
