@@ -415,10 +415,14 @@ def _read_dicom(path: Path, site_tag: BaseTag | None, max_pixels: int, *, force:
         stored = ds.pixel_array
     except Exception as exc:  # decoder errors: truncated data, missing codec plugin, bad tags
         syntax = pydicom.uid.UID(transfer_syntax) if transfer_syntax else None
+        try:  # a malformed Transfer Syntax UID is not a transfer syntax at all (is_compressed raises)
+            compressed = syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed
+        except Exception:
+            compressed = False
         hint = (
             "; compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
             "(or python-gdcm)"
-            if syntax is not None and syntax.is_compressed
+            if compressed
             else ""
         )
         raise DataError(
