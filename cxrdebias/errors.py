@@ -33,3 +33,26 @@ class CheckpointError(CxrDebiasError):
 
 class ExportError(CxrDebiasError):
     """A model cannot be exported, or the exported model failed its parity checks."""
+
+
+class TrainingInterrupted(CxrDebiasError):
+    """Training was stopped by SIGINT (Ctrl-C) or SIGTERM at a batch boundary.
+
+    ``exit_code`` is the shell convention 128 + signal number (130 for SIGINT, 143 for SIGTERM);
+    ``epoch``/``step`` say where training stopped (``step`` batches of ``epoch`` were done;
+    ``step=None``: right after ``epoch`` was completed) and ``saved_epoch`` is the last completed
+    epoch with a checkpoint (``None``: nothing to resume).
+    """
+
+    def __init__(self, signum: int, epoch: int, step: int | None, saved_epoch: int | None):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+        self.epoch, self.step, self.saved_epoch = epoch, step, saved_epoch
+        name = signal.Signals(signum).name
+        where = f"interrupted ({name}) " + (f"after epoch {epoch}" if step is None else f"at epoch {epoch} step {step}")
+        if saved_epoch is None:
+            super().__init__(f"{where}; no epoch was completed and saved, so there is nothing to resume")
+        else:
+            super().__init__(f"{where}; epoch {saved_epoch} is saved: resume with --resume")

@@ -3,7 +3,9 @@
 Adam + weight decay + StepLR, reproducible seeds, bf16 autocast where the hardware supports
 it, rich progress, per-epoch metrics to ``metrics.jsonl``, atomic checkpoints every epoch
 (``last.pt``; the previous one kept as ``prev.pt``), resume from the last good checkpoint, and
-model selection on a *validation* metric only (``best.pt``).
+model selection on a *validation* metric only (``best.pt``). SIGINT/SIGTERM during :meth:`Trainer.fit`
+stop training at the next batch boundary with :class:`~cxrdebias.errors.TrainingInterrupted`
+(docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +36,7 @@ from torch import nn
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
-from cxrdebias.errors import CheckpointError, ConfigError
+from cxrdebias.errors import CheckpointError, ConfigError, TrainingInterrupted
 from cxrdebias.inference import Predictions, predict, to_device
 from cxrdebias.runs import RunDir, torch_load_checked, torch_save_atomic
 
@@ -184,6 +188,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.start_epoch = 1
+        self._stop_signal: int | None = None  # set by SIGINT/SIGTERM during fit()
+        self._saved_epoch: int | None = None  # the newest epoch with a checkpoint
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -282,16 +288,25 @@ class Trainer:
         counts: dict[str, int] = {}  # per key: a value logged only in some batches is averaged over those
         n_seen = 0
         t0 = time.perf_counter()
-        for batch in self.train_loader:
-            batch = to_device(batch, self.device, self.cfg.channels_last)
-            logs = self.method.update(self.model, batch, self.optimizer, self.autocast)
-            n = batch["target"].shape[0]
-            n_seen += n
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-                counts[k] = counts.get(k, 0) + n
-            if progress is not None:
-                progress.update(task, advance=1, stats=f"loss {sums['loss'] / counts['loss']:.4f}  {n_seen / (time.perf_counter() - t0):.0f} img/s")
+        step = 0
+        try:
+            for batch in self.train_loader:
+                batch = to_device(batch, self.device, self.cfg.channels_last)
+                logs = self.method.update(self.model, batch, self.optimizer, self.autocast)
+                step += 1
+                n = batch["target"].shape[0]
+                n_seen += n
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                    counts[k] = counts.get(k, 0) + n
+                if progress is not None:
+                    progress.update(task, advance=1, stats=f"loss {sums['loss'] / counts['loss']:.4f}  {n_seen / (time.perf_counter() - t0):.0f} img/s")
+                self._check_stop(epoch, step)
+        except Exception as exc:
+            # Ctrl-C also reaches DataLoader workers, which then exit: their loader's error is the interrupt
+            if self._stop_signal is None or isinstance(exc, TrainingInterrupted):
+                raise
+            raise self._interrupted(epoch, step) from exc
         elapsed = time.perf_counter() - t0
         if progress is not None:
             progress.remove_task(task)
@@ -302,12 +317,54 @@ class Trainer:
         out["time_s"] = elapsed
         return out
 
+    # -- stopping on SIGINT / SIGTERM --------------------------------------------------------------
+    def _interrupted(self, epoch: int, step: int | None) -> TrainingInterrupted:
+        assert self._stop_signal is not None
+        return TrainingInterrupted(self._stop_signal, epoch, step, self._saved_epoch)
+
+    def _check_stop(self, epoch: int, step: int | None) -> None:
+        if self._stop_signal is not None:
+            raise self._interrupted(epoch, step)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGINT/SIGTERM only set a flag; the loop stops at the next batch
+        boundary (checkpoints are per epoch, so the newest one is that of the last completed
+        epoch). A second signal stops at once (KeyboardInterrupt). The previous handlers are
+        restored afterwards. Only in the main thread (Python delivers signals there)."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train (or, with ``resume``, continue from the newest checkpoint) to ``cfg.epochs``.
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM arrived; raised at the next batch boundary.
+        """
+        with self._stop_on_signals():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         resumed_from = None
         if resume:
             resumed_from = self.load_checkpoint()
             self.start_epoch = resumed_from + 1
             self.run.truncate_metrics(resumed_from)
+            self._saved_epoch = resumed_from
             self.console.print(f"resuming after epoch {resumed_from}")
         else:
             seed_everything(self.seed)
@@ -329,6 +386,7 @@ class Trainer:
         )
         with progress or contextlib.nullcontext():
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+                self._check_stop(epoch - 1, None)  # a signal during the last evaluation/checkpoint
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_stats = self.train_epoch(epoch, progress)
                 if self.scheduler:
@@ -360,11 +418,15 @@ class Trainer:
                 if self.run is not None:
                     self.run.append_metrics(record)
                 self.save_checkpoint(epoch)
+                if self.run is not None:
+                    self._saved_epoch = epoch
                 self._print_epoch(record)
                 if self.patience is not None and since_best >= self.patience and not last:
                     stopped_early = True
                     self.console.print(f"early stopping: no improvement of {self.select_metric} for {since_best} evaluations")
                     break
+        if self.history:
+            self._check_stop(self.history[-1]["epoch"], None)  # honour a signal that came during the last epoch's end
         return TrainResult(
             history=self.history,
             best=self.best,

@@ -1,6 +1,8 @@
 """The trainer: a short run changes the model, logs, checkpoints, resumes exactly."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from cxrdebias.config import load_config
 from cxrdebias.data.base import TensorBatchLoader, TensorSamples
 from cxrdebias.debias import build_method
-from cxrdebias.errors import CheckpointError, RunExistsError
+from cxrdebias.errors import CheckpointError, RunExistsError, TrainingInterrupted
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.runs import RunDir
 from cxrdebias.train import Trainer, resolve_precision, seed_everything
@@ -66,6 +68,53 @@ def test_resume_gives_identical_weights(tmp_path):
     assert res.resumed_from_epoch == 1
     assert_same_tensors(ref.model, resumed.model)
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3]
+
+
+def _signal_at_update(trainer, signum, n):
+    """Send ``signum`` to this process during the ``n``-th optimisation step of ``trainer``."""
+    update, calls = trainer.method.update, []
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signum)
+        return update(*args, **kwargs)
+
+    trainer.method.update = hooked
+    return calls
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_at_a_batch_boundary_and_resume_is_exact(signum, code, tmp_path, torch_one_thread):
+    ref = _trainer(RunDir.create(tmp_path / "ref"), epochs=2)
+    ref.fit()
+
+    before = signal.getsignal(signum)
+    run = RunDir.create(tmp_path / "run")
+    tr = _trainer(run, epochs=2)  # 96 samples, batch 32: 3 steps per epoch
+    calls = _signal_at_update(tr, signum, 5)  # epoch 2, step 2
+    with pytest.raises(TrainingInterrupted) as info:
+        tr.fit()
+    err = info.value
+    assert (err.exit_code, err.epoch, err.step, err.saved_epoch) == (code, 2, 2, 1)
+    assert len(calls) == 5  # the running step was finished, no further one started
+    assert str(err).endswith("at epoch 2 step 2; epoch 1 is saved: resume with --resume")
+    assert signal.getsignal(signum) is before  # the handlers of the caller are back
+    assert torch.load(run.checkpoint_dir / "last.pt", weights_only=False)["epoch"] == 1
+    assert [r["epoch"] for r in run.read_metrics()] == [1]
+
+    resumed = _trainer(RunDir.create(tmp_path / "run", resume=True), epochs=2)
+    assert resumed.fit(resume=True).resumed_from_epoch == 1
+    assert_same_tensors(ref.model, resumed.model)
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+
+
+def test_signal_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, torch_one_thread):
+    tr = _trainer(RunDir.create(tmp_path / "run"), epochs=2)
+    _signal_at_update(tr, signal.SIGTERM, 1)
+    with pytest.raises(TrainingInterrupted, match="at epoch 1 step 1; no epoch was completed") as info:
+        tr.fit()
+    assert info.value.saved_epoch is None and not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
