@@ -67,7 +67,8 @@ def torch_load_checked(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/...
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc.__class__.__name__}: {exc})") from exc
+        detail = " ".join(str(exc).split())[:200]  # torch's messages span lines; the error is one line
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc.__class__.__name__}: {detail})") from exc
 
 
 def _json_default(obj: Any) -> Any:

@@ -126,6 +126,39 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
     assert tr.load_checkpoint() == 1  # prev.pt holds epoch 1
 
 
+def test_resume_after_a_truncated_last_checkpoint_continues_from_prev_with_a_warning(tmp_path, torch_one_thread):
+    import io
+
+    from rich.console import Console
+
+    ref = _trainer(RunDir.create(tmp_path / "ref"), epochs=2)
+    ref.fit()
+    run = RunDir.create(tmp_path / "run")
+    _trainer(run, epochs=2).fit()
+    last = run.checkpoint_dir / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # a disk-full or killed copy
+    tr = _trainer(RunDir.create(tmp_path / "run", resume=True), epochs=2)
+    tr.console = Console(file=(log := io.StringIO()), soft_wrap=True)
+    assert tr.fit(resume=True).resumed_from_epoch == 1
+    warning = [line for line in log.getvalue().splitlines() if "last.pt unusable" in line]
+    assert len(warning) == 1 and "truncated" in warning[0] and "resumed from prev.pt" in warning[0]
+    assert_same_tensors(ref.model, tr.model)  # epoch 2 trained again from epoch 1: the same weights
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+
+
+def test_both_checkpoints_corrupt_is_one_line_error(tmp_path, torch_one_thread):
+    run = RunDir.create(tmp_path / "run")
+    _trainer(run, epochs=2).fit()
+    for name in ("last.pt", "prev.pt"):
+        path = run.checkpoint_dir / name
+        path.write_bytes(path.read_bytes()[:500])
+    tr = _trainer(RunDir.create(tmp_path / "run", resume=True), epochs=2)
+    with pytest.raises(CheckpointError, match="no usable checkpoint to resume") as info:
+        tr.fit(resume=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "last.pt" in msg and "prev.pt" in msg
+
+
 def test_resume_with_other_config_is_refused(tmp_path):
     run = RunDir.create(tmp_path / "run")
     _trainer(run, epochs=1).fit()
