@@ -56,3 +56,7 @@ class TrainingInterrupted(CxrDebiasError):
             super().__init__(f"{where}; no epoch was completed and saved, so there is nothing to resume")
         else:
             super().__init__(f"{where}; epoch {saved_epoch} is saved: resume with --resume")
+
+
+class OutputError(CxrDebiasError):
+    """The output folder cannot be created or written (read-only, a file in the way, ...)."""

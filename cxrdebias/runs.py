@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import torch
 import yaml
 
-from cxrdebias.errors import CheckpointError, RunExistsError
+from cxrdebias.errors import CheckpointError, OutputError, RunExistsError
 
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
@@ -115,9 +115,20 @@ class RunDir:
                 raise RunExistsError(
                     f"{p}: output folder already exists and is not empty; pass --force to overwrite it or --resume to continue it"
                 )
-            shutil.rmtree(p)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            try:
+                shutil.rmtree(p)
+            except OSError as exc:
+                raise OutputError(f"{p}: --force cannot delete the old run ({exc.strerror or exc} at {exc.filename})") from None
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            (p / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=p / CHECKPOINT_DIR):  # writable? (mkdir succeeds on an existing folder)
+                pass
+        except OSError as exc:
+            where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(p) else ""
+            raise OutputError(
+                f"{p}: cannot create or write the output folder ({exc.strerror or exc}{where}); choose a writable --out"
+            ) from None
         return run
 
     # -- files ----------------------------------------------------------------------------

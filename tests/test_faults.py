@@ -4,6 +4,7 @@ that cannot be written. Each ends in a one-line error (or a clean resume), never
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 def _tiny_args(data: Path, out: Path, epochs: int) -> list[str]:
@@ -72,3 +73,27 @@ def test_sigterm_then_sigkill_then_resume_completes(fake_mnist, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["epochs"] == 4 and res["train"]["resumed_from_epoch"] >= 1  # 1 if killed before the epoch-2 checkpoint
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("case", ["file-in-the-way", "read-only-folder"])
+def test_unwritable_output_folder_is_one_line_error(case, fake_mnist, tmp_path, monkeypatch, capsys):
+    if case == "file-in-the-way":  # fails for root too
+        (tmp_path / "file.txt").write_text("x")
+        out = tmp_path / "file.txt" / "run"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a chmod 0o500 folder; the file-in-the-way case covers root")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "run"
+    try:
+        code, stdout, err = run_cli(_tiny_args(fake_mnist, out, epochs=1), monkeypatch, capsys)
+    finally:
+        if case == "read-only-folder":
+            (tmp_path / "ro").chmod(0o700)
+    assert code == 2, err
+    assert "Traceback" not in err + stdout
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and str(out) in lines[-1] and "cannot create or write the output folder" in lines[-1]
+    assert not out.exists()
