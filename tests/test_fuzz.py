@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -18,6 +19,9 @@ from PIL import Image
 from cxrdebias.data.cxr import load_manifest
 from cxrdebias.data.images import read_image, write_dicom
 from cxrdebias.errors import CxrDebiasError
+
+# pydicom warns about the malformed elements it reads with force=True; that is the point here
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom.*")
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
