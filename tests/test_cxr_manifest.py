@@ -30,7 +30,6 @@ from cxrdebias.data.images import read_image, write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.errors import ConfigError, DataError
 
-CXR_SOURCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-covid-sources"
 HEADER = "path,label,site,patient_id"
 
 
@@ -59,11 +58,9 @@ def small_set(folder: Path, sites=("A", "B"), patients_per_site: int = 6) -> Pat
 
 
 @pytest.fixture(scope="module")
-def real_manifest() -> Path:
-    path = CXR_SOURCES / "manifest.csv"
-    if not path.is_file():
-        pytest.skip(f"real CXR set not found at {CXR_SOURCES} (../shared/data/cxr-covid-sources next to the repo)")
-    return path
+def real_manifest(cxr_manifest) -> Path:
+    """The real two-source manifest (conftest's ``cxr_manifest``: skips when it is absent)."""
+    return cxr_manifest
 
 
 @pytest.fixture(scope="module")
