@@ -78,6 +78,9 @@ class TrainConfig(_Strict):
     select_mode: Literal["max", "min"] = "max"
     patience: int | None = Field(None, ge=1, description="early stopping after N evaluations without improvement")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes when images are not cached")
+    sync_batchnorm: bool = Field(
+        True, description="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)"
+    )
 
 
 class ExperimentConfig(_Strict):

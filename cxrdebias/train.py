@@ -6,6 +6,10 @@ it, rich progress, per-epoch metrics to ``metrics.jsonl``, atomic checkpoints ev
 model selection on a *validation* metric only (``best.pt``). SIGINT/SIGTERM during :meth:`Trainer.fit`
 stop training at the next batch boundary with :class:`~cxrdebias.errors.TrainingInterrupted`
 (docs/robustness.md).
+
+Under ``torchrun`` (docs/scaling.md) the model is wrapped in DistributedDataParallel for the
+training steps, the methods' own networks average their gradients, only rank 0 evaluates,
+prints and writes files, and stop signals and early stopping are agreed by all ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from cxrdebias import distributed as dist_utils
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
@@ -84,6 +89,32 @@ def make_autocast(precision: str, device: torch.device) -> Callable[[], contextl
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def _merge_logs(parts: list[tuple[dict[str, float], dict[str, int], int]]) -> tuple[dict[str, float], dict[str, int], int]:
+    """Per-rank (sums, counts, samples) of an epoch's logged values → the global ones."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for s, c, _ in parts:
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + c[k]
+    return sums, counts, sum(n for _, _, n in parts)
+
+
+def _needs_unused_search(method: Method) -> bool:
+    inner = getattr(method, "inner", None)  # --bias auto wraps the method
+    return bool(method.ddp_find_unused_parameters or getattr(inner, "ddp_find_unused_parameters", False))
 
 
 def _len_samples(loader: Any) -> int:
@@ -150,7 +181,8 @@ class Trainer:
         if select_mode not in ("max", "min"):
             raise ValueError(f"select_mode must be 'max' or 'min', got {select_mode!r}")
         self.cfg = config
-        self.device = resolve_device(config.device)
+        self.world = dist_utils.world()
+        self.device = resolve_device(dist_utils.device_for(self.world, config.device))
         self.precision = resolve_precision(config.precision, self.device)
         self.autocast = make_autocast(self.precision, self.device)
         if config.num_threads:
@@ -160,6 +192,15 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model: nn.Module = self.model  # what the training steps call (DDP under torchrun)
+        if self.world.distributed:
+            if config.sync_batchnorm and self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=_needs_unused_search(method),
+            )
         self.method = method.to(self.device)
         self.train_loader = train_loader
         self.run = run
@@ -169,7 +210,7 @@ class Trainer:
         self.patience = patience
         self.seed = seed
         self.fingerprint = fingerprint
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or Console(stderr=True, soft_wrap=True, quiet=not self.world.is_main)
         self.optimizer = self._make_optimizer(self.model.parameters())
         self.scheduler = self._make_scheduler(self.optimizer)
         self.method.setup(
@@ -178,13 +219,16 @@ class Trainer:
                 num_samples=num_samples if num_samples is not None else _len_samples(train_loader),
                 num_classes=num_classes if num_classes is not None else _num_outputs(self.model),
                 num_biases=num_biases,
-                make_optimizer=self._make_optimizer,
+                make_optimizer=self._make_method_optimizer,
                 make_scheduler=self._make_scheduler,
                 build_model=build_model,
                 device=self.device,
             ),
         )
         self.method.to(self.device)
+        if self.world.distributed:  # the method's own networks start from rank 0's weights
+            for t in self.method.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.start_epoch = 1
@@ -193,6 +237,31 @@ class Trainer:
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _make_method_optimizer(self, params) -> torch.optim.Optimizer:
+        """Optimiser of a network the method owns: DDP does not wrap it, so under torchrun its
+        step first averages the gradients over ranks."""
+        return dist_utils.average_gradients_before_step(self._make_optimizer(params))
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (rank 0 only)."""
+        return self.run is not None and self.world.is_main
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0 only, its result (or its error) on every rank."""
+        if not self.world.distributed:
+            return fn()
+        result, error = None, None
+        if self.world.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # re-raised on every rank below, so none waits forever
+                error = exc
+        result, error = dist_utils.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer):
         if not self.cfg.lr_step:
@@ -222,17 +291,24 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "history": self.history,
             "best": self.best,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": _rng_state(),
             "fingerprint": self.fingerprint,
+            "world_size": self.world.world_size,
         }
 
     def save_checkpoint(self, epoch: int) -> None:
         if self.run is None:
             return
+        rng_per_rank = dist_utils.all_gather_object(_rng_state()) if self.world.distributed else None
+        if not self.world.is_main:
+            return
+        state = self._checkpoint(epoch)
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
         last = self.run.checkpoint_dir / "last.pt"
         if last.exists():
             last.replace(self.run.checkpoint_dir / "prev.pt")
-        torch_save_atomic(self._checkpoint(epoch), last)
+        torch_save_atomic(state, last)
 
     def load_checkpoint(self) -> int:
         """Restore the newest readable checkpoint; returns its epoch."""
@@ -263,9 +339,16 @@ class Trainer:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.history = state["history"]
             self.best = state["best"]
-            torch.set_rng_state(state["rng"]["torch"])
-            np.random.set_state(state["rng"]["numpy"])
-            random.setstate(state["rng"]["python"])
+            rng = state["rng"]
+            per_rank = state.get("rng_per_rank")
+            if self.world.distributed and per_rank is not None and len(per_rank) == self.world.world_size:
+                rng = per_rank[self.world.rank]
+            elif state.get("world_size", 1) != self.world.world_size:
+                self.console.print(
+                    f"[yellow]{name} was written by {state.get('world_size', 1)} process(es), this run has "
+                    f"{self.world.world_size}: training continues, but not bit-identically to an uninterrupted run[/]"
+                )
+            _set_rng_state(rng)
             if name != "last.pt":
                 self.console.print(f"[yellow]last.pt unusable ({errors[-1]}); resumed from {name}[/]")
             return int(state["epoch"])
@@ -292,7 +375,7 @@ class Trainer:
         try:
             for batch in self.train_loader:
                 batch = to_device(batch, self.device, self.cfg.channels_last)
-                logs = self.method.update(self.model, batch, self.optimizer, self.autocast)
+                logs = self.method.update(self.train_model, batch, self.optimizer, self.autocast)
                 step += 1
                 n = batch["target"].shape[0]
                 n_seen += n
@@ -310,6 +393,8 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         if progress is not None:
             progress.remove_task(task)
+        if self.world.distributed:  # epoch averages over the global batches
+            sums, counts, n_seen = _merge_logs(dist_utils.all_gather_object((sums, counts, n_seen)))
         if n_seen == 0:
             raise ValueError("the training loader yielded no batch")
         out = {k: v / counts[k] for k, v in sums.items()}
@@ -323,8 +408,15 @@ class Trainer:
         return TrainingInterrupted(self._stop_signal, epoch, step, self._saved_epoch)
 
     def _check_stop(self, epoch: int, step: int | None) -> None:
+        if self.world.distributed:  # all ranks stop at the same batch (one tiny all-reduce)
+            if dist_utils.any_rank(self._stop_signal is not None, self._flag_device) and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM  # another rank was signalled
         if self._stop_signal is not None:
             raise self._interrupted(epoch, step)
+
+    @property
+    def _flag_device(self) -> torch.device:
+        return self.device if self.world.backend == "nccl" else torch.device("cpu")
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -363,11 +455,12 @@ class Trainer:
         if resume:
             resumed_from = self.load_checkpoint()
             self.start_epoch = resumed_from + 1
-            self.run.truncate_metrics(resumed_from)
+            if self.writes:
+                self.run.truncate_metrics(resumed_from)
             self._saved_epoch = resumed_from
             self.console.print(f"resuming after epoch {resumed_from}")
-        else:
-            seed_everything(self.seed)
+        else:  # per-rank streams (augmentation, dropout); rank 0's is the one-process stream
+            seed_everything(self.seed + 1_000_003 * self.world.rank)
         stopped_early = False
         since_best = 0
         progress = (
@@ -381,7 +474,7 @@ class Trainer:
                 console=self.console,
                 transient=True,
             )
-            if self.cfg.progress
+            if self.cfg.progress and self.world.is_main
             else None
         )
         with progress or contextlib.nullcontext():
@@ -395,27 +488,13 @@ class Trainer:
                 self.method.on_epoch_end(epoch)
                 last = epoch == self.cfg.epochs
                 if self.evaluate and (epoch % self.cfg.eval_every == 0 or last):
-                    t0 = time.perf_counter()
-                    record["val"] = self.evaluate(self.predict)
-                    record["eval_time_s"] = time.perf_counter() - t0
-                    if self.select_metric:
-                        if self.select_metric not in record["val"]:
-                            raise ConfigError(
-                                f"selection metric {self.select_metric!r} not among validation metrics {sorted(record['val'])}"
-                            )
-                        value = float(record["val"][self.select_metric])
-                        if self._improved(value):
-                            self.best = {"epoch": epoch, "metric": self.select_metric, "value": value}
-                            since_best = 0
-                            if self.run is not None:
-                                torch_save_atomic(
-                                    {"epoch": epoch, "model": self.model.state_dict(), "best": self.best},
-                                    self.run.checkpoint_dir / "best.pt",
-                                )
-                        else:
-                            since_best += 1
+                    val, eval_time, improved = self._on_main(lambda: self._validate(epoch))
+                    self.best = dist_utils.broadcast_object(self.best)
+                    record["val"], record["eval_time_s"] = val, eval_time
+                    if improved is not None:
+                        since_best = 0 if improved else since_best + 1
                 self.history.append(record)
-                if self.run is not None:
+                if self.writes:
                     self.run.append_metrics(record)
                 self.save_checkpoint(epoch)
                 if self.run is not None:
@@ -435,6 +514,26 @@ class Trainer:
             stopped_early=stopped_early,
             resumed_from_epoch=resumed_from,
         )
+
+    def _validate(self, epoch: int) -> tuple[dict[str, float], float, bool | None]:
+        """Validation metrics, their time and whether the selection metric improved (``None``:
+        no selection); saves ``best.pt``. Runs on rank 0 only under torchrun."""
+        t0 = time.perf_counter()
+        val = self.evaluate(self.predict)
+        elapsed = time.perf_counter() - t0
+        if not self.select_metric:
+            return val, elapsed, None
+        if self.select_metric not in val:
+            raise ConfigError(f"selection metric {self.select_metric!r} not among validation metrics {sorted(val)}")
+        value = float(val[self.select_metric])
+        if not self._improved(value):
+            return val, elapsed, False
+        self.best = {"epoch": epoch, "metric": self.select_metric, "value": value}
+        if self.run is not None:
+            torch_save_atomic(
+                {"epoch": epoch, "model": self.model.state_dict(), "best": self.best}, self.run.checkpoint_dir / "best.pt"
+            )
+        return val, elapsed, True
 
     def _print_epoch(self, record: dict[str, Any]) -> None:
         tr = record["train"]

@@ -81,14 +81,22 @@ class _EpochSeededLoader:
     boundary sees exactly the batches an uninterrupted run would.
     """
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int = 0, world_size: int = 1
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if batch_size % world_size:
+            raise ValueError(f"the global batch_size {batch_size} must be divisible by world_size {world_size}")
         self._n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,35 +105,91 @@ class _EpochSeededLoader:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
 
+    @property
+    def _n_total(self) -> int:
+        """Samples per epoch over all ranks: padded to a multiple of ``world_size``."""
+        return -(-self._n // self.world_size) * self.world_size
+
     def __len__(self) -> int:
-        return self._n // self.batch_size if self.drop_last else -(-self._n // self.batch_size)
+        n = self._n_total
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """This epoch's sample order (same on every rank)."""
+        order = torch.randperm(self._n, generator=self.generator()) if self.shuffle else torch.arange(self._n)
+        pad = self._n_total - self._n
+        return torch.cat([order, order[:pad]]) if pad else order  # DistributedSampler's padding
+
+    def batch_indices(self) -> Iterator[torch.Tensor]:
+        """This rank's indices of each batch: the contiguous ``rank``-th share of every global
+        batch of ``batch_size`` (the whole batch in a single process), so the ranks' batches
+        concatenated in rank order are the one-process batch. With ``world_size > 1`` the
+        epoch is padded by repeating its first samples until it divides evenly."""
+        order = self.order()
+        for b in range(len(self)):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            per_rank = batch.shape[0] // self.world_size
+            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank] if self.world_size > 1 else batch
 
 
 class TensorBatchLoader(_EpochSeededLoader):
     """Batches of a :class:`TensorSamples` by tensor indexing (no per-sample Python calls)."""
 
-    def __init__(self, samples: TensorSamples, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
-        super().__init__(len(samples), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(
+        self,
+        samples: TensorSamples,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(
+            len(samples), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+        )
         self.samples = samples
 
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.samples)
-        order = torch.randperm(n, generator=self.generator()) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
-            yield self.samples.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+        for index in self.batch_indices():
+            yield self.samples.batch(index)
 
 
 class EpochDataLoader(_EpochSeededLoader):
     """A :class:`torch.utils.data.DataLoader` with the same epoch-seeded shuffling — the
     streaming counterpart of :class:`TensorBatchLoader` for datasets too large for memory."""
 
-    def __init__(self, dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0, collate_fn=None, drop_last: bool = False):
-        super().__init__(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        collate_fn=None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(
+            len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+        )
         self.dataset = dataset
         self.num_workers = num_workers
         self.collate_fn = collate_fn
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.world_size > 1:  # this rank's share of each global batch (see batch_indices)
+            yield from torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=[b.tolist() for b in self.batch_indices()],
+                num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
+                generator=self.generator(),
+            )
+            return
         yield from torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -155,12 +219,27 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TensorBatchLoader | EpochDataLoader:
     """The loader that fits ``samples``: tensor indexing for an in-memory
     :class:`TensorSamples`, a streaming :class:`EpochDataLoader` (``num_workers`` processes,
-    :func:`collate`) for any other dataset of the sample contract."""
+    :func:`collate`) for any other dataset of the sample contract.
+
+    Under data-parallel training (``world_size > 1``) ``batch_size`` is the global batch and
+    the loader yields rank ``rank``'s contiguous share of each one."""
     if isinstance(samples, TensorSamples):
-        return TensorBatchLoader(samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return TensorBatchLoader(
+            samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+        )
     return EpochDataLoader(
-        samples, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, collate_fn=collate, drop_last=drop_last
+        samples,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
     )

@@ -62,6 +62,9 @@ class Method(nn.Module):
     #: the last activation the model should use before its bottleneck (``None`` = default)
     feature_activation: ClassVar[str | None] = None
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: whether some of the method's backward passes leave parts of the main model unused (LNL's
+    #: second step uses the features only); DDP then has to look for unused parameters
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None):
         super().__init__()

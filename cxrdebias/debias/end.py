@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from cxrdebias.distributed import gather_many
 from cxrdebias.debias.base import Method, MethodOptions
 
 Form = Literal["paper", "reference"]
@@ -214,8 +215,8 @@ class EnD(Method):
     def compute_loss(self, model, batch, output):
         o = self.options
         ce = self.classification_loss(output.logits, batch["target"])
-        terms = end_regularizer(
-            output.features, batch["target"], batch["bias"], o.alpha, o.beta, form=o.form, return_terms=True
-        )
+        # under torchrun the Gram matrix spans the global batch (gradients reach each rank's rows)
+        features, target, bias = gather_many(output.features, batch["target"], batch["bias"])
+        terms = end_regularizer(features, target, bias, o.alpha, o.beta, form=o.form, return_terms=True)
         logs = {"ce": ce.detach(), "R_perp": terms.disentangle.detach(), "R_par": terms.entangle.detach()}
         return ce + terms.total, logs

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from cxrdebias.debias.base import Method, MethodOptions, TrainContext
+from cxrdebias.distributed import gather_many
 
 
 class GroupLosses(NamedTuple):
@@ -167,8 +168,10 @@ class GroupDRO(Method):
             raise RuntimeError("GroupDRO.setup(model, context) must be called before training")
         target, bias = batch["target"], batch["bias"]
         self._check_labels(target, bias)
-        g = group_ids(target, bias, self.num_biases)
         per_sample = F.cross_entropy(output.logits.float(), target, reduction="none")
+        # under torchrun: group losses and weights from the global batch (same q on every rank)
+        per_sample, target_all, bias_all = gather_many(per_sample, target, bias)
+        g = group_ids(target_all, bias_all, self.num_biases)
         stats = group_losses(per_sample, g, self.num_groups)
         present = stats.count > 0
         adjusted = stats.loss
@@ -176,7 +179,7 @@ class GroupDRO(Method):
             if bool(self.counting) and self.training:
                 with torch.no_grad():
                     self.group_counts += stats.count.detach().to(self.group_counts.dtype)
-                    self.samples_counted += target.shape[0]
+                    self.samples_counted += target_all.shape[0]
             n_g = self.group_sizes().clamp(min=1)
             adjusted = adjusted + self.options.generalization_adjustment / n_g.sqrt()
         if self.training:

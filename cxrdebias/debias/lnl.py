@@ -234,6 +234,8 @@ class LNL(BiasHeadMethod):
     """Learning Not to Learn: entropy-regularised classifier vs a bias head behind a
     gradient-reversal layer, two alternating updates per batch (see the module docstring)."""
 
+    ddp_find_unused_parameters = True  # step 2 back-propagates through the features only
+
     name = "lnl"
     summary = "LNL: unlearn the bias with a bias head behind gradient reversal + entropy term"
     Options = LNLOptions

@@ -58,6 +58,7 @@ from torch import nn
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.debias.lff import generalized_cross_entropy
+from cxrdebias.distributed import gather, gather_many, local_slice
 from cxrdebias.errors import ConfigError
 
 LABELLERS: tuple[str, ...] = ("attractor", "cluster", "gce_head")
@@ -488,8 +489,12 @@ class UnsupervisedBias(Method):
     def _label(self, batch: Batch, output, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
         target = batch["target"]
-        self.labeller.update(output.features, output.logits, target, step)
-        pseudo = self.labeller.assign(output.features, output.logits, target, step, index=batch["index"])
+        # under torchrun the statistics follow the global batch, identically on every rank
+        features, logits, target_all, index = gather_many(
+            output.features.detach(), output.logits.detach(), target, batch["index"]
+        )
+        self.labeller.update(features, logits, target_all, step)
+        pseudo = local_slice(self.labeller.assign(features, logits, target_all, step, index=index), target.shape[0])
         return pseudo, self.labeller.conflicting(pseudo, target)
 
     def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:
@@ -565,7 +570,7 @@ class UnsupervisedBias(Method):
 
         if not self._epoch:
             return {}
-        cat = {k: torch.cat(v).cpu() for k, v in self._epoch.items()}
+        cat = {k: gather(torch.cat(v)).cpu() for k, v in self._epoch.items()}  # all ranks' samples
         self._epoch = {}
         out: dict[str, Any] = {
             "labeller": self.labeller.name,

@@ -45,6 +45,7 @@ from torch import nn
 
 from cxrdebias.debias.base import Method, MethodOptions
 from cxrdebias.debias.hsic import hsic
+from cxrdebias.distributed import gather
 from cxrdebias.errors import CheckpointError
 
 MIN_HSIC_BATCH = 4
@@ -107,7 +108,8 @@ class ReBias(Method):
         return self.biased
 
     def _hsic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return hsic(a, b, kernel=self.options.kernel, sigma=self.options.sigma)
+        """HSIC over the global batch under torchrun (the kernels span every rank's samples)."""
+        return hsic(gather(a), gather(b), kernel=self.options.kernel, sigma=self.options.sigma)
 
     # -- training -------------------------------------------------------------------------------
     def update(self, model, batch, optimizer, autocast):
@@ -116,7 +118,7 @@ class ReBias(Method):
         self.check_batch(batch)
         o = self.options
         x, target = batch["image"], batch["target"]
-        use_hsic = target.shape[0] >= MIN_HSIC_BATCH
+        use_hsic = gather(target).shape[0] >= MIN_HSIC_BATCH  # the global batch
 
         with autocast():
             out_f = model(x)

@@ -1,0 +1,276 @@
+"""Data-parallel training with ``torchrun`` (DistributedDataParallel) and global-batch gathers.
+
+``cxrdebias train …`` runs unchanged under ``torchrun --nproc_per_node N`` (and multi-node):
+:func:`init_from_env` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``) and starts the process group — NCCL when every rank has a
+GPU, gloo otherwise. Without those variables (or with ``WORLD_SIZE=1``) nothing changes and
+every function here is an identity / no-op, so the single-process code path is the same code.
+
+What is synchronised (docs/scaling.md):
+
+* the main model's gradients: DDP's all-reduce (mean over ranks);
+* the **batch-level regularisers** (EnD's Gram matrix, HSIC, GroupDRO's group losses, the
+  pseudo-bias statistics, LfF's per-sample loss averages) see the *global* batch:
+  :func:`gather` concatenates each rank's tensor in rank order, and its backward pass sums the
+  incoming gradients over ranks and hands each rank the slice of its own samples. Together with
+  DDP's mean this makes one step on N ranks equal to one step of one process on the
+  concatenated batch (tests/test_distributed.py);
+* the gradients of networks a method owns (LNL's bias head, ReBias's biased network, LfF's
+  biased model, the GCE pseudo-bias head): averaged by a pre-step hook on their optimisers
+  (:func:`average_gradients_before_step`).
+
+Sizes: ``train.batch_size`` is the *global* batch; each rank takes ``batch_size / N`` samples
+(contiguous slices of the same global batch), so a config gives the same optimisation under any
+number of ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cxrdebias.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "backend": self.backend}
+
+
+def world() -> World:
+    """The current world: the initialised process group's, else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+            backend=str(dist.get_backend()),
+        )
+    return World()
+
+
+def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in env
+
+
+def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> World:
+    """Start the process group when launched by torchrun with more than one process.
+
+    ``device`` is ``train.device``: on CUDA each rank uses ``cuda:LOCAL_RANK`` and NCCL; on CPU
+    gloo. Returns :func:`world` (a single process when not launched by torchrun).
+    """
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return world()
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={device!r} under torchrun, but CUDA is not available")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                "use --nproc_per_node <= the number of GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return world()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(world_: World, device: str) -> str:
+    """``train.device`` for this rank: ``cuda:LOCAL_RANK`` under a multi-GPU launch."""
+    if world_.distributed and world_.backend == "nccl" and device in ("auto", "cuda"):
+        return f"cuda:{world_.local_rank}"
+    return device
+
+
+# -- collectives ------------------------------------------------------------------------------
+def _comm_dtype(t: torch.Tensor) -> torch.dtype:
+    """gloo has no bf16/fp16 reductions: communicate those in fp32."""
+    if world().backend == "gloo" and t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return t.dtype
+
+
+def _all_sizes(n: int, device: torch.device) -> list[int]:
+    size = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def _all_gather_cat(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Concatenation over ranks along dim 0 (sizes may differ); no autograd."""
+    sizes = _all_sizes(x.shape[0], x.device)
+    longest = max(sizes)
+    send = x.detach().to(_comm_dtype(x)).contiguous()
+    if send.shape[0] < longest:
+        send = torch.cat([send, send.new_zeros((longest - send.shape[0], *send.shape[1:]))])
+    parts = [torch.empty_like(send) for _ in sizes]
+    dist.all_gather(parts, send)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.dtype), sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, sizes = _all_gather_cat(x)
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # every rank's loss depends on every rank's samples: sum the gradients w.r.t. the global
+        # batch over ranks, keep this rank's rows (DDP's mean then gives the one-process gradient)
+        g = grad.to(_comm_dtype(grad)).contiguous()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g[ctx.start : ctx.stop].to(grad.dtype)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every rank concatenated along dim 0 in rank order, with gradients flowing back to
+    each rank's own rows; ``x`` itself in a single process. Detached inputs give detached output."""
+    if not world().distributed:
+        return x
+    if x.requires_grad and torch.is_grad_enabled():
+        return _GatherWithGrad.apply(x)
+    return _all_gather_cat(x)[0]
+
+
+def gather_many(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(gather(x) for x in xs)
+
+
+def local_slice(x: torch.Tensor, n_local: int) -> torch.Tensor:
+    """This rank's rows of a tensor gathered by :func:`gather` (``n_local`` rows per rank call)."""
+    w = world()
+    if not w.distributed:
+        return x
+    sizes = _all_sizes(n_local, x.device)
+    start = sum(sizes[: w.rank])
+    return x[start : start + n_local]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor); ``t`` in a single process."""
+    if not world().distributed:
+        return t
+    out = t.detach().to(_comm_dtype(t)).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.dtype)
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` is true on at least one rank (e.g. a stop signal)."""
+    if not world().distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects)."""
+    if not world().distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not world().distributed:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world().distributed:
+        dist.barrier()
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` of ``params`` over ranks in place (one flat all-reduce per dtype)."""
+    w = world()
+    if not w.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group]).to(_comm_dtype(group[0]))
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(w.world_size)
+        offset = 0
+        for g in group:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+
+
+def average_gradients_before_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer.step()`` average its parameters' gradients over ranks first (for the
+    networks a method owns, which DDP does not wrap). A no-op in a single process."""
+    if world().distributed:
+
+        def hook(opt, args, kwargs):
+            average_gradients(p for group in opt.param_groups for p in group["params"])
+
+        optimizer.register_step_pre_hook(hook)
+    return optimizer
+
+
+def shard_sizes(batch: int, world_size: int) -> list[int]:
+    """Rows of a global batch each rank takes (equal, the first ranks +1 when not divisible)."""
+    base, extra = divmod(batch, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def check_batch_size(batch_size: int, world_size: int) -> None:
+    if world_size > 1 and batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({world_size}); each rank takes batch_size / {world_size} samples"
+        )
+
+
+def split_rows(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous rows of a global batch (see :func:`shard_sizes`)."""
+    sizes: Sequence[int] = shard_sizes(x.shape[0], world_size)
+    start = sum(sizes[:rank])
+    return x[start : start + sizes[rank]]
