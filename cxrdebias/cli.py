@@ -341,9 +341,18 @@ def train_cmd(
     )
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER")
+    from cxrdebias import distributed as dist_utils
+
     auto = "-auto" if cfg.unsupervised.enabled else ""
     out_dir = out_dir or Path("runs") / f"cxr-{cfg.method.name}{auto}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    res = train_cxr(cfg, out_dir, force=force, resume=resume, console=err)
+    world = dist_utils.init_from_env(cfg.train.device)  # torchrun: one process per GPU/CPU share
+    try:
+        out_dir = dist_utils.broadcast_object(out_dir)  # rank 0's default name on every rank
+        res = train_cxr(cfg, out_dir, force=force, resume=resume, console=err)
+    finally:
+        dist_utils.shutdown()
+    if not world.is_main:
+        return
     v = res["val_metrics"]
     out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={out_dir}")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,6 +216,24 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; its result — or its exception — on every rank, so that an error
+    on rank 0 (an existing output folder, a bad config) stops all ranks instead of leaving the
+    others waiting in the next collective."""
+    if not world().distributed:
+        return fn()
+    result, error = None, None
+    if world().is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

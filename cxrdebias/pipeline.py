@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cxrdebias import distributed as dist_utils
 from cxrdebias.config import ExperimentConfig, check_resumable, config_to_dict
 from cxrdebias.data.base import UNKNOWN_BIAS, make_loader
 from cxrdebias.data.cxr import (
@@ -88,6 +89,7 @@ def validation_metrics(p: Predictions) -> dict[str, float]:
 
 
 def _loader(samples, cfg: ExperimentConfig, *, train: bool):
+    world = dist_utils.world() if train else dist_utils.World()  # validation runs on rank 0, whole
     return make_loader(
         samples,
         cfg.train.batch_size if train else EVAL_BATCH,
@@ -95,6 +97,8 @@ def _loader(samples, cfg: ExperimentConfig, *, train: bool):
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
         drop_last=train and cfg.train.drop_last,
+        rank=world.rank,
+        world_size=world.world_size,
     )
 
 
@@ -138,17 +142,24 @@ def train_cxr(
     bias = "auto" if cfg.unsupervised.enabled else cfg.data.bias  # auto: true sites only for the agreement metrics
     if method.requires_bias and cfg.data.bias == "none":
         raise ConfigError(f"method {method.name!r} needs bias labels; use --bias site")
+    world = dist_utils.world()  # under torchrun: rank 0 writes, every rank trains on its share
+    dist_utils.check_batch_size(cfg.train.batch_size, world.world_size)
     if resume:
-        run = RunDir.create(out, resume=True)
+        run = dist_utils.run_on_main(lambda: RunDir.create(out, resume=True))
         resolved = run.read_config()
         check_resumable(resolved, cfg, str(run.path))
         splits = run.file(SPLITS_FILE)
         data: CXRData = build_cxr(cfg.data, splits_file=splits)
     else:
         data = build_cxr(cfg.data)  # validates the manifest before anything is written
-        run = RunDir.create(out, force=force)
-        run.write_config(resolved)
-        save_splits(data.table, run.file(SPLITS_FILE))
+
+        def create_run() -> RunDir:
+            new = RunDir.create(out, force=force)
+            new.write_config(resolved)
+            save_splits(data.table, new.file(SPLITS_FILE))
+            return new
+
+        run = dist_utils.run_on_main(create_run)
     if data.dropped:
         console.print(f"[yellow]{format_drop_summary(data.dropped, len(data.table) + len(data.dropped))}[/]")
     if data.val is None:
@@ -163,7 +174,7 @@ def train_cxr(
             "dropped_rows": len(data.dropped),
         }
     )
-    if not resume:
+    if not resume and world.is_main:
         run.write_json(RUN_INFO_FILE, info)
 
     hide = cfg.data.bias == "none"
@@ -210,6 +221,8 @@ def train_cxr(
     t1 = time.perf_counter()
     result = trainer.fit(resume=resume)
     train_time = time.perf_counter() - t1
+    if not world.is_main:  # rank 0 selects, evaluates and writes the model and results
+        return {"rank": world.rank, "world_size": world.world_size}
     trainer.load_best()
     selected_epoch = result.best["epoch"] if result.best else result.history[-1]["epoch"]
 
@@ -263,6 +276,7 @@ def train_cxr(
             "image_load_time_s": load_time,
             "img_per_s_last_epoch": result.history[-1]["train"]["img_per_s"],
             "resumed_from_epoch": result.resumed_from_epoch,
+            "world_size": world.world_size,
         },
         "config": resolved,
         "data": info["data"],

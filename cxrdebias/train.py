@@ -248,21 +248,6 @@ class Trainer:
         """Whether this process writes the run's files (rank 0 only)."""
         return self.run is not None and self.world.is_main
 
-    def _on_main(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on rank 0 only, its result (or its error) on every rank."""
-        if not self.world.distributed:
-            return fn()
-        result, error = None, None
-        if self.world.is_main:
-            try:
-                result = fn()
-            except Exception as exc:  # re-raised on every rank below, so none waits forever
-                error = exc
-        result, error = dist_utils.broadcast_object((result, error))
-        if error is not None:
-            raise error
-        return result
-
     def _make_scheduler(self, optimizer: torch.optim.Optimizer):
         if not self.cfg.lr_step:
             return None
@@ -488,7 +473,7 @@ class Trainer:
                 self.method.on_epoch_end(epoch)
                 last = epoch == self.cfg.epochs
                 if self.evaluate and (epoch % self.cfg.eval_every == 0 or last):
-                    val, eval_time, improved = self._on_main(lambda: self._validate(epoch))
+                    val, eval_time, improved = dist_utils.run_on_main(lambda: self._validate(epoch))
                     self.best = dist_utils.broadcast_object(self.best)
                     record["val"], record["eval_time_s"] = val, eval_time
                     if improved is not None:

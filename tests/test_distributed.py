@@ -265,3 +265,28 @@ def test_torchrun_environment_starts_gloo_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got == [[0, 2, "gloo", [0.0, 1.0]], [1, 2, "gloo", [0.0, 1.0]]]
+
+
+def test_cxrdebias_train_runs_unchanged_under_torchrun(cxr_manifest, tmp_path):
+    """The CXR train command under ``torchrun --nproc_per_node 2`` (gloo, DenseNet-121 at 64 px,
+    one epoch): one run folder written by rank 0, the global batch split over the ranks."""
+    from tests.conftest import TINY_CXR_TRAIN
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "cxrdebias.cli", "train", "--data", str(cxr_manifest), "--bias", "site", "--method", "end",
+        "--out", str(out), *TINY_CXR_TRAIN, "--set", "train.num_threads=1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("val_auroc=") == 1  # rank 0 reports; rank 1 is silent
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["world_size"] == 2
+    assert len((out / METRICS_FILE).read_text().splitlines()) == 1
+    assert (out / "model.pt").is_file()
+    # a second launch on the same folder fails on every rank with the one-line error, no hang
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert again.returncode != 0
+    assert "already exists" in again.stderr
