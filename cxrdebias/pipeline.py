@@ -103,7 +103,10 @@ def _loader(samples, cfg: ExperimentConfig, *, train: bool):
 
 
 def _materialise(dataset, data_cfg: CXRDataConfig, *, hide_bias: bool):
-    """In-memory samples when caching (the default), else the streaming dataset."""
+    """In-memory samples when caching (the default), else the streaming dataset. With
+    ``data.cache_dir`` the disk cache is filled first (only missing images are decoded), so
+    both read pre-decoded images."""
+    dataset.fill_disk_cache(workers=data_cfg.workers)
     if data_cfg.cache:
         samples = dataset.to_tensor_samples(workers=data_cfg.workers)
         if hide_bias:

@@ -51,6 +51,7 @@ from pydicom.tag import BaseTag
 
 from cxrdebias.data.base import Batch, TensorSamples
 from cxrdebias.data.base import collate as collate  # re-exported: the collate of CXRDataset batches
+from cxrdebias.data.cache import DecodedCache, InspectionCache, file_sha256
 from cxrdebias.data.csv_records import read_csv_records, resolve_relative_path
 from cxrdebias.data.images import DEFAULT_MAX_PIXELS, read_dicom_tag, read_image, resolve_tag
 from cxrdebias.data.preprocess import PreprocessSpec, preprocess
@@ -126,6 +127,11 @@ class CXRDataConfig(BaseModel):
     workers: int = Field(4, ge=1, le=64, description="threads used to read images for validation and caching")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     cache: bool = Field(True, description="keep preprocessed images in memory (each image decoded once)")
+    cache_dir: str | None = Field(
+        None,
+        description="pre-decoding cache folder: each image decoded + preprocessed once and stored on disk "
+        "(keyed by file content, preprocessing and code versions), read by every later epoch, worker and run",
+    )
 
     @field_validator("site_source")
     @classmethod
@@ -229,6 +235,7 @@ def load_manifest(
     check_duplicates: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
+    cache_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Read and validate a manifest CSV (see the module doc) → one row per usable image.
 
@@ -249,6 +256,9 @@ def load_manifest(
         check_duplicates: refuse identical pixels under different patients or splits.
         max_pixels: refuse larger images.
         workers: threads decoding images.
+        cache_dir: the pre-decoding cache folder (``data.cache_dir``): images whose bytes were
+            already validated (same SHA-256, site tag, pixel limit and code versions) are not
+            decoded again (:class:`~cxrdebias.data.cache.InspectionCache`).
 
     Raises:
         DataError: the file is unreadable, a required column is missing, or (without
@@ -314,7 +324,12 @@ def load_manifest(
     # decode images (and read the site tag) — in threads, results kept in row order
     if to_read:
         paths = [Path(rows[i]["abs_path"]) for i in to_read]
-        if check_images:
+        if check_images and cache_dir is not None:
+            inspections = InspectionCache(cache_dir, site_tag=tag, max_pixels=max_pixels)
+
+            def job(p: Path) -> tuple[str | None, dict[str, Any] | None]:
+                return inspections.inspect(p, lambda: _inspect_image(p, tag, max_pixels))
+        elif check_images:
             def job(p: Path) -> tuple[str | None, dict[str, Any] | None]:
                 return _inspect_image(p, tag, max_pixels)
         else:
@@ -660,6 +675,11 @@ class CXRDataset(torch.utils.data.Dataset):
     With ``cache=True`` each image is decoded once and its preprocessed array kept in memory;
     :meth:`preload` fills the cache with a few threads. A cache filled inside DataLoader worker
     processes is lost when they exit: preload first, or use ``num_workers=0``.
+
+    With ``cache_dir`` the preprocessed images are also kept on disk
+    (:class:`~cxrdebias.data.cache.DecodedCache`): an image is decoded only when its entry is
+    missing, in any process, epoch or run. :meth:`fill_disk_cache` hashes the source files and
+    fills missing entries with threads — call it before creating DataLoader workers.
     """
 
     def __init__(
@@ -672,6 +692,7 @@ class CXRDataset(torch.utils.data.Dataset):
         cache: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str = "",
+        cache_dir: str | os.PathLike | None = None,
     ):
         if split is not None:
             if "split" not in table.columns:
@@ -692,6 +713,8 @@ class CXRDataset(torch.utils.data.Dataset):
         self.targets = torch.tensor(self.table["label"].to_numpy(dtype=np.int64))
         self.biases = torch.tensor(np.array([self.site_to_index[s] for s in self.table["site"]], dtype=np.int64))
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        self.disk_cache = DecodedCache(cache_dir, spec) if cache_dir is not None else None
+        self._source_sha256: list[str | None] = [None] * len(self.paths)
 
     @property
     def bias_names(self) -> list[str]:
@@ -705,10 +728,37 @@ class CXRDataset(torch.utils.data.Dataset):
         """The preprocessed image of sample ``i`` (from the cache when present)."""
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        array = preprocess(read_image(self.paths[i], site_tag=None, max_pixels=self.max_pixels).pixels, self.spec)
+        if self.disk_cache is not None:
+            array = self.disk_cache.load(self.paths[i], lambda: self._decode(i), self._source_sha256[i])
+        else:
+            array = self._decode(i)
         if self._cache is not None:
             self._cache[i] = array
         return array
+
+    def _decode(self, i: int) -> np.ndarray:
+        return preprocess(read_image(self.paths[i], site_tag=None, max_pixels=self.max_pixels).pixels, self.spec)
+
+    def fill_disk_cache(self, workers: int = 4) -> int:
+        """Hash every source file and decode those without a disk-cache entry (threads).
+
+        Returns the number of images decoded. A no-op without ``cache_dir``.
+        """
+        if self.disk_cache is None:
+            return 0
+        cache = self.disk_cache
+        todo = [i for i in range(len(self)) if self._source_sha256[i] is None]
+
+        def fill(i: int) -> bool:
+            digest = file_sha256(self.paths[i])
+            self._source_sha256[i] = digest
+            if cache.get(cache.key(digest)) is not None:
+                return False
+            cache.load(self.paths[i], lambda: self._decode(i), digest)
+            return True
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return sum(pool.map(fill, todo))
 
     def __getitem__(self, i: int) -> Batch:
         if not -len(self) <= i < len(self):
@@ -787,6 +837,7 @@ def build_cxr(cfg: CXRDataConfig, *, splits_file: str | os.PathLike | None = Non
         check_duplicates=cfg.check_duplicates,
         max_pixels=cfg.max_pixels,
         workers=cfg.workers,
+        cache_dir=cfg.cache_dir,
     )
     attrs = dict(df.attrs)
     if splits_file is not None:
@@ -794,7 +845,13 @@ def build_cxr(cfg: CXRDataConfig, *, splits_file: str | os.PathLike | None = Non
     else:
         df = make_splits(df, cfg.split_protocol, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     site_to_index = site_index_map(df.loc[df["split"] == "train", "site"])
-    common = {"spec": cfg.preprocess, "site_to_index": site_to_index, "cache": cfg.cache, "max_pixels": cfg.max_pixels}
+    common = {
+        "spec": cfg.preprocess,
+        "site_to_index": site_to_index,
+        "cache": cfg.cache,
+        "max_pixels": cfg.max_pixels,
+        "cache_dir": cfg.cache_dir,
+    }
     has_val = bool((df["split"] == "val").any())
     return CXRData(
         table=df,
