@@ -143,6 +143,19 @@ class ExtremeBiasSplit(str, Enum):
     eb2 = "eb2"
 
 
+def _under_torchrun(cfg, out_dir: Path, job):
+    """``job(out_dir)`` in a process group when launched by torchrun (docs/scaling.md): every rank
+    uses rank 0's ``out_dir``; returns the job's result on rank 0 and ``None`` on the others."""
+    from cxrdebias import distributed as dist_utils
+
+    world = dist_utils.init_from_env(cfg.train.device)
+    try:
+        result = job(dist_utils.broadcast_object(out_dir))
+    finally:
+        dist_utils.shutdown()
+    return result if world.is_main else None
+
+
 def _reproduce(run, cfg, out_dir: Path | None, *, force: bool, resume: bool, keys: tuple[str, ...]) -> None:
     """Run a reproduction experiment (``run``: a ``cxrdebias.reproduce.run_*``) and print ``keys``."""
     from cxrdebias.reproduce import default_run_name
@@ -150,7 +163,9 @@ def _reproduce(run, cfg, out_dir: Path | None, *, force: bool, resume: bool, key
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER")
     out_dir = out_dir or Path("runs") / default_run_name(cfg)
-    results = run(cfg, out_dir, force=force, resume=resume, console=err)
+    results = _under_torchrun(cfg, out_dir, lambda out_dir: run(cfg, out_dir, force=force, resume=resume, console=err))
+    if results is None:  # a rank other than 0 under torchrun
+        return
     m = results["metrics"]
     out.print(" ".join(f"{k}={m[k]:.4f}" for k in keys) + f" run={out_dir}")
 
@@ -341,17 +356,10 @@ def train_cmd(
     )
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER")
-    from cxrdebias import distributed as dist_utils
-
     auto = "-auto" if cfg.unsupervised.enabled else ""
     out_dir = out_dir or Path("runs") / f"cxr-{cfg.method.name}{auto}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    world = dist_utils.init_from_env(cfg.train.device)  # torchrun: one process per GPU/CPU share
-    try:
-        out_dir = dist_utils.broadcast_object(out_dir)  # rank 0's default name on every rank
-        res = train_cxr(cfg, out_dir, force=force, resume=resume, console=err)
-    finally:
-        dist_utils.shutdown()
-    if not world.is_main:
+    res = _under_torchrun(cfg, out_dir, lambda out_dir: train_cxr(cfg, out_dir, force=force, resume=resume, console=err))
+    if res is None:  # a rank other than 0 under torchrun
         return
     v = res["val_metrics"]
     out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={out_dir}")

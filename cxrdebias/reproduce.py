@@ -28,6 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
+from cxrdebias import distributed as dist_utils
 from cxrdebias.config import ExperimentConfig, check_resumable, config_to_dict
 from cxrdebias.data.base import make_loader
 from cxrdebias.data.biased_mnist import NUM_CLASSES, build_biased_mnist
@@ -126,20 +127,28 @@ def run_protocol(
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)  # validates before touching disk
     proto = make_protocol(cfg)  # fails on bad data before touching disk
     _check_selection(cfg, proto)
-    run = RunDir.create(out, force=force, resume=resume)
+    world = dist_utils.world()  # under torchrun: rank 0 writes, every rank trains on its share
+    dist_utils.check_batch_size(cfg.train.batch_size, world.world_size)
+
+    def create_run() -> RunDir:
+        new = RunDir.create(out, force=force, resume=resume)
+        if not resume:
+            new.write_config(resolved)
+            new.write_json(RUN_INFO_FILE, run_info(proto.data_info()))
+        return new
+
+    run = dist_utils.run_on_main(create_run)
     if resume:
         saved = run.read_config()
         check_resumable(saved, cfg, str(run.path))
         resolved = saved  # what the checkpoints were written with
-    else:
-        run.write_config(resolved)
-        run.write_json(RUN_INFO_FILE, run_info(proto.data_info()))
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model, proto.num_classes, feature_activation=method.feature_activation)
     loader = make_loader(
         proto.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
         num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,
+        rank=world.rank, world_size=world.world_size,
     )
 
     def evaluate(predict) -> dict[str, float]:
@@ -172,6 +181,8 @@ def run_protocol(
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     train_time = time.perf_counter() - t0
+    if not world.is_main:  # rank 0 tests and writes the results
+        return {"rank": world.rank, "world_size": world.world_size}
     trainer.load_best()
 
     tests = {}
@@ -196,6 +207,7 @@ def run_protocol(
             "time_s_this_invocation": train_time,
             "img_per_s_last_epoch": last["train"]["img_per_s"],
             "resumed_from_epoch": result.resumed_from_epoch,
+            "world_size": world.world_size,
         },
         "config": resolved,
         "data": run.read_json(RUN_INFO_FILE)["data"],

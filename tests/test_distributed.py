@@ -290,3 +290,20 @@ def test_cxrdebias_train_runs_unchanged_under_torchrun(cxr_manifest, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert again.returncode != 0
     assert "already exists" in again.stderr
+
+
+def test_reproduce_biased_mnist_under_torchrun(fake_mnist, tmp_path):
+    """`cxrdebias reproduce` shares the torchrun path: rank 0 writes one results.json."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "cxrdebias.cli", "reproduce", "biased-mnist", "--data-root", str(fake_mnist), "--rho", "0.99",
+        "--method", "end", "--epochs", "1", "--out", str(out), "--set", "train.batch_size=64",
+        "--set", "train.progress=false", "--set", "model.kernel_size=3", "--set", "train.num_threads=1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("unbiased_accuracy=") == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["train"]["world_size"] == 2
+    assert len((out / METRICS_FILE).read_text().splitlines()) == 1
