@@ -10,9 +10,16 @@ from __future__ import annotations
 
 
 class CxrDebiasError(Exception):
-    """Base class of every error caused by user input (exit code 2 on the CLI)."""
+    """Base class of every error caused by user input (exit code 2 on the CLI).
+
+    The message is always one line: line breaks (as in an embedded ``load_state_dict`` or
+    decoder message) are joined with spaces.
+    """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
 
 
 class ConfigError(CxrDebiasError):
@@ -60,3 +67,15 @@ class TrainingInterrupted(CxrDebiasError):
 
 class OutputError(CxrDebiasError):
     """The output folder cannot be created or written (read-only, a file in the way, ...)."""
+
+
+class DiskFullError(OutputError):
+    """A file could not be written because its disk (or the user's quota) is full.
+
+    The file is left as it was (writes are atomic: the temporary file is removed); ``path`` is
+    the file that was being written.
+    """
+
+    def __init__(self, path, hint: str = "free some space and run the command again"):
+        self.path = path
+        super().__init__(f"{path}: cannot write, the disk is full (no space left on device); {hint}")

@@ -8,6 +8,7 @@ the writers (JSON, CSV, Markdown, PNG) in :mod:`cxrdebias.report`.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,12 @@ from cxrdebias.config import load_config
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.errors import DataError, RunExistsError
+from cxrdebias.errors import DataError, DiskFullError, OutputError, RunExistsError
 from cxrdebias.inference import Predictions, predict
 from cxrdebias.metrics import site_report
 from cxrdebias.pipeline import SPLITS_FILE, load_model_artefact, positive_scores
 from cxrdebias.report import compare_markdown, plot_site_report, to_markdown, write_report
-from cxrdebias.runs import RunDir, write_text_atomic
+from cxrdebias.runs import RunDir, replace_folder, staging_folder, write_text_atomic
 from cxrdebias.train import make_autocast, resolve_device, resolve_precision
 
 __all__ = ["EVAL_DIR", "Predictions", "compare_runs", "evaluate_run", "predict", "write_predictions"]
@@ -57,6 +58,8 @@ def evaluate_run(
     cfg = load_config(None, None, base=run.read_config())
     model, art = load_model_artefact(run.path)
     out = Path(out) if out is not None else run.file(EVAL_DIR)
+    if out.exists() and not out.is_dir():
+        raise RunExistsError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise RunExistsError(f"{out}: an evaluation report already exists; pass --force to overwrite it or --out elsewhere")
     data_cfg = cfg.data
@@ -78,6 +81,14 @@ def evaluate_run(
     table = table[table["split"] == split]
     if table.empty:
         raise DataError(f"{source}: no rows in split {split!r} to evaluate")
+    known = art["site_to_index"]
+    unknown = table[~table["site"].isin(list(known))]
+    if len(unknown):
+        rows = ", ".join(str(r) for r in unknown["row"].head(10)) + (" …" if len(unknown) > 10 else "")
+        raise DataError(
+            f"{source}: row(s) {rows}: site(s) {', '.join(map(repr, sorted(set(unknown['site']))))} not among the sites "
+            f"the model was trained with ({', '.join(map(repr, known))}); a model is evaluated on its training sites only"
+        )
     spec = PreprocessSpec.model_validate(art["preprocess"])
     ds = CXRDataset(table, spec, art["site_to_index"], cache=False, name=split)
     samples = ds.to_tensor_samples(workers=data_cfg.workers)
@@ -95,11 +106,23 @@ def evaluate_run(
     report["split"] = split
     report["source"] = source
     report["threshold_method"] = art["threshold_method"]
-    out.mkdir(parents=True, exist_ok=True)
     name = f"{run.path.name} ({art['method']['name']})"
-    write_report(report, out, run_name=name, metadata={"source": source, "split": split, "method": art["method"]})
-    plot_site_report(report, out / "report.png", y_true=y, y_score=score, sites=sites, title=name)
-    write_predictions(out / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, art["threshold"])
+    # all files go into a hidden folder beside ``out`` that replaces it once complete: a failure
+    # (a full disk) leaves no half report and the previous report (--force) as it was
+    staging = staging_folder(out)
+    try:
+        write_report(report, staging, run_name=name, metadata={"source": source, "split": split, "method": art["method"]})
+        plot_site_report(report, staging / "report.png", y_true=y, y_score=score, sites=sites, title=name)
+        write_predictions(staging / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, art["threshold"])
+        replace_folder(staging, out)
+    except OutputError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, DiskFullError) and Path(exc.path).parent == staging:
+            raise DiskFullError(out / Path(exc.path).name, "free some space and run `cxrdebias evaluate` again") from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     report["markdown"] = to_markdown(report, run_name=name)
     return report
 

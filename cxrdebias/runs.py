@@ -4,10 +4,15 @@ Files are always written atomically (temporary file in the same folder, fsync, r
 run killed at any moment leaves either the old or the new version of a file, never half of one.
 An existing run folder is never overwritten unless the caller says so (``force``), and is only
 reused to continue the same run (``resume``).
+
+A write that fails (a full disk, a folder that became read-only) raises :class:`OutputError`
+(:class:`DiskFullError` for ENOSPC/EDQUOT) naming the file; the temporary file is removed and the
+previous version of the file, if any, is left as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,7 +24,7 @@ from typing import Any, BinaryIO
 import torch
 import yaml
 
-from cxrdebias.errors import CheckpointError, OutputError, RunExistsError
+from cxrdebias.errors import CheckpointError, DiskFullError, OutputError, RunExistsError
 
 CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
@@ -28,19 +33,64 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+#: errno values that mean "the disk (or the user's quota) is full"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _open_write(fd: int, path: Path, buffering: int = -1) -> BinaryIO:
+    """The file object that every write of this module goes through (``path``: the file it
+    becomes; the fault tests replace this with one that runs out of space)."""
+    return os.fdopen(fd, "wb", buffering=buffering)
+
+
+def _retry_hint(path: Path) -> str:
+    """What to do once space is freed: resume a run that has a checkpoint, else start again."""
+    root = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    if not (root / CONFIG_FILE).is_file():
+        return "free some space and run the command again"
+    if any((root / CHECKPOINT_DIR / name).is_file() for name in ("last.pt", "prev.pt")):
+        return "free some space, then continue the run with --resume (from its last whole checkpoint)"
+    return "free some space and start the run again with --force (no epoch was saved)"
+
+
+def output_error(path: str | Path, exc: OSError) -> OutputError:
+    """The one-line error for an ``OSError`` raised while writing ``path``."""
+    path = Path(path)
+    if exc.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(path, _retry_hint(path))
+    return OutputError(f"{path}: cannot write ({exc.strerror or exc}); check the output folder")
+
+
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with _open_write(fd, path) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        os_error = _os_error_in(exc) if isinstance(exc, Exception) else None  # not KeyboardInterrupt
+        if os_error is not None:
+            raise output_error(path, os_error) from exc
         raise
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The ``OSError`` that ``exc`` is or was raised while handling (``torch.save`` turns a
+    failed write into a ``RuntimeError`` raised from its ``__exit__``)."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -156,10 +206,34 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one line to ``metrics.jsonl`` (flushed and fsynced)."""
-        with open(self.file(METRICS_FILE), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
-            f.flush()
+        path = self.file(METRICS_FILE)
+        data = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise output_error(path, exc) from None
+        try:
+            size = os.fstat(fd).st_size
+            f = _open_write(fd, path, buffering=0)  # unbuffered: nothing is left to flush after a failure
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) :]
             os.fsync(f.fileno())
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)  # drop a half-written line: the log stays whole lines
+            except OSError:
+                pass
+            raise output_error(path, exc) from None
+        finally:
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.file(METRICS_FILE)
@@ -171,3 +245,35 @@ class RunDir:
         """Keep only the log lines of epochs ``<= last_epoch`` (used when resuming)."""
         kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
         write_text_atomic(self.file(METRICS_FILE), "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def staging_folder(final: str | Path) -> Path:
+    """A new empty hidden folder beside ``final`` to write its files into before
+    :func:`replace_folder` puts it in place (so a failure never leaves a half-written ``final``)."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise output_error(final, exc) from None
+
+
+def replace_folder(staging: str | Path, final: str | Path) -> None:
+    """Put the finished folder ``staging`` at ``final`` (replacing an existing ``final``, whose
+    old contents are deleted only after the new folder is in place)."""
+    staging, final = Path(staging), Path(final)
+    old = None
+    try:
+        if final.is_dir() and any(final.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, old)  # onto the empty folder just made
+        os.replace(staging, final)  # a rename; onto a missing or empty folder
+    except OSError as exc:
+        if old is not None:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)  # still the empty placeholder
+            else:
+                os.replace(old, final)  # put the previous folder back
+        raise output_error(final, exc) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
