@@ -75,25 +75,28 @@ CASES = [
 ]
 
 
-def train_case(case, rank: int, world_size: int, run_path: str | None, epochs: int = 2):
+def train_case(case, rank: int, world_size: int, run_path: str | None, epochs: int = 2, resume: bool = False):
     name, options, unsup = case
     method = build_method(name.split("-")[0], options, unsup)
     samples = make_samples()
-    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, lr_step=None, precision="fp32", progress=False, num_threads=1)
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, lr_step=1, precision="fp32", progress=False, num_threads=1)
     loader = TensorBatchLoader(samples, cfg.batch_size, shuffle=True, seed=3, rank=rank, world_size=world_size)
+    run = None
+    if run_path:
+        run = RunDir.create(run_path, resume=True) if resume else RunDir.create(run_path) if rank == 0 else RunDir(run_path)
     trainer = Trainer(
         build_tiny(),
         method,
         loader,
         cfg,
-        run=(RunDir.create(run_path) if rank == 0 else RunDir(run_path)) if run_path else None,
+        run=run,
         seed=5,
         num_samples=len(samples),
         num_classes=3,
         num_biases=3,
         build_model=build_tiny,
     )
-    result = trainer.fit()
+    result = trainer.fit(resume=resume)
     return {
         "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         "method": {k: v.detach().clone() for k, v in trainer.method.state_dict().items()},
@@ -121,7 +124,13 @@ def run_ranks(fn_name: str, tmp_path: Path, *args, world_size: int = WORLD) -> l
 
 
 def all_cases(rank: int, world_size: int, run_root: str) -> dict:
-    return {c[0]: train_case(c, rank, world_size, str(Path(run_root) / c[0])) for c in CASES}
+    out = {c[0]: train_case(c, rank, world_size, str(Path(run_root) / c[0])) for c in CASES}
+    # stopped after epoch 1, resumed to epoch 2 (per-rank RNG states come back from the checkpoint)
+    auto = CASES[-2]
+    train_case(auto, rank, world_size, str(Path(run_root) / "resumed"), epochs=1)
+    dist.barrier()  # rank 0 has written the checkpoint
+    out["resumed"] = train_case(auto, rank, world_size, str(Path(run_root) / "resumed"), epochs=2, resume=True)
+    return out
 
 
 def gather_checks(rank: int, world_size: int) -> dict:
@@ -223,11 +232,20 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_and_sing
 
 def test_the_two_ranks_stay_identical_and_the_training_moved(two_rank_and_single):
     single, (r0, r1), _ = two_rank_and_single
-    for case in single:
+    for case in r0:
         for k in r0[case]["state"]:
             assert torch.equal(r0[case]["state"][k], r1[case]["state"][k]), f"{case}: ranks diverged in {k}"
     start = build_tiny().state_dict()
     assert (single["end"]["state"]["conv.weight"] - start["conv.weight"]).abs().max() > 1e-3
+
+
+def test_resumed_two_rank_run_equals_the_uninterrupted_one(two_rank_and_single):
+    _, ranks, _ = two_rank_and_single
+    for r in ranks:
+        for k, v in r[CASES[-2][0]]["state"].items():
+            assert torch.equal(r["resumed"]["state"][k], v), f"resumed run differs in {k}"
+        for k, v in r[CASES[-2][0]]["method"].items():
+            assert torch.equal(r["resumed"]["method"][k], v), f"resumed run's method state differs in {k}"
 
 
 def test_only_rank_0_writes_the_run(two_rank_and_single):
