@@ -155,6 +155,8 @@ def train_cxr(
         data: CXRData = build_cxr(cfg.data, splits_file=splits)
     else:
         data = build_cxr(cfg.data)  # validates the manifest before anything is written
+        if cfg.model.pretrained:  # bad weights must fail before --force empties the old run
+            build_model(cfg.model, len(CLASS_NAMES), in_channels=cfg.data.preprocess.channels)
 
         def create_run() -> RunDir:
             new = RunDir.create(out, force=force)

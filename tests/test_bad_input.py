@@ -200,8 +200,6 @@ def test_pretrained_weights_of_another_architecture_are_one_line(tmp_path, monke
     assert not (out / "results.json").exists() and not list(out.glob("checkpoints/*.pt"))
 
 
-@pytest.mark.xfail(strict=True, reason="train_cxr opens (and with --force empties) the run folder before it builds the "
-                   "model, so bad --pretrained weights are found after the old run was deleted (fix in pipeline.py)")
 def test_pretrained_weights_of_another_architecture_leave_the_old_run(tmp_path, old_run, monkeypatch, capsys):
     from torchvision.models import resnet18
 
@@ -320,8 +318,6 @@ def test_evaluate_refuses_a_model_of_another_architecture(cxr_run, tmp_path, mon
     assert _snapshot(run / "eval") == report
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main prints the error as Rich markup: '[/x]' in a message (a label, a file "
-                   "name) raises MarkupError with a traceback; fix: rich.markup.escape(str(exc)) in cli.main")
 def test_error_text_with_brackets_is_printed_verbatim(tmp_path, monkeypatch, capsys):
     manifest = _manifest(tmp_path, ["img/A0.png,[/x],A,pX"])
     _refused(["data", "check", manifest], monkeypatch, capsys, "row 14 label: '[/x]'; expected 0 or 1")
