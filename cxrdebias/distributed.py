@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +55,6 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    def describe(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "backend": self.backend}
 
 
 def world() -> World:
@@ -130,66 +127,60 @@ def _all_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def _all_gather_cat(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Concatenation over ranks along dim 0 (sizes may differ); no autograd."""
-    sizes = _all_sizes(x.shape[0], x.device)
+def _all_gather_cat(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenation over ranks along dim 0 (rank r holds ``sizes[r]`` rows); no autograd."""
     longest = max(sizes)
     send = x.detach().to(_comm_dtype(x)).contiguous()
     if send.shape[0] < longest:
         send = torch.cat([send, send.new_zeros((longest - send.shape[0], *send.shape[1:]))])
     parts = [torch.empty_like(send) for _ in sizes]
     dist.all_gather(parts, send)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.dtype), sizes
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.dtype)
 
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out, sizes = _all_gather_cat(x)
-        rank = dist.get_rank()
-        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        return out
+    def forward(ctx, x: torch.Tensor, sizes: list[int], own: slice) -> torch.Tensor:
+        ctx.own = own
+        return _all_gather_cat(x, sizes)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         # every rank's loss depends on every rank's samples: sum the gradients w.r.t. the global
         # batch over ranks, keep this rank's rows (DDP's mean then gives the one-process gradient)
         g = grad.to(_comm_dtype(grad)).contiguous()
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g[ctx.start : ctx.stop].to(grad.dtype)
+        return g[ctx.own].to(grad.dtype), None, None
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every rank concatenated along dim 0 in rank order, with gradients flowing back to
-    each rank's own rows; ``x`` itself in a single process. Detached inputs give detached output."""
-    if not world().distributed:
-        return x
-    if x.requires_grad and torch.is_grad_enabled():
-        return _GatherWithGrad.apply(x)
-    return _all_gather_cat(x)[0]
+def gather_rows(*xs: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], slice]:
+    """Each of ``xs`` (same number of rows) concatenated over ranks along dim 0 in rank order,
+    and the slice of this rank's own rows in the result. Gradients flow back to each rank's own
+    rows; detached inputs give detached outputs. One size exchange serves all of ``xs``. In a
+    single process: ``xs`` themselves and ``slice(0, n)``."""
+    n = xs[0].shape[0]
+    w = world()
+    if not w.distributed:
+        return xs, slice(0, n)
+    if any(x.shape[0] != n for x in xs):
+        raise ValueError(f"gather_rows: the tensors have different numbers of rows {[x.shape[0] for x in xs]}")
+    sizes = _all_sizes(n, xs[0].device)
+    own = slice(sum(sizes[: w.rank]), sum(sizes[: w.rank + 1]))
+    out = tuple(
+        _GatherWithGrad.apply(x, sizes, own) if x.requires_grad and torch.is_grad_enabled() else _all_gather_cat(x, sizes)
+        for x in xs
+    )
+    return out, own
 
 
 def gather_many(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(gather(x) for x in xs)
+    """:func:`gather_rows` without the slice."""
+    return gather_rows(*xs)[0]
 
 
-def local_slice(x: torch.Tensor, n_local: int) -> torch.Tensor:
-    """This rank's rows of a tensor gathered by :func:`gather` (``n_local`` rows per rank call)."""
-    w = world()
-    if not w.distributed:
-        return x
-    sizes = _all_sizes(n_local, x.device)
-    start = sum(sizes[: w.rank])
-    return x[start : start + n_local]
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a new tensor); ``t`` in a single process."""
-    if not world().distributed:
-        return t
-    out = t.detach().to(_comm_dtype(t)).clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out.to(t.dtype)
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every rank concatenated along dim 0 in rank order (see :func:`gather_rows`)."""
+    return gather_rows(x)[0][0]
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -236,11 +227,6 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     return result
 
 
-def barrier() -> None:
-    if world().distributed:
-        dist.barrier()
-
-
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Average ``.grad`` of ``params`` over ranks in place (one flat all-reduce per dtype)."""
     w = world()
@@ -273,12 +259,6 @@ def average_gradients_before_step(optimizer: torch.optim.Optimizer) -> torch.opt
     return optimizer
 
 
-def shard_sizes(batch: int, world_size: int) -> list[int]:
-    """Rows of a global batch each rank takes (equal, the first ranks +1 when not divisible)."""
-    base, extra = divmod(batch, world_size)
-    return [base + (1 if r < extra else 0) for r in range(world_size)]
-
-
 def check_batch_size(batch_size: int, world_size: int) -> None:
     if world_size > 1 and batch_size % world_size:
         raise ConfigError(
@@ -286,9 +266,3 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
             f"processes ({world_size}); each rank takes batch_size / {world_size} samples"
         )
 
-
-def split_rows(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s contiguous rows of a global batch (see :func:`shard_sizes`)."""
-    sizes: Sequence[int] = shard_sizes(x.shape[0], world_size)
-    start = sum(sizes[:rank])
-    return x[start : start + sizes[rank]]

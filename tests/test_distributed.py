@@ -136,14 +136,14 @@ def all_cases(rank: int, world_size: int, run_root: str) -> dict:
 def gather_checks(rank: int, world_size: int) -> dict:
     n = 3 if rank == 0 else 2  # unequal sizes on purpose
     x = (torch.arange(n * 2, dtype=torch.float64).reshape(n, 2) + 10 * rank).requires_grad_(True)
-    y = D.gather(x)
+    (y, labels), own = D.gather_rows(x, torch.full((n,), rank))
     w = torch.arange(y.numel(), dtype=torch.float64).reshape(y.shape)
     (y * w).sum().backward()
     return {
         "gathered": y.detach(),
         "grad": x.grad.clone(),
-        "slice": D.local_slice(y.detach(), n),
-        "sum": D.all_reduce_sum(torch.tensor([rank + 1.0])),
+        "slice": y.detach()[own],
+        "labels": labels,
         "any": (D.any_rank(rank == 1), D.any_rank(False)),
         "bcast": D.broadcast_object({"r": rank}),
         "bf16": D.gather(torch.full((2,), rank + 0.5, dtype=torch.bfloat16)),
@@ -154,7 +154,8 @@ def gather_checks(rank: int, world_size: int) -> dict:
 def test_single_process_helpers_are_identities():
     x = torch.randn(3, 2, requires_grad=True)
     assert D.gather(x) is x
-    assert D.local_slice(x, 3) is x
+    (same,), own = D.gather_rows(x)
+    assert same is x and own == slice(0, 3)
     assert D.world().world_size == 1 and D.world().is_main
     assert D.any_rank(True) and not D.any_rank(False)
     assert D.broadcast_object({"a": 1}) == {"a": 1}
@@ -188,7 +189,7 @@ def test_gather_forward_backward_and_collectives(tmp_path):
     expected = torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(4.0).reshape(2, 2) + 10]).double()
     for r in (r0, r1):
         assert torch.equal(r["gathered"], expected)
-        assert r["sum"].item() == 3.0
+        assert r["labels"].tolist() == [0, 0, 0, 1, 1] and not r["labels"].requires_grad
         assert r["any"] == (True, False)
         assert r["bcast"] == {"r": 0}
         assert r["bf16"].dtype == torch.bfloat16 and r["bf16"].tolist() == [0.5, 0.5, 1.5, 1.5]

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from cxrdebias.data.base import UNKNOWN_BIAS
 from cxrdebias.debias.base import Method, MethodOptions, TrainContext
-from cxrdebias.distributed import gather_many, local_slice
+from cxrdebias.distributed import gather_rows
 
 
 def generalized_cross_entropy(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7) -> torch.Tensor:
@@ -178,9 +178,8 @@ class LfF(Method):
         ce_d = F.cross_entropy(logits_d, target, reduction="none")
         ce_b = F.cross_entropy(logits_b, target, reduction="none")
         # under torchrun every rank updates the loss EMAs of the global batch (identical buffers)
-        weight = local_slice(
-            self.sample_weights(*gather_many(batch["index"], target, ce_b.detach(), ce_d.detach())), target.shape[0]
-        )
+        gathered, own = gather_rows(batch["index"], target, ce_b.detach(), ce_d.detach())
+        weight = self.sample_weights(*gathered)[own]
         gce_b = generalized_cross_entropy(logits_b, target, self.options.q).mean()
         cw = (
             torch.ones_like(ce_d)

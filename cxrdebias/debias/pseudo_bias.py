@@ -58,7 +58,7 @@ from torch import nn
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.debias.lff import generalized_cross_entropy
-from cxrdebias.distributed import gather, gather_many, local_slice
+from cxrdebias.distributed import gather, gather_rows
 from cxrdebias.errors import ConfigError
 
 LABELLERS: tuple[str, ...] = ("attractor", "cluster", "gce_head")
@@ -490,11 +490,11 @@ class UnsupervisedBias(Method):
         """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
         target = batch["target"]
         # under torchrun the statistics follow the global batch, identically on every rank
-        features, logits, target_all, index = gather_many(
+        (features, logits, target_all, index), own = gather_rows(
             output.features.detach(), output.logits.detach(), target, batch["index"]
         )
         self.labeller.update(features, logits, target_all, step)
-        pseudo = local_slice(self.labeller.assign(features, logits, target_all, step, index=index), target.shape[0])
+        pseudo = self.labeller.assign(features, logits, target_all, step, index=index)[own]
         return pseudo, self.labeller.conflicting(pseudo, target)
 
     def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:

@@ -45,7 +45,7 @@ from torch import nn
 
 from cxrdebias.debias.base import Method, MethodOptions
 from cxrdebias.debias.hsic import hsic
-from cxrdebias.distributed import gather
+from cxrdebias.distributed import gather, gather_many
 from cxrdebias.errors import CheckpointError
 
 MIN_HSIC_BATCH = 4
@@ -109,7 +109,7 @@ class ReBias(Method):
 
     def _hsic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """HSIC over the global batch under torchrun (the kernels span every rank's samples)."""
-        return hsic(gather(a), gather(b), kernel=self.options.kernel, sigma=self.options.sigma)
+        return hsic(*gather_many(a, b), kernel=self.options.kernel, sigma=self.options.sigma)
 
     # -- training -------------------------------------------------------------------------------
     def update(self, model, batch, optimizer, autocast):
