@@ -26,9 +26,8 @@ from cxrdebias.viewer_logic import (
     DISAGREEMENT,
     NOT_FOR_CLINICAL_USE,
     TABLE_COLUMNS,
-    analyse,
+    analyse_with_source,
     apply_window,
-    display_source,
     filter_table,
     gray_image,
     model_panel,
@@ -70,11 +69,17 @@ def cached_study(model_key: str, data: tuple[str, ...], _model: CXRModel):
     return predict_study(_model, collect_inputs(data))
 
 
+@st.cache_resource(show_spinner="Predicting the uploads…", max_entries=4)
+def cached_uploads(model_key: str, digests: tuple[str, ...], _images: list[InputImage], _model: CXRModel):
+    """The uploads' table (keyed by their contents): a rerun does not predict them again."""
+    return predict_study(_model, _images)
+
+
 @st.cache_resource(max_entries=16)
 def cached_analysis(model_key: str, name: str, stamp: float, _model: CXRModel, _image: InputImage):
-    """Prediction + CAM and the window/level source of one image (moving a slider reuses them)."""
-    result = analyse(_model, _image)
-    return result, display_source(_image, result.pixels)
+    """Prediction + CAM and the window/level source of one image, keyed by the file's path and
+    mtime (the DICOM is decoded once per selection; moving a slider or coming back reuses them)."""
+    return analyse_with_source(_model, _image)
 
 
 st.set_page_config(page_title="cxrdebias viewer", layout="wide")
@@ -137,16 +142,25 @@ if data_inputs:
 uploads = st.file_uploader("Upload DICOM, PNG or JPEG images", accept_multiple_files=True, key="uploads")
 if uploads:
     folder = st.session_state.setdefault("upload_dir", tempfile.mkdtemp(prefix="cxrdebias-viewer-"))
-    good = []
+    saved = st.session_state.setdefault("saved_uploads", {})  # (name, digest) → image or error: checked once
+    good, digests = [], []
     for up in uploads:
-        try:
-            item, _ = save_upload(up.name, up.getvalue(), Path(folder) / hashlib.sha256(up.getvalue()).hexdigest()[:16])
-        except CxrDebiasError as exc:
-            st.error(f"Upload {up.name}: {exc}")
+        blob = up.getvalue()
+        digest = hashlib.sha256(blob).hexdigest()
+        if (up.name, digest) not in saved:
+            try:
+                item, _ = save_upload(up.name, blob, Path(folder) / digest[:16])
+                saved[up.name, digest] = InputImage(UPLOAD_PREFIX + item.name, item.path, fields=item.fields)
+            except CxrDebiasError as exc:
+                saved[up.name, digest] = f"Upload {up.name}: {exc}"
+        entry = saved[up.name, digest]
+        if isinstance(entry, str):
+            st.error(entry)
             continue
-        good.append(InputImage(UPLOAD_PREFIX + item.name, item.path, fields=item.fields))
+        good.append(entry)
+        digests.append(f"{up.name}:{digest}")
     if good:
-        table, kept, errors = predict_study(model, good)
+        table, kept, errors = cached_uploads(model_key, tuple(digests), good, model)
         for message in errors:
             st.error(f"Upload: {message}")
         tables.append(table)
@@ -176,43 +190,54 @@ st.dataframe(shown, hide_index=True, width="stretch", key="study_table")
 st.download_button("Download predictions CSV", predictions_csv(full, meta.threshold), "predictions.csv", "text/csv", key="csv", on_click="ignore")
 
 # -- one image ----------------------------------------------------------------------------------
-selected = st.selectbox("Image", list(shown["file"]), index=None, placeholder="Choose an image…", key="image")
-if selected is None:
-    st.stop()
-image = images[selected]
-try:
-    stamp = image.path.stat().st_mtime if image.path is not None else 0.0
-    result, source = cached_analysis(model_key, selected, stamp, model, image)
-except CxrDebiasError as exc:
-    st.error(f"Cannot show {selected}: {exc}")
-    st.stop()
+@st.fragment
+def image_panel(files: list[str], images: dict[str, InputImage], full: pd.DataFrame, model: CXRModel, model_key: str) -> None:
+    """The selected image: prediction, window/level, Grad-CAM overlay, report.
 
-row = full[full["file"] == selected].iloc[0].to_dict()
-c1, c2, c3, c4 = st.columns(4)
-c1.metric(f"P({result.positive_label})", f"{result.probability:.3f}")
-c2.metric("Threshold", f"{result.threshold:.3f}")
-c3.metric("Prediction", result.predicted_label)
-c4.metric("Ground truth", row["ground_truth"] or "unknown")
+    A fragment: choosing an image or moving a slider reruns only this function (with the
+    arguments of the last full run), not the study table, filters or model panel above.
+    """
+    selected = st.selectbox("Image", files, index=None, placeholder="Choose an image…", key="image")
+    if selected is None:
+        return
+    image = images[selected]
+    try:
+        stamp = image.path.stat().st_mtime if image.path is not None else 0.0
+        result, source = cached_analysis(model_key, selected, stamp, model, image)
+    except (CxrDebiasError, OSError) as exc:
+        st.error(f"Cannot show {selected}: {exc}")
+        return
 
-span = max(source.high - source.low, 1e-6)
-w1, w2, w3 = st.columns(3)
-center = w1.slider(f"Window level ({source.units})", float(source.low - span / 2), float(source.high + span / 2), float(source.center), key=f"center:{selected}")
-width = w2.slider(f"Window width ({source.units})", float(span / 100), float(2 * span), float(min(max(source.width, span / 100), 2 * span)), key=f"width:{selected}")
-opacity = w3.slider("Grad-CAM opacity", 0.0, 1.0, 0.4, 0.05, key="opacity")
-side_by_side = st.toggle("Side by side", value=True, key="side_by_side")
+    row = full[full["file"] == selected].iloc[0].to_dict()
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric(f"P({result.positive_label})", f"{result.probability:.3f}")
+    c2.metric("Threshold", f"{result.threshold:.3f}")
+    c3.metric("Prediction", result.predicted_label)
+    c4.metric("Ground truth", row["ground_truth"] or "unknown")
 
-display = apply_window(source, center, width)
-gray = gray_image(display)
-cam = overlay_image(display, result.heat, opacity)
-overlay_caption = f"Grad-CAM overlay of '{result.positive_label}' (opacity {opacity:.2f})"
-if side_by_side:
-    left, right = st.columns(2)
-    left.image(gray, caption=f"{selected} (level {center:.3g}, width {width:.3g})", width="stretch")
-    right.image(cam, caption=overlay_caption, width="stretch")
-else:
-    st.image(cam, caption=overlay_caption, width="stretch")
+    span = max(source.high - source.low, 1e-6)
+    w1, w2, w3 = st.columns(3)
+    center = w1.slider(f"Window level ({source.units})", float(source.low - span / 2), float(source.high + span / 2), float(source.center), key=f"center:{selected}")
+    width = w2.slider(f"Window width ({source.units})", float(span / 100), float(2 * span), float(min(max(source.width, span / 100), 2 * span)), key=f"width:{selected}")
+    opacity = w3.slider("Grad-CAM opacity", 0.0, 1.0, 0.4, 0.05, key="opacity")
+    side_by_side = st.toggle("Side by side", value=True, key="side_by_side")
 
-st.download_button(  # rendered only when clicked (Streamlit's deferred download)
-    "Download one-page report (PNG)", lambda: report_png(result, gray, cam, meta, row=row),
-    f"{Path(selected).stem}_report.png", "image/png", key="report", on_click="ignore",
-)
+    display = apply_window(source, center, width)
+    cam = overlay_image(display, result.heat, opacity)
+    gray = gray_image(display)
+    overlay_caption = f"Grad-CAM overlay of '{result.positive_label}' (opacity {opacity:.2f})"
+    # JPEG (what st.image picks for these pictures anyway), at display size (long side ≤ 1024)
+    if side_by_side:
+        left, right = st.columns(2)
+        left.image(gray, caption=f"{selected} (level {center:.3g}, width {width:.3g})", width="stretch", output_format="JPEG")
+        right.image(cam, caption=overlay_caption, width="stretch", output_format="JPEG")
+    else:
+        st.image(cam, caption=overlay_caption, width="stretch", output_format="JPEG")
+
+    st.download_button(  # rendered only when clicked (Streamlit's deferred download)
+        "Download one-page report (PNG)", lambda: report_png(result, gray, cam, model.metadata, row=row),
+        f"{Path(selected).stem}_report.png", "image/png", key="report", on_click="ignore",
+    )
+
+
+image_panel(list(shown["file"]), images, full, model, model_key)

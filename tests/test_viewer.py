@@ -159,6 +159,36 @@ def test_bad_uploads_are_messages_not_tracebacks(app, real_pngs, cxr_manifest):
     assert not app.exception and len(app.image) == 2
 
 
+def test_selecting_an_image_does_not_recompute_the_study(app, real_pngs, cxr_manifest, monkeypatch):
+    """Only the selected image is analysed: the study and the uploads are predicted once, not on
+    every rerun (the image panel is a fragment; uploads are cached by their contents)."""
+    from cxrdebias import viewer_logic
+
+    real = viewer_logic.predict_study
+    study_calls, analysed = [], []
+    monkeypatch.setattr(viewer_logic, "predict_study", lambda model, images, **kw: study_calls.append(len(images)) or real(model, images, **kw))
+    real_analyse = viewer_logic.analyse_with_source
+    monkeypatch.setattr(viewer_logic, "analyse_with_source", lambda model, image, **kw: analysed.append(image.name) or real_analyse(model, image, **kw))
+    blob = (cxr_manifest.parent / real_pngs[2]["path"]).read_bytes() + b"\0" * 7  # unique bytes: not cached by another test
+    app.file_uploader(key="uploads").set_value([("fresh.png", blob, "image/png")]).run()
+    assert not app.exception and study_calls == [1]
+    app.selectbox(key="image").set_value("upload/fresh.png").run()
+    app.slider(key="opacity").set_value(0.6).run()
+    app.toggle(key="side_by_side").set_value(False).run()
+    first = _table(app)["file"].iloc[0]
+    app.selectbox(key="image").set_value(first).run()
+    app.selectbox(key="image").set_value("upload/fresh.png").run()  # back: cached
+    assert not app.exception and len(app.image) == 1
+    assert study_calls == [1], study_calls
+    assert analysed.count("upload/fresh.png") == 1, analysed
+
+
+def test_image_panel_is_a_fragment():
+    """Selecting an image reruns only the image panel in the browser (Streamlit fragment)."""
+    source = VIEWER.read_text()
+    assert "@st.fragment\ndef image_panel(" in source and 'key="image"' in source.split("def image_panel(", 1)[1]
+
+
 def test_wrong_model_file_is_a_message(model_file, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
