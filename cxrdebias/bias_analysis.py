@@ -24,7 +24,12 @@ import torch
 from cxrdebias.config import ModelConfig, load_config
 from cxrdebias.data.base import make_loader
 from cxrdebias.debias import build_method
-from cxrdebias.debias.pseudo_bias import AttractorLabeller, PseudoBiasOptions, UnsupervisedBias
+from cxrdebias.debias.pseudo_bias import (
+    AttractorLabeller,
+    FeatureTap,
+    PseudoBiasOptions,
+    UnsupervisedBias,
+)
 from cxrdebias.errors import CheckpointError, ConfigError, RunExistsError
 from cxrdebias.inference import predict
 from cxrdebias.metrics import label_agreement
@@ -125,13 +130,19 @@ def analyze_run(
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{ckpt_file}: does not fit the run's model ({exc})") from None
+    layer = cfg.unsupervised.layer if isinstance(method, UnsupervisedBias) else None
+    tap = FeatureTap(model, layer) if layer is not None else None
+    tapped: list[torch.Tensor] = []
+    if tap is not None:  # the labeller reads an earlier layer (unsupervised.layer): collect it in the same pass
+        model.get_submodule(tap.name).register_forward_hook(lambda *_: tapped.append(tap.take()))
     p = predict(model, make_loader(samples, 256), keep_features=True)
     feats = p.features.flatten(1).float()
+    lab_feats = torch.cat(tapped) if tap is not None else feats
 
     # pseudo labels: the run's own labeller (auto runs) or a fitted attractor (any run)
     if isinstance(method, UnsupervisedBias) and "method" in state:
         labeller = method.labeller
-        labeller.setup(feats.shape[1], num_classes, 1, "cpu", None)
+        labeller.setup(lab_feats.shape[1], num_classes, 1, "cpu", None)
         prefix = "labeller."
         own = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix) and "soft_" not in k}
         missing = labeller.load_state_dict(own, strict=False).missing_keys
@@ -143,7 +154,7 @@ def analyze_run(
         labeller.setup(feats.shape[1], num_classes)
         labeller.update(feats, p.logits, p.targets, 0)
         pseudo_source = "attractor fitted on the analysed features (nearest class mean)"
-    pseudo = torch.cat([labeller.assign(f, lg, t) for f, lg, t in zip(feats.split(1024), p.logits.split(1024), p.targets.split(1024), strict=True)])
+    pseudo = torch.cat([labeller.assign(f, lg, t) for f, lg, t in zip(lab_feats.split(1024), p.logits.split(1024), p.targets.split(1024), strict=True)])
     split_agreement = label_agreement(p.biases, pseudo, p.targets)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.pseudo_bias import (
     AttractorLabeller,
     ClusterLabeller,
+    FeatureTap,
     GCEHeadLabeller,
     PseudoBiasOptions,
     UnsupervisedBias,
@@ -208,6 +209,41 @@ def test_warmup_gives_no_bias_labels_then_end_terms_switch_on():
         assert float(active["pseudo_active"]) == 1 and float(active["loss"]) > float(active["ce"])
 
 
+@pytest.mark.parametrize("labeller,stride", [("attractor", 1), ("cluster", 2)])
+def test_target_warmup_runs_the_method_with_pseudo_bias_equal_to_target(labeller, stride):
+    m, model, opt = _wrapped(labeller=labeller, k=2, bank_size=32, warmup_steps=2, refresh_every=1, warmup_labels="target")
+    seen = []
+    original = m.inner.compute_loss
+
+    def spy(model_, batch, output):
+        seen.append(batch["bias"].clone())
+        return original(model_, batch, output)
+
+    m.inner.compute_loss = spy
+    batches = [_batch(seed=s) for s in range(3)]
+    logs = [m.update(model, b, opt, AUTOCAST) for b in batches]
+    assert len(seen) == 3  # the method runs from the first step
+    for b, given in zip(batches[:2], seen[:2], strict=True):  # warm-up: one group per class (the class's first label)
+        assert torch.equal(given, b["target"] * stride)
+    assert [float(x["pseudo_active"]) for x in logs] == [0.0, 0.0, 1.0]
+    assert float(logs[0]["loss"]) > float(logs[0]["ce"])  # EnD's terms already on during warm-up
+    # with pseudo-bias = target, R_par has no same-target/different-bias pair
+    assert float(logs[0]["R_par"]) == 0.0
+
+
+def test_own_update_method_gets_target_labels_during_target_warmup():
+    m = build_method("lnl", {}, _opts(warmup_steps=5, refresh_every=1, warmup_labels="target"))
+    model = TinyNet(6)
+    m.setup(model, _ctx(num_samples=16))
+    seen = []
+    original = m.inner.check_batch
+    m.inner.check_batch = lambda batch: (seen.append(batch["bias"].clone()), original(batch))
+    b = _batch(seed=0)
+    logs = m.update(model, b, torch.optim.SGD(model.parameters(), lr=0.1), AUTOCAST)
+    assert float(logs["pseudo_active"]) == 0 and "bias_ce" in logs
+    assert len(seen) == 1 and torch.equal(seen[0], b["target"])
+
+
 def test_true_bias_never_reaches_the_method():
     m, model, opt = _wrapped(warmup_steps=0)
     seen = []
@@ -297,6 +333,85 @@ def test_groupdro_sees_pseudo_bias_groups():
     m.update(model, _batch(), opt, AUTOCAST)
 
 
+class TwoStageNet(torch.nn.Module):
+    """An 'early' layer that sees the bias cue and a bottleneck that sees only the target cue."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(4, 4, 1, bias=False)
+        with torch.no_grad():
+            self.stem.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(2, 2)
+        self.feature_dim = 2
+
+    def forward(self, x):
+        e = self.stem(x)  # N × 4 × 1 × 1: channels 0-1 the bias, 2-3 the target
+        self.body(e.flatten(1))  # a module after the tap (unused by the output)
+        f = F.normalize(e.flatten(1)[:, 2:], dim=1)
+        return ModelOutput(self.fc(f), f)
+
+
+def test_feature_tap_reads_the_named_layer_pooled_and_finds_its_width():
+    from cxrdebias.models.simple_conv import SimpleConvNet
+
+    net = SimpleConvNet(10, kernel_size=3)
+    for name, width in (("extractor.0", 16), ("extractor.2", 16), ("extractor.5", 32), ("extractor", 128)):
+        tap = FeatureTap(net, name)
+        x = torch.randn(3, 3, 8, 8)
+        with torch.no_grad():
+            expected = net.extractor[: int(name.split(".")[1]) + 1](x) if "." in name else net.extractor(x)
+        net(x)  # the last forward pass is the one the tap holds
+        got = tap.take()
+        assert tap.width == width and got.shape == (3, width)
+        torch.testing.assert_close(got, expected.float().mean(dim=(2, 3)))
+        with pytest.raises(RuntimeError, match="did not run"):
+            tap.take()  # one value per forward pass
+        tap.remove()
+    with pytest.raises(ConfigError, match="no module of that name.*extractor"):
+        FeatureTap(net, "encoder.3")
+    with pytest.raises(ConfigError, match="does not name an early layer"):
+        FeatureTap(TinyNet(4), "early")
+
+
+@pytest.mark.parametrize("arch,in_channels,width", [("simple_conv", 3, 16), ("densenet121", 1, 64), ("resnet18", 3, 64)])
+def test_every_model_names_an_early_layer_for_the_labeller(arch, in_channels, width):
+    from cxrdebias.config import ModelConfig
+    from cxrdebias.models import build_model
+
+    net = build_model(ModelConfig(arch=arch), 2, in_channels=in_channels)
+    tap = FeatureTap(net, "early")
+    net.eval()(torch.randn(2, in_channels, 32, 32))
+    assert tap.name == net.early_layer and tap.width == width and tap.take().shape == (2, width)
+
+
+def test_labeller_on_an_early_layer_sees_a_bias_the_bottleneck_does_not():
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    target = torch.arange(n) % 2
+    bias = target.clone()
+    bias[:6] = 1 - bias[:6]  # 6 conflicting samples
+    x = torch.zeros(n, 4, 1, 1)
+    x[torch.arange(n), bias, 0, 0] = 2.0  # the bias cue, one-hot and the stronger one (as colour is)
+    x[torch.arange(n), 2 + target, 0, 0] = 1.0  # the target cue
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    batch = {"image": x, "target": target, "bias": bias, "index": torch.arange(n)}
+    found = {}
+    for layer in (None, "stem"):
+        m = build_method("end", {"alpha": 1.0, "beta": 1.0}, _opts(warmup_steps=0, refresh_every=1, layer=layer, momentum=0.0))
+        model = TwoStageNet()
+        m.setup(model, _ctx(num_samples=n))
+        assert m.labeller.feature_dim == (2 if layer is None else 4)
+        m.update(model, batch, torch.optim.SGD(model.parameters(), lr=0.0), AUTOCAST)
+        m.update(model, batch, torch.optim.SGD(model.parameters(), lr=0.0), AUTOCAST)  # second step: refreshed centroids
+        m.epoch_metrics()
+        out = model(x)
+        feats = m.__dict__["_tap"].take() if layer else out.features
+        found[layer] = m.labeller.assign(feats, out.logits, target)
+    assert torch.equal(found[None], target)  # the bottleneck has no bias: every sample looks aligned
+    assert torch.equal(found["stem"], bias)  # the early layer recovers it, conflicting samples included
+
+
 # ---------------------------------------------------------------------------------- end to end
 def _tiny(fake_mnist, out, *extra):
     return [
@@ -333,6 +448,22 @@ def test_bias_auto_run_logs_agreement_every_epoch_and_analyze_bias(fake_mnist, t
     # nothing is overwritten without --force
     code, _, err = run_cli(["analyze-bias", str(out)], monkeypatch, capsys)
     assert code == 2 and "--force" in err
+
+
+def test_bias_auto_on_an_early_layer_trains_and_analyze_bias_uses_that_layer(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "early"
+    extra = ("--method", "end", "--bias", "auto", "--set", "unsupervised.layer=early", "--set", "unsupervised.warmup_labels=target")
+    code, _, err = run_cli(_tiny(fake_mnist, out, *extra), monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"]["unsupervised"]["layer"] == "early"
+    assert all(json.loads(line)["pseudo_bias"]["n"] > 0 for line in (out / "metrics.jsonl").read_text().splitlines())
+    code, _, err = run_cli(["analyze-bias", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((out / "analysis" / "agreement.json").read_text())
+    assert "attractor labeller" in report["pseudo_labels_from"] and report["split_agreement"]["n"] > 0
+    code, _, err = run_cli(_tiny(fake_mnist, tmp_path / "bad", "--method", "end", "--bias", "auto", "--set", "unsupervised.layer=nope"), monkeypatch, capsys)
+    assert code == 2 and "unsupervised.layer='nope'" in err and "Traceback" not in err
 
 
 def test_analyze_bias_on_a_supervised_run_fits_an_attractor(fake_mnist, tmp_path, monkeypatch, capsys):

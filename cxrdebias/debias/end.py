@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cxrdebias.distributed import gather_many
 from cxrdebias.debias.base import Method, MethodOptions
+from cxrdebias.distributed import gather_many
 
 Form = Literal["paper", "reference"]
 FORMS: tuple[str, ...] = ("paper", "reference")

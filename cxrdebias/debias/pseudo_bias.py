@@ -25,8 +25,10 @@ computed (no extra pass over the data, no second training run) into pseudo-bias 
     (``q = 0.7``, :func:`~cxrdebias.debias.lff.generalized_cross_entropy`, LfF eq. 1), which
     amplifies the easiest cue — the bias; its arg-max is the label (class space).
 
-Common options (:class:`PseudoBiasOptions`): ``warmup_steps`` (before it, the wrapped method
-gets no bias labels and takes a plain cross-entropy step — EnD's terms are 0), ``refresh_every``
+Common options (:class:`PseudoBiasOptions`): ``warmup_steps`` (before it, with
+``warmup_labels: none``, the wrapped method gets no bias labels and takes a plain cross-entropy
+step — EnD's terms are 0; with ``warmup_labels: target`` it already runs, with pseudo-bias =
+target, i.e. every sample assumed bias-aligned), ``refresh_every``
 (period of the snapshot the labels are computed from: centroids, clusters, head weights),
 ``source`` (``live``: statistics keep following the model; ``frozen``: statistics stop at the
 end of warm-up, when the model still relies on the shortcut; ``ema``: per-sample EMA of the soft
@@ -72,7 +74,12 @@ class PseudoBiasOptions(BaseModel):
 
     enabled: bool = Field(False, description="replace the dataset's bias labels by online pseudo-bias labels")
     labeller: Literal["attractor", "cluster", "gce_head"] = "attractor"
-    warmup_steps: int = Field(100, ge=0, description="optimiser steps of plain CE before pseudo labels are used")
+    warmup_steps: int = Field(100, ge=0, description="optimiser steps before the labeller's pseudo labels are used")
+    warmup_labels: Literal["none", "target"] = Field(
+        "none",
+        description="during warm-up: 'none' = plain CE; 'target' = the method already runs, with pseudo-bias = target "
+        "(every sample assumed bias-aligned, the shortcut prior)",
+    )
     refresh_every: int = Field(50, ge=1, description="steps between snapshots (centroids, clusters, head weights)")
     source: Literal["live", "frozen", "ema"] = Field(
         "live", description="live statistics; frozen at the end of warm-up; or per-sample EMA of assignments"
@@ -87,6 +94,11 @@ class PseudoBiasOptions(BaseModel):
     bank_size: int = Field(4096, ge=2, description="cluster: memory bank of recent features")
     kmeans_iters: int = Field(20, ge=1)
     q: float = Field(0.7, gt=0, le=1, description="gce_head: GCE exponent")
+    layer: str | None = Field(
+        None,
+        description="features the labeller reads: null = the bottleneck; 'early' = the model's first block; "
+        "a module name of the model (e.g. extractor.2) = that module's output, averaged over space (docs/unsupervised.md)",
+    )
 
     @field_validator("k")
     @classmethod
@@ -444,6 +456,64 @@ def check_wrappable(method: Method, options: PseudoBiasOptions | None = None) ->
         )
 
 
+def _width(module: nn.Module) -> int | None:
+    for sub in reversed(list(module.modules())):
+        for attr in ("out_channels", "num_features", "out_features"):
+            if isinstance(getattr(sub, attr, None), int):
+                return int(getattr(sub, attr))
+    return None
+
+
+class FeatureTap:
+    """The output of one named module of a model, averaged over its spatial axes, at every forward.
+
+    The labeller can read an earlier layer than the bottleneck (``unsupervised.layer``): the
+    bottleneck is what the debiasing method acts on, so the better the method works the less
+    bias it carries (the labels drift to the targets); an early layer keeps the low-level cue
+    (colour, acquisition signature) that the shortcut is made of. A forward hook, so no extra
+    pass. ``width`` is the channel count, read from the module (or, for an activation, from
+    the module before it in its parent).
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        if name == "early":  # the model's own choice of its first block
+            early = getattr(model, "early_layer", None)
+            if not isinstance(early, str):
+                raise ConfigError(f"unsupervised.layer='early': {type(model).__name__} does not name an early layer; give a module name")
+            name = early
+        modules = dict(model.named_modules())
+        if name not in modules or not name:
+            some = ", ".join(n for n in list(modules)[1:12])
+            raise ConfigError(f"unsupervised.layer={name!r}: the model has no module of that name (its first modules: {some}, …)")
+        self.name = name
+        width = _width(modules[name])
+        if width is None:  # an activation or pooling: the width of what comes before it
+            parent_name, _, child = name.rpartition(".")
+            children = list(modules[parent_name].named_children())
+            before = [m for n, m in children[: [n for n, _ in children].index(child)]]
+            width = next((w for w in (_width(m) for m in reversed(before)) if w is not None), None)
+        if width is None:
+            raise ConfigError(f"unsupervised.layer={name!r}: cannot tell the number of channels of that module")
+        self.width = width
+        self.value: torch.Tensor | None = None
+        self._handle = modules[name].register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        out = output.detach().float()
+        self.value = out.flatten(2).mean(dim=2) if out.dim() > 2 else out
+        if self.value.shape[1] != self.width:
+            raise ConfigError(f"unsupervised.layer={self.name!r}: output has {self.value.shape[1]} channels, expected {self.width}")
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError(f"unsupervised.layer={self.name!r}: the module did not run in this forward pass")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 class UnsupervisedBias(Method):
     """A method fed with online pseudo-bias labels instead of the dataset's.
 
@@ -477,8 +547,11 @@ class UnsupervisedBias(Method):
         self.inner.set_class_weights(weights)
 
     def setup(self, model, context: TrainContext) -> None:
+        if self.unsupervised.layer is not None:
+            self.__dict__["_tap"] = FeatureTap(model, self.unsupervised.layer)  # not state: rebuilt by setup
+        tap = self.__dict__.get("_tap")
         self.labeller.setup(
-            getattr(model, "feature_dim", None),
+            tap.width if tap is not None else getattr(model, "feature_dim", None),
             context.num_classes,
             context.num_samples,
             context.device,
@@ -489,10 +562,10 @@ class UnsupervisedBias(Method):
     def _label(self, batch: Batch, output, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
         target = batch["target"]
+        tap = self.__dict__.get("_tap")
+        mine = tap.take() if tap is not None else output.features.detach()
         # under torchrun the statistics follow the global batch, identically on every rank
-        (features, logits, target_all, index), own = gather_rows(
-            output.features.detach(), output.logits.detach(), target, batch["index"]
-        )
+        (features, logits, target_all, index), own = gather_rows(mine, output.logits.detach(), target, batch["index"])
         self.labeller.update(features, logits, target_all, step)
         pseudo = self.labeller.assign(features, logits, target_all, step, index=index)[own]
         return pseudo, self.labeller.conflicting(pseudo, target)
@@ -501,21 +574,27 @@ class UnsupervisedBias(Method):
         for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target)):
             self._epoch.setdefault(key, []).append(value.detach())
 
+    def _prior(self, target: torch.Tensor) -> torch.Tensor:
+        """Warm-up labels with ``warmup_labels: target``: one group per class (cluster: its cluster 0)."""
+        return target * max(1, self.labeller.num_labels // max(1, self.labeller.num_classes))
+
     def update(self, model, batch: Batch, optimizer, autocast):
         step = int(self.step)
-        active = step >= self.unsupervised.warmup_steps
-        if active and _own_step(self.inner):
-            return self._delegated_update(model, batch, optimizer, autocast, step)
         o = self.unsupervised
+        active = step >= o.warmup_steps
+        runs_method = active or o.warmup_labels == "target"
+        if runs_method and _own_step(self.inner):
+            return self._delegated_update(model, batch, optimizer, autocast, step, active)
         target = batch["target"]
         with autocast():
             output = model(batch["image"])
         pseudo, conflicting = self._label(batch, output, step)
-        if active:
-            pseudo_batch = Batch(image=batch["image"], target=target, bias=pseudo, index=batch["index"])
+        if runs_method:
+            given = pseudo if active else self._prior(target)
+            pseudo_batch = Batch(image=batch["image"], target=target, bias=given, index=batch["index"])
             with autocast():
                 loss, logs = self.inner.compute_loss(model, pseudo_batch, output)
-            if o.reweight > 1:
+            if active and o.reweight > 1:
                 ce = F.cross_entropy(output.logits.float(), target, reduction="none")
                 cw = torch.ones_like(ce) if self.class_weights is None else self.class_weights.to(ce.device)[target]
                 loss = loss + (o.reweight - 1) * (cw * conflicting * ce).sum() / cw.sum()
@@ -537,7 +616,7 @@ class UnsupervisedBias(Method):
             }
         return logs
 
-    def _delegated_update(self, model, batch: Batch, optimizer, autocast, step: int):
+    def _delegated_update(self, model, batch: Batch, optimizer, autocast, step: int, active: bool = True):
         """The wrapped method's own update; it pulls the pseudo labels through ``with_bias``."""
         calls: list[torch.Tensor] = []
 
@@ -546,7 +625,8 @@ class UnsupervisedBias(Method):
                 return Batch(image=inner_batch["image"], target=inner_batch["target"], bias=calls[0], index=inner_batch["index"])
             pseudo, conflicting = self._label(inner_batch, output, step)
             calls.extend([pseudo, conflicting])
-            return Batch(image=inner_batch["image"], target=inner_batch["target"], bias=pseudo, index=inner_batch["index"])
+            given = pseudo if active else self._prior(inner_batch["target"])
+            return Batch(image=inner_batch["image"], target=inner_batch["target"], bias=given, index=inner_batch["index"])
 
         hidden = Batch(image=batch["image"], target=batch["target"], bias=torch.full_like(batch["bias"], -1), index=batch["index"])
         self.inner.__dict__["_bias_source"] = source
@@ -562,7 +642,7 @@ class UnsupervisedBias(Method):
         self.step += 1
         with torch.no_grad():
             self._record(calls[0], batch["bias"], batch["target"])
-            return {**logs, "pseudo_active": torch.tensor(1.0), "pseudo_conflicting": calls[1].float().mean()}
+            return {**logs, "pseudo_active": torch.tensor(float(active)), "pseudo_conflicting": calls[1].float().mean()}
 
     def epoch_metrics(self) -> dict[str, Any]:
         """Agreement of this epoch's pseudo labels with the true ones (where known)."""
@@ -602,6 +682,7 @@ __all__ = [
     "SOURCES",
     "AttractorLabeller",
     "ClusterLabeller",
+    "FeatureTap",
     "GCEHeadLabeller",
     "PseudoBiasLabeller",
     "PseudoBiasOptions",

@@ -68,6 +68,7 @@ class DenseNet121(nn.Module):
             nn.Linear(hidden_dim, num_classes),
         )
         self.feature_dim = FEATURE_DIM
+        self.early_layer = "features.pool0"  # first block: what `unsupervised.layer: early` reads (docs/unsupervised.md)
         self.in_channels = in_channels
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

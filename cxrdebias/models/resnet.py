@@ -89,6 +89,7 @@ class ResNet18(nn.Module):
         self.bottleneck = L2Normalize() if normalize_features else nn.Flatten(1)
         self.classifier = nn.Linear(FEATURE_DIM, num_classes)
         self.feature_dim = FEATURE_DIM
+        self.early_layer = "maxpool"  # first block: what `unsupervised.layer: early` reads (docs/unsupervised.md)
         self.in_channels = in_channels
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:

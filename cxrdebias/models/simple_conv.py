@@ -44,6 +44,7 @@ class SimpleConvNet(nn.Module):
         self.bottleneck = L2Normalize() if normalize_features else nn.Flatten(1)
         self.classifier = nn.Linear(CHANNELS[-1], num_classes)
         self.feature_dim = CHANNELS[-1]
+        self.early_layer = "extractor.2"  # first block: what `unsupervised.layer: early` reads (docs/unsupervised.md)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
