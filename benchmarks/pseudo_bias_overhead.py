@@ -27,10 +27,11 @@ from cxrdebias.train import make_autocast, resolve_precision
 
 CONFIGS = {
     "end (true bias)": None,
-    "end + attractor": {"labeller": "attractor"},
-    "end + cluster k=2": {"labeller": "cluster", "k": 2},
-    "end + cluster k=auto": {"labeller": "cluster", "k": "auto"},
-    "end + gce_head": {"labeller": "gce_head"},
+    "end + attractor, first block (default)": {"labeller": "attractor"},
+    "end + attractor, bottleneck": {"labeller": "attractor", "layer": None},
+    "end + cluster k=2, first block": {"labeller": "cluster", "k": 2},
+    "end + cluster k=auto, first block": {"labeller": "cluster", "k": "auto"},
+    "end + gce_head, first block": {"labeller": "gce_head"},
 }
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--refresh-every", type=int, default=50)
+    ap.add_argument("--refresh-every", type=int, default=PseudoBiasOptions().refresh_every)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
