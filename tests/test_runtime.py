@@ -199,6 +199,28 @@ def test_cuda_without_onnxruntime_gpu_is_a_config_error(model_file):
         load_model(model_file, device="tpu")
 
 
+def test_gpu_provider_is_requested_first_when_onnxruntime_gpu_offers_it(model_file, monkeypatch):
+    """The provider seam without a GPU: with CUDA offered, auto/cuda ask for it before the CPU,
+    and CXRModel.provider reports what onnxruntime actually took (CPU on this machine)."""
+    import cxrdebias.runtime as rt
+
+    real = rt.ort.get_available_providers()
+    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    assert rt._providers("auto") == ["CUDAExecutionProvider", CPU]
+    assert rt._providers("cuda") == ["CUDAExecutionProvider", CPU]
+    assert rt._providers("cpu") == [CPU]
+    asked = []
+    session = rt.ort.InferenceSession
+
+    def spy(model, options, providers):
+        asked.append(providers)
+        return session(model, options, providers=[p for p in providers if p in real])
+
+    monkeypatch.setattr(rt.ort, "InferenceSession", spy)
+    model = load_model(model_file, device="auto")
+    assert asked == [["CUDAExecutionProvider", CPU]] and model.provider == CPU
+
+
 def test_cam_to_image_letterbox_geometry():
     spec = PreprocessSpec(image_size=8, resize="letterbox")
     geo = resize_geometry((10, 20), spec)  # wide image: rows 2..6 of the model input hold it
