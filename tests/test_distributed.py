@@ -42,6 +42,7 @@ class TinyNet(nn.Module):
         self.norm = L2Normalize()
         self.classifier = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
+        self.early_layer = "conv"  # what unsupervised.layer: early (the default) reads
 
     def forward(self, x):
         f = self.norm(self.act(self.conv(x)).mean(dim=(2, 3)))
@@ -70,8 +71,9 @@ CASES = [
     ("lff", {}, None),
     ("lnl", {}, None),
     ("vanilla", {}, None),
+    # the defaults: the first block's features, target labels during warm-up
     ("end-auto-attractor", {"alpha": 1.0, "beta": 0.5}, {"enabled": True, "labeller": "attractor", "warmup_steps": 2, "refresh_every": 1}),
-    ("end-auto-gce", {"alpha": 1.0, "beta": 0.5}, {"enabled": True, "labeller": "gce_head", "warmup_steps": 1, "refresh_every": 2}),
+    ("end-auto-gce", {"alpha": 1.0, "beta": 0.5}, {"enabled": True, "labeller": "gce_head", "warmup_steps": 1, "refresh_every": 2, "layer": None, "warmup_labels": "none"}),
 ]
 
 

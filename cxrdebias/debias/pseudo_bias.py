@@ -74,13 +74,13 @@ class PseudoBiasOptions(BaseModel):
 
     enabled: bool = Field(False, description="replace the dataset's bias labels by online pseudo-bias labels")
     labeller: Literal["attractor", "cluster", "gce_head"] = "attractor"
-    warmup_steps: int = Field(100, ge=0, description="optimiser steps before the labeller's pseudo labels are used")
+    warmup_steps: int = Field(10, ge=0, description="optimiser steps before the labeller's pseudo labels are used")
     warmup_labels: Literal["none", "target"] = Field(
-        "none",
+        "target",
         description="during warm-up: 'none' = plain CE; 'target' = the method already runs, with pseudo-bias = target "
         "(every sample assumed bias-aligned, the shortcut prior)",
     )
-    refresh_every: int = Field(50, ge=1, description="steps between snapshots (centroids, clusters, head weights)")
+    refresh_every: int = Field(10, ge=1, description="steps between snapshots (centroids, clusters, head weights)")
     source: Literal["live", "frozen", "ema"] = Field(
         "live", description="live statistics; frozen at the end of warm-up; or per-sample EMA of assignments"
     )
@@ -95,7 +95,7 @@ class PseudoBiasOptions(BaseModel):
     kmeans_iters: int = Field(20, ge=1)
     q: float = Field(0.7, gt=0, le=1, description="gce_head: GCE exponent")
     layer: str | None = Field(
-        None,
+        "early",
         description="features the labeller reads: null = the bottleneck; 'early' = the model's first block; "
         "a module name of the model (e.g. extractor.2) = that module's output, averaged over space (docs/unsupervised.md)",
     )
