@@ -245,6 +245,33 @@ def test_own_update_method_gets_target_labels_during_target_warmup():
     assert len(seen) == 1 and torch.equal(seen[0], b["target"])
 
 
+@pytest.mark.parametrize("min_aligned,expect_active", [(0.7, [1.0, 0.0, 0.0]), (0.0, [1.0, 1.0, 1.0])])
+def test_shortcut_gate_steps_aside_when_the_groups_are_not_the_classes(min_aligned, expect_active):
+    m, model, opt = _wrapped(warmup_steps=0, refresh_every=1, min_aligned=min_aligned, gate_momentum=0.5)
+    # a labeller that finds groups unrelated to the classes: every sample "attracted elsewhere"
+    m.labeller.assign = lambda f, lg, t, step=0, index=None: (t + 1) % 2
+    logs = [m.update(model, _batch(seed=s), opt, AUTOCAST) for s in range(3)]
+    assert [float(x["pseudo_active"]) for x in logs] == expect_active
+    assert float(logs[0]["aligned_share"]) == 0.0  # first statistic taken as is, then EMA
+    for x, active in zip(logs, expect_active, strict=True):
+        if not active:  # gate closed: a plain cross-entropy step, nothing of EnD
+            assert "R_perp" not in x and float(x["loss"]) == pytest.approx(float(x["ce"]))
+    pb = m.epoch_metrics()["pseudo_bias"]
+    assert pb["aligned_share"] == 0.0 and pb["gate_open"] is (min_aligned == 0.0)
+
+
+def test_shortcut_gate_stays_open_for_aligned_groups_and_reopens():
+    m, model, opt = _wrapped(warmup_steps=0, refresh_every=1, min_aligned=0.7, gate_momentum=0.5)
+    flip = {"on": True}
+    m.labeller.assign = lambda f, lg, t, step=0, index=None: (t + 1) % 2 if flip["on"] else t
+    m.update(model, _batch(seed=0), opt, AUTOCAST)  # share 0 → closed
+    assert not m.gate_open()
+    flip["on"] = False
+    shares = [float(m.update(model, _batch(seed=s), opt, AUTOCAST)["aligned_share"]) for s in range(1, 4)]
+    assert shares == pytest.approx([0.5, 0.75, 0.875])  # EMA with momentum 0.5 of 0, 1, 1, 1
+    assert m.gate_open()
+
+
 def test_true_bias_never_reaches_the_method():
     m, model, opt = _wrapped(warmup_steps=0)
     seen = []

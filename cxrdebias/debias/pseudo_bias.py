@@ -94,6 +94,15 @@ class PseudoBiasOptions(BaseModel):
     bank_size: int = Field(4096, ge=2, description="cluster: memory bank of recent features")
     kmeans_iters: int = Field(20, ge=1)
     q: float = Field(0.7, gt=0, le=1, description="gce_head: GCE exponent")
+    min_aligned: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description="shortcut gate: the method gets the pseudo labels only while the running share of samples the "
+        "labeller calls bias-aligned is at least this (0 = always); below it there is no class-correlated bias to "
+        "remove and the step is plain CE",
+    )
+    gate_momentum: float = Field(0.9, ge=0, lt=1, description="EMA weight of the past aligned share (per step)")
     layer: str | None = Field(
         "early",
         description="features the labeller reads: null = the bottleneck; 'early' = the model's first block; "
@@ -540,6 +549,7 @@ class UnsupervisedBias(Method):
         self.unsupervised = options
         self.labeller = build_labeller(options)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
         self._epoch: dict[str, list[torch.Tensor]] = {}
 
     def set_class_weights(self, weights):
@@ -567,8 +577,22 @@ class UnsupervisedBias(Method):
         # under torchrun the statistics follow the global batch, identically on every rank
         (features, logits, target_all, index), own = gather_rows(mine, output.logits.detach(), target, batch["index"])
         self.labeller.update(features, logits, target_all, step)
-        pseudo = self.labeller.assign(features, logits, target_all, step, index=index)[own]
+        pseudo_all = self.labeller.assign(features, logits, target_all, step, index=index)
+        share = 1.0 - self.labeller.conflicting(pseudo_all, target_all).float().mean()
+        m = self.unsupervised.gate_momentum
+        self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
+        pseudo = pseudo_all[own]
         return pseudo, self.labeller.conflicting(pseudo, target)
+
+    def gate_open(self) -> bool:
+        """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``.
+
+        A bias is a shortcut only if it predicts the class. At ρ = 0.997 the attractor calls ≈ 99%
+        of the samples aligned; with no colour–digit correlation (ρ = 0.1) ≈ 15%: the groups it
+        finds are not the classes' biases, and feeding them to EnD fights the classifier.
+        """
+        share = float(self.aligned_share)
+        return share != share or share >= self.unsupervised.min_aligned  # NaN (no statistics yet): open
 
     def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:
         for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target)):
@@ -581,8 +605,9 @@ class UnsupervisedBias(Method):
     def update(self, model, batch: Batch, optimizer, autocast):
         step = int(self.step)
         o = self.unsupervised
-        active = step >= o.warmup_steps
-        runs_method = active or o.warmup_labels == "target"
+        warm = step < o.warmup_steps
+        active = not warm and self.gate_open()  # the gate reads the steps before this one
+        runs_method = active or (warm and o.warmup_labels == "target")
         if runs_method and _own_step(self.inner):
             return self._delegated_update(model, batch, optimizer, autocast, step, active)
         target = batch["target"]
@@ -613,6 +638,7 @@ class UnsupervisedBias(Method):
                 "accuracy": (output.logits.detach().argmax(1) == target).float().mean(),
                 "pseudo_active": torch.tensor(float(active)),
                 "pseudo_conflicting": conflicting.float().mean(),
+                "aligned_share": self.aligned_share.detach().clone(),
             }
         return logs
 
@@ -642,7 +668,12 @@ class UnsupervisedBias(Method):
         self.step += 1
         with torch.no_grad():
             self._record(calls[0], batch["bias"], batch["target"])
-            return {**logs, "pseudo_active": torch.tensor(float(active)), "pseudo_conflicting": calls[1].float().mean()}
+            return {
+                **logs,
+                "pseudo_active": torch.tensor(float(active)),
+                "pseudo_conflicting": calls[1].float().mean(),
+                "aligned_share": self.aligned_share.detach().clone(),
+            }
 
     def epoch_metrics(self) -> dict[str, Any]:
         """Agreement of this epoch's pseudo labels with the true ones (where known)."""
@@ -657,6 +688,8 @@ class UnsupervisedBias(Method):
             "step": int(self.step),
             "n": int(cat["pseudo"].numel()),
             "labels_used": int(self.step) > self.unsupervised.warmup_steps,
+            "aligned_share": float(self.aligned_share),
+            "gate_open": self.gate_open(),
             **self.labeller.summary(),
             **label_agreement(cat["true"], cat["pseudo"], cat["target"]),
         }
