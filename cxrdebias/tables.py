@@ -256,6 +256,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
         (out.get("data") or {}).pop(key, None)
     for key in _RUNTIME_KEYS:
         (out.get("train") or {}).pop(key, None)
+    if not (out.get("unsupervised") or {}).get("enabled"):
+        out.pop("unsupervised", None)  # its options do nothing unless --bias auto is on
     return out
 
 

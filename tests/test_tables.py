@@ -85,6 +85,19 @@ def test_runtime_options_do_not_make_a_result_different(tmp_path):
     assert build_table(t, results_dir=tmp_path).missing == []
 
 
+def test_unsupervised_options_matter_only_when_bias_auto_is_on(tmp_path):
+    t = biased_mnist_table(rhos=[0.997], methods=["vanilla"], seeds=[42])
+    cell = t.cells[0]
+    res = _fake_result(cell, 1.0, 0.1)
+    res["config"]["unsupervised"] = {"enabled": False, "warmup_steps": 100, "refresh_every": 50}  # older defaults
+    _store(tmp_path, t, cell.name, res)
+    assert build_table(t, results_dir=tmp_path).missing == []
+    res["config"]["unsupervised"]["enabled"] = True
+    _store(tmp_path, t, cell.name, res)
+    with pytest.raises(ConfigError, match="other options.*unsupervised"):
+        build_table(t, results_dir=tmp_path)
+
+
 def test_run_missing_cells_then_skip_them(fake_mnist, tmp_path):
     overrides = [*TINY, f"data.root={fake_mnist}"]
     t = biased_mnist_table(rhos=[0.99], methods=["vanilla", "end"], seeds=[0], overrides=overrides)
