@@ -606,8 +606,10 @@ class UnsupervisedBias(Method):
         step = int(self.step)
         o = self.unsupervised
         warm = step < o.warmup_steps
-        active = not warm and self.gate_open()  # the gate reads the steps before this one
-        runs_method = active or (warm and o.warmup_labels == "target")
+        gate = self.gate_open()  # reads the steps before this one
+        active = not warm and gate
+        # the target prior is a shortcut hypothesis too: it needs the same evidence
+        runs_method = active or (warm and gate and o.warmup_labels == "target")
         if runs_method and _own_step(self.inner):
             return self._delegated_update(model, batch, optimizer, autocast, step, active)
         target = batch["target"]
