@@ -260,6 +260,15 @@ def test_shortcut_gate_steps_aside_when_the_groups_are_not_the_classes(min_align
     assert pb["aligned_share"] == 0.0 and pb["gate_open"] is (min_aligned == 0.0)
 
 
+def test_shortcut_gate_also_stops_the_target_warmup():
+    m, model, opt = _wrapped(warmup_steps=5, refresh_every=1, warmup_labels="target", gate_momentum=0.5)
+    m.labeller.assign = lambda f, lg, t, step=0, index=None: (t + 1) % 2  # groups unrelated to the classes
+    logs = [m.update(model, _batch(seed=s), opt, AUTOCAST) for s in range(3)]
+    assert "R_perp" in logs[0]  # step 0: no evidence yet, the prior runs
+    for x in logs[1:]:  # evidence against a class-correlated bias: plain CE even in warm-up
+        assert "R_perp" not in x and float(x["loss"]) == pytest.approx(float(x["ce"]))
+
+
 def test_shortcut_gate_stays_open_for_aligned_groups_and_reopens():
     m, model, opt = _wrapped(warmup_steps=0, refresh_every=1, min_aligned=0.7, gate_momentum=0.5)
     flip = {"on": True}
