@@ -40,7 +40,8 @@ def label(results: dict) -> str:
     if u["warmup_steps"] >= 10**6 and u.get("warmup_labels") == "target":
         return "end, pseudo-bias = target throughout (no labeller)"
     warm = f"warm-up {u['warmup_steps']} steps" + (" with target labels" if u.get("warmup_labels") == "target" else " of CE")
-    return f"end + {u['labeller']} on the {layer} layer, {warm}, refresh {u['refresh_every']}"
+    gate = f", shortcut gate {u['min_aligned']:g}" if u.get("min_aligned") else ""  # runs before the gate have none
+    return f"end + {u['labeller']} on the {layer} layer, {warm}, refresh {u['refresh_every']}{gate}"
 
 
 def collect(dirs: list[Path]) -> int:
