@@ -199,6 +199,19 @@ def _wrapped(method="end", **kw):
     return m, model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
+def _spy_bias(m):
+    """The bias labels the wrapped method's compute_loss receives, one tensor per call."""
+    seen = []
+    original = m.inner.compute_loss
+
+    def spy(model_, batch, output):
+        seen.append(batch["bias"].clone())
+        return original(model_, batch, output)
+
+    m.inner.compute_loss = spy
+    return seen
+
+
 def test_warmup_gives_no_bias_labels_then_end_terms_switch_on():
     m, model, opt = _wrapped(warmup_steps=2, refresh_every=1)
     assert isinstance(m, UnsupervisedBias) and m.name == "end" and not m.requires_bias
@@ -213,14 +226,7 @@ def test_warmup_gives_no_bias_labels_then_end_terms_switch_on():
 @pytest.mark.parametrize("labeller,stride", [("attractor", 1), ("cluster", 2)])
 def test_target_warmup_runs_the_method_with_pseudo_bias_equal_to_target(labeller, stride):
     m, model, opt = _wrapped(labeller=labeller, k=2, bank_size=32, warmup_steps=2, refresh_every=1, warmup_labels="target")
-    seen = []
-    original = m.inner.compute_loss
-
-    def spy(model_, batch, output):
-        seen.append(batch["bias"].clone())
-        return original(model_, batch, output)
-
-    m.inner.compute_loss = spy
+    seen = _spy_bias(m)
     batches = [_batch(seed=s) for s in range(3)]
     logs = [m.update(model, b, opt, AUTOCAST) for b in batches]
     assert len(seen) == 3  # the method runs from the first step
@@ -283,14 +289,7 @@ def test_shortcut_gate_stays_open_for_aligned_groups_and_reopens():
 
 def test_true_bias_never_reaches_the_method():
     m, model, opt = _wrapped(warmup_steps=0)
-    seen = []
-    original = m.inner.compute_loss
-
-    def spy(model_, batch, output):
-        seen.append(batch["bias"].clone())
-        return original(model_, batch, output)
-
-    m.inner.compute_loss = spy
+    seen = _spy_bias(m)
     b = _batch()
     b["bias"] = torch.full_like(b["bias"], -1)  # unknown bias: fine with --bias auto
     m.update(model, b, opt, AUTOCAST)
