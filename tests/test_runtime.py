@@ -15,7 +15,7 @@ from cxrdebias.data.images import read_image, write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec, preprocess, resize_geometry
 from cxrdebias.errors import CheckpointError, ConfigError, DataError
 from cxrdebias.onnx_metadata import encode
-from cxrdebias.overlay import cam_to_image
+from cxrdebias.overlay import cam_to_image, jet, overlay
 from cxrdebias.runtime import CPU, collect_inputs, load_model
 from tests.conftest import REPO, run_cli
 
@@ -219,6 +219,19 @@ def test_gpu_provider_is_requested_first_when_onnxruntime_gpu_offers_it(model_fi
     monkeypatch.setattr(rt.ort, "InferenceSession", spy)
     model = load_model(model_file, device="auto")
     assert asked == [["CUDAExecutionProvider", CPU]] and model.provider == CPU
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_overlay_is_the_jet_blend(alpha):
+    g = np.random.default_rng(0)
+    image, cam = g.uniform(-0.1, 1.1, (37, 53)), g.uniform(-0.1, 1.1, (37, 53))
+    reference = np.round(255.0 * ((1 - alpha) * np.clip(image, 0, 1)[..., None] + alpha * jet(cam)))
+    got = np.asarray(overlay(image, cam, alpha=alpha)).astype(float)
+    assert np.abs(got - reference).max() <= 1.0  # float32 vs float64 rounding
+    if alpha == 0.0:
+        np.testing.assert_array_equal(got, np.repeat(np.round(255.0 * np.clip(image, 0, 1).astype(np.float32))[..., None], 3, axis=2))
+    with pytest.raises(ValueError, match="differ in shape"):
+        overlay(image, cam[:, :-1])
 
 
 def test_cam_to_image_letterbox_geometry():
