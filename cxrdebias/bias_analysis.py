@@ -132,12 +132,14 @@ def analyze_run(
         raise CheckpointError(f"{ckpt_file}: does not fit the run's model ({exc})") from None
     layer = cfg.unsupervised.layer if isinstance(method, UnsupervisedBias) else None
     tap = FeatureTap(model, layer) if layer is not None else None
-    tapped: list[torch.Tensor] = []
-    if tap is not None:  # the labeller reads an earlier layer (unsupervised.layer): collect it in the same pass
-        model.get_submodule(tap.name).register_forward_hook(lambda *_: tapped.append(tap.take()))
+    if tap is not None:  # the labeller reads an earlier layer (unsupervised.layer): keep it in the same pass
+        tap.kept = []
     p = predict(model, make_loader(samples, 256), keep_features=True)
     feats = p.features.flatten(1).float()
-    lab_feats = torch.cat(tapped) if tap is not None else feats
+    lab_feats = feats
+    if tap is not None:
+        lab_feats = torch.cat(tap.kept)
+        tap.remove()
 
     # pseudo labels: the run's own labeller (auto runs) or a fitted attractor (any run)
     if isinstance(method, UnsupervisedBias) and "method" in state:

@@ -442,7 +442,7 @@ def test_labeller_on_an_early_layer_sees_a_bias_the_bottleneck_does_not():
         m.update(model, batch, torch.optim.SGD(model.parameters(), lr=0.0), AUTOCAST)  # second step: refreshed centroids
         m.epoch_metrics()
         out = model(x)
-        feats = m.__dict__["_tap"].take() if layer else out.features
+        feats = m._tap.take() if layer else out.features
         found[layer] = m.labeller.assign(feats, out.logits, target)
     assert torch.equal(found[None], target)  # the bottleneck has no bias: every sample looks aligned
     assert torch.equal(found["stem"], bias)  # the early layer recovers it, conflicting samples included

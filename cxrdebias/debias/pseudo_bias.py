@@ -505,6 +505,7 @@ class FeatureTap:
             raise ConfigError(f"unsupervised.layer={name!r}: cannot tell the number of channels of that module")
         self.width = width
         self.value: torch.Tensor | None = None
+        self.kept: list[torch.Tensor] | None = None  # set to [] to keep every forward pass's value
         self._handle = modules[name].register_forward_hook(self._capture)
 
     def _capture(self, module, inputs, output) -> None:
@@ -512,6 +513,8 @@ class FeatureTap:
         self.value = out.flatten(2).mean(dim=2) if out.dim() > 2 else out
         if self.value.shape[1] != self.width:
             raise ConfigError(f"unsupervised.layer={self.name!r}: output has {self.value.shape[1]} channels, expected {self.width}")
+        if self.kept is not None:
+            self.kept.append(self.value)
 
     def take(self) -> torch.Tensor:
         if self.value is None:
@@ -551,6 +554,7 @@ class UnsupervisedBias(Method):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
         self._epoch: dict[str, list[torch.Tensor]] = {}
+        self._tap: FeatureTap | None = None  # built by setup (a hook on the model, not state)
 
     def set_class_weights(self, weights):
         super().set_class_weights(weights)
@@ -558,8 +562,8 @@ class UnsupervisedBias(Method):
 
     def setup(self, model, context: TrainContext) -> None:
         if self.unsupervised.layer is not None:
-            self.__dict__["_tap"] = FeatureTap(model, self.unsupervised.layer)  # not state: rebuilt by setup
-        tap = self.__dict__.get("_tap")
+            self._tap = FeatureTap(model, self.unsupervised.layer)
+        tap = self._tap
         self.labeller.setup(
             tap.width if tap is not None else getattr(model, "feature_dim", None),
             context.num_classes,
@@ -572,17 +576,16 @@ class UnsupervisedBias(Method):
     def _label(self, batch: Batch, output, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
         target = batch["target"]
-        tap = self.__dict__.get("_tap")
-        mine = tap.take() if tap is not None else output.features.detach()
+        mine = self._tap.take() if self._tap is not None else output.features.detach()
         # under torchrun the statistics follow the global batch, identically on every rank
         (features, logits, target_all, index), own = gather_rows(mine, output.logits.detach(), target, batch["index"])
         self.labeller.update(features, logits, target_all, step)
         pseudo_all = self.labeller.assign(features, logits, target_all, step, index=index)
-        share = 1.0 - self.labeller.conflicting(pseudo_all, target_all).float().mean()
+        conflicting = self.labeller.conflicting(pseudo_all, target_all)
+        share = 1.0 - conflicting.float().mean()
         m = self.unsupervised.gate_momentum
         self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
-        pseudo = pseudo_all[own]
-        return pseudo, self.labeller.conflicting(pseudo, target)
+        return pseudo_all[own], conflicting[own]
 
     def gate_open(self) -> bool:
         """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``.
