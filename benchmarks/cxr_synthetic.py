@@ -33,8 +33,8 @@ METHODS = ("vanilla", "end")
 # issue 5: EnD fed by online pseudo-bias labels; the site is never given to the method (it is
 # still read for the agreement metrics and, as for every row, for validation model selection)
 AUTO: dict[str, dict] = {
-    # the configuration chosen on Biased-MNIST validation (docs/unsupervised.md): attractor on the first block
-    "end-auto": {"labeller": "attractor", "layer": "early", "warmup_labels": "target", "warmup_steps": 10, "refresh_every": 10},
+    # the defaults (chosen on Biased-MNIST validation, docs/unsupervised.md): attractor on the first block
+    "end-auto": {},
     "end-auto-cluster": {"labeller": "cluster"},  # defaults: per-class k-means of the bottleneck
 }
 VARIANTS = METHODS + tuple(AUTO)
