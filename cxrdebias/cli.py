@@ -305,7 +305,7 @@ def reproduce_table(
     if md_out is not None:
         md_out.write_text(result.markdown + "\n")
     if update_docs:
-        update_markdown(REPO / "docs" / "reproduction.md", spec.results_subdir, result.markdown)
+        update_markdown(REPO / "docs" / "reproduction.md", spec.docs_key, result.markdown)
     if result.missing:
         err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {', '.join(result.missing[:6])}{' …' if len(result.missing) > 6 else ''}")
 

@@ -10,7 +10,9 @@
 
 A *cell* is one run (table row × setting × seed). Its finished ``results.json`` is copied to
 ``RESULTS/<table>/<cell>.json`` (``docs/results/`` by default, committed), and a cell whose JSON
-is there is skipped on the next invocation — so a table is built over several sittings. An
+is there is skipped on the next invocation — so a table is built over several sittings (a cell
+that is the same run as another table's, Table 2's α/β-both cell and Table 1's EnD cell, is
+read from there rather than run twice). An
 interrupted cell resumes from its last checkpoint. A JSON produced with other options than
 the cell asks for is an error, never silently mixed into the mean.
 
@@ -57,6 +59,9 @@ class Cell:
     seed: int
     config: ExperimentConfig
     runner: str  # "biased_mnist" | "celeba" | "imdb_face" (a function of cxrdebias.reproduce)
+    #: other results files (``TABLE/CELL`` under the results folder) that may hold this very run,
+    #: e.g. Table 2's full-EnD cell is Table 1's EnD cell; used only if their options match
+    same_as: tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,6 +77,11 @@ class Table:
     @property
     def results_subdir(self) -> str:
         return self.name.replace("-", "_")
+
+    @property
+    def docs_key(self) -> str:
+        """Its block in docs/reproduction.md: ``<!-- table:tableN:start/end -->`` (the paper's number)."""
+        return f"table{TABLE_NAMES.index(self.name) + 1}"
 
 
 # -- published numbers (REFERENCE-FACTS.md) -------------------------------------------------
@@ -177,8 +187,10 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
     for a, b in ((0.0, 0.0), (alpha, 0.0), (0.0, beta), (alpha, beta)):
         cfg = _with(base, {**end, "name": "end", "alpha": a, "beta": b})
         for seed in seeds:
-            name = f"rho{rho:.3f}-end-{cfg.method.options().get('form', 'paper')}-a{a:g}-b{b:g}-s{seed}"
-            cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist"))
+            form = cfg.method.options().get("form", "paper")
+            name = f"rho{rho:.3f}-end-{form}-a{a:g}-b{b:g}-s{seed}"
+            same = (f"biased_mnist/rho{rho:.3f}-end-{form}-s{seed}",) if (a, b) == (alpha, beta) else ()
+            cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist", same))
     return Table(
         "ablation",
         f"EnD Table 2 — ablation of the two terms, Biased MNIST ρ = {rho} (MNIST-15k), last epoch",
@@ -273,6 +285,20 @@ def check_cell_result(cell: Cell, results: dict[str, Any], source: Path) -> None
         )
 
 
+def _shared_result(cell: Cell, results_dir: Path) -> Path | None:
+    """The first of ``cell.same_as`` that exists and was run with exactly this cell's options."""
+    for other in cell.same_as:
+        source = results_dir / f"{other}.json"
+        if not source.is_file():
+            continue
+        try:
+            check_cell_result(cell, json.loads(source.read_text()), source)
+        except ConfigError:
+            continue  # another run under that name: this cell still needs its own
+        return source
+    return None
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
@@ -318,9 +344,10 @@ def build_table(
     missing = []
     for cell in table.cells:
         path = store / f"{cell.name}.json"
-        if path.is_file():
-            results = json.loads(path.read_text())
-            check_cell_result(cell, results, path)
+        source = path if path.is_file() else _shared_result(cell, results_dir)
+        if source is not None:
+            results = json.loads(source.read_text())
+            check_cell_result(cell, results, source)
             found[cell.name] = results
             continue
         if not run:

@@ -153,3 +153,32 @@ def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch,
     code, stdout, err = run_cli([*base, "--seed", "1"], monkeypatch, capsys)
     assert code == 0 and "| vanilla | 0.990 | not run |" in stdout and "1 cells not run yet" in err
     assert not (tmp_path / "runs" / "rho0.990-vanilla-s1").exists()
+
+
+def test_ablation_reads_the_full_end_cell_from_table_1_only_when_it_is_the_same_run(tmp_path):
+    t1 = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42])
+    ab = ablation_table(rho=0.997, seeds=[42])
+    (end_cell,) = t1.cells
+    both = next(c for c in ab.cells if c.name == "rho0.997-end-paper-a5-b0.5-s42")
+    assert both.same_as == ("biased_mnist/rho0.997-end-paper-s42",)
+    assert all(not c.same_as for c in ab.cells if c is not both)
+    _store(tmp_path, t1, end_cell.name, _fake_result(end_cell, 0.96, 0.5))
+    r = build_table(ab, results_dir=tmp_path)
+    assert r.done == ["rho0.997-end-paper-a5-b0.5-s42"]
+    assert "| 5 | 0.5 | 42 | 96.00 | 50.00 |" in r.markdown
+    # a Table 1 file run with other options does not stand in for the cell (and is no error)
+    other = _fake_result(end_cell, 0.96, 0.5)
+    other["config"]["method"]["alpha"] = 1.0
+    _store(tmp_path, t1, end_cell.name, other)
+    r = build_table(ab, results_dir=tmp_path)
+    assert r.done == [] and "rho0.997-end-paper-a5-b0.5-s42" in r.missing
+
+
+def test_every_table_has_its_own_block_in_the_reproduction_docs():
+    from cxrdebias.tables import REPO, TABLE_NAMES
+
+    keys = [get_table(name).docs_key for name in TABLE_NAMES]
+    assert keys == ["table1", "table2", "table3", "table4"]
+    text = (REPO / "docs" / "reproduction.md").read_text()
+    for key in keys:  # --update-docs rewrites exactly this block, never another table's
+        assert text.count(f"<!-- table:{key}:start -->") == 1 and text.count(f"<!-- table:{key}:end -->") == 1
