@@ -287,6 +287,29 @@ def test_shortcut_gate_stays_open_for_aligned_groups_and_reopens():
     assert m.gate_open()
 
 
+def test_a_perfect_labeller_makes_bias_auto_exactly_supervised_end():
+    """With labels equal to the true bias up to a renaming, --bias auto is supervised EnD, step for step."""
+    torch.manual_seed(0)
+    auto, model_auto, opt_auto = _wrapped(warmup_steps=0, refresh_every=1, min_aligned=0.0)
+    sup = build_method("end", {"alpha": 1.0, "beta": 1.0})
+    model_sup = TinyNet(6)
+    model_sup.load_state_dict(model_auto.state_dict())
+    sup.setup(model_sup, _ctx(num_samples=16, num_biases=2))
+    opt_sup = torch.optim.SGD(model_sup.parameters(), lr=0.1)
+    current = {}
+    auto.labeller.assign = lambda f, lg, t, step=0, index=None: 1 - current["bias"]  # bias names swapped
+    for s in range(5):
+        b = _batch(seed=s)
+        current["bias"] = b["bias"]
+        la = auto.update(model_auto, b, opt_auto, AUTOCAST)
+        ls = sup.update(model_sup, b, opt_sup, AUTOCAST)
+        assert float(la["pseudo_active"]) == 1.0
+        for key in ("loss", "R_perp", "R_par"):
+            assert float(la[key]) == pytest.approx(float(ls[key]), abs=1e-6), (s, key)
+    for pa, ps in zip(model_auto.parameters(), model_sup.parameters(), strict=True):
+        torch.testing.assert_close(pa, ps, rtol=0, atol=1e-6)
+
+
 def test_true_bias_never_reaches_the_method():
     m, model, opt = _wrapped(warmup_steps=0)
     seen = _spy_bias(m)
