@@ -41,7 +41,10 @@ def label(results: dict) -> str:
         return "end, pseudo-bias = target throughout (no labeller)"
     warm = f"warm-up {u['warmup_steps']} steps" + (" with target labels" if u.get("warmup_labels") == "target" else " of CE")
     gate = f", shortcut gate {u['min_aligned']:g}" if u.get("min_aligned") else ""  # runs before the gate have none
-    return f"end + {u['labeller']} on the {layer} layer, {warm}, refresh {u['refresh_every']}{gate}"
+    labeller = u["labeller"] + (f" (k {u['k']})" if u["labeller"] == "cluster" else "")
+    extra = f", labels from the {u['source']} statistics" if u.get("source", "live") != "live" else ""
+    extra += f", conflicting samples ×{u['reweight']:g}" if u.get("reweight", 1) > 1 else ""
+    return f"end + {labeller} on the {layer} layer, {warm}, refresh {u['refresh_every']}{gate}{extra}"
 
 
 def collect(dirs: list[Path]) -> int:
