@@ -148,6 +148,11 @@ def _label(cfg: ExperimentConfig) -> str:
 
 
 # -- table definitions ---------------------------------------------------------------------
+def _biased_mnist_cell_name(rho: float, method: str, form: str | None, seed: int) -> str:
+    """Table 1's cell names (the committed docs/results/biased_mnist/ files)."""
+    return f"rho{rho:.3f}-{method}{'-' + form if form else ''}-s{seed}"
+
+
 def biased_mnist_table(
     rhos: Iterable[float] = (0.997, 0.990),
     methods: Iterable[str] = TABLE_METHODS,
@@ -161,7 +166,7 @@ def biased_mnist_table(
             cfg = _with(base, _method_section(base, method))
             form = cfg.method.options().get("form")
             for seed in seeds:
-                name = f"rho{rho:.3f}-{method}{'-' + form if form else ''}-s{seed}"
+                name = _biased_mnist_cell_name(rho, method, form, seed)
                 cells.append(Cell(name, (_label(cfg), f"{rho:.3f}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist"))
     published = {
         (c.row[0], c.row[1]): [None, PUBLISHED_BIASED_MNIST.get(c.config.method.name, {}).get(round(float(c.row[1]), 3))]
@@ -189,7 +194,7 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
         for seed in seeds:
             form = cfg.method.options().get("form", "paper")
             name = f"rho{rho:.3f}-end-{form}-a{a:g}-b{b:g}-s{seed}"
-            same = (f"biased_mnist/rho{rho:.3f}-end-{form}-s{seed}",) if (a, b) == (alpha, beta) else ()
+            same = (f"biased_mnist/{_biased_mnist_cell_name(rho, 'end', form, seed)}",) if (a, b) == (alpha, beta) else ()
             cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist", same))
     return Table(
         "ablation",
@@ -285,17 +290,23 @@ def check_cell_result(cell: Cell, results: dict[str, Any], source: Path) -> None
         )
 
 
-def _shared_result(cell: Cell, results_dir: Path) -> Path | None:
-    """The first of ``cell.same_as`` that exists and was run with exactly this cell's options."""
+def _stored_result(cell: Cell, path: Path, results_dir: Path) -> dict[str, Any] | None:
+    """The cell's finished results: its own file (an error if run with other options), else the
+    first of ``cell.same_as`` that was run with exactly this cell's options, else None."""
+    if path.is_file():
+        results = json.loads(path.read_text())
+        check_cell_result(cell, results, path)
+        return results
     for other in cell.same_as:
         source = results_dir / f"{other}.json"
         if not source.is_file():
             continue
+        results = json.loads(source.read_text())
         try:
-            check_cell_result(cell, json.loads(source.read_text()), source)
+            check_cell_result(cell, results, source)
         except ConfigError:
             continue  # another run under that name: this cell still needs its own
-        return source
+        return results
     return None
 
 
@@ -344,10 +355,8 @@ def build_table(
     missing = []
     for cell in table.cells:
         path = store / f"{cell.name}.json"
-        source = path if path.is_file() else _shared_result(cell, results_dir)
-        if source is not None:
-            results = json.loads(source.read_text())
-            check_cell_result(cell, results, source)
+        results = _stored_result(cell, path, results_dir)
+        if results is not None:
             found[cell.name] = results
             continue
         if not run:
