@@ -135,7 +135,7 @@ def _all_gather_cat(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         send = torch.cat([send, send.new_zeros((longest - send.shape[0], *send.shape[1:]))])
     parts = [torch.empty_like(send) for _ in sizes]
     dist.all_gather(parts, send)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.dtype)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(x.dtype)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -15,6 +15,7 @@ prints and writes files, and stop signals and early stopping are agreed by all r
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import signal
@@ -473,7 +474,7 @@ class Trainer:
                 self.method.on_epoch_end(epoch)
                 last = epoch == self.cfg.epochs
                 if self.evaluate and (epoch % self.cfg.eval_every == 0 or last):
-                    val, eval_time, improved = dist_utils.run_on_main(lambda: self._validate(epoch))
+                    val, eval_time, improved = dist_utils.run_on_main(functools.partial(self._validate, epoch))
                     self.best = dist_utils.broadcast_object(self.best)
                     record["val"], record["eval_time_s"] = val, eval_time
                     if improved is not None:

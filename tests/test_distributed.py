@@ -168,7 +168,7 @@ def test_sharded_loader_concatenates_to_the_single_process_batches():
     one = [b["index"] for b in TensorBatchLoader(samples, 8, shuffle=True, seed=3)]
     ranks = [[b["index"] for b in TensorBatchLoader(samples, 8, shuffle=True, seed=3, rank=r, world_size=2)] for r in range(2)]
     assert all(len(r) == len(one) for r in ranks)
-    for b, (a0, a1) in enumerate(zip(*ranks)):
+    for b, (a0, a1) in enumerate(zip(*ranks, strict=True)):
         assert a0.shape[0] == a1.shape[0] == 4
         assert torch.equal(torch.cat([a0, a1]), one[b])
 
@@ -224,7 +224,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_and_sing
                 assert diff <= TOL, f"{case}: method {k} differs by {diff:.2e}"
             else:
                 assert torch.equal(got["method"][k], v), f"{case}: method {k} differs"
-        for e, (a, b) in enumerate(zip(got["train"], one["train"])):
+        for e, (a, b) in enumerate(zip(got["train"], one["train"], strict=True)):
             for key in ("loss", "R_perp", "R_par", "hsic", "ce"):  # epoch means over the global batches
                 if key in b:
                     assert abs(a[key] - b[key]) <= TOL, f"{case}: epoch {e + 1} {key} {a[key]} vs {b[key]}"
