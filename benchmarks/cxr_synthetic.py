@@ -33,9 +33,14 @@ METHODS = ("vanilla", "end")
 # issue 5: EnD fed by online pseudo-bias labels; the site is never given to the method (it is
 # still read for the agreement metrics and, as for every row, for validation model selection)
 AUTO: dict[str, dict] = {
-    # the defaults (chosen on Biased-MNIST validation, docs/unsupervised.md): attractor on the first block
-    "end-auto": {},
+    # the package defaults (chosen on Biased-MNIST validation, docs/unsupervised.md): attractor on
+    # the first block, 10 warm-up steps with the target as the bias
+    "end-auto": {"warmup_steps": 10},
     "end-auto-cluster": {"labeller": "cluster"},  # defaults: per-class k-means of the bottleneck
+    # configs/cxr/*.yaml's setting: pseudo labels from the first step. The 10-step warm-up is the
+    # one thing that separates end-auto from site-EnD when the labeller is perfect
+    # (test_a_perfect_labeller_makes_bias_auto_exactly_supervised_end)
+    "end-auto-w0": {"warmup_steps": 0},
 }
 VARIANTS = METHODS + tuple(AUTO)
 

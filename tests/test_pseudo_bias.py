@@ -564,14 +564,18 @@ def test_cxr_train_with_bias_auto(cxr_manifest, tmp_path, monkeypatch, capsys):
     args = [
         "train", "--data", str(cxr_manifest), "--bias", "auto", "--method", "end", "--out", str(out),
         "--epochs", "1", "--image-size", "32", "--set", "train.progress=false", "--set", "train.batch_size=32",
-        "--set", "model.hidden_dim=16", "--set", "unsupervised.warmup_steps=1",
+        "--set", "model.hidden_dim=16",
     ]
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["bias"] == "auto" and res["config"]["data"]["bias"] == "site"  # true sites: agreement metrics only
+    # configs/cxr/default.yaml: no target-label warm-up on CXR (the package default is 10 steps)
+    assert res["config"]["unsupervised"]["warmup_steps"] == 0
+    assert PseudoBiasOptions().warmup_steps == 10
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["pseudo_bias"]["n"] == res["data"]["splits"]["train"] and "nmi" in record["pseudo_bias"]
+    assert record["pseudo_bias"]["labels_used"] == 1  # pseudo labels in use within the first epoch
 
 
 @pytest.mark.parametrize("labeller", ["cluster", "gce_head"])
