@@ -36,7 +36,8 @@ AUTO: dict[str, dict] = {
     # the package defaults (chosen on Biased-MNIST validation, docs/unsupervised.md): attractor on
     # the first block, 10 warm-up steps with the target as the bias
     "end-auto": {"warmup_steps": 10},
-    "end-auto-cluster": {"labeller": "cluster"},  # defaults: per-class k-means of the bottleneck
+    # per-class k-means of the bottleneck, with the package-default 10-step warm-up as when it was added
+    "end-auto-cluster": {"labeller": "cluster", "warmup_steps": 10},
     # configs/cxr/*.yaml's setting: pseudo labels from the first step. The 10-step warm-up is the
     # one thing that separates end-auto from site-EnD when the labeller is perfect
     # (test_a_perfect_labeller_makes_bias_auto_exactly_supervised_end)
