@@ -31,16 +31,18 @@ def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int = 2) -> dict[s
     return {"median": statistics.median(times), "min": min(times), "mean": statistics.fmean(times), "n": repeats}
 
 
-def write_section(key: str, markdown: str, data: dict[str, Any]) -> None:
-    """Replace the ``key`` section of docs/benchmarks.md and write the raw numbers as JSON."""
+def write_section(key: str, markdown: str, data: dict[str, Any], script: str | None = None) -> None:
+    """Replace the ``key`` section of docs/benchmarks.md and write the raw numbers as JSON.
+
+    ``script``: the benchmark that writes it, when not ``benchmarks/{key}.py``."""
     BENCH_JSON.mkdir(parents=True, exist_ok=True)
     meta = {"measured": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": code_version(), "environment": environment()}
     (BENCH_JSON / f"{key}.json").write_text(json.dumps({**meta, **data}, indent=2) + "\n")
     env = meta["environment"]
     stamp = (
-        f"\n_Measured {meta['measured'][:10]} on {env['cpu_count']} CPU cores ({env['processor']}), "
+        f"\n_Measured {meta['measured'][:10]} on {env['cpu_count']} CPU cores ({env.get('cpu_model') or env['processor']}), "
         f"torch {env['torch']}, {env['torch_threads']} threads; raw numbers: "
-        f"`docs/results/benchmarks/{key}.json`; regenerate with `python benchmarks/{key}.py`._\n"
+        f"`docs/results/benchmarks/{key}.json`; regenerate with `python benchmarks/{script or key + '.py'}`._\n"
     )
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
     block = f"{start}\n{markdown.strip()}\n{stamp}{end}"

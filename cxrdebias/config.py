@@ -64,6 +64,11 @@ class TrainConfig(_Strict):
     )
     channels_last: bool = False
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores)")
+    keep_freed_memory: bool = Field(
+        True,
+        description="on the CPU, glibc malloc keeps freed tensor memory for reuse instead of an mmap/munmap "
+        "per large tensor every step (faster; the process holds its peak memory; cxrdebias.allocator)",
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")
     drop_last: bool = False

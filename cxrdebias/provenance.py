@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import cxrdebias
+from cxrdebias import allocator
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -42,8 +43,22 @@ def code_version() -> dict[str, Any]:
     return {"package": cxrdebias.__version__, "git_commit": commit, "git_dirty": dirty}
 
 
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (Linux /proc/cpuinfo), which says more about speed than the ISA."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment() -> dict[str, Any]:
-    """Versions of the things that change numbers: Python, torch, numpy, CPU/GPU."""
+    """Versions of the things that change numbers or speed: Python, torch, numpy, CPU/GPU."""
+    from cxrdebias.train import cpu_has_native_bf16  # train imports much; only needed here
+
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -52,6 +67,9 @@ def environment() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "malloc_threshold": allocator.applied(),
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

@@ -41,7 +41,7 @@ DEFAULT_RESULTS = REPO / "docs" / "results"
 DEFAULT_RUNS = Path("runs") / "tables"
 
 #: train options that change how fast a run goes, not what it computes
-_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last"}
+_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last", "keep_freed_memory"}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from cxrdebias import allocator
 from cxrdebias import distributed as dist_utils
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
@@ -188,6 +189,8 @@ class Trainer:
         self.autocast = make_autocast(self.precision, self.device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.keep_freed_memory and self.device.type == "cpu":
+            allocator.keep_freed_memory()
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         self.model = model.to(self.device)
