@@ -14,8 +14,9 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # A training step's pattern: allocate, touch and free the same large tensors again and again
 # (40, 16, 4 and 40 MiB here); print the minor page faults of 10 such steps after 8 warm-up
-# steps (with 3 the kept heap had not always settled: 16% faults once). With glibc's default thresholds most of those pages are handed back to the system on
-# free and fault in (zeroed by the kernel) again; kept, the same pages are reused.
+# steps (with 3 the kept heap had not always settled: 16% faults once). With glibc's default
+# thresholds most of those pages are handed back to the system on free and fault in (zeroed by
+# the kernel) again; kept, the same pages are reused.
 _PROBE = """
 import json, resource, sys, torch
 if sys.argv[1] == "tuned":
