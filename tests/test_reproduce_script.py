@@ -1,0 +1,90 @@
+"""benchmarks/reproduce_biased_mnist.py: cell names, other schedules, and the seeds table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import reproduce_biased_mnist as rbm  # noqa: E402
+
+
+def _result(rho, method, seed, biased, unbiased, *, epochs=10, lr_step=7, precision="bf16", alpha=None, beta=None):
+    m = {"name": method}
+    if method == "end":
+        m.update(alpha=alpha if alpha is not None else 5.0, beta=beta if beta is not None else 0.5, form="paper")
+    return {
+        "rho": rho,
+        "method": m,
+        "seed": seed,
+        "epochs": epochs,
+        "config": {"train": {"epochs": epochs, "lr_step": lr_step}},
+        "train": {"precision": precision},
+        "metrics": {"biased_accuracy": biased, "unbiased_accuracy": unbiased},
+    }
+
+
+def _store(folder: Path, name: str, result: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result))
+
+
+def test_cell_names_keep_the_shipped_schedule_names_and_mark_another_schedule():
+    assert rbm.cell_name(0.997, "end", 42, "paper") == "rho0.997-end-paper-s42"  # the committed files
+    assert rbm.cell_name(0.99, "vanilla", 43, None) == "rho0.990-vanilla-s43"
+    assert rbm.cell_name(0.997, "end", 44, "paper", 20) == "rho0.997-end-paper-20ep-s44"
+    assert rbm.cell_name(0.99, "vanilla", 42, None, 20) == "rho0.990-vanilla-20ep-s42"
+
+
+def test_schedule_overrides_need_both_values_and_a_step_inside_the_run():
+    assert rbm.schedule_overrides(None, None) == []
+    assert rbm.schedule_overrides(20, 10) == ["train.epochs=20", "train.lr_step=10"]
+    with pytest.raises(SystemExit, match="go together"):
+        rbm.schedule_overrides(20, None)
+    with pytest.raises(SystemExit, match="go together"):
+        rbm.schedule_overrides(None, 10)
+    with pytest.raises(SystemExit, match="0 < lr-step <= epochs"):
+        rbm.schedule_overrides(20, 21)
+    with pytest.raises(SystemExit, match="epochs >= 1"):
+        rbm.schedule_overrides(0, 0)
+
+
+def test_a_run_is_filed_only_under_the_schedule_it_was_trained_with(tmp_path):
+    r20 = _result(0.997, "end", 42, 0.99, 0.57, epochs=20, lr_step=10)
+    rbm.check_schedule(r20, 20, 10, tmp_path / "results.json")
+    rbm.check_schedule(r20, None, None, tmp_path / "results.json")  # the shipped schedule: the config decides
+    with pytest.raises(SystemExit, match=r"results.json: trained 20 epochs with the LR step at 10, not 20 \(7\)"):
+        rbm.check_schedule(r20, 20, 7, tmp_path / "results.json")
+    with pytest.raises(SystemExit, match="trained 10 epochs"):
+        rbm.check_schedule(_result(0.997, "end", 42, 0.96, 0.5), 20, 10, tmp_path / "results.json")
+
+
+def test_table_has_a_row_per_schedule_with_mean_std_and_the_precisions(tmp_path):
+    _store(tmp_path, "rho0.997-vanilla-s42", _result(0.997, "vanilla", 42, 1.0, 0.1))
+    _store(tmp_path, "rho0.997-end-paper-s42", _result(0.997, "end", 42, 0.96, 0.50))
+    _store(tmp_path, "rho0.997-end-paper-s43", _result(0.997, "end", 43, 0.98, 0.60))
+    _store(tmp_path, "rho0.997-end-paper-20ep-s42", _result(0.997, "end", 42, 0.99, 0.57, epochs=20, lr_step=10))
+    _store(tmp_path, "rho0.997-end-paper-20ep-s43", _result(0.997, "end", 43, 0.98, 0.55, epochs=20, lr_step=10, precision="fp32"))
+    _store(tmp_path, "rho0.990-end-paper-s42", _result(0.99, "end", 42, 0.95, 0.70))
+    _store(tmp_path, "rho0.997-lnl-s42", _result(0.997, "lnl", 42, 1.0, 0.1))  # a Table 1 cell: not in this table
+    lines = rbm.build_table(tmp_path).splitlines()
+    assert "precision" in lines[0] and len(lines) == 2 + 4
+    # ρ descending, vanilla first, then the shipped schedule before the longer one
+    assert lines[2].startswith("| 0.997 | vanilla | – | – | – | 10 (7) | 42 | bf16 | 100.00 (n=1) | 10.00 (n=1) | 33.4 |")
+    # mean ± sample std by hand: (96, 98) → 97 ± 1.41; (50, 60) → 55 ± 7.07
+    assert lines[3] == "| 0.997 | end | 5.0 | 0.5 | paper | 10 (7) | 42, 43 | bf16 | 97.00 ± 1.41 (n=2) | 55.00 ± 7.07 (n=2) | 83.7 |"
+    assert lines[4] == "| 0.997 | end | 5.0 | 0.5 | paper | 20 (10) | 42, 43 | bf16, fp32 | 98.50 ± 0.71 (n=2) | 56.00 ± 1.41 (n=2) | 83.7 |"
+    assert lines[5].startswith("| 0.99 | end | 5.0 | 0.5 | paper | 10 (7) | 42 | bf16 | 95.00 (n=1) | 70.00 (n=1) | 96.02 |")
+    assert not any("lnl" in line for line in lines)
+    assert any("| lnl |" in line for line in rbm.build_table(tmp_path, methods=("vanilla", "end", "lnl")).splitlines())
+
+
+def test_the_committed_table_is_the_one_the_results_give():
+    text = rbm.TABLE.read_text()
+    block = text.split("<!-- table:biased_mnist:start -->\n", 1)[1].split("\n<!-- table:biased_mnist:end -->", 1)[0]
+    assert block == rbm.build_table()
