@@ -25,14 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS, REPO
+from cxrdebias.tables import PUBLISHED_BIASED_MNIST, update_markdown
 
 RESULTS = DOCS / "results" / "biased_mnist"
 TABLE = DOCS / "reproduction.md"
-#: published unbiased accuracy on full MNIST (EnD paper Table 1; vanilla from ReBias)
-PAPER = {
-    "vanilla": {0.999: 10.4, 0.997: 33.4, 0.995: 72.1, 0.990: 89.1},
-    "end": {0.999: 52.30, 0.997: 83.70, 0.995: 93.92, 0.990: 96.02},
-}
+#: the methods this table shows unless --methods asks for more (the results folder also holds
+#: Table 1's one-seed cells of the other methods)
+SEED_TABLE_METHODS = ("vanilla", "end")
 
 
 def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None) -> str:
@@ -103,10 +102,9 @@ def _fmt(vals: list[float]) -> str:
     return f"{m:.2f} ± {statistics.stdev(vals) * 100:.2f} (n={len(vals)})"
 
 
-def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = ("vanilla", "end")) -> str:
+def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TABLE_METHODS) -> str:
     """One row per (ρ, method, options, schedule) with every seed's results under it, for
-    ``methods`` only (the folder also holds Table 1's one-seed cells of the other methods); the
-    precision column lists what the seeds ran in (bf16 autocast or fp32, ``train.precision``)."""
+    ``methods`` only; the precision column lists what the seeds ran in (bf16 autocast or fp32, ``train.precision``)."""
     rows: dict[tuple, list[dict]] = {}
     for p in sorted(results_dir.glob("*.json")):
         r = json.loads(p.read_text())
@@ -122,7 +120,7 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = ("vanill
     for key in sorted(rows, key=lambda k: (-k[0], methods.index(k[1]), str(k[2]), k[3] or 0, k[4] or 0, k[5], k[6] or 0)):
         rho, method, form, alpha, beta, epochs, step = key
         rs = sorted(rows[key], key=lambda r: r["seed"])
-        paper = PAPER.get(method, {}).get(round(rho, 3))
+        paper = PUBLISHED_BIASED_MNIST.get(method, {}).get(round(rho, 3))
         precision = ", ".join(sorted({str((r.get("train") or {}).get("precision", "?")) for r in rs}))
         lines.append(
             f"| {rho} | {method} | {alpha if alpha is not None else '–'} | {beta if beta is not None else '–'} | {form or '–'} "
@@ -133,22 +131,16 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = ("vanill
     return "\n".join(lines)
 
 
-def write_table(methods: tuple[str, ...] = ("vanilla", "end")) -> None:
-    start, end = "<!-- table:biased_mnist:start -->", "<!-- table:biased_mnist:end -->"
+def write_table(methods: tuple[str, ...] = SEED_TABLE_METHODS) -> None:
     table = build_table(methods=methods)
-    block = f"{start}\n{table}\n{end}"
-    text = TABLE.read_text()
-    if start not in text:
-        raise SystemExit(f"{TABLE}: missing the {start} marker")
-    head, rest = text.split(start, 1)
-    TABLE.write_text(head + block + rest.split(end, 1)[1])
+    update_markdown(TABLE, "biased_mnist", table)
     print(table)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.997, 0.990])
-    ap.add_argument("--methods", nargs="+", default=["vanilla", "end"])
+    ap.add_argument("--methods", nargs="+", default=list(SEED_TABLE_METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--form", default="paper")
     ap.add_argument("--alpha", type=float)
@@ -160,7 +152,7 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     schedule_overrides(args.epochs, args.lr_step)  # fail before any run
-    methods = tuple(dict.fromkeys(["vanilla", "end", *args.methods]))
+    methods = tuple(dict.fromkeys([*SEED_TABLE_METHODS, *args.methods]))
     if not args.table_only:
         for seed in args.seeds:
             for rho in args.rhos:
