@@ -5,7 +5,7 @@ Launch with ``cxrdebias view --model model.onnx [--data folder-or-manifest ...]`
 variables ``CXRDEBIAS_VIEWER_MODEL`` and ``CXRDEBIAS_VIEWER_DATA`` (paths joined with
 ``os.pathsep``) take precedence over the script arguments (used by the tests).
 
-The page logic lives in :mod:`cxrdebias.viewer_logic`; this file only lays it out.
+The page logic lives in :mod:`cxrdebias.deploy.viewer_state`; this file only lays it out.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from cxrdebias.errors import CxrDebiasError
-from cxrdebias.runtime import CXRModel, InputImage, collect_inputs, load_model
-from cxrdebias.viewer_logic import (
+from cxrdebias.deploy.runtime import CXRModel, InputImage, collect_inputs, load_model
+from cxrdebias.deploy.viewer_state import (
     DISAGREEMENT,
     NOT_FOR_CLINICAL_USE,
     TABLE_COLUMNS,
@@ -38,6 +37,7 @@ from cxrdebias.viewer_logic import (
     save_upload,
     sort_table,
 )
+from cxrdebias.errors import CxrDebiasError
 
 MODEL_ENV, DATA_ENV = "CXRDEBIAS_VIEWER_MODEL", "CXRDEBIAS_VIEWER_DATA"
 UPLOAD_PREFIX = "upload/"

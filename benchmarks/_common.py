@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxrdebias.provenance import code_version, environment
+from cxrdebias.training.provenance import code_version, environment
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks._common import time_call, write_section
 from cxrdebias.debias import build_method
 from cxrdebias.models.densenet import DenseNet121
-from cxrdebias.train import cpu_has_native_bf16, make_autocast
+from cxrdebias.training.device import cpu_has_native_bf16, make_autocast
 
 
 def img_per_s(size: int, method: str, precision: str, batch: int, repeats: int) -> float:

@@ -18,7 +18,7 @@ from benchmarks._common import time_call, write_section
 from cxrdebias.debias import build_method
 from cxrdebias.debias.end import end_regularizer
 from cxrdebias.models import SimpleConvNet
-from cxrdebias.train import make_autocast, resolve_precision
+from cxrdebias.training.device import make_autocast, resolve_precision
 
 
 def regulariser_times(n: int = 256, d: int = 128, repeats: int = 200) -> dict:

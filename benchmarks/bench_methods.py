@@ -26,7 +26,7 @@ from benchmarks._common import time_call, write_section
 from cxrdebias.config import ModelConfig
 from cxrdebias.debias import METHODS, TrainContext, build_method
 from cxrdebias.models import build_model, model_factory
-from cxrdebias.train import make_autocast, resolve_precision
+from cxrdebias.training.device import make_autocast, resolve_precision
 
 OPTIONS = {"end": {"alpha": 5.0, "beta": 0.5}}
 

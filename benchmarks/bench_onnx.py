@@ -2,7 +2,7 @@
 at the default image size (64) and at 224, batch 1 and 16 (issue 6: docs/benchmarks.md).
 
 Columns: torch eager forward of the plain model (logits only), torch eager of the same
-computation as the exported graph (:class:`cxrdebias.explain.GradCAMModel`: probabilities +
+computation as the exported graph (:class:`cxrdebias.deploy.explain.GradCAMModel`: probabilities +
 in-graph Grad-CAM), and onnxruntime (CPU provider) running the exported graph (probabilities +
 Grad-CAM). The speed-up is onnxruntime over the plain eager forward, so the CAM is extra work
 on the onnxruntime side only. Random weights (throughput does not depend on them); EnD model
@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import time_call, write_section
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.explain import GradCAMModel
-from cxrdebias.export import to_onnx_bytes
+from cxrdebias.deploy.explain import GradCAMModel
+from cxrdebias.deploy.export import to_onnx_bytes
 from cxrdebias.models.densenet import DenseNet121
 
 

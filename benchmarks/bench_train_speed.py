@@ -1,7 +1,7 @@
 """CPU training speed of SimpleConvNet (batch 256, 28×28 RGB): what helps on this machine.
 
 Variants: plain fp32 eager (the baseline), channels_last, bf16 autocast, both, torch.compile
-of the fp32 / bf16 models, and glibc malloc keeping freed memory (``cxrdebias.allocator``,
+of the fp32 / bf16 models, and glibc malloc keeping freed memory (``cxrdebias.training.allocator``,
 what the trainer does on the CPU by default). Each variant runs in its own process, because
 the allocator setting holds for the whole process. bf16 variants run only on CPUs with native
 bf16 (elsewhere autocast is emulated and many times slower). The section is written per CPU
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import REPO, time_call, write_section
 from cxrdebias.models import SimpleConvNet
-from cxrdebias.train import cpu_has_native_bf16
+from cxrdebias.training.device import cpu_has_native_bf16
 
 _PLAIN = dict(bf16=False, channels_last=False, compile=False, keep_memory=False)
 VARIANTS = {
@@ -49,7 +49,7 @@ VARIANTS = {
 def measure(bf16: bool, channels_last: bool, compile: bool, keep_memory: bool, batch: int = 256, repeats: int = 5) -> dict:
     """img/s of one variant, with the system time and minor page faults of the timed steps."""
     if keep_memory:
-        from cxrdebias import allocator
+        from cxrdebias.training import allocator
 
         if not allocator.keep_freed_memory():
             raise RuntimeError("this C library has no glibc mallopt")
@@ -93,7 +93,7 @@ def measure_in_subprocess(name: str) -> dict:
 
 def accuracy_check(data_root: Path, epochs: int, rho: float) -> dict:
     from cxrdebias.config import load_config
-    from cxrdebias.reproduce import run_biased_mnist
+    from cxrdebias.experiments.reproduce import run_biased_mnist
 
     out = {}
     for precision in ("fp32", "bf16"):
@@ -136,7 +136,7 @@ def main() -> None:
         "",
         f"Batch 256, 28×28 RGB, Adam step, median of 5 steps, each variant in its own process. CPU native bf16: {native}"
         + ("." if native else " (bf16 autocast is emulated on such CPUs and was not timed; `precision: auto` picks fp32)."),
-        "*Kept malloc memory*: glibc keeps freed blocks for reuse (`cxrdebias.allocator`, the trainer's CPU default"
+        "*Kept malloc memory*: glibc keeps freed blocks for reuse (`cxrdebias.training.allocator`, the trainer's CPU default"
         " `train.keep_freed_memory: true`) instead of handing them back and faulting them in again every step.",
         "",
         "| variant | img/s | vs fp32 eager | system time per step (s) | page faults per step | peak RSS (MiB) |",

@@ -1,7 +1,7 @@
 """The viewer's time from selecting an image to showing its prediction and Grad-CAM (issue 6:
 target < 0.5 s on a 2-core CPU), measured in-process on the calls ``apps/viewer.py`` makes.
 
-Steps, as the page runs them after a selection: :func:`cxrdebias.viewer_logic.analyse` (read the
+Steps, as the page runs them after a selection: :func:`cxrdebias.deploy.viewer_state.analyse` (read the
 file, preprocess with the model's spec, one onnxruntime call for probabilities + CAM, CAM mapped
 onto the image at display size), :func:`display_source` + :func:`apply_window` (window/level; DICOM:
 the modality-LUT values are read again), :func:`gray_image` and :func:`overlay_image` (the two
@@ -39,9 +39,9 @@ def random_model(size: int, folder: Path) -> Path:
     import torch
 
     from cxrdebias.data.preprocess import PreprocessSpec
-    from cxrdebias.export import INTENDED_USE, to_onnx_bytes, with_metadata
+    from cxrdebias.deploy.export import INTENDED_USE, to_onnx_bytes, with_metadata
+    from cxrdebias.deploy.onnx_metadata import FORMAT_KEY, FORMAT_VERSION
     from cxrdebias.models.densenet import DenseNet121
-    from cxrdebias.onnx_metadata import FORMAT_KEY, FORMAT_VERSION
 
     torch.manual_seed(0)
     net = DenseNet121(2, last_activation="tanh", normalize_features=True).eval()
@@ -74,7 +74,7 @@ def bench_images(folder: Path, n_per_site: int, n_dicom: int = 1) -> list[tuple[
 
 
 def time_select(model, image, repeats: int) -> dict[str, float]:
-    from cxrdebias.viewer_logic import (
+    from cxrdebias.deploy.viewer_state import (
         analyse_with_source,
         apply_window,
         gray_image,
@@ -210,7 +210,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from cxrdebias.runtime import collect_inputs, load_model
+    from cxrdebias.deploy.runtime import collect_inputs, load_model
 
     folder = Path(tempfile.mkdtemp(prefix="bench-viewer-"))
     models = ([("exported " + args.model.name, args.model)] if args.model else []) + [(f"random {s} px", random_model(s, folder)) for s in args.sizes]

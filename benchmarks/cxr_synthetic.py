@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks._common import DOCS, REPO
 from cxrdebias.config import load_config
 from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
-from cxrdebias.evaluate import evaluate_run
-from cxrdebias.pipeline import train_cxr
+from cxrdebias.experiments.cxr import train_cxr
+from cxrdebias.experiments.evaluate import evaluate_run
 
 RESULTS = DOCS / "results" / "cxr"
 TABLE = DOCS / "cxr.md"

@@ -23,7 +23,7 @@ from cxrdebias.debias import build_method
 from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.pseudo_bias import PseudoBiasOptions
 from cxrdebias.models import SimpleConvNet
-from cxrdebias.train import make_autocast, resolve_precision
+from cxrdebias.training.device import make_autocast, resolve_precision
 
 CONFIGS = {
     "end (true bias)": None,

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS, REPO
-from cxrdebias.tables import PUBLISHED_BIASED_MNIST, update_markdown
+from cxrdebias.experiments.tables import PUBLISHED_BIASED_MNIST, update_markdown
 
 RESULTS = DOCS / "results" / "biased_mnist"
 TABLE = DOCS / "reproduction.md"

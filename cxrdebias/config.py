@@ -67,7 +67,7 @@ class TrainConfig(_Strict):
     keep_freed_memory: bool = Field(
         True,
         description="on the CPU, glibc malloc keeps freed tensor memory for reuse instead of an mmap/munmap "
-        "per large tensor every step (faster; the process holds its peak memory; cxrdebias.allocator)",
+        "per large tensor every step (faster; the process holds its peak memory; cxrdebias.training.allocator)",
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True)")

@@ -169,7 +169,7 @@ def tiny_cxr_run(cxr_manifest, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
     """``export_run`` of :func:`tiny_cxr_run`, verified on its validation split (an ``ExportResult``)."""
-    from cxrdebias.export import export_run
+    from cxrdebias.deploy.export import export_run
 
     with single_torch_thread():
         return export_run(tiny_cxr_run, tmp_path_factory.mktemp("exported") / "model.onnx", n_cam_images=8)

@@ -1,4 +1,4 @@
-"""glibc malloc tuning for CPU training (cxrdebias.allocator)."""
+"""glibc malloc tuning for CPU training (cxrdebias.training.allocator)."""
 
 import json
 import platform
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from cxrdebias import allocator
-from cxrdebias.provenance import environment
+from cxrdebias.training import allocator
+from cxrdebias.training.provenance import environment
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -20,7 +20,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 _PROBE = """
 import json, resource, sys, torch
 if sys.argv[1] == "tuned":
-    from cxrdebias import allocator
+    from cxrdebias.training import allocator
     assert allocator.keep_freed_memory()
 torch.set_num_threads(1)
 def step():

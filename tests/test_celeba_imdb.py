@@ -25,8 +25,8 @@ from cxrdebias.data.imdb_face import (
 )
 from cxrdebias.data.photos import IMAGENET_MEAN, IMAGENET_STD, group_counts, validation_split
 from cxrdebias.errors import ConfigError, DataError
-from cxrdebias.metrics import group_accuracy
-from cxrdebias.reproduce import celeba_protocol, imdb_face_protocol
+from cxrdebias.evaluation.metrics import group_accuracy
+from cxrdebias.experiments.reproduce import celeba_protocol, imdb_face_protocol
 
 ATTRIBUTES = ["5_o_Clock_Shadow", "Blond_Hair", "Heavy_Makeup", "Male", "Young"]
 

@@ -14,13 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from cxrdebias.data.images import (
-    LoadedImage,
-    read_dicom_tag,
-    read_image,
-    window_level,
-    write_dicom,
-)
+from cxrdebias.data.images import LoadedImage, read_dicom_tag, read_image, window_level, write_dicom
 from cxrdebias.errors import ConfigError, DataError
 
 RAMP8 = np.arange(256, dtype=np.uint8).reshape(16, 16)  # pixel value == flat index

@@ -231,7 +231,7 @@ def test_dataloader_workers_read_the_cache(tmp_path):
 
 def test_build_cxr_passes_cache_dir_and_pipeline_fills_it(tmp_path):
     from cxrdebias.config import ExperimentConfig
-    from cxrdebias.pipeline import _materialise
+    from cxrdebias.experiments.cxr import _materialise
 
     folder = tmp_path / "set"
     paths = _images(folder, 12)

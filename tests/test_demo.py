@@ -1,7 +1,7 @@
 """The README's main job, shrunk: synth → vanilla and EnD → per-site evaluation → compare."""
 
 from cxrdebias.data.synthetic_cxr import SynthConfig
-from cxrdebias.demo import run_demo
+from cxrdebias.experiments.demo import run_demo
 
 
 def test_demo_pipeline_end_to_end(tmp_path):

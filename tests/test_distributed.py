@@ -26,8 +26,8 @@ from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import TensorBatchLoader, TensorSamples, make_loader
 from cxrdebias.debias import build_method
 from cxrdebias.models.base import L2Normalize, ModelOutput
-from cxrdebias.runs import METRICS_FILE, RunDir
-from cxrdebias.train import Trainer
+from cxrdebias.training.runs import METRICS_FILE, RunDir
+from cxrdebias.training.trainer import Trainer
 
 WORLD = 2
 TOL = 1e-6

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from cxrdebias import explain
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.errors import ExportError
-from cxrdebias.explain import (
+from cxrdebias.deploy import explain
+from cxrdebias.deploy.artefact import load_model_artefact
+from cxrdebias.deploy.explain import (
     GradCAMModel,
     bottleneck_forward_and_gradient,
     head_forward_and_gradient,
     monai_gradcam,
 )
-from cxrdebias.export import (
+from cxrdebias.deploy.export import (
     Tolerances,
     check_parity,
     export_run,
@@ -27,11 +27,11 @@ from cxrdebias.export import (
     spread_over_sites,
     to_onnx_bytes,
 )
+from cxrdebias.deploy.onnx_metadata import KEYS, ModelMetadata
+from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
+from cxrdebias.errors import ExportError
 from cxrdebias.models.base import L2Normalize, ModelOutput, activation
 from cxrdebias.models.densenet import DenseNet121
-from cxrdebias.onnx_metadata import KEYS, ModelMetadata
-from cxrdebias.pipeline import load_model_artefact
-from cxrdebias.runtime import collect_inputs, load_model, prepare
 from tests.conftest import run_cli
 
 SPEC64 = PreprocessSpec(image_size=64)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxrdebias import runs
+from cxrdebias import fileio
 from tests.conftest import REPO, run_cli
 
 
@@ -138,9 +138,9 @@ class _FullDisk:
 @pytest.fixture
 def disk_full(monkeypatch):
     """``disk_full(name, call=k, room=n)``: the k-th write of a file called ``name`` (through
-    :mod:`cxrdebias.runs`, which every run/report file goes through) runs out of space after
+    :mod:`cxrdebias.fileio`, which every run/report file goes through) runs out of space after
     ``n`` bytes. ``disk_full(None)``: space again."""
-    real = runs._open_write
+    real = fileio.open_for_write
 
     def arm(name: str | None, *, call: int = 1, room: int = 100) -> list[Path]:
         seen: list[Path] = []
@@ -152,7 +152,7 @@ def disk_full(monkeypatch):
             seen.append(Path(path))
             return _FullDisk(f, room) if len(seen) == call else f
 
-        monkeypatch.setattr(runs, "_open_write", real if name is None else open_write)
+        monkeypatch.setattr(fileio, "open_for_write", real if name is None else open_write)
         return seen
 
     return arm

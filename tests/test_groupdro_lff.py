@@ -487,8 +487,9 @@ def test_bf16_autocast_keeps_state_in_float32(method):
 def test_trainer_resume_continues_exactly(tmp_path, method):
     from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader, TensorSamples
-    from cxrdebias.runs import RunDir
-    from cxrdebias.train import Trainer, seed_everything
+    from cxrdebias.training.device import seed_everything
+    from cxrdebias.training.runs import RunDir
+    from cxrdebias.training.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 2, (32,), generator=g)

@@ -496,8 +496,8 @@ def test_trainer_resume_continues_exactly(method_cls, tmp_path):
     """Through the real trainer: checkpoint after epoch 1, resume, same weights as a full run."""
     from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader, TensorSamples
-    from cxrdebias.runs import RunDir
-    from cxrdebias.train import Trainer
+    from cxrdebias.training.runs import RunDir
+    from cxrdebias.training.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 3, (48,), generator=g)

@@ -21,7 +21,7 @@ from cxrdebias.debias.pseudo_bias import (
     cosine_silhouette,
 )
 from cxrdebias.errors import ConfigError
-from cxrdebias.metrics import label_agreement
+from cxrdebias.evaluation.metrics import label_agreement
 from cxrdebias.models.base import ModelOutput
 from tests.conftest import assert_same_tensors, interrupt_after_epoch, run_cli
 
@@ -537,7 +537,7 @@ def test_analyze_bias_on_a_supervised_run_fits_an_attractor(fake_mnist, tmp_path
 
 def test_default_run_name_marks_bias_auto():
     from cxrdebias.config import load_config
-    from cxrdebias.reproduce import default_run_name
+    from cxrdebias.experiments.reproduce import default_run_name
 
     assert "-end-auto-seed42-" in default_run_name(load_config(None, ["method.name=end", "unsupervised.enabled=true"]))
     assert "-end-seed42-" in default_run_name(load_config(None, ["method.name=end"]))
@@ -583,8 +583,9 @@ def test_resume_of_a_bias_auto_run_is_exact(labeller, tmp_path):
     from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader
     from cxrdebias.models import SimpleConvNet
-    from cxrdebias.runs import RunDir
-    from cxrdebias.train import Trainer, seed_everything
+    from cxrdebias.training.device import seed_everything
+    from cxrdebias.training.runs import RunDir
+    from cxrdebias.training.trainer import Trainer
     from tests.test_train import _data
 
     def trainer(path, resume=False):

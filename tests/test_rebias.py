@@ -395,8 +395,9 @@ def test_trainer_resume_continues_exactly(tmp_path):
     """Through the real Trainer: G, its optimiser and its StepLR survive an interruption."""
     from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader, TensorSamples
-    from cxrdebias.runs import RunDir
-    from cxrdebias.train import Trainer, seed_everything
+    from cxrdebias.training.device import seed_everything
+    from cxrdebias.training.runs import RunDir
+    from cxrdebias.training.trainer import Trainer
 
     b = _batch(n=32)
     data = TensorSamples(b["image"], b["target"], b["bias"], name="toy")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrdebias.metrics import SITE_METRICS, site_report
-from cxrdebias.report import (
+from cxrdebias.evaluation.metrics import SITE_METRICS, site_report
+from cxrdebias.evaluation.report import (
     CSV_COLUMNS,
     compare_markdown,
     plot_site_report,

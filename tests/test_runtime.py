@@ -1,4 +1,4 @@
-"""onnxruntime inference (`cxrdebias predict`, `cxrdebias.runtime`) with an exported model."""
+"""onnxruntime inference (`cxrdebias predict`, `cxrdebias.deploy.runtime`) with an exported model."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from PIL import Image
 
 from cxrdebias.data.images import read_image, write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec, preprocess, resize_geometry
+from cxrdebias.deploy.onnx_metadata import encode
+from cxrdebias.deploy.overlay import cam_to_image, jet, overlay
+from cxrdebias.deploy.runtime import CPU, collect_inputs, load_model
 from cxrdebias.errors import CheckpointError, ConfigError, DataError
-from cxrdebias.onnx_metadata import encode
-from cxrdebias.overlay import cam_to_image, jet, overlay
-from cxrdebias.runtime import CPU, collect_inputs, load_model
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -56,7 +56,7 @@ def inputs(tmp_path, cxr_manifest, real_pngs):
 
 def test_runtime_imports_without_torch():
     code = (
-        "import sys, cxrdebias.runtime, cxrdebias.overlay, cxrdebias.onnx_metadata; "
+        "import sys, cxrdebias.deploy.runtime, cxrdebias.deploy.overlay, cxrdebias.deploy.onnx_metadata; "
         "bad = sorted(m for m in ('torch', 'torchvision', 'monai', 'timm') if m in sys.modules); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -202,7 +202,7 @@ def test_cuda_without_onnxruntime_gpu_is_a_config_error(model_file):
 def test_gpu_provider_is_requested_first_when_onnxruntime_gpu_offers_it(model_file, monkeypatch):
     """The provider seam without a GPU: with CUDA offered, auto/cuda ask for it before the CPU,
     and CXRModel.provider reports what onnxruntime actually took (CPU on this machine)."""
-    import cxrdebias.runtime as rt
+    import cxrdebias.deploy.runtime as rt
 
     real = rt.ort.get_available_providers()
     monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])

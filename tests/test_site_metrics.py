@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from cxrdebias.metrics import (
+from cxrdebias.evaluation.metrics import (
     SITE_METRICS,
     SUMMARY_METRICS,
     BinaryCounts,

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cxrdebias.errors import ConfigError
-from cxrdebias.tables import (
+from cxrdebias.experiments.tables import (
     ablation_table,
     biased_mnist_table,
     build_table,
@@ -175,7 +175,7 @@ def test_ablation_reads_the_full_end_cell_from_table_1_only_when_it_is_the_same_
 
 
 def test_every_table_has_its_own_block_in_the_reproduction_docs():
-    from cxrdebias.tables import REPO, TABLE_NAMES
+    from cxrdebias.experiments.tables import REPO, TABLE_NAMES
 
     keys = [get_table(name).docs_key for name in TABLE_NAMES]
     assert keys == ["table1", "table2", "table3", "table4"]

@@ -12,8 +12,9 @@ from cxrdebias.data.base import TensorBatchLoader, TensorSamples
 from cxrdebias.debias import build_method
 from cxrdebias.errors import CheckpointError, RunExistsError, TrainingInterrupted
 from cxrdebias.models import SimpleConvNet
-from cxrdebias.runs import RunDir
-from cxrdebias.train import Trainer, resolve_precision, seed_everything
+from cxrdebias.training.device import resolve_precision, seed_everything
+from cxrdebias.training.runs import RunDir
+from cxrdebias.training.trainer import Trainer
 from tests.conftest import assert_same_tensors, interrupt_after_epoch
 
 

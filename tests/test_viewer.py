@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from cxrdebias.data.images import read_image, write_dicom
-from cxrdebias.errors import DataError
-from cxrdebias.runtime import collect_inputs, load_model
-from cxrdebias.viewer_logic import (
+from cxrdebias.deploy.runtime import collect_inputs, load_model
+from cxrdebias.deploy.viewer_state import (
     NOT_FOR_CLINICAL_USE,
     TABLE_COLUMNS,
     analyse,
@@ -31,6 +30,7 @@ from cxrdebias.viewer_logic import (
     save_upload,
     sort_table,
 )
+from cxrdebias.errors import DataError
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -162,7 +162,7 @@ def test_bad_uploads_are_messages_not_tracebacks(app, real_pngs, cxr_manifest):
 def test_selecting_an_image_does_not_recompute_the_study(app, real_pngs, cxr_manifest, monkeypatch):
     """Only the selected image is analysed: the study and the uploads are predicted once, not on
     every rerun (the image panel is a fragment; uploads are cached by their contents)."""
-    from cxrdebias import viewer_logic
+    from cxrdebias.deploy import viewer_state as viewer_logic
 
     real = viewer_logic.predict_study
     study_calls, analysed = [], []
@@ -406,9 +406,9 @@ def test_viewer_in_headless_chromium(model_file, study_data, tmp_path):
 
 
 def test_large_images_are_shown_at_display_size(model_file, study_data):
-    from cxrdebias.overlay import cam_to_image
-    from cxrdebias.runtime import InputImage
-    from cxrdebias.viewer_logic import display_shape, shrink
+    from cxrdebias.deploy.overlay import cam_to_image
+    from cxrdebias.deploy.runtime import InputImage
+    from cxrdebias.deploy.viewer_state import display_shape, shrink
 
     manifest, _ = study_data
     small = read_image(collect_inputs([manifest])[0].path).pixels

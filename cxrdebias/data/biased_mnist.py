@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cxrdebias.data.base import TensorSamples
 from cxrdebias.errors import DataError
-from cxrdebias.provenance import sha256_files, sha256_tensors
+from cxrdebias.fileio import sha256_files, sha256_tensors
 
 #: background colours (RGB) of classes 0…9, as published
 COLOURS: tuple[tuple[int, int, int], ...] = (

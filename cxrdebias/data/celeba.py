@@ -51,7 +51,7 @@ from cxrdebias.data.photos import (
     validation_split,
 )
 from cxrdebias.errors import ConfigError, DataError
-from cxrdebias.provenance import sha256_files
+from cxrdebias.fileio import sha256_files
 
 ATTRIBUTE_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"

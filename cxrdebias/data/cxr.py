@@ -56,8 +56,7 @@ from cxrdebias.data.csv_records import read_csv_records, resolve_relative_path
 from cxrdebias.data.images import DEFAULT_MAX_PIXELS, read_dicom_tag, read_image, resolve_tag
 from cxrdebias.data.preprocess import PreprocessSpec, preprocess
 from cxrdebias.errors import ConfigError, DataError
-from cxrdebias.provenance import sha256_files
-from cxrdebias.runs import write_text_atomic
+from cxrdebias.fileio import sha256_files, write_text_atomic
 
 REQUIRED_COLUMNS = ("path", "label", "site", "patient_id")
 OPTIONAL_COLUMNS = ("view", "sex", "age", "split")

@@ -68,7 +68,7 @@ from cxrdebias.data.photos import (
     validation_split,
 )
 from cxrdebias.errors import DataError
-from cxrdebias.provenance import sha256_files
+from cxrdebias.fileio import sha256_files
 
 SPLITS = ("eb1", "eb2", "test")
 COLUMNS = ("path", "age", "gender")

@@ -8,7 +8,7 @@ normalises with the ImageNet mean/std. Nothing is held in memory but the file li
 labels; images are decoded per batch (``train.num_workers`` processes).
 
 Groups: a sample's group is its ``(target, bias)`` pair, named ``"t=<target>,b=<bias>"`` as in
-:func:`cxrdebias.metrics.group_accuracy`.
+:func:`cxrdebias.evaluation.metrics.group_accuracy`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torchvision import transforms as T
 
 from cxrdebias.data.base import Batch
 from cxrdebias.errors import DataError
-from cxrdebias.provenance import sha256_tensors
+from cxrdebias.fileio import sha256_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -42,7 +42,7 @@ observes, or re-weights), or one with its own update that takes its bias labels 
 ``blindeye``). Methods that never use bias labels (``lff``, ``rebias``) are refused. It
 replaces ``batch["bias"]`` by the pseudo labels before the wrapped method sees them; the
 dataset's true bias labels (when it has them) are used for the agreement metrics only
-(:func:`cxrdebias.metrics.label_agreement`, logged per epoch under ``pseudo_bias``), never by
+(:func:`cxrdebias.evaluation.metrics.label_agreement`, logged per epoch under ``pseudo_bias``), never by
 the method. Everything (running statistics, memory bank, head, its optimiser, per-sample EMAs,
 the step counter) is in ``state_dict``/``extra_state``, so checkpoints and resume keep it.
 """
@@ -682,7 +682,7 @@ class UnsupervisedBias(Method):
 
     def epoch_metrics(self) -> dict[str, Any]:
         """Agreement of this epoch's pseudo labels with the true ones (where known)."""
-        from cxrdebias.metrics import label_agreement
+        from cxrdebias.evaluation.metrics import label_agreement
 
         if not self._epoch:
             return {}

@@ -58,7 +58,7 @@ class Cell:
     row: tuple[str, ...]
     seed: int
     config: ExperimentConfig
-    runner: str  # "biased_mnist" | "celeba" | "imdb_face" (a function of cxrdebias.reproduce)
+    runner: str  # "biased_mnist" | "celeba" | "imdb_face" (a function of cxrdebias.experiments.reproduce)
     #: other results files (``TABLE/CELL`` under the results folder) that may hold this very run,
     #: e.g. Table 2's full-EnD cell is Table 1's EnD cell; used only if their options match
     same_as: tuple[str, ...] = ()
@@ -318,7 +318,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def run_cell(cell: Cell, runs_dir: Path, console: Console, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Run (or resume) one cell into ``runs_dir/<cell>`` and return its results."""
-    import cxrdebias.reproduce as reproduce
+    import cxrdebias.experiments.reproduce as reproduce
 
     out = runs_dir / cell.name
     finished = out / "results.json"

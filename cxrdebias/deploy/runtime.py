@@ -34,9 +34,15 @@ import onnxruntime as ort
 from cxrdebias.data.csv_records import read_csv_records, resolve_relative_path
 from cxrdebias.data.images import read_image
 from cxrdebias.data.preprocess import PreprocessSpec, ResizeGeometry, preprocess, resize_geometry
+from cxrdebias.deploy.onnx_metadata import (
+    CAM,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    PROBABILITIES,
+    ModelMetadata,
+)
+from cxrdebias.deploy.overlay import save_overlay
 from cxrdebias.errors import CheckpointError, ConfigError, DataError, RunExistsError
-from cxrdebias.onnx_metadata import CAM, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, ModelMetadata
-from cxrdebias.overlay import save_overlay
 
 #: suffixes of the image files taken from a folder (DICOM files without a suffix are also
 #: taken when they carry the ``DICM`` marker)
@@ -168,7 +174,7 @@ class Predictions:
 
     ``probabilities``: N×K (columns = ``labels``); ``cams``: N×S×S Grad-CAM of the positive
     class in ``[0, 1]``, in model-input geometry (``geometries[i]`` maps it onto image ``i``,
-    see :func:`cxrdebias.overlay.cam_to_image`). ``images`` holds the ``[0, 1]`` originals
+    see :func:`cxrdebias.deploy.overlay.cam_to_image`). ``images`` holds the ``[0, 1]`` originals
     only while streaming (:meth:`CXRModel.iter_predict`).
     """
 

@@ -2,28 +2,28 @@
 
 ``export_run`` is ``cxrdebias export RUN --out model.onnx``:
 
-1. load ``RUN/model.pt`` (:func:`cxrdebias.pipeline.load_model_artefact`) and wrap it in
-   :class:`cxrdebias.explain.GradCAMModel`, whose forward pass computes the class
+1. load ``RUN/model.pt`` (:func:`cxrdebias.experiments.cxr.load_model_artefact`) and wrap it in
+   :class:`cxrdebias.deploy.explain.GradCAMModel`, whose forward pass computes the class
    probabilities *and* the Grad-CAM of the positive class with plain tensor operations (no
-   autograd: see :mod:`cxrdebias.explain` for the maths);
+   autograd: see :mod:`cxrdebias.deploy.explain` for the maths);
 2. trace it with ``torch.onnx.export`` (TorchScript-based exporter, ``dynamo=False``; opset
    :data:`DEFAULT_OPSET`; dynamic batch axis) — input ``image``, outputs ``probabilities`` and
-   ``cam`` (:mod:`cxrdebias.onnx_metadata`);
+   ``cam`` (:mod:`cxrdebias.deploy.onnx_metadata`);
 3. verify the graph in onnxruntime on real images — the run's own **validation** images by
    default (read and preprocessed with the code and spec the runtime uses), or the images given
    with ``check_images``:
 
    - probabilities vs the torch model (``softmax(model(x).logits)``) on every check image:
      max absolute difference ≤ :data:`PROBABILITY_TOLERANCE`;
-   - CAM vs MONAI's autograd ``GradCAM`` on the torch model (:func:`~cxrdebias.explain.monai_gradcam`)
+   - CAM vs MONAI's autograd ``GradCAM`` on the torch model (:func:`~cxrdebias.deploy.explain.monai_gradcam`)
      on up to ``n_cam_images`` images spread over the sites: per-image Pearson correlation of
      the pixels ≥ :data:`CAM_MIN_CORRELATION` (two constant maps agree when they are equal);
    - the batch axis is dynamic: batch 1 gives the same outputs as the full batch;
 
 4. compute per-site validation metrics from the ONNX probabilities at the saved threshold
    (when the check images are the validation split), fill ``metadata_props``
-   (:data:`cxrdebias.onnx_metadata.KEYS`), reload the final bytes with
-   :func:`cxrdebias.runtime.load_model` (the metadata must parse and the outputs must not move)
+   (:data:`cxrdebias.deploy.onnx_metadata.KEYS`), reload the final bytes with
+   :func:`cxrdebias.deploy.runtime.load_model` (the metadata must parse and the outputs must not move)
    and only then write ``model.onnx``, ``MODEL_CARD.md`` and a MONAI-style ``metadata.json``
    beside it.
 
@@ -49,9 +49,8 @@ import torch
 import cxrdebias
 from cxrdebias.data.csv_records import resolve_relative_path
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.errors import CxrDebiasError, ExportError, RunExistsError
-from cxrdebias.explain import GradCAMModel, monai_gradcam
-from cxrdebias.onnx_metadata import (
+from cxrdebias.deploy.explain import GradCAMModel, monai_gradcam
+from cxrdebias.deploy.onnx_metadata import (
     CAM,
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -61,8 +60,9 @@ from cxrdebias.onnx_metadata import (
     encode,
     json_safe,
 )
-from cxrdebias.provenance import code_version
-from cxrdebias.runs import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrdebias.errors import CxrDebiasError, ExportError, RunExistsError
+from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrdebias.training.provenance import code_version
 
 DEFAULT_OPSET = 17
 #: max |p_onnx − p_torch| over every check image and class
@@ -264,8 +264,8 @@ def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | Non
     """The run's validation images (``runtime.InputImage`` with site/label/patient fields) and
     where they came from, or ``(None, why not)``. The manifest path is the one the run was
     trained with (relative paths: relative to the current folder, as for ``evaluate``)."""
-    from cxrdebias.pipeline import SPLITS_FILE
-    from cxrdebias.runtime import InputImage
+    from cxrdebias.deploy.artefact import SPLITS_FILE
+    from cxrdebias.deploy.runtime import InputImage
 
     splits = run_dir / SPLITS_FILE
     manifest = (config.get("data") or {}).get("manifest")
@@ -306,7 +306,7 @@ def spread_over_sites(images: Sequence, n: int) -> list[int]:
 
 
 def _prepared_batches(images: Sequence, spec: PreprocessSpec, size: int) -> Iterable[np.ndarray]:
-    from cxrdebias.runtime import prepare
+    from cxrdebias.deploy.runtime import prepare
 
     for chunk in _chunks(images, size):
         yield prepare(chunk, spec)[0]  # the originals are dropped: large radiographs stay out of memory
@@ -314,7 +314,7 @@ def _prepared_batches(images: Sequence, spec: PreprocessSpec, size: int) -> Iter
 
 # -- metadata -----------------------------------------------------------------------------------
 def _per_site_validation(images: Sequence, positive: np.ndarray, threshold: float) -> dict[str, Any]:
-    from cxrdebias.metrics import site_report
+    from cxrdebias.evaluation.metrics import site_report
 
     y = np.array([int(x.fields["label"]) for x in images])
     sites = np.array([x.fields["site"] for x in images])
@@ -342,7 +342,7 @@ def build_metadata(
     opset: int,
     feature_map_size: Sequence[int],
 ) -> dict[str, Any]:
-    """The ``metadata_props`` of an exported run (keys: :data:`cxrdebias.onnx_metadata.KEYS`).
+    """The ``metadata_props`` of an exported run (keys: :data:`cxrdebias.deploy.onnx_metadata.KEYS`).
 
     ``validation.recorded_at_training`` are the numbers of the training run (computed with its
     ``training_precision``, e.g. bf16 autocast); the ``overall``/``per_site`` numbers are the
@@ -351,7 +351,7 @@ def build_metadata(
     import onnx
     import onnxruntime
 
-    from cxrdebias.runs import RESULTS_FILE
+    from cxrdebias.training.runs import RESULTS_FILE
 
     try:
         training_precision = json.loads((run_dir / RESULTS_FILE).read_text())["train"]["precision"]
@@ -607,9 +607,9 @@ def export_run(
         RunExistsError: the model, ``MODEL_CARD.md`` or ``metadata.json`` exists and not ``force``.
         CheckpointError / DataError: unreadable run or check images.
     """
-    from cxrdebias.pipeline import load_model_artefact
-    from cxrdebias.runs import RunDir
-    from cxrdebias.runtime import collect_inputs, load_model, prepare
+    from cxrdebias.deploy.artefact import load_model_artefact
+    from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
+    from cxrdebias.training.runs import RunDir
 
     run_path = Path(run_dir)
     targets = output_paths(out)

@@ -31,10 +31,11 @@ from cxrdebias.debias.pseudo_bias import (
     UnsupervisedBias,
 )
 from cxrdebias.errors import CheckpointError, ConfigError, RunExistsError
-from cxrdebias.inference import predict
-from cxrdebias.metrics import label_agreement
+from cxrdebias.evaluation.metrics import label_agreement
+from cxrdebias.fileio import write_json_atomic, write_text_atomic
 from cxrdebias.models import build_model
-from cxrdebias.runs import RunDir, torch_load_checked, write_json_atomic, write_text_atomic
+from cxrdebias.training.inference import predict
+from cxrdebias.training.runs import RunDir, torch_load_checked
 
 AGREEMENT_COLUMNS = ("nmi", "ari", "matched_accuracy", "minority_matched_accuracy")
 OUTPUT_FILES = ("bottleneck.png", "agreement.json", "agreement.md")
@@ -78,14 +79,19 @@ def _run_data(cfg, run: RunDir, split: str):
     kind = cfg.data.kind
     if kind == "cxr":
         from cxrdebias.data.cxr import CLASS_NAMES, build_cxr
-        from cxrdebias.pipeline import SPLITS_FILE, _materialise
+        from cxrdebias.deploy.artefact import SPLITS_FILE
+        from cxrdebias.experiments.cxr import _materialise
 
         data = build_cxr(cfg.data, splits_file=run.file(SPLITS_FILE))
         ds = {"train": data.train, "val": data.val, "test": data.test}.get(split)
         if ds is None:
             raise ConfigError(f"split {split!r}: expected train, val or test (and the run must have it)")
         return _materialise(ds, cfg.data, hide_bias=cfg.data.bias == "none"), len(CLASS_NAMES), cfg.data.preprocess.channels
-    from cxrdebias.reproduce import biased_mnist_protocol, celeba_protocol, imdb_face_protocol
+    from cxrdebias.experiments.reproduce import (
+        biased_mnist_protocol,
+        celeba_protocol,
+        imdb_face_protocol,
+    )
 
     proto = {"biased_mnist": biased_mnist_protocol, "celeba": celeba_protocol, "imdb_face": imdb_face_protocol}[kind](cfg)
     sets = {"train": proto.train, "val": proto.val, **proto.tests}

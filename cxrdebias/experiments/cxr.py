@@ -38,23 +38,21 @@ from cxrdebias.data.cxr import (
     save_splits,
 )
 from cxrdebias.debias import build_method
-from cxrdebias.errors import CheckpointError, ConfigError
-from cxrdebias.inference import Predictions
-from cxrdebias.metrics import auroc, balanced_accuracy, youden_threshold
+from cxrdebias.deploy.artefact import MODEL_FILE, MODEL_FORMAT, SPLITS_FILE
+from cxrdebias.errors import ConfigError
+from cxrdebias.evaluation.metrics import auroc, balanced_accuracy, youden_threshold
 from cxrdebias.models import build_model, model_factory
-from cxrdebias.provenance import code_version, environment, run_info
-from cxrdebias.runs import (
+from cxrdebias.training.device import seed_everything
+from cxrdebias.training.inference import Predictions
+from cxrdebias.training.provenance import code_version, environment, run_info
+from cxrdebias.training.runs import (
     RESULTS_FILE,
     RUN_INFO_FILE,
     RunDir,
-    torch_load_checked,
     torch_save_atomic,
 )
-from cxrdebias.train import Trainer, seed_everything
+from cxrdebias.training.trainer import Trainer
 
-MODEL_FILE = "model.pt"
-SPLITS_FILE = "splits.csv"
-MODEL_FORMAT = 1
 EVAL_BATCH = 64
 
 
@@ -296,26 +294,3 @@ def train_cxr(
         f"({train_time / 60:.1f} min) → {run.path / MODEL_FILE}"
     )
     return results
-
-
-def load_model_artefact(run_or_file: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model (eval mode) and its metadata from a run folder or a ``model.pt``."""
-    path = Path(run_or_file)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    art = torch_load_checked(path)
-    if not isinstance(art, dict) or art.get("format") != MODEL_FORMAT or "state_dict" not in art:
-        raise CheckpointError(f"{path}: not a cxrdebias model artefact (format {MODEL_FORMAT})")
-    from cxrdebias.config import ModelConfig
-
-    model = build_model(
-        ModelConfig.model_validate({**art["model_config"], "pretrained": None}),  # weights come from the artefact
-        art["num_classes"],
-        in_channels=art["in_channels"],
-        feature_activation=art["feature_activation"],
-    )
-    try:
-        model.load_state_dict(art["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the recorded architecture ({exc})") from None
-    return model.eval(), art

@@ -158,8 +158,8 @@ def _under_torchrun(cfg, out_dir: Path, job):
 
 
 def _reproduce(run, cfg, out_dir: Path | None, *, force: bool, resume: bool, keys: tuple[str, ...]) -> None:
-    """Run a reproduction experiment (``run``: a ``cxrdebias.reproduce.run_*``) and print ``keys``."""
-    from cxrdebias.reproduce import default_run_name
+    """Run a reproduction experiment (``run``: a ``cxrdebias.experiments.reproduce.run_*``) and print ``keys``."""
+    from cxrdebias.experiments.reproduce import default_run_name
 
     if resume and out_dir is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER")
@@ -190,7 +190,7 @@ def reproduce_biased_mnist(
     resume: ResumeOpt = False,
 ) -> None:
     """Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy."""
-    from cxrdebias.reproduce import run_biased_mnist
+    from cxrdebias.experiments.reproduce import run_biased_mnist
 
     cfg = _build_config(
         config,
@@ -223,7 +223,7 @@ def reproduce_celeba(
     resume: ResumeOpt = False,
 ) -> None:
     """CelebA (Nam et al. protocol): unbiased (group-averaged) and bias-conflicting accuracy."""
-    from cxrdebias.reproduce import run_celeba
+    from cxrdebias.experiments.reproduce import run_celeba
 
     cfg = _build_config(
         config,
@@ -260,7 +260,7 @@ def reproduce_imdb_face(
     resume: ResumeOpt = False,
 ) -> None:
     """IMDB Face (Kim et al. splits): accuracy on the test split and on the other extreme-bias split."""
-    from cxrdebias.reproduce import run_imdb_face
+    from cxrdebias.experiments.reproduce import run_imdb_face
 
     cfg = _build_config(
         config,
@@ -294,7 +294,13 @@ def reproduce_table(
     set_: SetOpt = None,
 ) -> None:
     """Regenerate one of the EnD paper's tables: our mean ± std over seeds beside the published numbers."""
-    from cxrdebias.tables import DEFAULT_RESULTS, REPO, build_table, get_table, update_markdown
+    from cxrdebias.experiments.tables import (
+        DEFAULT_RESULTS,
+        REPO,
+        build_table,
+        get_table,
+        update_markdown,
+    )
 
     spec = get_table(
         table, seeds=seeds or None, methods=methods or None, rhos=rhos or None, rho=(rhos or [None])[0], overrides=set_ or []
@@ -335,7 +341,7 @@ def train_cmd(
     """Train a DenseNet-121 COVID-19 classifier on a CXR manifest with the site as the bias."""
     from datetime import datetime
 
-    from cxrdebias.pipeline import train_cxr
+    from cxrdebias.experiments.cxr import train_cxr
 
     cfg = _build_config(
         config,
@@ -377,8 +383,8 @@ def evaluate_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
 ) -> None:
     """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run."""
-    from cxrdebias.evaluate import evaluate_run
-    from cxrdebias.report import to_markdown
+    from cxrdebias.evaluation.report import to_markdown
+    from cxrdebias.experiments.evaluate import evaluate_run
 
     report = evaluate_run(run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err)
     if per_institution:
@@ -394,7 +400,7 @@ def compare_cmd(
     run_b: Annotated[Path, typer.Argument(help="Second evaluated run (e.g. EnD).")],
 ) -> None:
     """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
-    from cxrdebias.evaluate import compare_runs
+    from cxrdebias.experiments.evaluate import compare_runs
 
     out.print(compare_runs(run_a, run_b))
 
@@ -408,7 +414,7 @@ def analyze_bias_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite an existing analysis.")] = False,
 ) -> None:
     """Bottleneck (2-D PCA) coloured by target, marked by true and pseudo-bias; per-epoch agreement table."""
-    from cxrdebias.bias_analysis import analyze_run, format_report
+    from cxrdebias.experiments.bias_analysis import analyze_run, format_report
 
     report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force)
     out.print(format_report(report), markup=False, highlight=False)
@@ -428,7 +434,7 @@ def export_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite an existing model, MODEL_CARD.md and metadata.json.")] = False,
 ) -> None:
     """ONNX model with probabilities + in-graph Grad-CAM, verified against torch and MONAI before writing."""
-    from cxrdebias.export import export_run
+    from cxrdebias.deploy.export import export_run
 
     res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force)
     c = res.parity
@@ -452,7 +458,7 @@ def predict_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite the CSV / write into a non-empty --cams folder.")] = False,
 ) -> None:
     """Predict with an exported model (onnxruntime only; the preprocessing comes from the model)."""
-    from cxrdebias.runtime import load_model, predict_to_csv
+    from cxrdebias.deploy.runtime import load_model, predict_to_csv
 
     m = load_model(model, device=device)
     err.print(f"{model}: {m.metadata.model_version}, threshold {m.metadata.threshold:.4f}, provider {m.provider}")
@@ -567,7 +573,7 @@ def demo(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a training config key for both runs.")] = None,
 ) -> None:
     """Main job: synthetic multi-site CXRs → vanilla and EnD (site bias) → per-site comparison."""
-    from cxrdebias.demo import run_demo
+    from cxrdebias.experiments.demo import run_demo
 
     res = run_demo(out_dir, overrides=set_, console=err)
     print(res["table"])

@@ -17,9 +17,9 @@ from rich.console import Console
 
 from cxrdebias.config import load_config
 from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
-from cxrdebias.evaluate import compare_runs, evaluate_run
-from cxrdebias.pipeline import train_cxr
-from cxrdebias.runs import write_text_atomic
+from cxrdebias.experiments.cxr import train_cxr
+from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
+from cxrdebias.fileio import write_text_atomic
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxr" / "synthetic.yaml"
 METHODS = ("vanilla", "end")

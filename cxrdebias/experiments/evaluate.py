@@ -1,8 +1,8 @@
 """Evaluation runs → report files: per-institution reports of trained CXR runs, comparisons.
 
 ``evaluate_run`` is ``cxrdebias evaluate RUN --per-institution``; ``compare_runs`` is
-``cxrdebias compare RUN_A RUN_B``. The metrics themselves live in :mod:`cxrdebias.metrics`,
-the writers (JSON, CSV, Markdown, PNG) in :mod:`cxrdebias.report`.
+``cxrdebias compare RUN_A RUN_B``. The metrics themselves live in :mod:`cxrdebias.evaluation.metrics`,
+the writers (JSON, CSV, Markdown, PNG) in :mod:`cxrdebias.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,20 @@ from cxrdebias.config import load_config
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
+from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import DataError, DiskFullError, OutputError, RunExistsError
-from cxrdebias.inference import Predictions, predict
-from cxrdebias.metrics import site_report
-from cxrdebias.pipeline import SPLITS_FILE, load_model_artefact, positive_scores
-from cxrdebias.report import compare_markdown, plot_site_report, to_markdown, write_report
-from cxrdebias.runs import RunDir, replace_folder, staging_folder, write_text_atomic
-from cxrdebias.train import make_autocast, resolve_device, resolve_precision
+from cxrdebias.evaluation.metrics import site_report
+from cxrdebias.evaluation.report import (
+    compare_markdown,
+    plot_site_report,
+    to_markdown,
+    write_report,
+)
+from cxrdebias.experiments.cxr import positive_scores
+from cxrdebias.fileio import write_text_atomic
+from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
+from cxrdebias.training.inference import Predictions, predict
+from cxrdebias.training.runs import RunDir, replace_folder, staging_folder
 
 __all__ = ["EVAL_DIR", "Predictions", "compare_runs", "evaluate_run", "predict", "write_predictions"]
 

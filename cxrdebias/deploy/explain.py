@@ -23,7 +23,7 @@ Tanh), so the Tanh's own Jacobian is not part of ``g``: it lies before the targe
 
 :class:`GradCAMModel` computes class probabilities and this CAM in one forward pass of plain
 tensor operations, which is what makes a single ONNX graph with both outputs possible
-(:mod:`cxrdebias.export`). The CAM is upsampled bilinearly to the input size (MONAI's
+(:mod:`cxrdebias.deploy.export`). The CAM is upsampled bilinearly to the input size (MONAI's
 ``default_upsampler``) and scaled per image to ``[0, 1]`` (min → 0, max → 1; a constant map
 → 0), like MONAI's ``ScaleIntensity``. :func:`monai_gradcam` is the reference it is checked
 against: MONAI's autograd ``GradCAM`` on the unchanged torch model.

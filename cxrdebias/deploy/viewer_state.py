@@ -1,6 +1,6 @@
 """Page logic of the Streamlit viewer (``apps/viewer.py``), testable without Streamlit.
 
-Torch-free (numpy, pandas, Pillow, pydicom, onnxruntime through :mod:`cxrdebias.runtime`):
+Torch-free (numpy, pandas, Pillow, pydicom, onnxruntime through :mod:`cxrdebias.deploy.runtime`):
 the viewer must run where only the deployment dependencies are installed.
 
 - :func:`study_table` / :func:`filter_table` / :func:`sort_table`: one row per image (file,
@@ -37,10 +37,10 @@ from cxrdebias.data.images import (
     window_level,
 )
 from cxrdebias.data.preprocess import ResizeGeometry
+from cxrdebias.deploy.onnx_metadata import ModelMetadata
+from cxrdebias.deploy.overlay import ALPHA, MAX_OVERLAY_SIDE, cam_to_image, overlay
+from cxrdebias.deploy.runtime import CXRModel, InputImage, Predictions
 from cxrdebias.errors import DataError
-from cxrdebias.onnx_metadata import ModelMetadata
-from cxrdebias.overlay import ALPHA, MAX_OVERLAY_SIDE, cam_to_image, overlay
-from cxrdebias.runtime import CXRModel, InputImage, Predictions
 
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE. Research software about shortcut learning (hospital site as a bias); "
@@ -304,7 +304,7 @@ def apply_window(source: DisplaySource, center: float, width: float) -> np.ndarr
 
 def overlay_image(display: np.ndarray, heat: np.ndarray, opacity: float = ALPHA) -> Image.Image:
     """The Grad-CAM overlay (jet, ``opacity`` in [0, 1]) over the windowed image (same shape):
-    :func:`cxrdebias.overlay.overlay`."""
+    :func:`cxrdebias.deploy.overlay.overlay`."""
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
     return overlay(display, heat, alpha=opacity)

@@ -37,11 +37,12 @@ from cxrdebias.data.imdb_face import build_imdb_face
 from cxrdebias.data.photos import PhotoSplits
 from cxrdebias.debias import build_method
 from cxrdebias.errors import ConfigError
-from cxrdebias.metrics import group_accuracy
+from cxrdebias.evaluation.metrics import group_accuracy
 from cxrdebias.models import build_model, model_factory
-from cxrdebias.provenance import code_version, environment, run_info
-from cxrdebias.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
-from cxrdebias.train import Trainer, seed_everything
+from cxrdebias.training.device import seed_everything
+from cxrdebias.training.provenance import code_version, environment, run_info
+from cxrdebias.training.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
+from cxrdebias.training.trainer import Trainer
 
 EVAL_BATCH = 1000
 TEST_SELECTION_NOTE = "test sets never used for selection"
@@ -57,7 +58,7 @@ class Protocol:
     ``train``/``val``/``tests`` are in-memory :class:`~cxrdebias.data.base.TensorSamples` or
     streaming datasets of the sample contract. ``data_info`` is called once when a run starts
     (its result goes to ``run.json``). ``val_metrics`` are the keys of
-    :func:`~cxrdebias.metrics.group_accuracy` logged on the validation set; ``headline`` the
+    :func:`~cxrdebias.evaluation.metrics.group_accuracy` logged on the validation set; ``headline`` the
     keys of ``summarise``'s result printed at the end; ``params`` extra top-level keys of
     ``results.json`` (ρ, the split trained on …).
     """

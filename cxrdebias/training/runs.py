@@ -12,101 +12,35 @@ previous version of the file, if any, is left as it was.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import yaml
 
-from cxrdebias.errors import CheckpointError, DiskFullError, OutputError, RunExistsError
+from cxrdebias import fileio
+from cxrdebias.errors import CheckpointError, OutputError, RunExistsError
+from cxrdebias.fileio import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    atomic_write,
+    json_default,
+    output_error,
+    write_json_atomic,
+    write_text_atomic,
+)
 
-CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-#: errno values that mean "the disk (or the user's quota) is full"
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def _open_write(fd: int, path: Path, buffering: int = -1) -> BinaryIO:
-    """The file object that every write of this module goes through (``path``: the file it
-    becomes; the fault tests replace this with one that runs out of space)."""
-    return os.fdopen(fd, "wb", buffering=buffering)
-
-
-def _retry_hint(path: Path) -> str:
-    """What to do once space is freed: resume a run that has a checkpoint, else start again."""
-    root = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
-    if not (root / CONFIG_FILE).is_file():
-        return "free some space and run the command again"
-    if any((root / CHECKPOINT_DIR / name).is_file() for name in ("last.pt", "prev.pt")):
-        return "free some space, then continue the run with --resume (from its last whole checkpoint)"
-    return "free some space and start the run again with --force (no epoch was saved)"
-
-
-def output_error(path: str | Path, exc: OSError) -> OutputError:
-    """The one-line error for an ``OSError`` raised while writing ``path``."""
-    path = Path(path)
-    if exc.errno in DISK_FULL_ERRNOS:
-        return DiskFullError(path, _retry_hint(path))
-    return OutputError(f"{path}: cannot write ({exc.strerror or exc}); check the output folder")
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with _open_write(fd, path) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        os_error = _os_error_in(exc) if isinstance(exc, Exception) else None  # not KeyboardInterrupt
-        if os_error is not None:
-            raise output_error(path, os_error) from exc
-        raise
-
-
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The ``OSError`` that ``exc`` is or was raised while handling (``torch.save`` turns a
-    failed write into a ``RuntimeError`` raised from its ``__exit__``)."""
-    seen = 0
-    e: BaseException | None = exc
-    while e is not None and seen < 10:
-        if isinstance(e, OSError):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def torch_load_checked(path: str | Path) -> Any:
@@ -119,18 +53,6 @@ def torch_load_checked(path: str | Path) -> Any:
     except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/...
         detail = " ".join(str(exc).split())[:200]  # torch's messages span lines; the error is one line
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc.__class__.__name__}: {detail})") from exc
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class RunDir:
@@ -207,14 +129,14 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one line to ``metrics.jsonl`` (flushed and fsynced)."""
         path = self.file(METRICS_FILE)
-        data = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
+        data = (json.dumps(record, default=json_default) + "\n").encode("utf-8")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:
             raise output_error(path, exc) from None
         try:
             size = os.fstat(fd).st_size
-            f = _open_write(fd, path, buffering=0)  # unbuffered: nothing is left to flush after a failure
+            f = fileio.open_for_write(fd, path, buffering=0)  # unbuffered: nothing is left to flush after a failure
         except BaseException:
             os.close(fd)
             raise

@@ -38,59 +38,22 @@ from rich.progress import (
 )
 from torch import nn
 
-from cxrdebias import allocator
 from cxrdebias import distributed as dist_utils
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.errors import CheckpointError, ConfigError, TrainingInterrupted
-from cxrdebias.inference import Predictions, predict, to_device
-from cxrdebias.runs import RunDir, torch_load_checked, torch_save_atomic
+from cxrdebias.training import allocator
+from cxrdebias.training.device import (
+    make_autocast,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from cxrdebias.training.inference import Predictions, predict, to_device
+from cxrdebias.training.runs import RunDir, torch_load_checked, torch_save_atomic
 
 CHECKPOINT_FORMAT = 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX (where bf16 matmul/conv beat fp32)."""
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        with contextlib.suppress(Exception):
-            if fn is not None and fn():
-                return True
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def make_autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def _rng_state() -> dict[str, Any]:

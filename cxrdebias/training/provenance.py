@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import numpy as np
 import torch
 
 import cxrdebias
-from cxrdebias import allocator
+from cxrdebias.training import allocator
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -57,7 +55,9 @@ def _cpu_model() -> str | None:
 
 def environment() -> dict[str, Any]:
     """Versions of the things that change numbers or speed: Python, torch, numpy, CPU/GPU."""
-    from cxrdebias.train import cpu_has_native_bf16  # train imports much; only needed here
+    from cxrdebias.training.device import (
+        cpu_has_native_bf16,  # train imports much; only needed here
+    )
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -75,28 +75,6 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
     return env
-
-
-def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 20) -> str:
-    """SHA-256 over the names and bytes of ``paths`` (in the order given)."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-def sha256_tensors(*tensors: torch.Tensor) -> str:
-    """SHA-256 of the raw bytes of CPU tensors (shape and dtype included)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def run_info(data: dict[str, Any]) -> dict[str, Any]:

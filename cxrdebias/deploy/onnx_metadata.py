@@ -1,6 +1,6 @@
 """What an exported ONNX model promises: its input/output names and its metadata.
 
-The contract between :mod:`cxrdebias.export` (writes it) and :mod:`cxrdebias.runtime` (reads
+The contract between :mod:`cxrdebias.deploy.export` (writes it) and :mod:`cxrdebias.deploy.runtime` (reads
 it). Torch-free. The graph has one input and two outputs:
 
 - ``image``: float32 ``batch × C × S × S``, the output of

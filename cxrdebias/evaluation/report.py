@@ -1,4 +1,4 @@
-"""Report writers for :func:`cxrdebias.metrics.site_report`: Markdown, CSV, JSON and a PNG figure.
+"""Report writers for :func:`cxrdebias.evaluation.metrics.site_report`: Markdown, CSV, JSON and a PNG figure.
 
 Everything here reads the report dict only (plus, for the ROC panel, the raw scores), so a
 report loaded back from ``report.json`` — where undefined values are ``null`` — renders the
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrdebias.metrics import SITE_METRICS, _binary_labels, _np, _scores
-from cxrdebias.runs import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrdebias.evaluation.metrics import SITE_METRICS, _binary_labels, _np, _scores
+from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 OVERALL = "overall"
 """Value of the ``site`` column on the row that pools every site."""

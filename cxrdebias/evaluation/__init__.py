@@ -1,0 +1,1 @@
+"""Evaluation: group and per-site metrics with intervals, and the report files."""
