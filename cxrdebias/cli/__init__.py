@@ -117,7 +117,7 @@ def _build_config(
     return load_config(None, ov, base=cfg.model_dump(mode="json"))
 
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")]

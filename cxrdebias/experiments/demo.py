@@ -21,7 +21,7 @@ from cxrdebias.experiments.cxr import train_cxr
 from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
 from cxrdebias.fileio import write_text_atomic
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxr" / "synthetic.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cxr" / "synthetic.yaml"
 METHODS = ("vanilla", "end")
 
 

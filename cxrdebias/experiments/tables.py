@@ -35,7 +35,7 @@ from rich.console import Console
 from cxrdebias.config import ExperimentConfig, load_config
 from cxrdebias.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 DEFAULT_RESULTS = REPO / "docs" / "results"
 DEFAULT_RUNS = Path("runs") / "tables"
