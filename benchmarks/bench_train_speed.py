@@ -92,8 +92,8 @@ def measure_in_subprocess(name: str) -> dict:
 
 
 def accuracy_check(data_root: Path, epochs: int, rho: float) -> dict:
-    from cxrdebias.config import load_config
-    from cxrdebias.experiments.reproduce import run_biased_mnist
+    from cxrdebias.experiments.config import load_config
+    from cxrdebias.experiments.runner import run_experiment
 
     out = {}
     for precision in ("fp32", "bf16"):
@@ -103,7 +103,7 @@ def accuracy_check(data_root: Path, epochs: int, rho: float) -> dict:
         )
         cfg = load_config(None, None, base={**cfg.model_dump(mode="json"), "method": {"name": "vanilla"}})
         t0 = time.perf_counter()
-        r = run_biased_mnist(cfg, Path("/tmp/cxrdebias-bench") / f"acc-{precision}", force=True)
+        r = run_experiment(cfg, Path("/tmp/cxrdebias-bench") / f"acc-{precision}", force=True)
         out[precision] = {**{k: r["metrics"][k] for k in ("biased_accuracy", "unbiased_accuracy")}, "time_s": time.perf_counter() - t0}
     return out
 

@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS, REPO
-from cxrdebias.config import load_config
 from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
-from cxrdebias.experiments.cxr import train_cxr
+from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import evaluate_run
+from cxrdebias.experiments.runner import run_experiment
 
 RESULTS = DOCS / "results" / "cxr"
 TABLE = DOCS / "cxr.md"
@@ -59,7 +59,7 @@ def run_cell(method: str, seed: int, data: Path, runs: Path, overrides: list[str
         base["unsupervised"] = {**base.get("unsupervised", {}), "enabled": True, **AUTO[method]}
     cfg = load_config(None, None, base=base)
     if not (out / "model.pt").exists():
-        train_cxr(cfg, out, force=out.exists())
+        run_experiment(cfg, out, force=out.exists())
     report = evaluate_run(out, force=True)
     results = json.loads((out / "results.json").read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)

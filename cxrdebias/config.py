@@ -1,32 +1,29 @@
-"""Typed run configuration: YAML files in ``configs/`` plus command-line overrides.
+"""The config sections every layer shares: model, method and training options, and the
+``KEY=VALUE`` override syntax.
 
-A config is validated as a whole before anything runs; a wrong key or value is a
-:class:`ConfigError` naming the field (``train.epochs: Input should be greater than 0``).
-The *resolved* config (every default filled in) is saved in each run folder.
+A leaf module: the data sections live with their datasets and the whole experiment config
+(:class:`~cxrdebias.experiments.config.ExperimentConfig`, with ``load_config``) in the
+experiments layer, where the dataset kinds are registered.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from cxrdebias.data.biased_mnist import BiasedMNISTConfig
-from cxrdebias.data.celeba import CelebAConfig
-from cxrdebias.data.cxr import CXRDataConfig
-from cxrdebias.data.imdb_face import IMDBFaceConfig
-from cxrdebias.debias.pseudo_bias import PseudoBiasOptions
 from cxrdebias.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
+    """A config section that refuses unknown keys (a misspelt option is an error, not ignored)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     arch: Literal["simple_conv", "densenet121", "resnet18"] = "simple_conv"
     kernel_size: int = Field(7, ge=1, description="simple_conv: convolution kernel size")
     last_activation: Literal["auto", "relu", "tanh"] = Field(
@@ -52,7 +49,7 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -88,48 +85,6 @@ class TrainConfig(_Strict):
     )
 
 
-class ExperimentConfig(_Strict):
-    name: str = "experiment"
-    seed: int = 42
-    data: Annotated[
-        BiasedMNISTConfig | CXRDataConfig | CelebAConfig | IMDBFaceConfig, Field(discriminator="kind")
-    ] = Field(
-        default_factory=BiasedMNISTConfig
-    )
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    unsupervised: PseudoBiasOptions = Field(
-        default_factory=PseudoBiasOptions,
-        description="online pseudo-bias labels instead of the dataset's (--bias auto; docs/unsupervised.md)",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_data_kind(cls, data: Any) -> Any:
-        # a data section without `kind` is Biased MNIST (the configs of the first release)
-        if isinstance(data, dict) and isinstance(data.get("data"), dict) and "kind" not in data["data"]:
-            data = {**data, "data": {"kind": "biased_mnist", **data["data"]}}
-        return data
-
-
-DATA_KINDS = ("biased_mnist", "cxr", "celeba", "imdb_face")
-
-
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    parts = []
-    for e in exc.errors():
-        keys = [str(p) for p in e["loc"]]
-        if len(keys) > 1 and keys[0] == "data" and keys[1] in DATA_KINDS:
-            del keys[1]  # the discriminator tag pydantic inserts for the data union
-        loc = ".".join(keys)
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown option"
-        parts.append(f"{loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
-    return f"{source}: " + "; ".join(parts)
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.epochs=3"`` → (``["train", "epochs"]``, ``3``); the value is parsed as YAML."""
     if "=" not in item:
@@ -155,69 +110,10 @@ def set_in(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> ExperimentConfig:
-    """Defaults ← ``base`` ← YAML file at ``path`` ← ``overrides`` (``KEY=VALUE`` strings)."""
-    tree: dict[str, Any] = copy.deepcopy(base) if base else {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        _merge(tree, loaded)
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        set_in(tree, keys, value)
-    try:
-        return ExperimentConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+def merge_tree(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    """Merge the nested mapping ``src`` into ``dst`` in place (``src`` wins; mappings merge key by key)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
+            merge_tree(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
-
-
-def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
-
-
-def check_resumable(saved: dict[str, Any], requested: ExperimentConfig, where: str) -> None:
-    """Refuse to resume a run with other options than it was started with.
-
-    The saved config is re-validated first, so options added to cxrdebias since the run
-    started (with their defaults) do not count as a difference.
-    """
-    from cxrdebias.errors import CheckpointError
-
-    try:
-        normalised = load_config(None, None, base=saved).model_dump(mode="json")
-    except ConfigError as exc:
-        raise CheckpointError(f"{where}: the saved config is no longer valid ({exc})") from None
-    current = requested.model_dump(mode="json")
-    if normalised != current:
-        diff = sorted(_diff_keys(normalised, current))
-        raise CheckpointError(f"{where}: saved config differs from the requested one ({', '.join(diff[:5])}); resume with the same options")
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in set(a) | set(b):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]

@@ -266,3 +266,15 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
             f"processes ({world_size}); each rank takes batch_size / {world_size} samples"
         )
 
+
+
+def run_launched(device: str, payload: Any, job: Callable[[Any], Any]) -> Any:
+    """``job(payload)`` inside a process group when launched by torchrun (docs/scaling.md),
+    with every rank getting rank 0's ``payload`` (e.g. the run folder whose name has a time in
+    it); plain ``job(payload)`` otherwise. Returns the job's result on rank 0, None elsewhere."""
+    world_ = init_from_env(device)
+    try:
+        result = job(broadcast_object(payload))
+    finally:
+        shutdown()
+    return result if world_.is_main else None

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from cxrdebias.cli import main
-from cxrdebias.config import load_config
 from cxrdebias.data.celeba import CelebAConfig, build_celeba, read_attributes, read_partition
 from cxrdebias.data.imdb_face import (
     AGE_BIN_NAMES,
@@ -26,7 +25,9 @@ from cxrdebias.data.imdb_face import (
 from cxrdebias.data.photos import IMAGENET_MEAN, IMAGENET_STD, group_counts, validation_split
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.evaluation.metrics import group_accuracy
-from cxrdebias.experiments.reproduce import celeba_protocol, imdb_face_protocol
+from cxrdebias.experiments.config import load_config
+from cxrdebias.experiments.protocols.photos import build_celeba_protocol as celeba_protocol
+from cxrdebias.experiments.protocols.photos import build_imdb_face_protocol as imdb_face_protocol
 
 ATTRIBUTES = ["5_o_Clock_Shadow", "Blond_Hair", "Heavy_Makeup", "Male", "Young"]
 

@@ -1,7 +1,7 @@
 import pytest
 
-from cxrdebias.config import load_config
 from cxrdebias.errors import ConfigError
+from cxrdebias.experiments.config import load_config
 from tests.conftest import REPO
 
 
@@ -34,8 +34,8 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_resume_check_ignores_options_added_later():
-    from cxrdebias.config import check_resumable
     from cxrdebias.errors import CheckpointError
+    from cxrdebias.experiments.config import check_resumable
 
     cfg = load_config(None, ["train.epochs=3"])
     saved = cfg.model_dump(mode="json")

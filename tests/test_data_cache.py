@@ -230,8 +230,8 @@ def test_dataloader_workers_read_the_cache(tmp_path):
 
 
 def test_build_cxr_passes_cache_dir_and_pipeline_fills_it(tmp_path):
-    from cxrdebias.config import ExperimentConfig
-    from cxrdebias.experiments.cxr import _materialise
+    from cxrdebias.experiments.config import ExperimentConfig
+    from cxrdebias.experiments.protocols.cxr import materialise
 
     folder = tmp_path / "set"
     paths = _images(folder, 12)
@@ -243,11 +243,11 @@ def test_build_cxr_passes_cache_dir_and_pipeline_fills_it(tmp_path):
     )
     data = build_cxr(cfg.data)
     assert data.train.disk_cache is not None and data.train.disk_cache.root == tmp_path / "c"
-    samples = _materialise(data.train, cfg.data, hide_bias=False)
+    samples = materialise(data.train, cfg.data, hide_bias=False)
     assert len(_entries(tmp_path / "c")) == len(data.train)
     plain = build_cxr(CXRDataConfig.model_validate({**cfg.data.model_dump(), "cache_dir": None}))
     assert torch.equal(samples.images, plain.train.to_tensor_samples().images)
-    streaming = _materialise(data.val, cfg.data.model_copy(update={"cache": False}), hide_bias=False)
+    streaming = materialise(data.val, cfg.data.model_copy(update={"cache": False}), hide_bias=False)
     assert isinstance(streaming, CXRDataset) and len(_entries(tmp_path / "c")) == len(data.train) + len(data.val)
 
 

@@ -485,8 +485,8 @@ def test_bf16_autocast_keeps_state_in_float32(method):
 
 @pytest.mark.parametrize("method", ["groupdro", "lff"])
 def test_trainer_resume_continues_exactly(tmp_path, method):
-    from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader, TensorSamples
+    from cxrdebias.experiments.config import load_config
     from cxrdebias.training.device import seed_everything
     from cxrdebias.training.runs import RunDir
     from cxrdebias.training.trainer import Trainer

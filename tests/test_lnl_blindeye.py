@@ -494,8 +494,8 @@ def test_options_defaults_validation_and_alias():
 @pytest.mark.parametrize("method_cls", METHODS)
 def test_trainer_resume_continues_exactly(method_cls, tmp_path):
     """Through the real trainer: checkpoint after epoch 1, resume, same weights as a full run."""
-    from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader, TensorSamples
+    from cxrdebias.experiments.config import load_config
     from cxrdebias.training.runs import RunDir
     from cxrdebias.training.trainer import Trainer
 

@@ -536,8 +536,8 @@ def test_analyze_bias_on_a_supervised_run_fits_an_attractor(fake_mnist, tmp_path
 
 
 def test_default_run_name_marks_bias_auto():
-    from cxrdebias.config import load_config
-    from cxrdebias.experiments.reproduce import default_run_name
+    from cxrdebias.experiments.config import load_config
+    from cxrdebias.experiments.runner import default_run_name
 
     assert "-end-auto-seed42-" in default_run_name(load_config(None, ["method.name=end", "unsupervised.enabled=true"]))
     assert "-end-seed42-" in default_run_name(load_config(None, ["method.name=end"]))
@@ -580,8 +580,8 @@ def test_cxr_train_with_bias_auto(cxr_manifest, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("labeller", ["cluster", "gce_head"])
 def test_resume_of_a_bias_auto_run_is_exact(labeller, tmp_path):
-    from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader
+    from cxrdebias.experiments.config import load_config
     from cxrdebias.models import SimpleConvNet
     from cxrdebias.training.device import seed_everything
     from cxrdebias.training.runs import RunDir

@@ -393,8 +393,8 @@ def test_save_restore_reproduces_the_next_step():
 
 def test_trainer_resume_continues_exactly(tmp_path):
     """Through the real Trainer: G, its optimiser and its StepLR survive an interruption."""
-    from cxrdebias.config import load_config
     from cxrdebias.data.base import TensorBatchLoader, TensorSamples
+    from cxrdebias.experiments.config import load_config
     from cxrdebias.training.device import seed_everything
     from cxrdebias.training.runs import RunDir
     from cxrdebias.training.trainer import Trainer

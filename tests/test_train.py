@@ -7,10 +7,10 @@ import signal
 import pytest
 import torch
 
-from cxrdebias.config import load_config
 from cxrdebias.data.base import TensorBatchLoader, TensorSamples
 from cxrdebias.debias import build_method
 from cxrdebias.errors import CheckpointError, RunExistsError, TrainingInterrupted
+from cxrdebias.experiments.config import load_config
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.training.device import resolve_precision, seed_everything
 from cxrdebias.training.runs import RunDir

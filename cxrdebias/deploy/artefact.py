@@ -1,7 +1,7 @@
 """The trained-model file of a CXR run (``model.pt``): what it holds and how it is read back.
 
 ``evaluate``, ``export`` and ``analyze-bias`` read a run through this module; the CXR training
-protocol (:mod:`cxrdebias.experiments.cxr`) writes it.
+protocol (:mod:`cxrdebias.experiments.protocols.cxr`) writes it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``export_run`` is ``cxrdebias export RUN --out model.onnx``:
 
-1. load ``RUN/model.pt`` (:func:`cxrdebias.experiments.cxr.load_model_artefact`) and wrap it in
+1. load ``RUN/model.pt`` (:func:`cxrdebias.deploy.artefact.load_model_artefact`) and wrap it in
    :class:`cxrdebias.deploy.explain.GradCAMModel`, whose forward pass computes the class
    probabilities *and* the Grad-CAM of the positive class with plain tensor operations (no
    autograd: see :mod:`cxrdebias.deploy.explain` for the maths);

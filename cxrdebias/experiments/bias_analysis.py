@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
-from cxrdebias.config import ModelConfig, load_config
+from cxrdebias.config import ModelConfig
 from cxrdebias.data.base import make_loader
 from cxrdebias.debias import build_method
 from cxrdebias.debias.pseudo_bias import (
@@ -30,8 +31,10 @@ from cxrdebias.debias.pseudo_bias import (
     PseudoBiasOptions,
     UnsupervisedBias,
 )
-from cxrdebias.errors import CheckpointError, ConfigError, RunExistsError
+from cxrdebias.errors import CheckpointError, RunExistsError
 from cxrdebias.evaluation.metrics import label_agreement
+from cxrdebias.experiments import protocols
+from cxrdebias.experiments.config import load_config
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
 from cxrdebias.models import build_model
 from cxrdebias.training.inference import predict
@@ -74,30 +77,11 @@ def agreement_markdown(rows: list[dict[str, Any]], split: dict[str, Any] | None 
     return "\n".join(lines) + "\n"
 
 
-def _run_data(cfg, run: RunDir, split: str):
-    """(samples, num_classes, in_channels) of ``split`` of the run's data."""
-    kind = cfg.data.kind
-    if kind == "cxr":
-        from cxrdebias.data.cxr import CLASS_NAMES, build_cxr
-        from cxrdebias.deploy.artefact import SPLITS_FILE
-        from cxrdebias.experiments.cxr import _materialise
-
-        data = build_cxr(cfg.data, splits_file=run.file(SPLITS_FILE))
-        ds = {"train": data.train, "val": data.val, "test": data.test}.get(split)
-        if ds is None:
-            raise ConfigError(f"split {split!r}: expected train, val or test (and the run must have it)")
-        return _materialise(ds, cfg.data, hide_bias=cfg.data.bias == "none"), len(CLASS_NAMES), cfg.data.preprocess.channels
-    from cxrdebias.experiments.reproduce import (
-        biased_mnist_protocol,
-        celeba_protocol,
-        imdb_face_protocol,
-    )
-
-    proto = {"biased_mnist": biased_mnist_protocol, "celeba": celeba_protocol, "imdb_face": imdb_face_protocol}[kind](cfg)
-    sets = {"train": proto.train, "val": proto.val, **proto.tests}
-    if sets.get(split) is None:
-        raise ConfigError(f"split {split!r}: this run has {', '.join(k for k, v in sets.items() if v is not None)}")
-    return sets[split], proto.num_classes, 3
+def _run_data(cfg, method, run: RunDir, split: str):
+    """(samples, num_classes, in_channels) of ``split`` of the run's data (its protocol rebuilt
+    from the saved config; a CXR run reads its saved splits)."""
+    proto = protocols.get(cfg.data.kind).build(cfg, method, run, Console(stderr=True, soft_wrap=True))
+    return proto.split(split), proto.num_classes, proto.in_channels
 
 
 def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +111,8 @@ def analyze_run(
     cfg = load_config(None, None, base=run.read_config())
     ckpt_file = run.checkpoint_dir / f"{checkpoint}.pt"
     state = torch_load_checked(ckpt_file)
-    samples, num_classes, in_channels = _run_data(cfg, run, split)
-
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)
+    samples, num_classes, in_channels = _run_data(cfg, method, run, split)
     model_cfg = ModelConfig.model_validate({**cfg.model.model_dump(), "pretrained": None})  # weights from the checkpoint
     model = build_model(model_cfg, num_classes, in_channels=in_channels, feature_activation=method.feature_activation)
     try:

@@ -15,10 +15,10 @@ from typing import Any
 
 from rich.console import Console
 
-from cxrdebias.config import load_config
 from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
-from cxrdebias.experiments.cxr import train_cxr
+from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
+from cxrdebias.experiments.runner import run_experiment
 from cxrdebias.fileio import write_text_atomic
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cxr" / "synthetic.yaml"
@@ -52,7 +52,7 @@ def run_demo(
         base["method"] = {"name": method} if method == "vanilla" else base["method"] | {"name": method}
         cfg = load_config(None, None, base=base)
         runs[method] = out / method
-        train_cxr(cfg, runs[method], console=console)
+        run_experiment(cfg, runs[method], console=console)
     console.rule("[bold]4/4 per-institution evaluation on the balanced test set")
     reports = {m: evaluate_run(runs[m], n_boot=n_boot, console=console) for m in METHODS}
     table = compare_runs(runs["vanilla"], runs["end"], name_a="vanilla", name_b="EnD (site)")

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from cxrdebias.config import load_config
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
@@ -29,7 +28,8 @@ from cxrdebias.evaluation.report import (
     to_markdown,
     write_report,
 )
-from cxrdebias.experiments.cxr import positive_scores
+from cxrdebias.experiments.config import load_config
+from cxrdebias.experiments.protocols.cxr import positive_scores
 from cxrdebias.fileio import write_text_atomic
 from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
 from cxrdebias.training.inference import Predictions, predict

@@ -32,8 +32,8 @@ from typing import Any
 
 from rich.console import Console
 
-from cxrdebias.config import ExperimentConfig, load_config
 from cxrdebias.errors import ConfigError
+from cxrdebias.experiments.config import ExperimentConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -58,7 +58,7 @@ class Cell:
     row: tuple[str, ...]
     seed: int
     config: ExperimentConfig
-    runner: str  # "biased_mnist" | "celeba" | "imdb_face" (a function of cxrdebias.experiments.reproduce)
+    runner: str  # the data.kind of the cell ("biased_mnist" | "celeba" | "imdb_face")
     #: other results files (``TABLE/CELL`` under the results folder) that may hold this very run,
     #: e.g. Table 2's full-EnD cell is Table 1's EnD cell; used only if their options match
     same_as: tuple[str, ...] = ()
@@ -318,7 +318,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def run_cell(cell: Cell, runs_dir: Path, console: Console, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Run (or resume) one cell into ``runs_dir/<cell>`` and return its results."""
-    import cxrdebias.experiments.reproduce as reproduce
+    from cxrdebias.experiments.runner import run_experiment
 
     out = runs_dir / cell.name
     finished = out / "results.json"
@@ -327,9 +327,8 @@ def run_cell(cell: Cell, runs_dir: Path, console: Console, overrides: Iterable[s
     resume = (out / "checkpoints" / "last.pt").is_file()
     force = out.exists() and not resume
     cfg = _with(cell.config, overrides=overrides)
-    runner = getattr(reproduce, f"run_{cell.runner}")
     console.print(f"[bold]cell[/] {cell.name} → {out}" + (" (resuming)" if resume else ""))
-    return runner(cfg, out, force=force, resume=resume, console=console)
+    return run_experiment(cfg, out, force=force, resume=resume, console=console)
 
 
 @dataclass

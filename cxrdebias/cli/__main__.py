@@ -1,0 +1,5 @@
+"""``python -m cxrdebias.cli`` (what torchrun launches)."""
+
+from cxrdebias.cli import main
+
+main()

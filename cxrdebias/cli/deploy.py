@@ -1,0 +1,106 @@
+"""Deployment commands: ``export`` (ONNX + model card), ``predict`` (onnxruntime) and ``view`` (Streamlit)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import cxrdebias
+from cxrdebias.cli.app import app, err, out
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `cxrdebias train`.")],
+    out_file: Annotated[Path, typer.Option("--out", help="ONNX file to write (MODEL_CARD.md and metadata.json go beside it).")],
+    check_images: Annotated[
+        list[Path] | None,
+        typer.Option("--check-images", help="Verify on these folders/manifests/images instead of the run's validation split (repeat)."),
+    ] = None,
+    cam_images: Annotated[int, typer.Option(help="Images of the Grad-CAM check against MONAI.")] = 16,
+    model_version: Annotated[str | None, typer.Option(help="Model version stored in the metadata (default: the run folder's name).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing model, MODEL_CARD.md and metadata.json.")] = False,
+) -> None:
+    """ONNX model with probabilities + in-graph Grad-CAM, verified against torch and MONAI before writing."""
+    from cxrdebias.deploy.export import export_run
+
+    res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force)
+    c = res.parity
+    err.print(
+        f"verified on {c.images}: probabilities max |Δ| {c.probability_max_abs_diff:.2e} ({c.n_probability_images} images), "
+        f"Grad-CAM vs MONAI correlation min {c.cam_min_correlation:.5f} ({c.n_cam_images} images), batch sizes {c.batch_sizes}"
+    )
+    if c.n_cam_constant == c.n_cam_images:
+        err.print("[yellow]warning:[/] every checked Grad-CAM map was constant: the CAM check says little for this model")
+    out.print(f"wrote {res.model} ({res.size_bytes / 1e6:.1f} MB), {res.model_card.name}, {res.monai_metadata.name}")
+
+
+@app.command("predict")
+def predict_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Images (DICOM, PNG, JPEG), folders (recursive) or manifest CSVs.", show_default=False)],
+    model: Annotated[Path, typer.Option("--model", help="ONNX model written by `cxrdebias export`.")],
+    out_csv: Annotated[Path, typer.Option("--out", help="Predictions CSV to write.")],
+    cams: Annotated[Path | None, typer.Option("--cams", help="Also write Grad-CAM overlay PNGs into this folder.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 16,
+    device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Overwrite the CSV / write into a non-empty --cams folder.")] = False,
+) -> None:
+    """Predict with an exported model (onnxruntime only; the preprocessing comes from the model)."""
+    from cxrdebias.deploy.runtime import load_model, predict_to_csv
+
+    m = load_model(model, device=device)
+    err.print(f"{model}: {m.metadata.model_version}, threshold {m.metadata.threshold:.4f}, provider {m.provider}")
+    s = predict_to_csv(m, inputs, out_csv, cam_dir=cams, batch_size=batch_size, force=force)
+    out.print(
+        f"{s.images} images, {s.positive} {m.metadata.positive_label} at threshold {m.metadata.threshold:.4f} → {s.csv}"
+        + (f", CAM overlays in {s.cam_dir}" if s.cam_dir else "")
+        + f" (provider {s.provider})"
+    )
+
+
+def viewer_script() -> Path:
+    """``apps/viewer.py`` of this checkout (the package is installed editable from it)."""
+    script = Path(cxrdebias.__file__).resolve().parents[1] / "apps" / "viewer.py"
+    if not script.is_file():
+        from cxrdebias.errors import ConfigError
+
+        raise ConfigError(f"{script}: viewer page not found; install cxrdebias editable from a checkout (pip install -e .)")
+    return script
+
+
+def viewer_command(model: Path, data: list[Path], port: int) -> list[str]:
+    """The ``streamlit run`` command line of ``cxrdebias view`` (local, headless)."""
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(viewer_script()),
+        "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
+        "--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve()),
+    ]
+    for d in data:
+        cmd += ["--data", str(d.resolve())]
+    return cmd
+
+
+@app.command("view")
+def view_cmd(
+    model: Annotated[Path, typer.Option("--model", help="ONNX model written by `cxrdebias export`.")],
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Folder, manifest CSV or image to browse (repeat).")] = None,
+    port: Annotated[int, typer.Option(help="Local port of the page (http://127.0.0.1:PORT).")] = 8501,
+) -> None:
+    """Open the viewer (Streamlit, onnxruntime only): study table, image + Grad-CAM, model panel."""
+    import subprocess
+
+    from cxrdebias.errors import DataError
+
+    if not model.is_file():
+        from cxrdebias.errors import CheckpointError
+
+        raise CheckpointError(f"{model}: model file not found")
+    for d in data or []:
+        if not d.exists():
+            raise DataError(f"{d}: file or folder not found")
+    cmd = viewer_command(model, list(data or []), port)
+    err.print(f"viewer on http://127.0.0.1:{port} (Ctrl+C stops it); NOT FOR CLINICAL USE")
+    sys.exit(subprocess.call(cmd))

@@ -1,0 +1,339 @@
+"""Commands that run experiments: ``train``, ``reproduce …``, ``evaluate``, ``compare``,
+``analyze-bias``, ``demo`` and ``methods``. Each builds its config with
+:func:`cxrdebias.experiments.config.build_config` and makes one library call."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxrdebias.cli.app import (
+    AlphaOpt,
+    BetaOpt,
+    ForceOpt,
+    LabellerOpt,
+    MethodOpt,
+    ResumeOpt,
+    SetOpt,
+    app,
+    err,
+    out,
+    reproduce_app,
+)
+from cxrdebias.experiments.config import CONFIGS_DIR, bias_options, build_config
+
+
+def _run(cfg, out_dir: Path | None, *, kind: str, force: bool, resume: bool) -> tuple[dict | None, Path]:
+    """Run ``cfg`` (of ``data.kind`` = ``kind``) into ``out_dir`` (default ``runs/<name>``),
+    under torchrun in a process group: (the results on rank 0, None on the other ranks; the run folder)."""
+    from cxrdebias.distributed import run_launched
+    from cxrdebias.experiments.runner import default_run_name, require_kind, run_experiment
+
+    require_kind(cfg, kind)
+    if resume and out_dir is None:
+        raise typer.BadParameter("--resume needs --out RUN_FOLDER")
+    out_dir = out_dir or Path("runs") / default_run_name(cfg)
+    results = run_launched(
+        cfg.train.device, out_dir, lambda out_dir: run_experiment(cfg, out_dir, force=force, resume=resume, console=err)
+    )
+    return results, out_dir
+
+
+def _reproduce(cfg, kind: str, out_dir: Path | None, *, force: bool, resume: bool, keys: tuple[str, ...]) -> None:
+    """Run a reproduction experiment of ``kind`` and print its ``keys`` of ``results["metrics"]``."""
+    results, out_dir = _run(cfg, out_dir, kind=kind, force=force, resume=resume)
+    if results is None:  # a rank other than 0 under torchrun
+        return
+    m = results["metrics"]
+    out.print(" ".join(f"{k}={m[k]:.4f}" for k in keys) + f" run={out_dir}")
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the debiasing methods and their options."""
+    from cxrdebias.debias import METHODS
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        fields = ", ".join(
+            f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in cls.Options.model_fields.items()
+        ) or "no options"
+        bias = "needs bias labels" if cls.requires_bias else "no bias labels"
+        out.print(f"[bold]{name}[/]: {cls.summary} ({bias}; {fields})")
+
+
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs.")]
+PhotoSeedOpt = Annotated[int | None, typer.Option(help="Training seed (init, shuffling); the splits use data.split_seed.")]
+
+
+class CelebATarget(str, Enum):
+    blond_hair = "blond_hair"
+    heavy_makeup = "heavy_makeup"
+
+
+#: ``--target`` of ``reproduce celeba`` → the attribute name of ``list_attr_celeba.txt``
+CELEBA_ATTRIBUTES = {CelebATarget.blond_hair: "Blond_Hair", CelebATarget.heavy_makeup: "Heavy_Makeup"}
+
+
+class FaceTarget(str, Enum):
+    gender = "gender"
+    age = "age"
+
+
+class ExtremeBiasSplit(str, Enum):
+    eb1 = "eb1"
+    eb2 = "eb2"
+
+
+@reproduce_app.command("biased-mnist")
+def reproduce_biased_mnist(
+    rho: Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")] = None,
+    method: MethodOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    form: Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
+    bias: Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")] = None,
+    labeller: LabellerOpt = None,
+    epochs: EpochsOpt = None,
+    data_root: Annotated[Path | None, typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
+    out_dir: OutOpt = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (see configs/biased_mnist/).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy."""
+    cfg = build_config(
+        config,
+        default_path=None,
+        method=method,
+        method_options={"alpha": alpha, "beta": beta, "form": form},
+        options={
+            "data.rho": rho, "train.epochs": epochs, "data.root": data_root, "seed": seed,
+            **bias_options(bias, labeller, ("colour",)),
+        },
+        overrides=set_,
+    )
+    _reproduce(cfg, "biased_mnist", out_dir, force=force, resume=resume, keys=("biased_accuracy", "unbiased_accuracy"))
+
+
+@reproduce_app.command("celeba")
+def reproduce_celeba(
+    target: Annotated[
+        CelebATarget | None, typer.Option(help="Attribute to learn (bias: Male). Default: blond_hair.")
+    ] = None,
+    method: MethodOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    epochs: EpochsOpt = None,
+    data_root: Annotated[Path | None, typer.Option(help="CelebA folder (torchvision layout ROOT/celeba/).")] = None,
+    seed: PhotoSeedOpt = None,
+    out_dir: OutOpt = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/celeba/<target>.yaml).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """CelebA (Nam et al. protocol): unbiased (group-averaged) and bias-conflicting accuracy."""
+    cfg = build_config(
+        config,
+        default_path=CONFIGS_DIR / "celeba" / f"{(target or CelebATarget.blond_hair).value}.yaml",
+        method=method,
+        method_options={"alpha": alpha, "beta": beta},
+        options={
+            "data.target": CELEBA_ATTRIBUTES[target] if target else None,
+            "data.root": data_root,
+            "train.epochs": epochs,
+            "seed": seed,
+        },
+        overrides=set_,
+    )
+    _reproduce(cfg, "celeba", out_dir, force=force, resume=resume, keys=("unbiased_accuracy", "bias_conflicting_accuracy"))
+
+
+@reproduce_app.command("imdb-face")
+def reproduce_imdb_face(
+    target: Annotated[FaceTarget | None, typer.Option(help="What to learn; the other is the bias. Default: gender.")] = None,
+    train_split: Annotated[
+        ExtremeBiasSplit | None, typer.Option(help="Extreme-bias split to train on. Default: eb1.")
+    ] = None,
+    method: MethodOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    epochs: EpochsOpt = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder with eb1.csv, eb2.csv and test.csv (image paths relative to it).")] = None,
+    seed: PhotoSeedOpt = None,
+    out_dir: OutOpt = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/imdb_face/<target>_<split>.yaml).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """IMDB Face (Kim et al. splits): accuracy on the test split and on the other extreme-bias split."""
+    cfg = build_config(
+        config,
+        default_path=CONFIGS_DIR / "imdb_face" / f"{(target or FaceTarget.gender).value}_{(train_split or ExtremeBiasSplit.eb1).value}.yaml",
+        method=method,
+        method_options={"alpha": alpha, "beta": beta},
+        options={
+            "data.target": target.value if target else None,
+            "data.train_split": train_split.value if train_split else None,
+            "data.root": data_root,
+            "train.epochs": epochs,
+            "seed": seed,
+        },
+        overrides=set_,
+    )
+    _reproduce(cfg, "imdb_face", out_dir, force=force, resume=resume, keys=("test_accuracy", "other_eb_accuracy"))
+
+
+@reproduce_app.command("table")
+def reproduce_table(
+    table: Annotated[str, typer.Argument(help="biased-mnist (Table 1), ablation (2), celeba (3) or imdb (4); or 1–4.")],
+    run: Annotated[bool, typer.Option("--run/--no-run", help="Run the missing cells (default: only collect finished ones).")] = False,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat the option); default 42.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="Methods (repeat); default: the table's.")] = None,
+    rhos: Annotated[list[float] | None, typer.Option("--rho", help="Biased MNIST ρ values (repeat); default 0.997 and 0.990.")] = None,
+    results_dir: Annotated[Path | None, typer.Option("--results", help="Where finished cells are kept (default docs/results/).")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs", help="Run folders of the cells.")] = Path("runs/tables"),
+    md_out: Annotated[Path | None, typer.Option("--markdown", help="Also write the table to this Markdown file.")] = None,
+    update_docs: Annotated[bool, typer.Option(help="Rewrite the table's block in docs/reproduction.md.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads per run (does not change results).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Regenerate one of the EnD paper's tables: our mean ± std over seeds beside the published numbers."""
+    from cxrdebias.experiments.tables import (
+        DEFAULT_RESULTS,
+        REPO,
+        build_table,
+        get_table,
+        update_markdown,
+    )
+
+    spec = get_table(
+        table, seeds=seeds or None, methods=methods or None, rhos=rhos or None, rho=(rhos or [None])[0], overrides=set_ or []
+    )
+    runtime = ["train.progress=false"] + ([f"train.num_threads={threads}"] if threads else [])
+    result = build_table(spec, results_dir=results_dir or DEFAULT_RESULTS, runs_dir=runs_dir, run=run, runtime_overrides=runtime, console=err)
+    out.print(result.markdown, markup=False, highlight=False)
+    if md_out is not None:
+        md_out.write_text(result.markdown + "\n")
+    if update_docs:
+        update_markdown(REPO / "docs" / "reproduction.md", spec.docs_key, result.markdown)
+    if result.missing:
+        err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {', '.join(result.missing[:6])}{' …' if len(result.missing) > 6 else ''}")
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path | None, typer.Option(help="Manifest CSV (path, label, site, patient_id).")] = None,
+    bias: Annotated[
+        str | None, typer.Option(help="Bias label for the method: 'site', 'none' or 'auto' (online pseudo-bias labels).")
+    ] = None,
+    labeller: LabellerOpt = None,
+    method: MethodOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/cxr-<method>-seed<seed>-<time>).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/cxr/default.yaml).")] = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum training epochs.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Model input size in pixels (square).")] = None,
+    pretrained: Annotated[Path | None, typer.Option(help="Local DenseNet-121 weights (torchvision/timm/torchxrayvision).")] = None,
+    site_source: Annotated[str | None, typer.Option(help="'column' or 'dicom:<Keyword>', e.g. dicom:InstitutionName.")] = None,
+    allow_drop: Annotated[bool, typer.Option("--allow-drop", help="Drop invalid manifest rows (listed) instead of failing.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """Train a DenseNet-121 COVID-19 classifier on a CXR manifest with the site as the bias."""
+    cfg = build_config(
+        config,
+        default_path=CONFIGS_DIR / "cxr" / "default.yaml",
+        method=method,
+        method_options={"alpha": alpha, "beta": beta},
+        options={
+            "data.manifest": data,
+            "data.bias": bias if bias != "auto" else None,
+            **bias_options(bias, labeller, ("site", "none")),
+            "data.site_source": site_source,
+            "data.allow_drop_bad_rows": True if allow_drop else None,
+            "data.preprocess.image_size": image_size,
+            "model.pretrained": pretrained,
+            "train.epochs": epochs,
+            "seed": seed,
+        },
+        overrides=set_,
+    )
+    res, out_dir = _run(cfg, out_dir, kind="cxr", force=force, resume=resume)
+    if res is None:  # a rank other than 0 under torchrun
+        return
+    v = res["val_metrics"]
+    out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={out_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `cxrdebias train`.")],
+    per_institution: Annotated[bool, typer.Option("--per-institution/--overall", help="Per-site report (default).")] = True,
+    data: Annotated[Path | None, typer.Option(help="Evaluate this manifest instead of the run's test split.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (patient level).")] = 1000,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default RUN/eval).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
+) -> None:
+    """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run."""
+    from cxrdebias.evaluation.report import to_markdown
+    from cxrdebias.experiments.evaluate import evaluate_run
+
+    report = evaluate_run(run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err)
+    if per_institution:
+        out.print(report["markdown"])
+    else:
+        out.print(to_markdown({**report, "by_group": {}, "sites": []}))
+    err.print(f"report written to {out_dir or run / 'eval'} (report.json, report.csv, report.md, report.png, predictions.csv)")
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Annotated[Path, typer.Argument(help="First evaluated run (e.g. vanilla).")],
+    run_b: Annotated[Path, typer.Argument(help="Second evaluated run (e.g. EnD).")],
+) -> None:
+    """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
+    from cxrdebias.experiments.evaluate import compare_runs
+
+    out.print(compare_runs(run_a, run_b))
+
+
+@app.command("analyze-bias")
+def analyze_bias_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder (any method; --bias auto runs use their own labeller).")],
+    split: Annotated[str, typer.Option(help="Split whose bottleneck is plotted: val, train or a test set.")] = "val",
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint: last or best.")] = "last",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/analysis).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing analysis.")] = False,
+) -> None:
+    """Bottleneck (2-D PCA) coloured by target, marked by true and pseudo-bias; per-epoch agreement table."""
+    from cxrdebias.experiments.bias_analysis import analyze_run, format_report
+
+    report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force)
+    out.print(format_report(report), markup=False, highlight=False)
+    err.print(f"wrote {report['plot']} and agreement.json / agreement.md beside it")
+
+
+@app.command("demo")
+def demo(
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the data, runs and summary (default runs/demo-<time>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a training config key for both runs.")] = None,
+) -> None:
+    """Main job: synthetic multi-site CXRs → vanilla and EnD (site bias) → per-site comparison."""
+    from cxrdebias.experiments.demo import run_demo
+
+    res = run_demo(out_dir, overrides=set_, console=err)
+    print(res["table"])
+    err.print(f"\nall outputs in {res['out']} (summary.md, */eval/report.png); {res['elapsed_s'] / 60:.1f} min")

@@ -1,0 +1,188 @@
+"""The one experiment runner: every ``train`` and ``reproduce`` command goes through
+:func:`run_experiment`.
+
+For any registered ``data.kind`` (:mod:`cxrdebias.experiments.registry`) it does the same
+steps: validate the method, build the protocol's data (bad data fails before anything is
+written), create the run folder (resolved config, ``run.json`` with the data hashes, the
+protocol's own files), train with the one trainer (validation metrics every
+``train.eval_every`` epochs, model selection on validation only), then hand the last — or the
+best validation — model to the protocol's ``finish``, which tests it **once**, and write
+``results.json``: the protocol's part, then the training record, resolved config, data
+record, code version and environment. Test sets are never used for selection.
+
+Under ``torchrun`` every rank trains on its share of each global batch; rank 0 creates the
+run, validates, tests and writes.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from cxrdebias import distributed as dist_utils
+from cxrdebias.data.base import make_loader
+from cxrdebias.debias import build_method
+from cxrdebias.errors import ConfigError
+from cxrdebias.experiments import protocols
+from cxrdebias.experiments.config import ExperimentConfig, check_resumable, config_to_dict
+from cxrdebias.experiments.registry import Finished, Protocol
+from cxrdebias.models import build_model, model_factory
+from cxrdebias.training.device import seed_everything
+from cxrdebias.training.provenance import code_version, environment, run_info
+from cxrdebias.training.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
+from cxrdebias.training.trainer import Trainer
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """``<protocol tag>-<method>[-auto]-seed<seed>-<time>`` (the tag names the protocol's setting)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = protocols.get(cfg.data.kind).run_tag(cfg)
+    method = cfg.method.name + ("-auto" if cfg.unsupervised.enabled else "")  # --bias auto
+    return f"{tag}-{method}-seed{cfg.seed}-{stamp}"
+
+
+def require_kind(cfg: ExperimentConfig, kind: str) -> None:
+    """A :class:`ConfigError` when ``cfg`` is not of ``data.kind`` = ``kind`` (a command runs one kind)."""
+    if cfg.data.kind != kind:
+        command = protocols.get(kind).command
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: `{command}` needs data.kind={kind!r}")
+
+
+def _check_selection(cfg: ExperimentConfig, proto: Protocol) -> None:
+    metric = cfg.train.select_metric
+    if metric is None:
+        return
+    if proto.val is None:
+        raise ConfigError(f"train.select_metric={metric!r} needs a validation set; this run has none (data.val_fraction)")
+    if metric not in proto.val_metrics:
+        raise ConfigError(f"train.select_metric={metric!r}: not a validation metric of this protocol ({', '.join(proto.val_metrics)})")
+
+
+def class_weights(targets: torch.Tensor, class_names: tuple[str, ...]) -> torch.Tensor:
+    """Inverse class frequency, normalised so that a balanced set gets weight 1 per class."""
+    num_classes = len(class_names)
+    counts = torch.bincount(torch.as_tensor(targets), minlength=num_classes).float()
+    if (counts == 0).any():
+        missing = [class_names[i] for i in range(num_classes) if counts[i] == 0]
+        raise ConfigError(f"the training split has no {', '.join(missing)} images; cannot train a classifier")
+    return counts.sum() / (num_classes * counts)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train and test one experiment of any registered kind into the run folder ``out`` (module doc).
+
+    Returns the ``results.json`` record (on ranks other than 0 under torchrun: their rank)."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    spec = protocols.get(cfg.data.kind)
+    resolved = config_to_dict(cfg)
+    method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)  # validates before touching disk
+    world = dist_utils.world()  # under torchrun: rank 0 writes, every rank trains on its share
+    dist_utils.check_batch_size(cfg.train.batch_size, world.world_size)
+
+    if resume:
+        run = dist_utils.run_on_main(lambda: RunDir.create(out, resume=True))
+        saved = run.read_config()
+        check_resumable(saved, cfg, str(run.path))
+        resolved = saved  # what the checkpoints were written with
+        proto = spec.build(cfg, method, run, console)
+    else:
+        proto = spec.build(cfg, method, None, console)  # fails on bad data before touching disk
+    _check_selection(cfg, proto)
+    if not resume:
+
+        def create_run() -> RunDir:
+            new = RunDir.create(out, force=force)
+            new.write_config(resolved)
+            new.write_json(RUN_INFO_FILE, run_info(proto.data_info()))
+            if proto.on_created is not None:
+                proto.on_created(new)
+            return new
+
+        run = dist_utils.run_on_main(create_run)
+
+    seed_everything(cfg.seed)
+    activation = method.feature_activation
+    model = build_model(cfg.model, proto.num_classes, in_channels=proto.in_channels, feature_activation=activation)
+    if cfg.train.class_balance == "weighted_loss":
+        if proto.train_targets is None:
+            raise ConfigError(f"train.class_balance=weighted_loss: not supported for data.kind={cfg.data.kind!r}")
+        names = proto.class_names or tuple(f"class {i}" for i in range(proto.num_classes))
+        method.set_class_weights(class_weights(proto.train_targets, names))
+
+    def loader(split: Any) -> Any:  # evaluation: rank 0, the whole split, in order
+        return make_loader(split, proto.eval_batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers)
+
+    val_loader = loader(proto.val) if proto.val is not None else None
+
+    def evaluate(predict) -> dict[str, float]:
+        return proto.validate(predict(val_loader))
+
+    trainer = Trainer(
+        model,
+        method,
+        make_loader(
+            proto.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+            num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,
+            rank=world.rank, world_size=world.world_size,
+        ),
+        cfg.train,
+        run=run,
+        evaluate=evaluate if val_loader is not None else None,
+        select_metric=cfg.train.select_metric,
+        select_mode=cfg.train.select_mode,
+        patience=cfg.train.patience,
+        seed=cfg.seed,
+        fingerprint=resolved,
+        console=console,
+        num_samples=len(proto.train),
+        num_classes=proto.num_classes,
+        num_biases=proto.num_biases,
+        build_model=model_factory(cfg.model, proto.num_classes, in_channels=proto.in_channels, feature_activation=activation),
+    )
+    console.print(f"{proto.banner(method, trainer.precision)} → {run.path}")
+    t0 = time.perf_counter()
+    result = trainer.fit(resume=resume)
+    train_time = time.perf_counter() - t0
+    if not world.is_main:  # rank 0 tests and writes the results
+        return {"rank": world.rank, "world_size": world.world_size}
+    trainer.load_best()
+
+    data = run.read_json(RUN_INFO_FILE)["data"]
+    head, done = proto.finish(Finished(cfg, method, trainer, result, run, data, loader, val_loader))
+    last = result.history[-1]
+    results = {
+        "experiment": proto.experiment,
+        "name": cfg.name,
+        "method": method.describe(),
+        **head,
+        "train": {
+            "precision": result.precision,
+            "device": result.device,
+            "time_s": sum(h["train"]["time_s"] + h.get("eval_time_s", 0.0) for h in result.history),
+            "time_s_this_invocation": train_time,
+            **proto.train_info,
+            "img_per_s_last_epoch": last["train"]["img_per_s"],
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "world_size": world.world_size,
+        },
+        "config": resolved,
+        "data": data,
+        "code_version": code_version(),
+        "environment": environment(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+    }
+    run.write_json(RESULTS_FILE, results)
+    console.print(f"[bold green]done[/] {done} ({train_time / 60:.1f} min) → {run.path / RESULTS_FILE}")
+    return results
