@@ -18,7 +18,7 @@ from cxrdebias.data.biased_mnist import BiasedMNISTConfig
 from cxrdebias.data.celeba import CelebAConfig
 from cxrdebias.data.cxr import CXRDataConfig
 from cxrdebias.data.imdb_face import IMDBFaceConfig
-from cxrdebias.debias.pseudo_bias import PseudoBiasOptions
+from cxrdebias.debias.unsupervised.options import PseudoBiasOptions
 from cxrdebias.errors import ConfigError
 
 

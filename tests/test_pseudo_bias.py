@@ -11,7 +11,7 @@ from sklearn.metrics import silhouette_score
 
 from cxrdebias.debias import build_method
 from cxrdebias.debias.base import TrainContext
-from cxrdebias.debias.pseudo_bias import (
+from cxrdebias.debias.unsupervised import (
     AttractorLabeller,
     ClusterLabeller,
     FeatureTap,
@@ -19,9 +19,9 @@ from cxrdebias.debias.pseudo_bias import (
     PseudoBiasOptions,
     UnsupervisedBias,
     cosine_silhouette,
+    label_agreement,
 )
 from cxrdebias.errors import ConfigError
-from cxrdebias.evaluation.metrics import label_agreement
 from cxrdebias.models.base import ModelOutput
 from tests.conftest import assert_same_tensors, interrupt_after_epoch, run_cli
 

@@ -24,14 +24,14 @@ import torch
 from cxrdebias.config import ModelConfig, load_config
 from cxrdebias.data.base import make_loader
 from cxrdebias.debias import build_method
-from cxrdebias.debias.pseudo_bias import (
+from cxrdebias.debias.unsupervised import (
     AttractorLabeller,
     FeatureTap,
     PseudoBiasOptions,
     UnsupervisedBias,
+    label_agreement,
 )
 from cxrdebias.errors import CheckpointError, ConfigError, RunExistsError
-from cxrdebias.evaluation.metrics import label_agreement
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
 from cxrdebias.models import build_model
 from cxrdebias.training.inference import predict
