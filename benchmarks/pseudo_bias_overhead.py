@@ -21,7 +21,7 @@ import torch
 
 from cxrdebias.debias import build_method
 from cxrdebias.debias.base import TrainContext
-from cxrdebias.debias.pseudo_bias import PseudoBiasOptions
+from cxrdebias.debias.unsupervised.options import PseudoBiasOptions
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.training.device import make_autocast, resolve_precision
 

@@ -11,7 +11,7 @@ from sklearn.metrics import silhouette_score
 
 from cxrdebias.debias import build_method
 from cxrdebias.debias.base import TrainContext
-from cxrdebias.debias.pseudo_bias import (
+from cxrdebias.debias.unsupervised import (
     AttractorLabeller,
     ClusterLabeller,
     FeatureTap,
@@ -19,9 +19,9 @@ from cxrdebias.debias.pseudo_bias import (
     PseudoBiasOptions,
     UnsupervisedBias,
     cosine_silhouette,
+    label_agreement,
 )
 from cxrdebias.errors import ConfigError
-from cxrdebias.evaluation.metrics import label_agreement
 from cxrdebias.models.base import ModelOutput
 from tests.conftest import assert_same_tensors, interrupt_after_epoch, run_cli
 
@@ -384,6 +384,14 @@ def test_own_update_methods_get_pseudo_labels_through_with_bias(method):
     assert float(logs["pseudo_active"]) == 1 and "bias_ce" in logs and int(m.step) == 2
     assert len(seen) == 1 and bool(((seen[0] >= 0) & (seen[0] < 2)).all())  # pseudo labels, never -1/true
     assert m.epoch_metrics()["pseudo_bias"]["n"] == 32  # one labelling per step
+    batch = _batch(seed=2)
+    assert m.inner.with_bias(batch, model(batch["image"])) is batch  # the source is cleared after the step
+
+
+def test_wrapper_answers_the_ddp_question_for_its_method():
+    assert build_method("lnl", {}, _opts()).needs_unused_parameter_search()  # LNL's second step
+    assert not build_method("end", {}, _opts()).needs_unused_parameter_search()
+    assert build_method("lnl").needs_unused_parameter_search() and not build_method("end").needs_unused_parameter_search()
 
 
 def test_groupdro_sees_pseudo_bias_groups():

@@ -12,6 +12,7 @@ from cxrdebias.debias import build_method
 from cxrdebias.errors import CheckpointError, RunExistsError, TrainingInterrupted
 from cxrdebias.experiments.config import load_config
 from cxrdebias.models import SimpleConvNet
+from cxrdebias.training.checkpoint import CHECKPOINT_FORMAT
 from cxrdebias.training.device import resolve_precision, seed_everything
 from cxrdebias.training.runs import RunDir
 from cxrdebias.training.trainer import Trainer
@@ -108,6 +109,19 @@ def test_signal_stops_at_a_batch_boundary_and_resume_is_exact(signum, code, tmp_
     assert resumed.fit(resume=True).resumed_from_epoch == 1
     assert_same_tensors(ref.model, resumed.model)
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+
+
+def test_checkpoint_format_and_keys(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    _trainer(run, epochs=2).fit()
+    state = torch.load(run.checkpoint_dir / "last.pt", weights_only=False)
+    assert state["format"] == CHECKPOINT_FORMAT == 1 and state["epoch"] == 2 and state["world_size"] == 1
+    assert list(state) == [
+        "format", "epoch", "model", "method", "method_extra", "optimizer", "scheduler", "history", "best", "rng",
+        "fingerprint", "world_size",
+    ]
+    assert torch.load(run.checkpoint_dir / "prev.pt", weights_only=False)["epoch"] == 1
+    assert set(torch.load(run.checkpoint_dir / "best.pt", weights_only=False)) == {"epoch", "model", "best"}
 
 
 def test_signal_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, torch_one_thread):

@@ -16,8 +16,8 @@ from cxrdebias.debias.end import EnD, end_regularizer
 from cxrdebias.debias.groupdro import GroupDRO
 from cxrdebias.debias.lff import LfF
 from cxrdebias.debias.lnl import LNL
-from cxrdebias.debias.pseudo_bias import PseudoBiasOptions, UnsupervisedBias
 from cxrdebias.debias.rebias import ReBias
+from cxrdebias.debias.unsupervised import PseudoBiasOptions, UnsupervisedBias
 from cxrdebias.debias.vanilla import Vanilla
 from cxrdebias.errors import ConfigError
 
@@ -34,7 +34,7 @@ def build_method(
     """Instantiate a registered method with validated options (:class:`ConfigError` if bad).
 
     ``unsupervised`` (the config's ``unsupervised`` section): when ``enabled``, the method is
-    wrapped in :class:`~cxrdebias.debias.pseudo_bias.UnsupervisedBias` and fed online
+    wrapped in :class:`~cxrdebias.debias.unsupervised.UnsupervisedBias` and fed online
     pseudo-bias labels instead of the dataset's (``--bias auto``).
     """
     cls = METHODS.get(name)

@@ -5,6 +5,10 @@ and :meth:`Method.on_epoch_end` once per epoch. Simple methods only implement
 :meth:`Method.compute_loss` (a loss and a dict of logged values); methods with extra networks
 or optimisers (LNL's bias head, ReBias's biased network, LfF's biased model) own them as
 sub-modules and override :meth:`update`.
+
+Two explicit hooks serve wrappers and the trainer: :meth:`Method.set_bias_source` (a wrapper that
+computes bias labels online hands them to a method with its own update, which reads them through
+:meth:`Method.with_bias`) and :meth:`Method.needs_unused_parameter_search` (what DDP must know).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from cxrdebias.data.base import UNKNOWN_BIAS, Batch
 from cxrdebias.models.base import ModelOutput
 
 AutocastFactory = Callable[[], AbstractContextManager]
+
+#: ``source(batch, output) -> batch``: the batch with the bias labels a method must use, computed
+#: from the model's output on it (see :meth:`Method.set_bias_source`)
+BiasSource = Callable[[Batch, ModelOutput], Batch]
 
 
 @dataclass
@@ -70,11 +78,27 @@ class Method(nn.Module):
         super().__init__()
         self.options = options if options is not None else self.Options()
         self.register_buffer("class_weights", None, persistent=False)
+        self._bias_source: BiasSource | None = None  # see set_bias_source
 
     # -- configuration ------------------------------------------------------------------
     def set_class_weights(self, weights: torch.Tensor | None) -> None:
         """Per-class weights of the cross-entropy (class-imbalance handling)."""
         self.class_weights = None if weights is None else weights.float()
+
+    def set_bias_source(self, source: BiasSource | None) -> None:
+        """Take the bias labels of :meth:`with_bias` from ``source(batch, output)`` (``None``: from the batch).
+
+        For a wrapper that computes bias labels from the model's own forward pass (``--bias auto``:
+        :class:`~cxrdebias.debias.unsupervised.UnsupervisedBias`): it sets the source around one call of
+        :meth:`update` and clears it afterwards. Methods whose step is :meth:`compute_loss` get their
+        labels in the ``batch`` argument instead.
+        """
+        self._bias_source = source
+
+    def needs_unused_parameter_search(self) -> bool:
+        """Whether DDP must look for parameters of the main model that a backward pass left unused
+        (:attr:`ddp_find_unused_parameters`; a wrapper answers for the method it wraps)."""
+        return bool(self.ddp_find_unused_parameters)
 
     def setup(self, model: nn.Module, context: TrainContext) -> None:
         """Called once before training (and before a checkpoint is restored): methods with
@@ -94,12 +118,12 @@ class Method(nn.Module):
     def with_bias(self, batch: Batch, output: ModelOutput) -> Batch:
         """The batch whose ``bias`` the method must use, given the model's output on it.
 
-        The batch itself, unless a wrapper supplies the bias labels from that output
-        (``--bias auto``: :class:`~cxrdebias.debias.pseudo_bias.UnsupervisedBias`). A method
-        that overrides :meth:`update` and needs bias labels calls it right after its first
-        forward pass and reads ``batch["bias"]`` only from the batch it returns.
+        The batch itself, unless a wrapper has set a source of bias labels computed from that
+        output (:meth:`set_bias_source`; ``--bias auto``). A method that overrides :meth:`update`
+        and needs bias labels calls it right after its first forward pass and reads
+        ``batch["bias"]`` only from the batch it returns.
         """
-        source = self.__dict__.get("_bias_source")
+        source = self._bias_source
         return batch if source is None else source(batch, output)
 
     def check_batch(self, batch: Batch) -> None:

@@ -25,14 +25,14 @@ from rich.console import Console
 from cxrdebias.config import ModelConfig
 from cxrdebias.data.base import make_loader
 from cxrdebias.debias import build_method
-from cxrdebias.debias.pseudo_bias import (
+from cxrdebias.debias.unsupervised import (
     AttractorLabeller,
     FeatureTap,
     PseudoBiasOptions,
     UnsupervisedBias,
+    label_agreement,
 )
 from cxrdebias.errors import CheckpointError, RunExistsError
-from cxrdebias.evaluation.metrics import label_agreement
 from cxrdebias.experiments import protocols
 from cxrdebias.experiments.config import load_config
 from cxrdebias.fileio import write_json_atomic, write_text_atomic

@@ -29,7 +29,7 @@ from cxrdebias.config import (
     parse_override,
     set_in,
 )
-from cxrdebias.debias.pseudo_bias import PseudoBiasOptions
+from cxrdebias.debias.unsupervised.options import PseudoBiasOptions
 from cxrdebias.errors import ConfigError
 from cxrdebias.experiments import protocols
 

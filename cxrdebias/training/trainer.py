@@ -5,7 +5,8 @@ it, rich progress, per-epoch metrics to ``metrics.jsonl``, atomic checkpoints ev
 (``last.pt``; the previous one kept as ``prev.pt``), resume from the last good checkpoint, and
 model selection on a *validation* metric only (``best.pt``). SIGINT/SIGTERM during :meth:`Trainer.fit`
 stop training at the next batch boundary with :class:`~cxrdebias.errors.TrainingInterrupted`
-(docs/robustness.md).
+(docs/robustness.md). Checkpoint files live in :mod:`cxrdebias.training.checkpoint`, the stop
+signals in :mod:`cxrdebias.training.signals`.
 
 Under ``torchrun`` (docs/scaling.md) the model is wrapped in DistributedDataParallel for the
 training steps, the methods' own networks average their gradients, only rank 0 evaluates,
@@ -17,15 +18,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -42,8 +39,19 @@ from cxrdebias import distributed as dist_utils
 from cxrdebias.config import TrainConfig
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
-from cxrdebias.errors import CheckpointError, ConfigError, TrainingInterrupted
+from cxrdebias.errors import ConfigError, TrainingInterrupted
 from cxrdebias.training import allocator
+from cxrdebias.training.checkpoint import (
+    load_best_weights,
+    read_resumable,
+    restore_training_state,
+    rng_for_process,
+    rng_state,
+    save_best,
+    save_rotating,
+    set_rng_state,
+    training_state,
+)
 from cxrdebias.training.device import (
     make_autocast,
     resolve_device,
@@ -51,19 +59,8 @@ from cxrdebias.training.device import (
     seed_everything,
 )
 from cxrdebias.training.inference import Predictions, predict, to_device
-from cxrdebias.training.runs import RunDir, torch_load_checked, torch_save_atomic
-
-CHECKPOINT_FORMAT = 1
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+from cxrdebias.training.runs import RunDir
+from cxrdebias.training.signals import StopRequest
 
 
 def _merge_logs(parts: list[tuple[dict[str, float], dict[str, int], int]]) -> tuple[dict[str, float], dict[str, int], int]:
@@ -75,11 +72,6 @@ def _merge_logs(parts: list[tuple[dict[str, float], dict[str, int], int]]) -> tu
             sums[k] = sums.get(k, 0.0) + v
             counts[k] = counts.get(k, 0) + c[k]
     return sums, counts, sum(n for _, _, n in parts)
-
-
-def _needs_unused_search(method: Method) -> bool:
-    inner = getattr(method, "inner", None)  # --bias auto wraps the method
-    return bool(method.ddp_find_unused_parameters or getattr(inner, "ddp_find_unused_parameters", False))
 
 
 def _len_samples(loader: Any) -> int:
@@ -166,7 +158,7 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=_needs_unused_search(method),
+                find_unused_parameters=method.needs_unused_parameter_search(),
             )
         self.method = method.to(self.device)
         self.train_loader = train_loader
@@ -199,7 +191,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.start_epoch = 1
-        self._stop_signal: int | None = None  # set by SIGINT/SIGTERM during fit()
+        self.stop = StopRequest()  # set by SIGINT/SIGTERM during fit()
         self._saved_epoch: int | None = None  # the newest epoch with a checkpoint
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -231,80 +223,50 @@ class Trainer:
             keep_features=keep_features,
         )
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _checkpoint(self, epoch: int) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "method": self.method.state_dict(),
-            "method_extra": self.method.extra_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "history": self.history,
-            "best": self.best,
-            "rng": _rng_state(),
-            "fingerprint": self.fingerprint,
-            "world_size": self.world.world_size,
-        }
-
+    # -- checkpoints (the files: cxrdebias.training.checkpoint) ------------------------------------
     def save_checkpoint(self, epoch: int) -> None:
+        """Checkpoint the end of ``epoch`` (``last.pt``, the previous one kept as ``prev.pt``)."""
         if self.run is None:
             return
-        rng_per_rank = dist_utils.all_gather_object(_rng_state()) if self.world.distributed else None
+        rng_per_rank = dist_utils.all_gather_object(rng_state()) if self.world.distributed else None
         if not self.world.is_main:
             return
-        state = self._checkpoint(epoch)
+        state = training_state(
+            epoch,
+            model=self.model,
+            method=self.method,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            history=self.history,
+            best=self.best,
+            fingerprint=self.fingerprint,
+            world_size=self.world.world_size,
+        )
         if rng_per_rank is not None:
             state["rng_per_rank"] = rng_per_rank
-        last = self.run.checkpoint_dir / "last.pt"
-        if last.exists():
-            last.replace(self.run.checkpoint_dir / "prev.pt")
-        torch_save_atomic(state, last)
+        save_rotating(state, self.run.checkpoint_dir)
 
     def load_checkpoint(self) -> int:
         """Restore the newest readable checkpoint; returns its epoch."""
         assert self.run is not None
-        errors = []
-        for name in ("last.pt", "prev.pt"):
-            try:
-                state = torch_load_checked(self.run.checkpoint_dir / name)
-            except CheckpointError as exc:
-                errors.append(str(exc))
-                continue
-            if state.get("format") != CHECKPOINT_FORMAT:
-                errors.append(f"{name}: checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
-                continue
-            if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
-                raise CheckpointError(
-                    f"{self.run.checkpoint_dir / name}: written by a run with a different config; "
-                    "resume with the same options or start a new run"
-                )
-            try:
-                self.model.load_state_dict(state["model"])
-                self.method.load_state_dict(state["method"])
-            except RuntimeError as exc:
-                raise CheckpointError(f"{self.run.checkpoint_dir / name}: does not fit this model ({exc})") from None
-            self.method.load_extra_state(state["method_extra"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler and state["scheduler"]:
-                self.scheduler.load_state_dict(state["scheduler"])
-            self.history = state["history"]
-            self.best = state["best"]
-            rng = state["rng"]
-            per_rank = state.get("rng_per_rank")
-            if self.world.distributed and per_rank is not None and len(per_rank) == self.world.world_size:
-                rng = per_rank[self.world.rank]
-            elif state.get("world_size", 1) != self.world.world_size:
-                self.console.print(
-                    f"[yellow]{name} was written by {state.get('world_size', 1)} process(es), this run has "
-                    f"{self.world.world_size}: training continues, but not bit-identically to an uninterrupted run[/]"
-                )
-            _set_rng_state(rng)
-            if name != "last.pt":
-                self.console.print(f"[yellow]last.pt unusable ({errors[-1]}); resumed from {name}[/]")
-            return int(state["epoch"])
-        raise CheckpointError("no usable checkpoint to resume: " + "; ".join(errors))
+        name, state, errors = read_resumable(self.run.checkpoint_dir, self.fingerprint)
+        restore_training_state(
+            state,
+            self.run.checkpoint_dir / name,
+            model=self.model,
+            method=self.method,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        self.history = state["history"]
+        self.best = state["best"]
+        rng, warning = rng_for_process(state, self.world, name)
+        if warning is not None:
+            self.console.print(warning)
+        set_rng_state(rng)
+        if name != "last.pt":
+            self.console.print(f"[yellow]last.pt unusable ({errors[-1]}); resumed from {name}[/]")
+        return int(state["epoch"])
 
     # -- training -------------------------------------------------------------------------------
     def _improved(self, value: float) -> bool:
@@ -339,7 +301,7 @@ class Trainer:
                 self._check_stop(epoch, step)
         except Exception as exc:
             # Ctrl-C also reaches DataLoader workers, which then exit: their loader's error is the interrupt
-            if self._stop_signal is None or isinstance(exc, TrainingInterrupted):
+            if self.stop.signum is None or isinstance(exc, TrainingInterrupted):
                 raise
             raise self._interrupted(epoch, step) from exc
         elapsed = time.perf_counter() - t0
@@ -354,44 +316,16 @@ class Trainer:
         out["time_s"] = elapsed
         return out
 
-    # -- stopping on SIGINT / SIGTERM --------------------------------------------------------------
+    # -- stopping on SIGINT / SIGTERM (cxrdebias.training.signals) ----------------------------------
     def _interrupted(self, epoch: int, step: int | None) -> TrainingInterrupted:
-        assert self._stop_signal is not None
-        return TrainingInterrupted(self._stop_signal, epoch, step, self._saved_epoch)
+        assert self.stop.signum is not None
+        return TrainingInterrupted(self.stop.signum, epoch, step, self._saved_epoch)
 
     def _check_stop(self, epoch: int, step: int | None) -> None:
-        if self.world.distributed:  # all ranks stop at the same batch (one tiny all-reduce)
-            if dist_utils.any_rank(self._stop_signal is not None, self._flag_device) and self._stop_signal is None:
-                self._stop_signal = signal.SIGTERM  # another rank was signalled
-        if self._stop_signal is not None:
+        """Raise :class:`TrainingInterrupted` if a stop signal came (on any rank)."""
+        flag_device = self.device if self.world.backend == "nccl" else torch.device("cpu")
+        if self.stop.agree(self.world, flag_device) is not None:
             raise self._interrupted(epoch, step)
-
-    @property
-    def _flag_device(self) -> torch.device:
-        return self.device if self.world.backend == "nccl" else torch.device("cpu")
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """While training, SIGINT/SIGTERM only set a flag; the loop stops at the next batch
-        boundary (checkpoints are per epoch, so the newest one is that of the last completed
-        epoch). A second signal stops at once (KeyboardInterrupt). The previous handlers are
-        restored afterwards. Only in the main thread (Python delivers signals there)."""
-        self._stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train (or, with ``resume``, continue from the newest checkpoint) to ``cfg.epochs``.
@@ -399,7 +333,7 @@ class Trainer:
         Raises:
             TrainingInterrupted: SIGINT or SIGTERM arrived; raised at the next batch boundary.
         """
-        with self._stop_on_signals():
+        with self.stop.handling_signals():
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> TrainResult:
@@ -482,9 +416,7 @@ class Trainer:
             return val, elapsed, False
         self.best = {"epoch": epoch, "metric": self.select_metric, "value": value}
         if self.run is not None:
-            torch_save_atomic(
-                {"epoch": epoch, "model": self.model.state_dict(), "best": self.best}, self.run.checkpoint_dir / "best.pt"
-            )
+            save_best(self.run.checkpoint_dir, epoch, self.model, self.best)
         return val, elapsed, True
 
     def _print_epoch(self, record: dict[str, Any]) -> None:
@@ -505,5 +437,4 @@ class Trainer:
         """Load the weights of the selected (best validation) epoch, if any."""
         if self.run is None or self.best is None:
             return
-        state = torch_load_checked(self.run.checkpoint_dir / "best.pt")
-        self.model.load_state_dict(state["model"])
+        load_best_weights(self.run.checkpoint_dir, self.model)

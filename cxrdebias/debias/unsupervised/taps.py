@@ -1,0 +1,73 @@
+"""Feature taps: the labeller reads an earlier layer of the model than its bottleneck
+(``unsupervised.layer``) through a forward hook, so without an extra pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cxrdebias.errors import ConfigError
+
+
+def _width(module: nn.Module) -> int | None:
+    for sub in reversed(list(module.modules())):
+        for attr in ("out_channels", "num_features", "out_features"):
+            if isinstance(getattr(sub, attr, None), int):
+                return int(getattr(sub, attr))
+    return None
+
+
+class FeatureTap:
+    """The output of one named module of a model, averaged over its spatial axes, at every forward.
+
+    The labeller can read an earlier layer than the bottleneck (``unsupervised.layer``): the
+    bottleneck is what the debiasing method acts on, so the better the method works the less
+    bias it carries (the labels drift to the targets); an early layer keeps the low-level cue
+    (colour, acquisition signature) that the shortcut is made of. A forward hook, so no extra
+    pass. ``width`` is the channel count, read from the module (or, for an activation, from
+    the module before it in its parent).
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        if name == "early":  # the model's own choice of its first block
+            early = getattr(model, "early_layer", None)
+            if not isinstance(early, str):
+                raise ConfigError(f"unsupervised.layer='early': {type(model).__name__} does not name an early layer; give a module name")
+            name = early
+        modules = dict(model.named_modules())
+        if name not in modules or not name:
+            some = ", ".join(n for n in list(modules)[1:12])
+            raise ConfigError(f"unsupervised.layer={name!r}: the model has no module of that name (its first modules: {some}, …)")
+        self.name = name
+        width = _width(modules[name])
+        if width is None:  # an activation or pooling: the width of what comes before it
+            parent_name, _, child = name.rpartition(".")
+            children = list(modules[parent_name].named_children())
+            before = [m for n, m in children[: [n for n, _ in children].index(child)]]
+            width = next((w for w in (_width(m) for m in reversed(before)) if w is not None), None)
+        if width is None:
+            raise ConfigError(f"unsupervised.layer={name!r}: cannot tell the number of channels of that module")
+        self.width = width
+        self.value: torch.Tensor | None = None
+        self.kept: list[torch.Tensor] | None = None  # set to [] to keep every forward pass's value
+        self._handle = modules[name].register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        out = output.detach().float()
+        self.value = out.flatten(2).mean(dim=2) if out.dim() > 2 else out
+        if self.value.shape[1] != self.width:
+            raise ConfigError(f"unsupervised.layer={self.name!r}: output has {self.value.shape[1]} channels, expected {self.width}")
+        if self.kept is not None:
+            self.kept.append(self.value)
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError(f"unsupervised.layer={self.name!r}: the module did not run in this forward pass")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+__all__ = ["FeatureTap"]

@@ -1,0 +1,234 @@
+""":class:`UnsupervisedBias`: a debiasing method fed with online pseudo-bias labels instead of
+the dataset's (``--bias auto``; the package docstring of :mod:`cxrdebias.debias.unsupervised`
+says which methods it wraps and how)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cxrdebias.data.base import Batch
+from cxrdebias.debias.base import Method, TrainContext
+from cxrdebias.debias.unsupervised.agreement import label_agreement
+from cxrdebias.debias.unsupervised.labellers import build_labeller
+from cxrdebias.debias.unsupervised.options import PseudoBiasOptions
+from cxrdebias.debias.unsupervised.taps import FeatureTap
+from cxrdebias.distributed import gather, gather_rows
+from cxrdebias.errors import ConfigError
+
+
+def _own_step(method: Method) -> bool:
+    return type(method).update is not Method.update
+
+
+def check_wrappable(method: Method, options: PseudoBiasOptions | None = None) -> None:
+    """:class:`ConfigError` unless pseudo-bias labels can feed ``method`` (see the package doc)."""
+    if not _own_step(method):
+        return
+    if not method.requires_bias:
+        raise ConfigError(
+            f"--bias auto does not apply to method {method.name!r}: it never uses bias labels (it finds the bias "
+            "itself); drop --bias auto"
+        )
+    if options is not None and options.reweight > 1:
+        raise ConfigError(
+            f"unsupervised.reweight={options.reweight}: method {method.name!r} runs its own update, so the "
+            "re-weighted cross-entropy cannot be added to its loss; use reweight=1 or --method end/groupdro/vanilla"
+        )
+
+
+class UnsupervisedBias(Method):
+    """A method fed with online pseudo-bias labels instead of the dataset's.
+
+    Per step: forward once → ``labeller.update`` → ``labeller.assign`` → (after warm-up) the
+    wrapped method's ``compute_loss`` on the batch whose ``bias`` is the pseudo labels, plus
+    ``(reweight − 1)·Σ c_y·1[conflicting]·CE / Σ c_y`` (the likely-conflicting samples counted
+    ``reweight`` times in the cross-entropy); before warm-up: the plain cross-entropy.
+
+    A wrapped method with its own multi-pass ``update`` (LNL, BlindEye) gets a batch whose
+    ``bias`` is unknown (``-1``) and receives the pseudo labels from :meth:`Method.with_bias`,
+    which it calls right after its first forward pass — still one labelling per step and no
+    extra pass. The true labels never reach the wrapped method.
+    """
+
+    summary = "online pseudo-bias labels (no bias labels needed) feeding another method"
+    requires_bias = False
+
+    def __init__(self, inner: Method, options: PseudoBiasOptions):
+        check_wrappable(inner, options)
+        super().__init__(inner.options)
+        self.name = inner.name
+        self.feature_activation = inner.feature_activation
+        self.inner = inner
+        self.unsupervised = options
+        self.labeller = build_labeller(options)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
+        self._epoch: dict[str, list[torch.Tensor]] = {}
+        self._tap: FeatureTap | None = None  # built by setup (a hook on the model, not state)
+
+    def needs_unused_parameter_search(self) -> bool:
+        return self.inner.needs_unused_parameter_search()
+
+    def set_class_weights(self, weights):
+        super().set_class_weights(weights)
+        self.inner.set_class_weights(weights)
+
+    def setup(self, model, context: TrainContext) -> None:
+        if self.unsupervised.layer is not None:
+            self._tap = FeatureTap(model, self.unsupervised.layer)
+        tap = self._tap
+        self.labeller.setup(
+            tap.width if tap is not None else getattr(model, "feature_dim", None),
+            context.num_classes,
+            context.num_samples,
+            context.device,
+            context.make_optimizer,
+        )
+        self.inner.setup(model, dataclasses.replace(context, num_biases=self.labeller.num_labels))
+
+    def _label(self, batch: Batch, output, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
+        target = batch["target"]
+        mine = self._tap.take() if self._tap is not None else output.features.detach()
+        # under torchrun the statistics follow the global batch, identically on every rank
+        (features, logits, target_all, index), own = gather_rows(mine, output.logits.detach(), target, batch["index"])
+        self.labeller.update(features, logits, target_all, step)
+        pseudo_all = self.labeller.assign(features, logits, target_all, step, index=index)
+        conflicting = self.labeller.conflicting(pseudo_all, target_all)
+        share = 1.0 - conflicting.float().mean()
+        m = self.unsupervised.gate_momentum
+        self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
+        return pseudo_all[own], conflicting[own]
+
+    def gate_open(self) -> bool:
+        """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``.
+
+        A bias is a shortcut only if it predicts the class. At ρ = 0.997 the attractor calls ≈ 99%
+        of the samples aligned; with no colour–digit correlation (ρ = 0.1) ≈ 15%: the groups it
+        finds are not the classes' biases, and feeding them to EnD fights the classifier.
+        """
+        share = float(self.aligned_share)
+        return share != share or share >= self.unsupervised.min_aligned  # NaN (no statistics yet): open
+
+    def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:
+        for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target)):
+            self._epoch.setdefault(key, []).append(value.detach())
+
+    def _prior(self, target: torch.Tensor) -> torch.Tensor:
+        """Warm-up labels with ``warmup_labels: target``: one group per class (cluster: its cluster 0)."""
+        return target * max(1, self.labeller.num_labels // max(1, self.labeller.num_classes))
+
+    def update(self, model, batch: Batch, optimizer, autocast):
+        step = int(self.step)
+        o = self.unsupervised
+        warm = step < o.warmup_steps
+        gate = self.gate_open()  # reads the steps before this one
+        active = not warm and gate
+        # the target prior is a shortcut hypothesis too: it needs the same evidence
+        runs_method = active or (warm and gate and o.warmup_labels == "target")
+        if runs_method and _own_step(self.inner):
+            return self._delegated_update(model, batch, optimizer, autocast, step, active)
+        target = batch["target"]
+        with autocast():
+            output = model(batch["image"])
+        pseudo, conflicting = self._label(batch, output, step)
+        if runs_method:
+            given = pseudo if active else self._prior(target)
+            pseudo_batch = Batch(image=batch["image"], target=target, bias=given, index=batch["index"])
+            with autocast():
+                loss, logs = self.inner.compute_loss(model, pseudo_batch, output)
+            if active and o.reweight > 1:
+                ce = F.cross_entropy(output.logits.float(), target, reduction="none")
+                cw = torch.ones_like(ce) if self.class_weights is None else self.class_weights.to(ce.device)[target]
+                loss = loss + (o.reweight - 1) * (cw * conflicting * ce).sum() / cw.sum()
+        else:
+            loss = self.classification_loss(output.logits, target)
+            logs = {"ce": loss.detach()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.step += 1
+        with torch.no_grad():
+            self._record(pseudo, batch["bias"], target)
+            logs = {
+                "loss": loss.detach(),
+                **logs,
+                "accuracy": (output.logits.detach().argmax(1) == target).float().mean(),
+                "pseudo_active": torch.tensor(float(active)),
+                "pseudo_conflicting": conflicting.float().mean(),
+                "aligned_share": self.aligned_share.detach().clone(),
+            }
+        return logs
+
+    def _delegated_update(self, model, batch: Batch, optimizer, autocast, step: int, active: bool = True):
+        """The wrapped method's own update; it pulls the pseudo labels through
+        :meth:`~cxrdebias.debias.base.Method.with_bias` from the source set here."""
+        calls: list[torch.Tensor] = []
+
+        def source(inner_batch: Batch, output) -> Batch:
+            if calls:  # a second call in one step: the labels of the first (one labelling per step)
+                return Batch(image=inner_batch["image"], target=inner_batch["target"], bias=calls[0], index=inner_batch["index"])
+            pseudo, conflicting = self._label(inner_batch, output, step)
+            calls.extend([pseudo, conflicting])
+            given = pseudo if active else self._prior(inner_batch["target"])
+            return Batch(image=inner_batch["image"], target=inner_batch["target"], bias=given, index=inner_batch["index"])
+
+        hidden = Batch(image=batch["image"], target=batch["target"], bias=torch.full_like(batch["bias"], -1), index=batch["index"])
+        self.inner.set_bias_source(source)
+        try:
+            logs = self.inner.update(model, hidden, optimizer, autocast)
+        finally:
+            self.inner.set_bias_source(None)
+        if not calls:
+            raise RuntimeError(
+                f"method {self.inner.name!r} overrides update() but never called with_bias(batch, output): "
+                "it cannot be used with --bias auto"
+            )
+        self.step += 1
+        with torch.no_grad():
+            self._record(calls[0], batch["bias"], batch["target"])
+            return {
+                **logs,
+                "pseudo_active": torch.tensor(float(active)),
+                "pseudo_conflicting": calls[1].float().mean(),
+                "aligned_share": self.aligned_share.detach().clone(),
+            }
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Agreement of this epoch's pseudo labels with the true ones (where known)."""
+        if not self._epoch:
+            return {}
+        cat = {k: gather(torch.cat(v)).cpu() for k, v in self._epoch.items()}  # all ranks' samples
+        self._epoch = {}
+        out: dict[str, Any] = {
+            "labeller": self.labeller.name,
+            "step": int(self.step),
+            "n": int(cat["pseudo"].numel()),
+            "labels_used": int(self.step) > self.unsupervised.warmup_steps,
+            "aligned_share": float(self.aligned_share),
+            "gate_open": self.gate_open(),
+            **self.labeller.summary(),
+            **label_agreement(cat["true"], cat["pseudo"], cat["target"]),
+        }
+        return {"pseudo_bias": out}
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.inner.on_epoch_end(epoch)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"inner": self.inner.extra_state(), "labeller": self.labeller.extra_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.inner.load_extra_state(state.get("inner", {}))
+        self.labeller.load_extra_state(state.get("labeller", {}))
+
+    def describe(self) -> dict[str, Any]:
+        u = self.unsupervised.model_dump(exclude={"enabled"})
+        return {**self.inner.describe(), "bias": "auto", "unsupervised": u}
+
+
+__all__ = ["UnsupervisedBias", "check_wrappable"]
