@@ -39,7 +39,8 @@ def random_model(size: int, folder: Path) -> Path:
     import torch
 
     from cxrdebias.data.preprocess import PreprocessSpec
-    from cxrdebias.deploy.export import INTENDED_USE, to_onnx_bytes, with_metadata
+    from cxrdebias.deploy.export import to_onnx_bytes, with_metadata
+    from cxrdebias.deploy.model_card import INTENDED_USE
     from cxrdebias.deploy.onnx_metadata import FORMAT_KEY, FORMAT_VERSION
     from cxrdebias.models.densenet import DenseNet121
 
