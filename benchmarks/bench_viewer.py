@@ -75,12 +75,12 @@ def bench_images(folder: Path, n_per_site: int, n_dicom: int = 1) -> list[tuple[
 
 
 def time_select(model, image, repeats: int) -> dict[str, float]:
+    from cxrdebias.deploy.viewer_report import report_png
     from cxrdebias.deploy.viewer_state import (
         analyse_with_source,
         apply_window,
         gray_image,
         overlay_image,
-        report_png,
     )
 
     def once():
