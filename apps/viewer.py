@@ -5,7 +5,8 @@ Launch with ``cxrdebias view --model model.onnx [--data folder-or-manifest ...]`
 variables ``CXRDEBIAS_VIEWER_MODEL`` and ``CXRDEBIAS_VIEWER_DATA`` (paths joined with
 ``os.pathsep``) take precedence over the script arguments (used by the tests).
 
-The page logic lives in :mod:`cxrdebias.deploy.viewer_state`; this file only lays it out.
+The page logic lives in :mod:`cxrdebias.deploy.viewer_state` (and the PNG report in
+:mod:`cxrdebias.deploy.viewer_report`); this file only lays it out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from cxrdebias.deploy.runtime import CXRModel, InputImage, collect_inputs, load_model
+from cxrdebias.deploy.viewer_report import report_png
 from cxrdebias.deploy.viewer_state import (
     DISAGREEMENT,
     NOT_FOR_CLINICAL_USE,
@@ -33,7 +35,6 @@ from cxrdebias.deploy.viewer_state import (
     overlay_image,
     predict_study,
     predictions_csv,
-    report_png,
     save_upload,
     sort_table,
 )

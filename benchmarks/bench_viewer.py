@@ -39,7 +39,8 @@ def random_model(size: int, folder: Path) -> Path:
     import torch
 
     from cxrdebias.data.preprocess import PreprocessSpec
-    from cxrdebias.deploy.export import INTENDED_USE, to_onnx_bytes, with_metadata
+    from cxrdebias.deploy.export import to_onnx_bytes, with_metadata
+    from cxrdebias.deploy.model_card import INTENDED_USE
     from cxrdebias.deploy.onnx_metadata import FORMAT_KEY, FORMAT_VERSION
     from cxrdebias.models.densenet import DenseNet121
 
@@ -74,12 +75,12 @@ def bench_images(folder: Path, n_per_site: int, n_dicom: int = 1) -> list[tuple[
 
 
 def time_select(model, image, repeats: int) -> dict[str, float]:
+    from cxrdebias.deploy.viewer_report import report_png
     from cxrdebias.deploy.viewer_state import (
         analyse_with_source,
         apply_window,
         gray_image,
         overlay_image,
-        report_png,
     )
 
     def once():

@@ -19,15 +19,9 @@ from cxrdebias.deploy.explain import (
     head_forward_and_gradient,
     monai_gradcam,
 )
-from cxrdebias.deploy.export import (
-    Tolerances,
-    check_parity,
-    export_run,
-    load_model_bare,
-    spread_over_sites,
-    to_onnx_bytes,
-)
+from cxrdebias.deploy.export import export_run, spread_over_sites, to_onnx_bytes
 from cxrdebias.deploy.onnx_metadata import KEYS, ModelMetadata
+from cxrdebias.deploy.parity import Tolerances, check_parity, load_model_bare
 from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
 from cxrdebias.errors import ExportError
 from cxrdebias.models.base import L2Normalize, ModelOutput, activation

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cxrdebias.data.images import read_image, write_dicom
 from cxrdebias.deploy.runtime import collect_inputs, load_model
+from cxrdebias.deploy.viewer_report import report_png
 from cxrdebias.deploy.viewer_state import (
     NOT_FOR_CLINICAL_USE,
     TABLE_COLUMNS,
@@ -26,7 +27,6 @@ from cxrdebias.deploy.viewer_state import (
     overlay_image,
     predict_study,
     predictions_csv,
-    report_png,
     save_upload,
     sort_table,
 )

@@ -20,6 +20,8 @@ MODEL_FILE = "model.pt"
 #: the patient-level train/val/test assignment of a CXR run (one row per manifest row)
 SPLITS_FILE = "splits.csv"
 MODEL_FORMAT = 1
+#: the column of the positive class in an artefact's ``class_names`` (the pipeline's class order: negative, positive)
+POSITIVE_INDEX = 1
 
 
 def load_model_artefact(run_or_file: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -9,9 +9,9 @@
 2. trace it with ``torch.onnx.export`` (TorchScript-based exporter, ``dynamo=False``; opset
    :data:`DEFAULT_OPSET`; dynamic batch axis) — input ``image``, outputs ``probabilities`` and
    ``cam`` (:mod:`cxrdebias.deploy.onnx_metadata`);
-3. verify the graph in onnxruntime on real images — the run's own **validation** images by
-   default (read and preprocessed with the code and spec the runtime uses), or the images given
-   with ``check_images``:
+3. verify the graph in onnxruntime on real images (:mod:`cxrdebias.deploy.parity`) — the run's
+   own **validation** images by default (read and preprocessed with the code and spec the
+   runtime uses), or the images given with ``check_images``:
 
    - probabilities vs the torch model (``softmax(model(x).logits)``) on every check image:
      max absolute difference ≤ :data:`PROBABILITY_TOLERANCE`;
@@ -22,7 +22,7 @@
 
 4. compute per-site validation metrics from the ONNX probabilities at the saved threshold
    (when the check images are the validation split), fill ``metadata_props``
-   (:data:`cxrdebias.deploy.onnx_metadata.KEYS`), reload the final bytes with
+   (:data:`cxrdebias.deploy.onnx_metadata.KEYS`; :mod:`cxrdebias.deploy.model_card`), reload the final bytes with
    :func:`cxrdebias.deploy.runtime.load_model` (the metadata must parse and the outputs must not move)
    and only then write ``model.onnx``, ``MODEL_CARD.md`` and a MONAI-style ``metadata.json``
    beside it.
@@ -34,12 +34,10 @@ is written. Existing files are never replaced without ``force``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,64 +47,31 @@ import torch
 import cxrdebias
 from cxrdebias.data.csv_records import resolve_relative_path
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.deploy.explain import GradCAMModel, monai_gradcam
-from cxrdebias.deploy.onnx_metadata import (
-    CAM,
-    FORMAT_KEY,
-    FORMAT_VERSION,
-    INPUT_NAME,
-    OUTPUT_NAMES,
-    PROBABILITIES,
-    encode,
-    json_safe,
+from cxrdebias.deploy.artefact import POSITIVE_INDEX, SPLITS_FILE, load_model_artefact
+from cxrdebias.deploy.explain import GradCAMModel
+from cxrdebias.deploy.model_card import (
+    INTENDED_USE,
+    build_metadata,
+    model_card,
+    monai_metadata,
+    per_site_validation,
+)
+from cxrdebias.deploy.onnx_metadata import CAM, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, encode
+from cxrdebias.deploy.parity import (
+    RELOAD_TOLERANCE,
+    ParityReport,
+    Tolerances,
+    check_parity,
+    load_model_bare,
 )
 from cxrdebias.errors import CxrDebiasError, ExportError, RunExistsError
 from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
-from cxrdebias.training.provenance import code_version
 
 DEFAULT_OPSET = 17
-#: max |p_onnx − p_torch| over every check image and class
-PROBABILITY_TOLERANCE = 1e-4
-#: min per-image pixel correlation between the ONNX CAM and MONAI's GradCAM
-CAM_MIN_CORRELATION = 0.99
-#: the final bytes (with metadata) must reproduce the verified outputs this closely
-RELOAD_TOLERANCE = 1e-5
 DEFAULT_CAM_IMAGES = 16
 CHECK_BATCH = 16
 MODEL_CARD = "MODEL_CARD.md"
 MONAI_METADATA = "metadata.json"
-POSITIVE_INDEX = 1  # the pipeline's class order: negative, positive
-INTENDED_USE = (
-    "Research on shortcut learning (hospital/site bias) in chest X-ray COVID-19 classifiers. "
-    "NOT FOR CLINICAL USE: not a medical device, not validated for diagnosis or triage."
-)
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """What the parity checks accept (defaults: the deployment issue's numbers)."""
-
-    probability_max_abs_diff: float = PROBABILITY_TOLERANCE
-    cam_min_correlation: float = CAM_MIN_CORRELATION
-
-
-@dataclass
-class ParityReport:
-    """Numbers of the export-time checks (written into the ``export`` metadata key)."""
-
-    images: str
-    n_probability_images: int
-    probability_max_abs_diff: float
-    n_cam_images: int
-    n_cam_constant: int
-    cam_min_correlation: float
-    cam_mean_correlation: float
-    cam_max_abs_diff: float
-    batch_sizes: list[int]
-    batch1_max_abs_diff: float
-    tolerances: dict[str, float]
-    passed: bool = True
-    problems: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -173,87 +138,6 @@ def with_metadata(graph: bytes, metadata: dict[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
-# -- the checks ---------------------------------------------------------------------------------
-def _correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
-    """Pearson correlation of two maps and whether both are constant (then: 1 iff equal)."""
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    da, db = a - a.mean(), b - b.mean()
-    na, nb = float(np.linalg.norm(da)), float(np.linalg.norm(db))
-    if na < 1e-12 and nb < 1e-12:
-        return (1.0 if float(np.abs(a - b).max()) <= 1e-6 else 0.0), True
-    if na < 1e-12 or nb < 1e-12:
-        return 0.0, False
-    return float(da @ db / (na * nb)), False
-
-
-def _torch_probabilities(model: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(batch)).logits.float().softmax(dim=1).numpy()
-
-
-def check_parity(
-    model: torch.nn.Module,
-    session_run,
-    batches: Iterable[np.ndarray],
-    cam_batch: np.ndarray,
-    *,
-    class_index: int = POSITIVE_INDEX,
-    tolerances: Tolerances = Tolerances(),
-    images: str = "",
-) -> tuple[ParityReport, np.ndarray]:
-    """Compare an ONNX graph (``session_run(batch) → (probabilities, cams)``) with the torch model.
-
-    ``batches``: preprocessed check images (probabilities, every image); ``cam_batch``: the
-    images of the CAM check. Returns the report (``passed`` False with ``problems`` when a
-    check fails) and the ONNX probabilities of ``batches`` concatenated.
-    """
-    model = model.cpu().float().eval()
-    onnx_probs, worst, n_prob, sizes = [], 0.0, 0, set()
-    for batch in batches:
-        p_onnx, _ = session_run(batch)
-        worst = max(worst, float(np.abs(p_onnx - _torch_probabilities(model, batch)).max()))
-        onnx_probs.append(p_onnx)
-        n_prob += len(batch)
-        sizes.add(len(batch))
-    if n_prob == 0:
-        raise ExportError("no images to verify the export on")
-    p_cam, cam_onnx = session_run(cam_batch)
-    cam_ref = monai_gradcam(model, torch.from_numpy(cam_batch), class_index=class_index).numpy()
-    pairs = [_correlation(a, b) for a, b in zip(cam_onnx, cam_ref, strict=True)]
-    corrs = np.array([c for c, _ in pairs])
-    p1, cam1 = session_run(cam_batch[:1])
-    sizes.update({1, len(cam_batch)})
-    batch1 = max(float(np.abs(p1 - p_cam[:1]).max()), float(np.abs(cam1 - cam_onnx[:1]).max()))
-    report = ParityReport(
-        images=images,
-        n_probability_images=n_prob,
-        probability_max_abs_diff=worst,
-        n_cam_images=len(cam_batch),
-        n_cam_constant=sum(const for _, const in pairs),
-        cam_min_correlation=float(corrs.min()),
-        cam_mean_correlation=float(corrs.mean()),
-        cam_max_abs_diff=float(np.abs(cam_onnx - cam_ref).max()),
-        batch_sizes=sorted(sizes),
-        batch1_max_abs_diff=batch1,
-        tolerances=asdict(tolerances),
-    )
-    if not worst <= tolerances.probability_max_abs_diff:
-        report.problems.append(
-            f"probabilities differ from torch by up to {worst:.3g} (> {tolerances.probability_max_abs_diff:g}) on {n_prob} images"
-        )
-    if not report.cam_min_correlation >= tolerances.cam_min_correlation:
-        bad = int((corrs < tolerances.cam_min_correlation).sum())
-        report.problems.append(
-            f"Grad-CAM correlation with MONAI GradCAM is {report.cam_min_correlation:.4f} (< {tolerances.cam_min_correlation:g}) "
-            f"on {bad} of {len(cam_batch)} images"
-        )
-    if not batch1 <= RELOAD_TOLERANCE:
-        report.problems.append(f"batch 1 and batch {len(cam_batch)} outputs differ by {batch1:.3g}")
-    report.passed = not report.problems
-    return report, np.concatenate(onnx_probs)
-
-
 # -- the check images ---------------------------------------------------------------------------
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
@@ -264,7 +148,6 @@ def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | Non
     """The run's validation images (``runtime.InputImage`` with site/label/patient fields) and
     where they came from, or ``(None, why not)``. The manifest path is the one the run was
     trained with (relative paths: relative to the current folder, as for ``evaluate``)."""
-    from cxrdebias.deploy.artefact import SPLITS_FILE
     from cxrdebias.deploy.runtime import InputImage
 
     splits = run_dir / SPLITS_FILE
@@ -312,271 +195,6 @@ def _prepared_batches(images: Sequence, spec: PreprocessSpec, size: int) -> Iter
         yield prepare(chunk, spec)[0]  # the originals are dropped: large radiographs stay out of memory
 
 
-# -- metadata -----------------------------------------------------------------------------------
-def _per_site_validation(images: Sequence, positive: np.ndarray, threshold: float) -> dict[str, Any]:
-    from cxrdebias.evaluation.metrics import site_report
-
-    y = np.array([int(x.fields["label"]) for x in images])
-    sites = np.array([x.fields["site"] for x in images])
-    patients = np.array([x.fields["patient_id"] for x in images])
-    rep = site_report(y, positive, sites, threshold=threshold, patient_ids=patients, n_boot=0)
-
-    def point(entry: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in entry.items() if k not in ("ci", "n_valid_boot")}
-
-    return {
-        "overall": point(rep["overall"]),
-        "per_site": {s: point(e) for s, e in rep["by_group"].items()},
-        "worst_site": rep["worst_site"],
-        "difference": point(rep["difference"]),
-    }
-
-
-def build_metadata(
-    art: dict[str, Any],
-    run_dir: Path,
-    *,
-    model_version: str,
-    parity: ParityReport,
-    validation: dict[str, Any] | None,
-    opset: int,
-    feature_map_size: Sequence[int],
-) -> dict[str, Any]:
-    """The ``metadata_props`` of an exported run (keys: :data:`cxrdebias.deploy.onnx_metadata.KEYS`).
-
-    ``validation.recorded_at_training`` are the numbers of the training run (computed with its
-    ``training_precision``, e.g. bf16 autocast); the ``overall``/``per_site`` numbers are the
-    exported float32 model's, which is what a deployment gets.
-    """
-    import onnx
-    import onnxruntime
-
-    from cxrdebias.training.runs import RESULTS_FILE
-
-    try:
-        training_precision = json.loads((run_dir / RESULTS_FILE).read_text())["train"]["precision"]
-    except (OSError, ValueError, KeyError, TypeError):
-        training_precision = None
-
-    spec = PreprocessSpec.model_validate(art["preprocess"])
-    labels = list(art["class_names"])
-    c, s = spec.channels, spec.image_size
-    return {
-        FORMAT_KEY: FORMAT_VERSION,
-        "model_version": model_version,
-        "labels": labels,
-        "positive_label": labels[POSITIVE_INDEX],
-        "threshold": float(art["threshold"]),
-        "threshold_method": art["threshold_method"],
-        "preprocessing": spec.model_dump(mode="json"),
-        "method": art["method"],
-        "bias": art["bias"],
-        "sites": {
-            "names": sorted(art["site_to_index"], key=art["site_to_index"].get),
-            "site_to_index": art["site_to_index"],
-            "source": art.get("site_source"),
-        },
-        "validation": {
-            "selection": art.get("selection"),
-            "selected_epoch": art.get("selected_epoch"),
-            "recorded_at_training": art.get("val_metrics"),
-            "training_precision": training_precision,
-            "at_threshold": float(art["threshold"]),
-            **(
-                {"computed_with": "the exported ONNX model on the run's validation split", **validation}
-                if validation is not None
-                else {"per_site": None, "note": "export verified on other images; the run's validation images were not available"}
-            ),
-        },
-        "data_hash": art.get("data_hash"),
-        "code_version": {"training": art.get("code_version"), "export": code_version()},
-        "export": {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source_run": str(run_dir),
-            "trained": art.get("created"),
-            "exporter": "torch.onnx.export (TorchScript-based, dynamo=False)",
-            "opset": opset,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "checks": asdict(parity),
-        },
-        "io": {
-            "inputs": {INPUT_NAME: {"shape": ["batch", c, s, s], "dtype": "float32", "meaning": "preprocess(read_image(file), preprocessing)"}},
-            "outputs": {
-                PROBABILITIES: {"shape": ["batch", len(labels)], "dtype": "float32", "meaning": f"softmax over {labels}"},
-                CAM: {
-                    "shape": ["batch", s, s],
-                    "dtype": "float32",
-                    "meaning": f"Grad-CAM of {labels[POSITIVE_INDEX]!r} at the last feature map, bilinear to the input size, "
-                    "scaled to [0, 1] per image, in model-input geometry",
-                    "feature_map_size": list(feature_map_size),
-                },
-            },
-        },
-        "intended_use": INTENDED_USE,
-    }
-
-
-def monai_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """A MONAI bundle ``metadata.json`` (MONAI Bundle specification) for the exported model."""
-    import monai
-
-    spec = PreprocessSpec.model_validate(meta["preprocessing"])
-    s, labels = spec.image_size, meta["labels"]
-    lo, hi = (0.0 - spec.mean) / spec.std, (1.0 - spec.mean) / spec.std
-    val = meta["validation"]
-    return json_safe(
-        {
-            "version": meta["model_version"],
-            "changelog": {meta["model_version"]: f"exported from {meta['export']['source_run']}"},
-            "monai_version": monai.__version__,
-            "pytorch_version": torch.__version__.split("+")[0],
-            "numpy_version": np.__version__,
-            "optional_packages_version": {"onnxruntime": meta["export"]["onnxruntime"], "cxrdebias": cxrdebias.__version__},
-            "task": "COVID-19 classification of chest X-rays, debiased against the acquisition site",
-            "description": f"DenseNet-121 trained with method {meta['method']['name']!r} (bias: {meta['bias']}); "
-            "ONNX graph with class probabilities and an in-graph Grad-CAM map",
-            "authors": "cxrdebias developers",
-            "copyright": "Copyright (c) cxrdebias developers",
-            "data_source": f"training data sha256 {meta['data_hash']}; sites {', '.join(meta['sites']['names'])}",
-            "data_type": "dicom, png, jpeg",
-            "image_classes": f"single channel chest X-ray, [0, 1] then (x - {spec.mean}) / {spec.std}, {spec.resize} to {s}x{s}",
-            "label_classes": f"0 = {labels[0]}, 1 = {labels[1]}",
-            "pred_classes": f"{len(labels)} probabilities: " + ", ".join(f"channel {i} is {x}" for i, x in enumerate(labels)),
-            "eval_metrics": {k: v for k, v in (val.get("overall") or val.get("recorded_at_training") or {}).items() if isinstance(v, float)},
-            "intended_use": meta["intended_use"],
-            "references": [
-                "Tartaglione E., Barbano C.A., Grangetto M. EnD: Entangling and Disentangling deep representations for bias correction. CVPR 2021.",
-                "Selvaraju R.R. et al. Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization. ICCV 2017.",
-            ],
-            "network_data_format": {
-                "inputs": {
-                    INPUT_NAME: {
-                        "type": "image",
-                        "format": "magnitude",
-                        "modality": "xray",
-                        "num_channels": spec.channels,
-                        "spatial_shape": [s, s],
-                        "dtype": "float32",
-                        "value_range": [lo, hi],
-                        "is_patch_data": False,
-                        "channel_def": {str(i): "image" for i in range(spec.channels)},
-                    }
-                },
-                "outputs": {
-                    PROBABILITIES: {
-                        "type": "probabilities",
-                        "format": "classes",
-                        "num_channels": len(labels),
-                        "spatial_shape": [1],
-                        "dtype": "float32",
-                        "value_range": [0, 1],
-                        "is_patch_data": False,
-                        "channel_def": {str(i): x for i, x in enumerate(labels)},
-                    },
-                    CAM: {
-                        "type": "image",
-                        "format": "gradient",
-                        "modality": "xray",
-                        "num_channels": 1,
-                        "spatial_shape": [s, s],
-                        "dtype": "float32",
-                        "value_range": [0, 1],
-                        "is_patch_data": False,
-                        "channel_def": {"0": f"Grad-CAM of {meta['positive_label']}"},
-                    },
-                },
-            },
-            "cxrdebias": {"onnx_metadata_props": sorted(encode(meta)), "threshold": meta["threshold"]},
-        }
-    )
-
-
-def _code(v: dict[str, Any] | None) -> str:
-    if not v:
-        return "unknown"
-    commit = (v.get("git_commit") or "no git")[:12]
-    return f"cxrdebias {v.get('package')} ({commit}{', local changes' if v.get('git_dirty') else ''})"
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def model_card(meta: dict[str, Any], model_file: str) -> str:
-    """``MODEL_CARD.md``: what the model is, how it was trained, validated and checked."""
-    val, checks, spec = meta["validation"], meta["export"]["checks"], meta["preprocessing"]
-    fh, fw = meta["io"]["outputs"][CAM]["feature_map_size"]
-    method = ", ".join(f"{k}={v}" for k, v in meta["method"].items() if k != "name") or "no options"
-    lines = [
-        f"# Model card: {meta['model_version']}",
-        "",
-        f"**{meta['intended_use']}**",
-        "",
-        "## Model",
-        "",
-        f"- File: `{model_file}` (ONNX opset {meta['export']['opset']}, dynamic batch); input `{INPUT_NAME}`, "
-        f"outputs `{PROBABILITIES}` ({', '.join(meta['labels'])}) and `{CAM}` (Grad-CAM of `{meta['positive_label']}`).",
-        f"- Architecture: DenseNet-121, one input channel, {spec['image_size']}×{spec['image_size']} input.",
-        f"- Debiasing method: `{meta['method']['name']}` ({method}); bias label given to the method: `{meta['bias']}`.",
-        f"- Sites seen in training: {', '.join(meta['sites']['names'])} (site read from: {meta['sites']['source']}).",
-        f"- Training data SHA-256: `{meta['data_hash']}`.",
-        f"- Code: trained with {_code(meta['code_version']['training'])}, exported with {_code(meta['code_version']['export'])}.",
-        "",
-        "## Decision rule",
-        "",
-        f"`{meta['positive_label']}` when its probability ≥ **{meta['threshold']:.4f}** ({meta['threshold_method']}).",
-        "",
-        "## Preprocessing (stored in the model; `cxrdebias predict` applies it)",
-        "",
-        "```json",
-        json.dumps(spec, indent=2),
-        "```",
-        "",
-        "## Validation",
-        "",
-        f"Model selection: {val.get('selection')} (epoch {val.get('selected_epoch')}). The threshold was chosen on the "
-        "same validation split, so these numbers are optimistic; the test-split report is `cxrdebias evaluate RUN`.",
-        "",
-    ]
-    if val.get("per_site"):
-        lines += ["| site | images | positive | TPR | TNR | balanced accuracy | AUROC |", "|---|---:|---:|---:|---:|---:|---:|"]
-        rows = [*val["per_site"].items(), ("all", val["overall"])]
-        for site, m in rows:
-            lines.append(
-                f"| {site} | {m['n']} | {m['n_positive']} | {_fmt(m['tpr'])} | {_fmt(m['tnr'])} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['auroc'])} |"
-            )
-    else:
-        lines.append(f"Per-site validation metrics: not available ({val.get('note')}).")
-    rec = val.get("recorded_at_training") or {}
-    lines += [
-        "",
-        "Recorded at training (precision " + str(val.get("training_precision")) + "; the table above is the exported "
-        "float32 model): " + ", ".join(f"{k} {_fmt(v)}" for k, v in rec.items()) + ".",
-        "",
-        "## Export checks (passed before this file was written)",
-        "",
-        f"- Images: {checks['images']}.",
-        f"- Probabilities vs torch: max |Δ| = {checks['probability_max_abs_diff']:.2e} on {checks['n_probability_images']} images "
-        f"(limit {checks['tolerances']['probability_max_abs_diff']:g}).",
-        f"- Grad-CAM vs MONAI `GradCAM` on the torch model: pixel correlation min {checks['cam_min_correlation']:.5f}, "
-        f"mean {checks['cam_mean_correlation']:.5f} on {checks['n_cam_images']} images ({checks['n_cam_constant']} constant maps; "
-        f"limit {checks['tolerances']['cam_min_correlation']:g}); max |Δ| {checks['cam_max_abs_diff']:.2e}.",
-        f"- Dynamic batch: batch sizes {checks['batch_sizes']} checked.",
-        "",
-        "## Limitations",
-        "",
-        "- Trained on the sites above only; performance at other hospitals, scanners or views is unknown.",
-        f"- The Grad-CAM is computed at the last feature map ({fh}×{fw} for this input size) "
-        "and upsampled: it is coarse, shows where the evidence for the positive class lies, and is not a segmentation.",
-        "- Inputs are read with `cxrdebias.data.images.read_image` (DICOM windowing, MONOCHROME1 inversion); other readers "
-        "may give different pixels.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # -- the command --------------------------------------------------------------------------------
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path, Path]:
     """The model file and the model card and MONAI metadata written beside it."""
@@ -607,7 +225,6 @@ def export_run(
         RunExistsError: the model, ``MODEL_CARD.md`` or ``metadata.json`` exists and not ``force``.
         CheckpointError / DataError: unreadable run or check images.
     """
-    from cxrdebias.deploy.artefact import load_model_artefact
     from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
     from cxrdebias.training.runs import RunDir
 
@@ -642,7 +259,7 @@ def export_run(
     )
     if not parity.passed:
         raise ExportError(f"refusing to write {targets[0]}: " + "; ".join(parity.problems))
-    validation = _per_site_validation(images, probs[:, POSITIVE_INDEX], float(art["threshold"])) if is_val else None
+    validation = per_site_validation(images, probs[:, POSITIVE_INDEX], float(art["threshold"])) if is_val else None
     with torch.no_grad():
         fmap = tuple(model.feature_map(torch.zeros(1, *spec.output_shape)).shape[-2:])
     meta = build_metadata(
@@ -678,35 +295,18 @@ def _shareable(paths: Iterable[Path]) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def load_model_bare(graph: bytes):
-    """``batch → (probabilities, cams)`` of an ONNX graph without metadata (CPU onnxruntime)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own pybind error types
-        raise ExportError(f"onnxruntime cannot load the exported graph ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, cams = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-        return probs, cams
-
-    return run
-
-
 __all__ = [
-    "CAM_MIN_CORRELATION",
+    "CHECK_BATCH",
+    "DEFAULT_CAM_IMAGES",
     "DEFAULT_OPSET",
-    "PROBABILITY_TOLERANCE",
+    "MODEL_CARD",
+    "MONAI_METADATA",
     "ExportResult",
-    "ParityReport",
-    "Tolerances",
-    "check_parity",
+    "Tolerances",  # defined in deploy.parity; export_run takes it
     "export_run",
-    "model_card",
-    "monai_metadata",
+    "output_paths",
+    "spread_over_sites",
     "to_onnx_bytes",
+    "validation_images",
     "with_metadata",
 ]

@@ -73,6 +73,14 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def format_metric(value: Any) -> str:
+    """A validation number of the metadata as the model card and the viewer show it: three
+    decimals, ``n/a`` for a missing or non-finite value, other values as text."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def encode(metadata: Mapping[str, Any]) -> dict[str, str]:
     """Metadata dict → ONNX ``metadata_props`` (JSON strings); unknown keys are refused."""
     unknown = sorted(set(metadata) - set(KEYS))

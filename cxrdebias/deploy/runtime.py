@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from cxrdebias.deploy.onnx_metadata import (
 )
 from cxrdebias.deploy.overlay import save_overlay
 from cxrdebias.errors import CheckpointError, ConfigError, DataError, RunExistsError
+from cxrdebias.fileio import write_text_atomic
 
 #: suffixes of the image files taken from a folder (DICOM files without a suffix are also
 #: taken when they carry the ``DICM`` marker)
@@ -169,8 +169,10 @@ def prepare(images: Sequence[InputImage], spec: PreprocessSpec) -> tuple[np.ndar
 
 # -- the model ----------------------------------------------------------------------------------
 @dataclass
-class Predictions:
-    """Outputs for ``names`` (in input order) at the model's saved threshold.
+class RuntimePredictions:
+    """What an exported model (onnxruntime) says about images ``names`` (in input order): numpy
+    probabilities, decisions at the model's saved threshold and Grad-CAMs. (The torch model's
+    outputs over a dataset during training are :class:`cxrdebias.training.inference.Predictions`.)
 
     ``probabilities``: N×K (columns = ``labels``); ``cams``: N×S×S Grad-CAM of the positive
     class in ``[0, 1]``, in model-input geometry (``geometries[i]`` maps it onto image ``i``,
@@ -204,8 +206,8 @@ class Predictions:
         return [self.labels[self.positive_index] if p else negative for p in self.predicted_positive]
 
     @classmethod
-    def concat(cls, parts: Sequence[Predictions]) -> Predictions:
-        """One :class:`Predictions` from consecutive batches (the originals are dropped)."""
+    def concat(cls, parts: Sequence[RuntimePredictions]) -> RuntimePredictions:
+        """One :class:`RuntimePredictions` from consecutive batches (the originals are dropped)."""
         first = parts[0]
         return cls(
             names=[n for p in parts for n in p.names],
@@ -256,8 +258,8 @@ class CXRModel:
 
     def iter_predict(
         self, images: Iterable[str | os.PathLike | np.ndarray | InputImage], batch_size: int = 16
-    ) -> Iterator[Predictions]:
-        """:class:`Predictions` of consecutive batches of ``images``, with their originals."""
+    ) -> Iterator[RuntimePredictions]:
+        """:class:`RuntimePredictions` of consecutive batches of ``images``, with their originals."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         items = [_as_input(x, i) for i, x in enumerate(images)]
@@ -266,7 +268,7 @@ class CXRModel:
             chunk = items[start : start + batch_size]
             batch, originals = prepare(chunk, spec)
             probs, cams = self.run(batch)
-            yield Predictions(
+            yield RuntimePredictions(
                 names=[x.name for x in chunk],
                 probabilities=probs,
                 cams=cams,
@@ -281,12 +283,12 @@ class CXRModel:
 
     def predict(
         self, images: Iterable[str | os.PathLike | np.ndarray | InputImage], batch_size: int = 16
-    ) -> Predictions:
+    ) -> RuntimePredictions:
         """Probabilities, labels at the saved threshold and CAMs of image files or ``[0, 1]`` arrays."""
         parts = list(self.iter_predict(images, batch_size))
         if not parts:
             raise DataError("no input images given")
-        return Predictions.concat(parts)
+        return RuntimePredictions.concat(parts)
 
 
 def load_model(model: str | os.PathLike | bytes, *, device: str = "auto") -> CXRModel:
@@ -329,15 +331,6 @@ class PredictSummary:
     positive: int
     provider: str
     cam_dir: Path | None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _check_outputs(out_csv: Path, cam_dir: Path | None, force: bool) -> None:
@@ -386,5 +379,5 @@ def predict_to_csv(
                 values.append(overlay)
             writer.writerow(values)
         n_positive += int(part.predicted_positive.sum())
-    _write_text(out_csv, buf.getvalue())
+    write_text_atomic(out_csv, buf.getvalue())
     return PredictSummary(out_csv, row, n_positive, model.provider, cams)

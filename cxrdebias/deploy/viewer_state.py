@@ -11,15 +11,14 @@ the viewer must run where only the deployment dependencies are installed.
 - :func:`display_source` / :func:`apply_window`: window/level on the raw DICOM values
   (modality-LUT output, e.g. Hounsfield-like units) or on the ``[0, 1]`` pixels of PNG/JPEG;
 - :func:`model_panel`: the model's intended use, method and per-site validation table;
-- :func:`report_png`: a one-page PNG report of one image;
+- :func:`report_png` (:mod:`cxrdebias.deploy.viewer_report`): a one-page PNG report of one image;
 - :func:`save_upload`: an uploaded file → an image input, or a one-line error.
 """
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from cxrdebias.data.images import (
     LoadedImage,
@@ -37,9 +36,9 @@ from cxrdebias.data.images import (
     window_level,
 )
 from cxrdebias.data.preprocess import ResizeGeometry
-from cxrdebias.deploy.onnx_metadata import ModelMetadata
+from cxrdebias.deploy.onnx_metadata import ModelMetadata, format_metric
 from cxrdebias.deploy.overlay import ALPHA, MAX_OVERLAY_SIDE, cam_to_image, overlay
-from cxrdebias.deploy.runtime import CXRModel, InputImage, Predictions
+from cxrdebias.deploy.runtime import CXRModel, InputImage, RuntimePredictions
 from cxrdebias.errors import DataError
 
 NOT_FOR_CLINICAL_USE = (
@@ -82,7 +81,7 @@ def ground_truth(label: str | None, labels: Sequence[str]) -> str:
     return UNKNOWN
 
 
-def study_table(images: Sequence[InputImage], predictions: Predictions) -> pd.DataFrame:
+def study_table(images: Sequence[InputImage], predictions: RuntimePredictions) -> pd.DataFrame:
     """One row per image: ``file, patient, site, probability, predicted_label, ground_truth,
     disagrees`` (``disagrees`` is ``None`` when the ground truth is unknown).
 
@@ -117,7 +116,7 @@ def predict_study(model: CXRModel, images: Sequence[InputImage], batch_size: int
     that could not be read.
     """
     kept: list[InputImage] = []
-    parts: list[Predictions] = []
+    parts: list[RuntimePredictions] = []
     errors: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
@@ -135,7 +134,7 @@ def predict_study(model: CXRModel, images: Sequence[InputImage], batch_size: int
                 errors.append(str(exc))
     if not parts:
         return pd.DataFrame(columns=list(TABLE_COLUMNS)), [], errors
-    return study_table(kept, Predictions.concat(parts)), kept, errors
+    return study_table(kept, RuntimePredictions.concat(parts)), kept, errors
 
 
 def filter_table(table: pd.DataFrame, *, sites: Sequence[str] | None = None, disagreement: str = "all") -> pd.DataFrame:
@@ -320,10 +319,6 @@ def gray_image(display: np.ndarray, max_side: int = MAX_OVERLAY_SIDE) -> Image.I
 
 
 # -- model panel --------------------------------------------------------------------------------
-def _num(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def model_panel(metadata: ModelMetadata) -> dict[str, Any]:
     """Model facts for the page: version, intended use, method, bias, threshold, sites and the
     per-site validation table (``None`` when the export recorded none)."""
@@ -341,10 +336,10 @@ def model_panel(metadata: ModelMetadata) -> dict[str, Any]:
                     "site": site,
                     "images": m.get("n"),
                     "positive": m.get("n_positive"),
-                    "TPR": _num(m.get("tpr")),
-                    "TNR": _num(m.get("tnr")),
-                    "balanced accuracy": _num(m.get("balanced_accuracy")),
-                    "AUROC": _num(m.get("auroc")),
+                    "TPR": format_metric(m.get("tpr")),
+                    "TNR": format_metric(m.get("tnr")),
+                    "balanced accuracy": format_metric(m.get("balanced_accuracy")),
+                    "AUROC": format_metric(m.get("auroc")),
                 }
                 for site, m in rows
             ]
@@ -360,79 +355,6 @@ def model_panel(metadata: ModelMetadata) -> dict[str, Any]:
         "per_site": table,
         "validation_note": val.get("note"),
     }
-
-
-# -- report -------------------------------------------------------------------------------------
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _fit(im: Image.Image, box: int) -> Image.Image:
-    im = im.convert("RGB")
-    scale = box / max(im.size)
-    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
-
-
-def report_png(analysis: ImageAnalysis, display: Image.Image, cam_overlay: Image.Image, metadata: ModelMetadata, *, row: Mapping[str, Any] | None = None) -> bytes:
-    """A one-page (A4 proportions, 1240×1754 px) PNG report of one image: the notice, the
-    image and its Grad-CAM overlay side by side, probability, threshold, decision, ground truth
-    when known, and the model's version, method and intended use."""
-    width, height, margin = 1240, 1754, 60
-    page = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(page)
-    title, body, small = _font(40), _font(26), _font(20)
-    y = margin
-    draw.text((margin, y), "cxrdebias viewer: single-image report", font=title, fill="black")
-    y += 64
-    draw.rectangle((margin, y, width - margin, y + 60), fill=(178, 34, 34))
-    draw.text((margin + 16, y + 14), "NOT FOR CLINICAL USE (research software)", font=body, fill="white")
-    y += 90
-    box = (width - 3 * margin) // 2
-    left, right = _fit(display, box), _fit(cam_overlay, box)
-    page.paste(left, (margin, y))
-    page.paste(right, (2 * margin + box, y))
-    y += max(left.height, right.height) + 10
-    draw.text((margin, y), "image (windowed)", font=small, fill="black")
-    draw.text((2 * margin + box, y), f"Grad-CAM of '{analysis.positive_label}'", font=small, fill="black")
-    y += 50
-    panel = model_panel(metadata)
-    lines = [
-        f"file: {analysis.name}",
-        f"probability of '{analysis.positive_label}': {analysis.probability:.4f}",
-        f"threshold: {analysis.threshold:.4f}   decision: {analysis.predicted_label}",
-    ]
-    if row:
-        lines.append(f"site: {row.get('site') or 'unknown'}   patient: {row.get('patient') or 'unknown'}   "
-                     f"ground truth: {row.get('ground_truth') or 'unknown'}")
-    lines += [
-        "",
-        f"model: {panel['model_version']}   method: {panel['method']}   bias: {panel['bias']}",
-        f"provider: {analysis.provider}",
-    ]
-    for line in lines:
-        draw.text((margin, y), line, font=body, fill="black")
-        y += 38
-    y += 20
-    for line in _wrap(panel["intended_use"], 95):
-        draw.text((margin, y), line, font=small, fill=(80, 80, 80))
-        y += 28
-    buf = io.BytesIO()
-    page.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
 
 
 # -- uploads ------------------------------------------------------------------------------------

@@ -1,0 +1,310 @@
+"""What an exported model says about itself: its ``metadata_props``, ``MODEL_CARD.md`` and a
+MONAI-style ``metadata.json``.
+
+:func:`build_metadata` fills the ONNX metadata (keys: :data:`cxrdebias.deploy.onnx_metadata.KEYS`)
+from the run's model artefact, the parity checks (:mod:`cxrdebias.deploy.parity`) and the per-site
+validation numbers of the exported model (:func:`per_site_validation`); :func:`model_card` and
+:func:`monai_metadata` are written from that metadata beside the model by
+:func:`cxrdebias.deploy.export.export_run`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cxrdebias
+from cxrdebias.data.preprocess import PreprocessSpec
+from cxrdebias.deploy.artefact import POSITIVE_INDEX
+from cxrdebias.deploy.onnx_metadata import (
+    CAM,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    PROBABILITIES,
+    encode,
+    format_metric,
+    json_safe,
+)
+from cxrdebias.deploy.parity import ParityReport
+from cxrdebias.training.provenance import code_version
+
+INTENDED_USE = (
+    "Research on shortcut learning (hospital/site bias) in chest X-ray COVID-19 classifiers. "
+    "NOT FOR CLINICAL USE: not a medical device, not validated for diagnosis or triage."
+)
+
+
+# -- metadata -----------------------------------------------------------------------------------
+def per_site_validation(images: Sequence, positive: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Point estimates (no bootstrap) of the overall and per-site metrics at ``threshold``:
+    ``images`` carry ``label``/``site``/``patient_id`` fields, ``positive`` is their positive-class
+    probability."""
+    from cxrdebias.evaluation.metrics import site_report
+
+    y = np.array([int(x.fields["label"]) for x in images])
+    sites = np.array([x.fields["site"] for x in images])
+    patients = np.array([x.fields["patient_id"] for x in images])
+    rep = site_report(y, positive, sites, threshold=threshold, patient_ids=patients, n_boot=0)
+
+    def point(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in entry.items() if k not in ("ci", "n_valid_boot")}
+
+    return {
+        "overall": point(rep["overall"]),
+        "per_site": {s: point(e) for s, e in rep["by_group"].items()},
+        "worst_site": rep["worst_site"],
+        "difference": point(rep["difference"]),
+    }
+
+
+def build_metadata(
+    art: dict[str, Any],
+    run_dir: Path,
+    *,
+    model_version: str,
+    parity: ParityReport,
+    validation: dict[str, Any] | None,
+    opset: int,
+    feature_map_size: Sequence[int],
+) -> dict[str, Any]:
+    """The ``metadata_props`` of an exported run (keys: :data:`cxrdebias.deploy.onnx_metadata.KEYS`).
+
+    ``validation.recorded_at_training`` are the numbers of the training run (computed with its
+    ``training_precision``, e.g. bf16 autocast); the ``overall``/``per_site`` numbers are the
+    exported float32 model's, which is what a deployment gets.
+    """
+    import onnx
+    import onnxruntime
+
+    from cxrdebias.training.runs import RESULTS_FILE
+
+    try:
+        training_precision = json.loads((run_dir / RESULTS_FILE).read_text())["train"]["precision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        training_precision = None
+
+    spec = PreprocessSpec.model_validate(art["preprocess"])
+    labels = list(art["class_names"])
+    c, s = spec.channels, spec.image_size
+    return {
+        FORMAT_KEY: FORMAT_VERSION,
+        "model_version": model_version,
+        "labels": labels,
+        "positive_label": labels[POSITIVE_INDEX],
+        "threshold": float(art["threshold"]),
+        "threshold_method": art["threshold_method"],
+        "preprocessing": spec.model_dump(mode="json"),
+        "method": art["method"],
+        "bias": art["bias"],
+        "sites": {
+            "names": sorted(art["site_to_index"], key=art["site_to_index"].get),
+            "site_to_index": art["site_to_index"],
+            "source": art.get("site_source"),
+        },
+        "validation": {
+            "selection": art.get("selection"),
+            "selected_epoch": art.get("selected_epoch"),
+            "recorded_at_training": art.get("val_metrics"),
+            "training_precision": training_precision,
+            "at_threshold": float(art["threshold"]),
+            **(
+                {"computed_with": "the exported ONNX model on the run's validation split", **validation}
+                if validation is not None
+                else {"per_site": None, "note": "export verified on other images; the run's validation images were not available"}
+            ),
+        },
+        "data_hash": art.get("data_hash"),
+        "code_version": {"training": art.get("code_version"), "export": code_version()},
+        "export": {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source_run": str(run_dir),
+            "trained": art.get("created"),
+            "exporter": "torch.onnx.export (TorchScript-based, dynamo=False)",
+            "opset": opset,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "checks": asdict(parity),
+        },
+        "io": {
+            "inputs": {INPUT_NAME: {"shape": ["batch", c, s, s], "dtype": "float32", "meaning": "preprocess(read_image(file), preprocessing)"}},
+            "outputs": {
+                PROBABILITIES: {"shape": ["batch", len(labels)], "dtype": "float32", "meaning": f"softmax over {labels}"},
+                CAM: {
+                    "shape": ["batch", s, s],
+                    "dtype": "float32",
+                    "meaning": f"Grad-CAM of {labels[POSITIVE_INDEX]!r} at the last feature map, bilinear to the input size, "
+                    "scaled to [0, 1] per image, in model-input geometry",
+                    "feature_map_size": list(feature_map_size),
+                },
+            },
+        },
+        "intended_use": INTENDED_USE,
+    }
+
+
+def monai_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """A MONAI bundle ``metadata.json`` (MONAI Bundle specification) for the exported model."""
+    import monai
+
+    spec = PreprocessSpec.model_validate(meta["preprocessing"])
+    s, labels = spec.image_size, meta["labels"]
+    lo, hi = (0.0 - spec.mean) / spec.std, (1.0 - spec.mean) / spec.std
+    val = meta["validation"]
+    return json_safe(
+        {
+            "version": meta["model_version"],
+            "changelog": {meta["model_version"]: f"exported from {meta['export']['source_run']}"},
+            "monai_version": monai.__version__,
+            "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": np.__version__,
+            "optional_packages_version": {"onnxruntime": meta["export"]["onnxruntime"], "cxrdebias": cxrdebias.__version__},
+            "task": "COVID-19 classification of chest X-rays, debiased against the acquisition site",
+            "description": f"DenseNet-121 trained with method {meta['method']['name']!r} (bias: {meta['bias']}); "
+            "ONNX graph with class probabilities and an in-graph Grad-CAM map",
+            "authors": "cxrdebias developers",
+            "copyright": "Copyright (c) cxrdebias developers",
+            "data_source": f"training data sha256 {meta['data_hash']}; sites {', '.join(meta['sites']['names'])}",
+            "data_type": "dicom, png, jpeg",
+            "image_classes": f"single channel chest X-ray, [0, 1] then (x - {spec.mean}) / {spec.std}, {spec.resize} to {s}x{s}",
+            "label_classes": f"0 = {labels[0]}, 1 = {labels[1]}",
+            "pred_classes": f"{len(labels)} probabilities: " + ", ".join(f"channel {i} is {x}" for i, x in enumerate(labels)),
+            "eval_metrics": {k: v for k, v in (val.get("overall") or val.get("recorded_at_training") or {}).items() if isinstance(v, float)},
+            "intended_use": meta["intended_use"],
+            "references": [
+                "Tartaglione E., Barbano C.A., Grangetto M. EnD: Entangling and Disentangling deep representations for bias correction. CVPR 2021.",
+                "Selvaraju R.R. et al. Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization. ICCV 2017.",
+            ],
+            "network_data_format": {
+                "inputs": {
+                    INPUT_NAME: {
+                        "type": "image",
+                        "format": "magnitude",
+                        "modality": "xray",
+                        "num_channels": spec.channels,
+                        "spatial_shape": [s, s],
+                        "dtype": "float32",
+                        "value_range": [lo, hi],
+                        "is_patch_data": False,
+                        "channel_def": {str(i): "image" for i in range(spec.channels)},
+                    }
+                },
+                "outputs": {
+                    PROBABILITIES: {
+                        "type": "probabilities",
+                        "format": "classes",
+                        "num_channels": len(labels),
+                        "spatial_shape": [1],
+                        "dtype": "float32",
+                        "value_range": [0, 1],
+                        "is_patch_data": False,
+                        "channel_def": {str(i): x for i, x in enumerate(labels)},
+                    },
+                    CAM: {
+                        "type": "image",
+                        "format": "gradient",
+                        "modality": "xray",
+                        "num_channels": 1,
+                        "spatial_shape": [s, s],
+                        "dtype": "float32",
+                        "value_range": [0, 1],
+                        "is_patch_data": False,
+                        "channel_def": {"0": f"Grad-CAM of {meta['positive_label']}"},
+                    },
+                },
+            },
+            "cxrdebias": {"onnx_metadata_props": sorted(encode(meta)), "threshold": meta["threshold"]},
+        }
+    )
+
+
+def _code(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "unknown"
+    commit = (v.get("git_commit") or "no git")[:12]
+    return f"cxrdebias {v.get('package')} ({commit}{', local changes' if v.get('git_dirty') else ''})"
+
+
+def model_card(meta: dict[str, Any], model_file: str) -> str:
+    """``MODEL_CARD.md``: what the model is, how it was trained, validated and checked."""
+    val, checks, spec = meta["validation"], meta["export"]["checks"], meta["preprocessing"]
+    fh, fw = meta["io"]["outputs"][CAM]["feature_map_size"]
+    method = ", ".join(f"{k}={v}" for k, v in meta["method"].items() if k != "name") or "no options"
+    lines = [
+        f"# Model card: {meta['model_version']}",
+        "",
+        f"**{meta['intended_use']}**",
+        "",
+        "## Model",
+        "",
+        f"- File: `{model_file}` (ONNX opset {meta['export']['opset']}, dynamic batch); input `{INPUT_NAME}`, "
+        f"outputs `{PROBABILITIES}` ({', '.join(meta['labels'])}) and `{CAM}` (Grad-CAM of `{meta['positive_label']}`).",
+        f"- Architecture: DenseNet-121, one input channel, {spec['image_size']}×{spec['image_size']} input.",
+        f"- Debiasing method: `{meta['method']['name']}` ({method}); bias label given to the method: `{meta['bias']}`.",
+        f"- Sites seen in training: {', '.join(meta['sites']['names'])} (site read from: {meta['sites']['source']}).",
+        f"- Training data SHA-256: `{meta['data_hash']}`.",
+        f"- Code: trained with {_code(meta['code_version']['training'])}, exported with {_code(meta['code_version']['export'])}.",
+        "",
+        "## Decision rule",
+        "",
+        f"`{meta['positive_label']}` when its probability ≥ **{meta['threshold']:.4f}** ({meta['threshold_method']}).",
+        "",
+        "## Preprocessing (stored in the model; `cxrdebias predict` applies it)",
+        "",
+        "```json",
+        json.dumps(spec, indent=2),
+        "```",
+        "",
+        "## Validation",
+        "",
+        f"Model selection: {val.get('selection')} (epoch {val.get('selected_epoch')}). The threshold was chosen on the "
+        "same validation split, so these numbers are optimistic; the test-split report is `cxrdebias evaluate RUN`.",
+        "",
+    ]
+    if val.get("per_site"):
+        lines += ["| site | images | positive | TPR | TNR | balanced accuracy | AUROC |", "|---|---:|---:|---:|---:|---:|---:|"]
+        rows = [*val["per_site"].items(), ("all", val["overall"])]
+        for site, m in rows:
+            lines.append(
+                f"| {site} | {m['n']} | {m['n_positive']} | {format_metric(m['tpr'])} | {format_metric(m['tnr'])} | {format_metric(m['balanced_accuracy'])} | {format_metric(m['auroc'])} |"
+            )
+    else:
+        lines.append(f"Per-site validation metrics: not available ({val.get('note')}).")
+    rec = val.get("recorded_at_training") or {}
+    lines += [
+        "",
+        "Recorded at training (precision " + str(val.get("training_precision")) + "; the table above is the exported "
+        "float32 model): " + ", ".join(f"{k} {format_metric(v)}" for k, v in rec.items()) + ".",
+        "",
+        "## Export checks (passed before this file was written)",
+        "",
+        f"- Images: {checks['images']}.",
+        f"- Probabilities vs torch: max |Δ| = {checks['probability_max_abs_diff']:.2e} on {checks['n_probability_images']} images "
+        f"(limit {checks['tolerances']['probability_max_abs_diff']:g}).",
+        f"- Grad-CAM vs MONAI `GradCAM` on the torch model: pixel correlation min {checks['cam_min_correlation']:.5f}, "
+        f"mean {checks['cam_mean_correlation']:.5f} on {checks['n_cam_images']} images ({checks['n_cam_constant']} constant maps; "
+        f"limit {checks['tolerances']['cam_min_correlation']:g}); max |Δ| {checks['cam_max_abs_diff']:.2e}.",
+        f"- Dynamic batch: batch sizes {checks['batch_sizes']} checked.",
+        "",
+        "## Limitations",
+        "",
+        "- Trained on the sites above only; performance at other hospitals, scanners or views is unknown.",
+        f"- The Grad-CAM is computed at the last feature map ({fh}×{fw} for this input size) "
+        "and upsampled: it is coarse, shows where the evidence for the positive class lies, and is not a segmentation.",
+        "- Inputs are read with `cxrdebias.data.images.read_image` (DICOM windowing, MONOCHROME1 inversion); other readers "
+        "may give different pixels.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+
+__all__ = ["INTENDED_USE", "build_metadata", "model_card", "monai_metadata", "per_site_validation"]
