@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrdebias.evaluation.metrics import SITE_METRICS, site_report
 from cxrdebias.evaluation.report import (
     CSV_COLUMNS,
     compare_markdown,
@@ -20,6 +19,7 @@ from cxrdebias.evaluation.report import (
     to_markdown,
     write_report,
 )
+from cxrdebias.evaluation.site_report import SITE_METRICS, site_report
 
 # same hand-checked example as tests/test_site_metrics.py, plus a site C without positives
 Y = np.array([1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])

@@ -314,7 +314,7 @@ def _prepared_batches(images: Sequence, spec: PreprocessSpec, size: int) -> Iter
 
 # -- metadata -----------------------------------------------------------------------------------
 def _per_site_validation(images: Sequence, positive: np.ndarray, threshold: float) -> dict[str, Any]:
-    from cxrdebias.evaluation.metrics import site_report
+    from cxrdebias.evaluation.site_report import site_report
 
     y = np.array([int(x.fields["label"]) for x in images])
     sites = np.array([x.fields["site"] for x in images])

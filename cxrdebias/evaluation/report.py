@@ -1,4 +1,4 @@
-"""Report writers for :func:`cxrdebias.evaluation.metrics.site_report`: Markdown, CSV, JSON and a PNG figure.
+"""Report writers for :func:`cxrdebias.evaluation.site_report.site_report`: Markdown, CSV, JSON and a PNG figure.
 
 Everything here reads the report dict only (plus, for the ROC panel, the raw scores), so a
 report loaded back from ``report.json`` — where undefined values are ``null`` — renders the
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrdebias.evaluation.metrics import SITE_METRICS, _binary_labels, _np, _scores
+from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
+from cxrdebias.evaluation.site_report import SITE_METRICS
 from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 OVERALL = "overall"
@@ -353,9 +354,9 @@ def plot_site_report(
     if with_roc:
         from sklearn.metrics import roc_curve
 
-        t = _binary_labels(y_true, "y_true")
-        s = _scores(y_score, t.shape[0])
-        site_str = np.array([str(v) for v in _np(sites).reshape(-1).tolist()])
+        t = binary_labels(y_true, "y_true")
+        s = score_array(y_score, t.shape[0])
+        site_str = np.array([str(v) for v in as_numpy(sites).reshape(-1).tolist()])
         if site_str.shape[0] != t.shape[0]:
             raise ValueError(f"sites: expected {t.shape[0]} labels, got {site_str.shape[0]}")
         ax_roc = fig.add_subplot(1, 2, 2)
