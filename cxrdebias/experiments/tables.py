@@ -209,6 +209,19 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
     )
 
 
+def _method_cells(
+    base: ExperimentConfig, methods: Iterable[str], seeds: Iterable[int], runner: str, prefix: str, row: tuple[str, ...]
+) -> list[Cell]:
+    """A cell per method × seed on the shipped config ``base`` (see :func:`_method_section`),
+    named ``{prefix}-{method}-s{seed}``, in the row ``(method label, *row)``."""
+    cells = []
+    for method in methods:
+        cfg = _with(base, _method_section(base, method))
+        for seed in seeds:
+            cells.append(Cell(f"{prefix}-{method}-s{seed}", (_label(cfg), *row), seed, _with(cfg, overrides=[f"seed={seed}"]), runner))
+    return cells
+
+
 def celeba_table(
     targets: Iterable[str] = ("blond_hair", "heavy_makeup"),
     methods: Iterable[str] = ("vanilla", "groupdro", "lff", "end"),
@@ -218,10 +231,7 @@ def celeba_table(
     cells = []
     for target in targets:
         base = load_config(CONFIGS / "celeba" / f"{target}.yaml", list(overrides))
-        for method in methods:
-            cfg = _with(base, _method_section(base, method))
-            for seed in seeds:
-                cells.append(Cell(f"{target}-{method}-s{seed}", (_label(cfg), target), seed, _with(cfg, overrides=[f"seed={seed}"]), "celeba"))
+        cells += _method_cells(base, methods, seeds, "celeba", target, (target,))
     published = {c.row: list(PUBLISHED_CELEBA.get((c.config.method.name, c.row[1]), (None, None))) for c in cells}
     return Table(
         "celeba",
@@ -242,10 +252,7 @@ def imdb_table(
     cells = []
     for target, split in settings:
         base = load_config(CONFIGS / "imdb_face" / f"{target}_{split}.yaml", list(overrides))
-        for method in methods:
-            cfg = _with(base, _method_section(base, method))
-            for seed in seeds:
-                cells.append(Cell(f"{target}-{split}-{method}-s{seed}", (_label(cfg), target, split), seed, _with(cfg, overrides=[f"seed={seed}"]), "imdb_face"))
+        cells += _method_cells(base, methods, seeds, "imdb_face", f"{target}-{split}", (target, split))
     published = {c.row: list(PUBLISHED_IMDB.get((c.config.method.name, c.row[1], c.row[2]), (None, None))) for c in cells}
     return Table(
         "imdb",
