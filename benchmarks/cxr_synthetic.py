@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,9 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import DOCS, REPO
 from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
+from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import evaluate_run
 from cxrdebias.experiments.runner import run_experiment
+from cxrdebias.experiments.tables import update_markdown
 
 RESULTS = DOCS / "results" / "cxr"
 TABLE = DOCS / "cxr.md"
@@ -69,12 +70,7 @@ def run_cell(method: str, seed: int, data: Path, runs: Path, overrides: list[str
 
 
 def _ms(vals: list[float]) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+    return format_mean_std([v for v in vals if v is not None], 3)
 
 
 def build_table() -> str:
@@ -115,10 +111,7 @@ def build_table() -> str:
 
 
 def write_table() -> None:
-    start, end = "<!-- table:cxr:start -->", "<!-- table:cxr:end -->"
-    text = TABLE.read_text()
-    head, rest = text.split(start, 1)
-    TABLE.write_text(head + start + "\n" + build_table() + "\n" + end + rest.split(end, 1)[1])
+    update_markdown(TABLE, "cxr", build_table())
     print(build_table())
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS, REPO
+from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.tables import PUBLISHED_BIASED_MNIST, update_markdown
 
 RESULTS = DOCS / "results" / "biased_mnist"
@@ -93,15 +93,6 @@ def run_cell(rho: float, method: str, seed: int, args) -> None:
     shutil.copyfile(out / "results.json", dest)
 
 
-def _fmt(vals: list[float]) -> str:
-    if not vals:
-        return "–"
-    m = statistics.fmean(vals) * 100
-    if len(vals) == 1:
-        return f"{m:.2f} (n=1)"
-    return f"{m:.2f} ± {statistics.stdev(vals) * 100:.2f} (n={len(vals)})"
-
-
 def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TABLE_METHODS) -> str:
     """One row per (ρ, method, options, schedule) with every seed's results under it, for
     ``methods`` only; the precision column lists what the seeds ran in (bf16 autocast or fp32, ``train.precision``)."""
@@ -122,10 +113,13 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TAB
         rs = sorted(rows[key], key=lambda r: r["seed"])
         paper = PUBLISHED_BIASED_MNIST.get(method, {}).get(round(rho, 3))
         precision = ", ".join(sorted({str((r.get("train") or {}).get("precision", "?")) for r in rs}))
+        biased, unbiased = (
+            format_mean_std([r["metrics"][k] for r in rs], scale=100, show_n=True) for k in ("biased_accuracy", "unbiased_accuracy")
+        )
         lines.append(
             f"| {rho} | {method} | {alpha if alpha is not None else '–'} | {beta if beta is not None else '–'} | {form or '–'} "
             f"| {epochs} ({step}) | {', '.join(str(r['seed']) for r in rs)} | {precision} "
-            f"| {_fmt([r['metrics']['biased_accuracy'] for r in rs])} | {_fmt([r['metrics']['unbiased_accuracy'] for r in rs])} "
+            f"| {biased} | {unbiased} "
             f"| {paper if paper is not None else '–'} |"
         )
     return "\n".join(lines)

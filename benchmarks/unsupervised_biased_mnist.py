@@ -23,11 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS
+from cxrdebias.evaluation.formatting import format_mean_std
+from cxrdebias.experiments.tables import update_markdown
 
 RESULTS = DOCS / "results" / "unsupervised" / "biased_mnist"
 SUPERVISED = DOCS / "results" / "biased_mnist"
 TABLE = DOCS / "unsupervised.md"
-START, END = "<!-- table:unsupervised:start -->", "<!-- table:unsupervised:end -->"
 
 
 def label(results: dict) -> str:
@@ -70,9 +71,7 @@ def collect(dirs: list[Path]) -> int:
 
 
 def _ms(vals: list[float]) -> str:
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+    return format_mean_std(vals)
 
 
 def _supervised_means() -> dict[tuple[str, float], float]:
@@ -118,12 +117,8 @@ def build_table() -> str:
 
 
 def write_table() -> str:
-    text = TABLE.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{TABLE}: the {START} … {END} markers are missing")
-    head, rest = text.split(START, 1)
     table = build_table()
-    TABLE.write_text(head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+    update_markdown(TABLE, "unsupervised", table)
     return table
 
 

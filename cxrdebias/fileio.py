@@ -135,8 +135,14 @@ def sha256_tensors(*tensors: Any) -> str:
 
 
 def replace_marked_block(text: str, begin: str, end: str, body: str, where: str = "file") -> str:
-    """``text`` with what lies between the marker lines ``begin`` and ``end`` replaced by ``body``."""
-    i, j = text.find(begin), text.find(end)
-    if i < 0 or j < 0 or j < i:
-        raise ValueError(f"{where}: markers {begin!r} … {end!r} not found in order")
-    return text[: i + len(begin)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
+    """``text`` with what lies between the first ``begin`` marker and the first ``end`` marker
+    after it replaced by ``body``, which stands on lines of its own (``begin\\nbody\\nend``,
+    ``body`` as given); everything before ``begin`` and after ``end`` is kept as it was.
+
+    Raises ``ValueError`` (``"<where>: missing the <begin> … <end> markers"``) when ``begin`` is
+    absent or no ``end`` follows it.
+    """
+    head, found, rest = text.partition(begin)
+    if not found or end not in rest:
+        raise ValueError(f"{where}: missing the {begin} … {end} markers")
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrdebias.evaluation.metrics import SITE_METRICS, site_report
 from cxrdebias.evaluation.report import (
     CSV_COLUMNS,
     compare_markdown,
@@ -20,6 +19,7 @@ from cxrdebias.evaluation.report import (
     to_markdown,
     write_report,
 )
+from cxrdebias.evaluation.site_report import SITE_METRICS, site_report
 
 # same hand-checked example as tests/test_site_metrics.py, plus a site C without positives
 Y = np.array([1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])
@@ -149,3 +149,16 @@ def test_compare_markdown_side_by_side(report):
     assert any(line.startswith("| **overall** |") for line in lines)
     assert "worst-site BA (vanilla: A, EnD: A)" in md
     assert "equalized odds difference: vanilla 0.500, EnD 0.000 (Δ -0.500)" in md
+
+
+def test_format_value_and_mean_std():
+    from cxrdebias.evaluation.formatting import format_mean_std, format_value
+
+    assert format_value(0.12345) == "0.123" and format_value(np.float64(0.5), 2) == "0.50"
+    assert format_value(float("nan")) == "n/a" and format_value(None) == "n/a"
+    assert format_value(float("nan"), nan="nan") == "nan" and format_value(None, missing="–") == "–"
+    assert format_value(7) == "7" and format_value("pseudo") == "pseudo"
+    assert format_mean_std([]) == "–"
+    assert format_mean_std([0.5]) == "0.50" and format_mean_std([0.5], scale=100, show_n=True) == "50.00 (n=1)"
+    assert format_mean_std([1.0, 0.98], scale=100) == "99.00 ± 1.41"
+    assert format_mean_std([0.1, 0.3], 3, show_n=True) == "0.200 ± 0.141 (n=2)"

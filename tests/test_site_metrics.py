@@ -14,18 +14,20 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from cxrdebias.evaluation.metrics import (
-    SITE_METRICS,
-    SUMMARY_METRICS,
     BinaryCounts,
-    _score_levels,
-    _weighted_auroc,
     auroc,
     balanced_accuracy,
     binary_counts,
-    site_report,
     tnr,
     tpr,
     youden_threshold,
+)
+from cxrdebias.evaluation.site_report import (
+    SITE_METRICS,
+    SUMMARY_METRICS,
+    score_levels,
+    site_report,
+    weighted_auroc,
 )
 
 # --- a 10-sample, 2-site example computed by hand (threshold 0.5) ------------------------------
@@ -254,9 +256,9 @@ def test_weighted_auroc_equals_sklearn_on_unit_and_integer_weights():
     y = rng.integers(0, 2, 60).astype(bool)
     s = np.round(rng.random(60), 1)  # many ties
     order = np.argsort(s, kind="stable")
-    levels = _score_levels(s[order])
+    levels = score_levels(s[order])
     w = np.vstack([np.ones(60), rng.integers(0, 4, 60)]).astype(float)
-    got = _weighted_auroc(y[order], levels, w[:, order])
+    got = weighted_auroc(y[order], levels, w[:, order])
     assert got[0] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     rep = w[1].astype(int)
     assert got[1] == pytest.approx(roc_auc_score(np.repeat(y, rep), np.repeat(s, rep)), abs=1e-12)

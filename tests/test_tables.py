@@ -134,6 +134,13 @@ def test_update_markdown_replaces_only_the_block(tmp_path):
     assert doc.read_text() == "intro\n<!-- table:x:start -->\nnew table\n<!-- table:x:end -->\noutro\n"
     with pytest.raises(ConfigError, match="missing the <!-- table:y:start -->"):
         update_markdown(doc, "y", "t")
+    # the block is the first end marker after the first start marker; the body is kept as given
+    doc.write_text("<!-- table:x:end -->\n<!-- table:x:start -->\nold\n<!-- table:x:end --> tail <!-- table:x:end -->\n")
+    update_markdown(doc, "x", "new\n")
+    assert doc.read_text() == "<!-- table:x:end -->\n<!-- table:x:start -->\nnew\n\n<!-- table:x:end --> tail <!-- table:x:end -->\n"
+    doc.write_text("<!-- table:x:end -->\n<!-- table:x:start -->\n")
+    with pytest.raises(ConfigError, match="missing the <!-- table:x:start -->"):
+        update_markdown(doc, "x", "t")
 
 
 def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch, capsys):
@@ -175,7 +182,8 @@ def test_ablation_reads_the_full_end_cell_from_table_1_only_when_it_is_the_same_
 
 
 def test_every_table_has_its_own_block_in_the_reproduction_docs():
-    from cxrdebias.experiments.tables import REPO, TABLE_NAMES
+    from cxrdebias.experiments.tables import TABLE_NAMES
+    from tests.conftest import REPO
 
     keys = [get_table(name).docs_key for name in TABLE_NAMES]
     assert keys == ["table1", "table2", "table3", "table4"]

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+import cxrdebias
 from cxrdebias.cli.app import (
     AlphaOpt,
     BetaOpt,
@@ -207,24 +208,20 @@ def reproduce_table(
     set_: SetOpt = None,
 ) -> None:
     """Regenerate one of the EnD paper's tables: our mean ± std over seeds beside the published numbers."""
-    from cxrdebias.experiments.tables import (
-        DEFAULT_RESULTS,
-        REPO,
-        build_table,
-        get_table,
-        update_markdown,
-    )
+    from cxrdebias.experiments.tables import build_table, get_table, update_markdown
+
+    docs = Path(cxrdebias.__file__).resolve().parents[1] / "docs"  # the source checkout's docs/
 
     spec = get_table(
         table, seeds=seeds or None, methods=methods or None, rhos=rhos or None, rho=(rhos or [None])[0], overrides=set_ or []
     )
     runtime = ["train.progress=false"] + ([f"train.num_threads={threads}"] if threads else [])
-    result = build_table(spec, results_dir=results_dir or DEFAULT_RESULTS, runs_dir=runs_dir, run=run, runtime_overrides=runtime, console=err)
+    result = build_table(spec, results_dir=results_dir or docs / "results", runs_dir=runs_dir, run=run, runtime_overrides=runtime, console=err)
     out.print(result.markdown, markup=False, highlight=False)
     if md_out is not None:
         md_out.write_text(result.markdown + "\n")
     if update_docs:
-        update_markdown(REPO / "docs" / "reproduction.md", spec.docs_key, result.markdown)
+        update_markdown(docs / "reproduction.md", spec.docs_key, result.markdown)
     if result.missing:
         err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {', '.join(result.missing[:6])}{' …' if len(result.missing) > 6 else ''}")
 

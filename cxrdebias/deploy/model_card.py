@@ -47,7 +47,7 @@ def per_site_validation(images: Sequence, positive: np.ndarray, threshold: float
     """Point estimates (no bootstrap) of the overall and per-site metrics at ``threshold``:
     ``images`` carry ``label``/``site``/``patient_id`` fields, ``positive`` is their positive-class
     probability."""
-    from cxrdebias.evaluation.metrics import site_report
+    from cxrdebias.evaluation.site_report import site_report
 
     y = np.array([int(x.fields["label"]) for x in images])
     sites = np.array([x.fields["site"] for x in images])

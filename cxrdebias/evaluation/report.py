@@ -1,4 +1,4 @@
-"""Report writers for :func:`cxrdebias.evaluation.metrics.site_report`: Markdown, CSV, JSON and a PNG figure.
+"""Report writers for :func:`cxrdebias.evaluation.site_report.site_report`: Markdown, CSV, JSON and a PNG figure.
 
 Everything here reads the report dict only (plus, for the ROC panel, the raw scores), so a
 report loaded back from ``report.json`` — where undefined values are ``null`` — renders the
@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from cxrdebias.evaluation.metrics import SITE_METRICS, _binary_labels, _np, _scores
+from cxrdebias.evaluation.formatting import format_value
+from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
+from cxrdebias.evaluation.site_report import SITE_METRICS
 from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 OVERALL = "overall"
@@ -55,13 +57,8 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    v = _num(x)
-    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
-
-
 def _fmt_ci(value: Any, ci: Sequence[Any] | None, digits: int = 3) -> str:
-    text = _fmt(value, digits)
+    text = format_value(_num(value), digits)
     if text == "n/a" or ci is None:
         return text
     lo, hi = (_num(c) for c in ci)
@@ -134,7 +131,7 @@ def to_markdown(
     lines.append(_row(header))
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for site, e in _rows(report):
-        cells = [site, str(e["n"]), _fmt(e["prevalence"], digits)] + [
+        cells = [site, str(e["n"]), format_value(_num(e["prevalence"]), digits)] + [
             _fmt_ci(e[m], e["ci"].get(m), digits) for m in ("tpr", "tnr", "balanced_accuracy", "auroc")
         ]
         if site == OVERALL:
@@ -148,7 +145,7 @@ def to_markdown(
     eod = report["equalized_odds_difference"]
     lines.append(
         f"- worst site (lowest balanced accuracy): {_cell(worst['site'])} — BA "
-        f"{_fmt(worst['balanced_accuracy'], digits)}; minimum BA over sites "
+        f"{format_value(_num(worst['balanced_accuracy']), digits)}; minimum BA over sites "
         f"{_fmt_ci(gmin['balanced_accuracy'], gmin['ci'].get('balanced_accuracy'), digits)}"
     )
     for m in ("balanced_accuracy", "tpr", "tnr", "auroc"):
@@ -201,14 +198,14 @@ def compare_markdown(
         cells = [site, n]
         for m in metrics:
             a, b = ea.get(m), eb.get(m)
-            cells += [_fmt(a, digits), _fmt(b, digits), _fmt_diff(a, b, digits)]
+            cells += [format_value(_num(a), digits), format_value(_num(b), digits), _fmt_diff(a, b, digits)]
         if site == OVERALL:
             cells = [f"**{c}**" for c in cells]
         lines.append(_row(cells))
     lines.append("")
 
     def summary(label: str, a: Any, b: Any) -> str:
-        return f"- {label}: {name_a} {_fmt(a, digits)}, {name_b} {_fmt(b, digits)} (Δ {_fmt_diff(a, b, digits)})"
+        return f"- {label}: {name_a} {format_value(_num(a), digits)}, {name_b} {format_value(_num(b), digits)} (Δ {_fmt_diff(a, b, digits)})"
 
     wa, wb = report_a["worst_site"], report_b["worst_site"]
     lines.append(
@@ -353,9 +350,9 @@ def plot_site_report(
     if with_roc:
         from sklearn.metrics import roc_curve
 
-        t = _binary_labels(y_true, "y_true")
-        s = _scores(y_score, t.shape[0])
-        site_str = np.array([str(v) for v in _np(sites).reshape(-1).tolist()])
+        t = binary_labels(y_true, "y_true")
+        s = score_array(y_score, t.shape[0])
+        site_str = np.array([str(v) for v in as_numpy(sites).reshape(-1).tolist()])
         if site_str.shape[0] != t.shape[0]:
             raise ValueError(f"sites: expected {t.shape[0]} labels, got {site_str.shape[0]}")
         ax_roc = fig.add_subplot(1, 2, 2)
@@ -367,7 +364,7 @@ def plot_site_report(
                 continue  # ROC undefined with one class
             fpr, tpr, _ = roc_curve(ts, ss)
             kw = {"color": "black", "lw": 2} if site == OVERALL else {"lw": 1.3}
-            (line,) = ax_roc.plot(fpr, tpr, label=f"{site} (AUROC {_fmt(e['auroc'])})", **kw)
+            (line,) = ax_roc.plot(fpr, tpr, label=f"{site} (AUROC {format_value(_num(e['auroc']))})", **kw)
             ax_roc.plot(1 - _num(e["tnr"]), _num(e["tpr"]), "o", color=line.get_color(), ms=5)
         ax_roc.set_xlim(0, 1)
         ax_roc.set_ylim(0, 1.02)

@@ -33,6 +33,7 @@ from cxrdebias.debias.unsupervised import (
     label_agreement,
 )
 from cxrdebias.errors import CheckpointError, RunExistsError
+from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.experiments import protocols
 from cxrdebias.experiments.config import load_config
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
@@ -57,22 +58,16 @@ def agreement_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if v != v else f"{v:.3f}"
-    return "–" if v is None else str(v)
-
-
 def agreement_markdown(rows: list[dict[str, Any]], split: dict[str, Any] | None = None, split_name: str = "") -> str:
     head = ["epoch", "labels used", "n", "NMI", "ARI", "acc. after matching", "minority acc. after matching"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in ("epoch", "labels_used", "n", *AGREEMENT_COLUMNS)) + " |")
+        lines.append("| " + " | ".join(format_value(r.get(k), missing="–", nan="nan") for k in ("epoch", "labels_used", "n", *AGREEMENT_COLUMNS)) + " |")
     if not rows:
         lines.append("| (no pseudo-bias agreement logged: not a --bias auto run, or no true bias labels) |" + " |" * (len(head) - 1))
     if split:
         lines.append(
-            f"| {split_name} (analysed) | – | " + " | ".join(_fmt(split.get(k)) for k in ("n", *AGREEMENT_COLUMNS)) + " |"
+            f"| {split_name} (analysed) | – | " + " | ".join(format_value(split.get(k), missing="–", nan="nan") for k in ("n", *AGREEMENT_COLUMNS)) + " |"
         )
     return "\n".join(lines) + "\n"
 

@@ -21,13 +21,13 @@ from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import DataError, DiskFullError, OutputError, RunExistsError
-from cxrdebias.evaluation.metrics import site_report
 from cxrdebias.evaluation.report import (
     compare_markdown,
     plot_site_report,
     to_markdown,
     write_report,
 )
+from cxrdebias.evaluation.site_report import site_report
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
 from cxrdebias.fileio import write_text_atomic

@@ -9,7 +9,8 @@
   age (gender as bias), trained on EB1 or EB2.
 
 A *cell* is one run (table row × setting × seed). Its finished ``results.json`` is copied to
-``RESULTS/<table>/<cell>.json`` (``docs/results/`` by default, committed), and a cell whose JSON
+``RESULTS/<table>/<cell>.json`` (``results_dir`` of :func:`build_table`; the CLI's default is the
+checkout's ``docs/results/``, committed), and a cell whose JSON
 is there is skipped on the next invocation — so a table is built over several sittings (a cell
 that is the same run as another table's, Table 2's α/β-both cell and Table 1's EnD cell, is
 read from there rather than run twice). An
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +33,12 @@ from typing import Any
 from rich.console import Console
 
 from cxrdebias.errors import ConfigError
+from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
+from cxrdebias.fileio import replace_marked_block, write_json_atomic, write_text_atomic
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
-DEFAULT_RESULTS = REPO / "docs" / "results"
+#: the shipped configs the cells start from (``configs/`` of the source checkout)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_RUNS = Path("runs") / "tables"
 
 #: train options that change how fast a run goes, not what it computes
@@ -208,6 +209,19 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
     )
 
 
+def _method_cells(
+    base: ExperimentConfig, methods: Iterable[str], seeds: Iterable[int], runner: str, prefix: str, row: tuple[str, ...]
+) -> list[Cell]:
+    """A cell per method × seed on the shipped config ``base`` (see :func:`_method_section`),
+    named ``{prefix}-{method}-s{seed}``, in the row ``(method label, *row)``."""
+    cells = []
+    for method in methods:
+        cfg = _with(base, _method_section(base, method))
+        for seed in seeds:
+            cells.append(Cell(f"{prefix}-{method}-s{seed}", (_label(cfg), *row), seed, _with(cfg, overrides=[f"seed={seed}"]), runner))
+    return cells
+
+
 def celeba_table(
     targets: Iterable[str] = ("blond_hair", "heavy_makeup"),
     methods: Iterable[str] = ("vanilla", "groupdro", "lff", "end"),
@@ -217,10 +231,7 @@ def celeba_table(
     cells = []
     for target in targets:
         base = load_config(CONFIGS / "celeba" / f"{target}.yaml", list(overrides))
-        for method in methods:
-            cfg = _with(base, _method_section(base, method))
-            for seed in seeds:
-                cells.append(Cell(f"{target}-{method}-s{seed}", (_label(cfg), target), seed, _with(cfg, overrides=[f"seed={seed}"]), "celeba"))
+        cells += _method_cells(base, methods, seeds, "celeba", target, (target,))
     published = {c.row: list(PUBLISHED_CELEBA.get((c.config.method.name, c.row[1]), (None, None))) for c in cells}
     return Table(
         "celeba",
@@ -241,10 +252,7 @@ def imdb_table(
     cells = []
     for target, split in settings:
         base = load_config(CONFIGS / "imdb_face" / f"{target}_{split}.yaml", list(overrides))
-        for method in methods:
-            cfg = _with(base, _method_section(base, method))
-            for seed in seeds:
-                cells.append(Cell(f"{target}-{split}-{method}-s{seed}", (_label(cfg), target, split), seed, _with(cfg, overrides=[f"seed={seed}"]), "imdb_face"))
+        cells += _method_cells(base, methods, seeds, "imdb_face", f"{target}-{split}", (target, split))
     published = {c.row: list(PUBLISHED_IMDB.get((c.config.method.name, c.row[1], c.row[2]), (None, None))) for c in cells}
     return Table(
         "imdb",
@@ -341,7 +349,7 @@ class TableResult:
 def build_table(
     table: Table,
     *,
-    results_dir: Path = DEFAULT_RESULTS,
+    results_dir: Path,
     runs_dir: Path = DEFAULT_RUNS,
     run: bool = False,
     runtime_overrides: Iterable[str] = (),
@@ -363,21 +371,9 @@ def build_table(
             continue
         results = run_cell(cell, runs_dir, console, runtime_overrides)
         check_cell_result(cell, results, runs_dir / cell.name / "results.json")
-        store.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(path)
+        write_json_atomic(path, results)
         found[cell.name] = results
     return TableResult(render(table, found), sorted(found), missing)
-
-
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values) * 100
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {statistics.stdev(values) * 100:.2f}"
 
 
 def render(table: Table, found: dict[str, dict[str, Any]]) -> str:
@@ -393,7 +389,7 @@ def render(table: Table, found: dict[str, dict[str, Any]]) -> str:
     for row, cells in rows.items():
         done = [found[c.name] for c in cells if c.name in found]
         seeds = ", ".join(str(r["seed"]) for r in done) or "not run"
-        values = [_fmt([v for r in done if (v := m.get(r)) is not None]) for m in table.metrics]
+        values = [format_mean_std([v for r in done if (v := m.get(r)) is not None], scale=100) for m in table.metrics]
         line = [*row, seeds, *values]
         published = table.published.get(row, [None] * len(table.metrics))
         line += [f"{published[i]:.2f}" if published[i] is not None else "–" for i in with_paper]
@@ -406,15 +402,14 @@ def render(table: Table, found: dict[str, dict[str, Any]]) -> str:
 
 
 def update_markdown(path: Path, key: str, markdown: str) -> None:
-    """Replace the block between ``<!-- table:KEY:start -->`` and ``<!-- table:KEY:end -->``."""
+    """Replace the block between ``<!-- table:KEY:start -->`` and ``<!-- table:KEY:end -->`` of
+    the Markdown file ``path`` (written atomically); ``ConfigError`` when the markers are missing."""
     start, end = f"<!-- table:{key}:start -->", f"<!-- table:{key}:end -->"
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ConfigError(f"{path}: missing the {start} … {end} markers for the table")
-    head, rest = text.split(start, 1)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"{head}{start}\n{markdown}\n{end}{rest.split(end, 1)[1]}")
-    tmp.replace(path)
+    try:
+        text = replace_marked_block(path.read_text(encoding="utf-8"), start, end, markdown, where=str(path))
+    except ValueError as e:
+        raise ConfigError(f"{e} for the table") from None
+    write_text_atomic(path, text)
 
 
 def get_table(name: str, **kwargs: Any) -> Table:
