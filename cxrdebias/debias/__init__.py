@@ -28,6 +28,27 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add a method (a :class:`Method` subclass with a unique ``name`` and an ``Options`` model)
+    to the registry, so that configs and ``--method`` can name it. Usable as a class decorator;
+    code outside the package registers its methods the same way (docs/architecture.md)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a Method subclass")
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{cls.__name__}: a method needs a class attribute `name`")
+    old = METHODS.get(name)
+    if old is not None and old is not cls:
+        raise ValueError(f"method name {name!r} is already registered (by {old.__module__}.{old.__name__})")
+    METHODS[name] = cls
+    return cls
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method from the registry (tests that register a toy method clean up with this)."""
+    METHODS.pop(name, None)
+
+
 def build_method(
     name: str, options: dict[str, Any] | None = None, unsupervised: PseudoBiasOptions | dict[str, Any] | None = None
 ) -> Method:
@@ -75,4 +96,6 @@ __all__ = [
     "build_method",
     "end_regularizer",
     "method_names",
+    "register_method",
+    "unregister_method",
 ]

@@ -136,13 +136,14 @@ def build_config(
     overrides: list[str] | None = None,
 ) -> ExperimentConfig:
     """What a command line asks for: config file (or ``default_path``) ← ``--set`` overrides ←
-    named options, validated once.
+    named options. The file with its overrides is validated first, then the whole.
 
     ``method`` (``--method``) replaces the whole method section when it names another method
     (options of the file's method do not carry over); ``method_options`` (``--alpha`` …) are
     then set in it, and ``options`` (dotted key → value; None = not given) last.
     """
     tree, source = _config_tree(path or default_path, overrides, None)
+    _validate(tree, source)  # the file and --set on their own: a bad value there is an error even if an option replaces it
     method_section = tree.get("method") if isinstance(tree.get("method"), dict) else {}
     if method is not None and method != method_section.get("name", "vanilla"):
         tree["method"] = {"name": method}

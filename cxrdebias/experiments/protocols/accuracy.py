@@ -9,6 +9,7 @@ records.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cxrdebias.evaluation.metrics import group_accuracy
@@ -27,6 +28,18 @@ def selection_note(best: dict[str, Any] | None) -> str:
     return f"best validation {best['metric']} (epoch {best['epoch']}; {TEST_SELECTION_NOTE})"
 
 
+@dataclass
+class AccuracyProtocol(Protocol):
+    """A :class:`Protocol` of the reproductions, which also keeps what its results are made of:
+    the test sets, ``summarise`` (→ ``results["metrics"]``), the ``headline`` keys printed when
+    done and ``params`` (extra top-level keys of ``results.json``: ρ, the split trained on …)."""
+
+    tests: dict[str, Any] = field(default_factory=dict)
+    summarise: Summariser | None = None
+    headline: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 def accuracy_protocol(
     cfg: Any,
     *,
@@ -43,8 +56,8 @@ def accuracy_protocol(
     summarise: Summariser,
     headline: tuple[str, ...],
     params: dict[str, Any] | None = None,
-) -> Protocol:
-    """A :class:`Protocol` whose results are ``params``, ``epochs``, ``selection``,
+) -> AccuracyProtocol:
+    """An :class:`AccuracyProtocol` whose results are ``params``, ``epochs``, ``selection``,
     ``metrics`` (``summarise``'s) and ``tests`` (every test set's group accuracy)."""
     def validate(p) -> dict[str, float]:
         g = group_accuracy(p.targets, p.predicted, p.biases)
@@ -71,7 +84,7 @@ def accuracy_protocol(
     def banner(method, precision: str) -> str:
         return f"{title} method={method.name} {method.describe()} seed={cfg.seed} epochs={cfg.train.epochs} precision={precision}"
 
-    return Protocol(
+    return AccuracyProtocol(
         experiment=experiment,
         train=train,
         val=val,
@@ -84,4 +97,8 @@ def accuracy_protocol(
         data_info=data_info,
         banner=banner,
         splits={name: (lambda s=s: s) for name, s in tests.items()},
+        tests=tests,
+        summarise=summarise,
+        headline=headline,
+        params=dict(params or {}),
     )
