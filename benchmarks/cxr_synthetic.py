@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import DOCS, REPO
 from cxrdebias.config import load_config
-from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
+from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.experiments.cxr import train_cxr
 from cxrdebias.experiments.evaluate import evaluate_run
 

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from cxrdebias.config import load_config
-from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
+from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.experiments.cxr import train_cxr
 from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
 from cxrdebias.fileio import write_text_atomic
