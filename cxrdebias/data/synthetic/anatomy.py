@@ -53,6 +53,7 @@ def _circular_smooth(x: np.ndarray) -> np.ndarray:
 def sample_anatomy(
     rng: np.random.Generator, *, female: bool, severity: float, other_rate: float
 ) -> Anatomy:
+    """Draw the anatomy of one patient (and its non-COVID finding, if any)."""
     u = rng.uniform
     finding = None
     if rng.random() < other_rate:
@@ -104,6 +105,7 @@ class Pose:
 
 
 def sample_pose(rng: np.random.Generator, *, ap: bool) -> Pose:
+    """Draw the acquisition of one image (pose, inspiration, exposure) of a patient."""
     u = rng.uniform
     return Pose(
         angle=u(-0.04, 0.04),

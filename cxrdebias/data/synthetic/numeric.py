@@ -9,6 +9,7 @@ import numpy as np
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic sigmoid as ``0.5 + 0.5·tanh(x/2)`` (float32 in, float32 out)."""
     y = np.tanh(x * np.float32(0.5))
     y *= np.float32(0.5)
     y += np.float32(0.5)
@@ -23,6 +24,7 @@ def ramp(x: np.ndarray) -> np.ndarray:
 
 
 def sq(x: np.ndarray) -> np.ndarray:
+    """``x²``."""
     return x * x
 
 
@@ -70,6 +72,7 @@ def grain_bank(n: int, sigma_px: float) -> np.ndarray:
 
 
 def blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur of a square image (reflected borders); ``sigma_px < 0.3`` returns ``img``."""
     if sigma_px < 0.3:
         return img
     k = _blur_matrix(img.shape[0], round(float(sigma_px), 2))
@@ -78,6 +81,7 @@ def blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def base_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only ``n×n`` normalised coordinates ``(u, v)`` of the pixel centres, both in ``[-1, 1]``."""
     c = ((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1).astype(np.float32)
     u = np.broadcast_to(c[None, :], (n, n))
     v = np.broadcast_to(c[:, None], (n, n))
@@ -85,6 +89,7 @@ def base_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def segment_distance(u, v, p0, p1) -> np.ndarray:
+    """Distance of the points ``(u, v)`` to the segment ``p0``–``p1``."""
     (x0, y0), (x1, y1) = p0, p1
     dx, dy = x1 - x0, y1 - y0
     t = np.clip(((u - x0) * dx + (v - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
