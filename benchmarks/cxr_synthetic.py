@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS, REPO
-from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
+from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import evaluate_run

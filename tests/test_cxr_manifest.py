@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from cxrdebias.data.cxr import (
     save_splits,
     site_index_map,
 )
+from cxrdebias.data.cxr.manifest import MANIFEST, read_manifest_images
 from cxrdebias.data.images import read_image, write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.errors import ConfigError, DataError
@@ -79,6 +81,40 @@ def test_valid_manifest_columns_and_rows(tmp_path):
     assert df.attrs["dropped"] == [] and df.attrs["manifest"]["records"] == 12
     assert len(df.attrs["manifest"]["sha256"]) == 64
     assert manifest_hash(df) == manifest_hash(load_manifest(path))
+
+
+def test_schema_names_the_columns_every_table_uses(tmp_path):
+    assert MANIFEST.required == ("path", "label", "site", "patient_id") == tuple(HEADER.split(","))
+    assert MANIFEST.columns == (*MANIFEST.required, "view", "sex", "age", "split")
+    assert MANIFEST.required_for(site_from_dicom=True) == ("path", "label", "patient_id")
+    df = load_manifest(small_set(tmp_path))
+    assert tuple(df.columns) == ("row", *MANIFEST.required[:1], "abs_path", *MANIFEST.required[1:], "image_sha256", "image_format")
+    assert set(MANIFEST.added) >= set(df.columns) - set(MANIFEST.columns)
+    saved = save_splits(make_splits(df, "random", seed=0), tmp_path / "splits.csv")
+    assert tuple(load_splits(saved).columns) == MANIFEST.split_table
+
+
+def test_manifest_image_list_for_the_runtime(tmp_path):
+    """The torch-free reader of ``cxrdebias predict``: paths and site/label/patient, no validation."""
+    png(tmp_path / "a.png", 1)
+    png(tmp_path / "sub" / "b.png", 2)
+    path = write_manifest(tmp_path, ["a.png,x,S1,p1,PA", "sub/b.png,,S2,p2,AP"], header="path,label,site,patient_id,view")
+    assert read_manifest_images(path) == [
+        (tmp_path / "a.png", {"site": "S1", "label": "x", "patient_id": "p1"}),
+        (tmp_path / "sub" / "b.png", {"site": "S2", "label": "", "patient_id": "p2"}),
+    ]
+    only_paths = write_manifest(tmp_path, ["a.png"], header="path")
+    assert read_manifest_images(only_paths) == [(tmp_path / "a.png", {})]
+    for header, lines, message in (
+        ("name", ["a.png"], "manifest has no 'path' column (columns: name)"),
+        ("path,site", ["a.png"], "row 2 has 1 fields, the header has 2"),
+        ("path", ["missing.png"], "row 2 column 'path': file not found: missing.png"),
+        ("path", ["../a.png"], "row 2 column 'path': '../a.png' leaves the manifest folder"),
+        ("path", [], "manifest has no rows"),
+    ):
+        bad = write_manifest(tmp_path, lines, header=header)
+        with pytest.raises(DataError, match=f"^{re.escape(f'{bad}: {message}')}$"):
+            read_manifest_images(bad)
 
 
 def test_real_manifest_loads_and_images_read(real_df):

@@ -259,7 +259,7 @@ def _manifest(folder: Path, n: int = 12) -> Path:
 
 
 def test_manifest_validation_reuses_inspections(tmp_path, monkeypatch):
-    from cxrdebias.data import cxr
+    from cxrdebias.data.cxr import loading as cxr
 
     manifest = _manifest(tmp_path / "set")
     root = tmp_path / "cache"
@@ -288,7 +288,7 @@ def test_manifest_validation_reuses_inspections(tmp_path, monkeypatch):
 
 
 def test_corrupt_inspection_entry_is_a_clear_error(tmp_path):
-    from cxrdebias.data import cxr
+    from cxrdebias.data.cxr import loading as cxr
 
     manifest = _manifest(tmp_path / "set")
     root = tmp_path / "cache"

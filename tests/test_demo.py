@@ -1,6 +1,6 @@
 """The README's main job, shrunk: synth → vanilla and EnD → per-site evaluation → compare."""
 
-from cxrdebias.data.synthetic_cxr import SynthConfig
+from cxrdebias.data.synthetic import SynthConfig
 from cxrdebias.experiments.demo import run_demo
 
 

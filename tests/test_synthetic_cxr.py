@@ -1,4 +1,4 @@
-"""The embedded synthetic multi-site chest X-ray set (cxrdebias.data.synthetic_cxr)."""
+"""The embedded synthetic multi-site chest X-ray set (cxrdebias.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from cxrdebias.data.cxr.manifest import MANIFEST
 from cxrdebias.data.images import read_image
-from cxrdebias.data.synthetic_cxr import (
+from cxrdebias.data.synthetic import (
     GENERATOR_VERSION,
-    MANIFEST_COLUMNS,
     SynthConfig,
     preview,
     synthesize,
@@ -84,7 +84,7 @@ def _cv_accuracy(x: np.ndarray, y: pd.Series, patients: pd.Series) -> float:
 # -- manifest and split ---------------------------------------------------------------------
 def test_manifest_columns_and_types(small):
     out, df = small
-    assert tuple(df.columns) == MANIFEST_COLUMNS
+    assert tuple(df.columns) == MANIFEST.columns
     assert len(df) >= 2 * (60 + 20 + 40)
     assert df["label"].dtype.kind == "i" and set(df["label"]) == {0, 1}
     assert df["age"].dtype.kind == "i" and df["age"].between(18, 95).all()

@@ -25,7 +25,7 @@ def data_synth(
     """Write the synthetic multi-site chest X-ray set (DICOM + manifest), fully offline."""
     from pydantic import ValidationError
 
-    from cxrdebias.data.synthetic_cxr import SynthConfig, preview, synthesize
+    from cxrdebias.data.synthetic import SynthConfig, preview, synthesize
     from cxrdebias.errors import ConfigError
 
     try:

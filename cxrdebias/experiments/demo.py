@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cxrdebias.data.synthetic_cxr import SynthConfig, synthesize
+from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
 from cxrdebias.experiments.runner import run_experiment

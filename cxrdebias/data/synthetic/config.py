@@ -1,0 +1,178 @@
+"""Options of the synthetic chest X-ray generator (:class:`SynthConfig`) and what it reports
+(:class:`SynthSummary`); the names of the files it writes."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: bump whenever a change alters the generated pixels or the split (recorded in synth_config.json)
+GENERATOR_VERSION = "1.0.0"
+MANIFEST_NAME = "manifest.csv"
+CONFIG_NAME = "synth_config.json"
+IMAGES_DIR = "images"
+
+
+class SynthConfig(BaseModel):
+    """Options of the synthetic multi-site chest X-ray generator (all have working defaults).
+
+    The defaults give ~1,600 images (800 patients) in two sites, generated in a few seconds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, ge=0, description="master seed; same seed + config → byte-identical files")
+    image_size: int = Field(
+        256, ge=32, le=2048, description="native width = height of the DICOM images, in pixels"
+    )
+    sites: list[str] = Field(
+        default_factory=lambda: ["hospital_a", "hospital_b"],
+        description="site (hospital) names, written to InstitutionName and the manifest; ≥ 2, "
+        "letters/digits/'_'/'-' only",
+    )
+    site_prevalence: list[float] = Field(
+        default_factory=lambda: [0.875, 0.125],
+        description="share of COVID-positive patients per site in the train/val pool at "
+        "bias_strength=1, one value in [0, 1] per site",
+    )
+    bias_strength: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="site–label correlation of the train/val pool: prevalence of site s is "
+        "mean + bias_strength·(site_prevalence[s] − mean); 0 = same prevalence everywhere",
+    )
+    n_train_patients_per_site: int = Field(250, ge=1, description="training patients per site")
+    n_val_patients_per_site: int = Field(
+        100, ge=0, description="validation patients per site (biased pool, like train)"
+    )
+    n_test_patients_per_site: int = Field(
+        100, ge=0, description="test patients per site; even: half positive, half negative"
+    )
+    images_per_patient: tuple[int, int] = Field(
+        (1, 3), description="inclusive (min, max) images per patient (follow-ups)"
+    )
+    severity_range: tuple[float, float] = Field(
+        (0.05, 0.5),
+        description="range of the disease extent of positive patients, within [0, 1] "
+        "(0 = invisible, 1 = extensive bilateral opacities); drawn uniformly. The default "
+        "(subtle to moderate) keeps the disease harder to learn than the site, so that a vanilla "
+        "model takes the site shortcut (docs/cxr.md); (0.15, 1.0) gave a disease so easy that "
+        "the shortcut barely showed",
+    )
+    other_findings_rate: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="share of patients (either label) with a non-COVID finding "
+        "(nodule, cardiomegaly, perihilar haze)",
+    )
+    site_style_strength: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="how different the sites look (contrast, noise, frame, markers, AP share); "
+        "0 = identical appearance (the DICOM encodings still differ)",
+    )
+
+    @field_validator("sites")
+    @classmethod
+    def _check_sites(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError(f"need at least 2 sites, got {len(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"site names must be unique, got {v}")
+        for s in v:
+            if not s or len(s) > 64 or not all(c.isalnum() or c in "_-" for c in s):
+                raise ValueError(
+                    f"site name {s!r} must be 1-64 characters of letters, digits, '_' or '-'"
+                )
+        return v
+
+    @field_validator("site_prevalence")
+    @classmethod
+    def _check_prevalence(cls, v: list[float]) -> list[float]:
+        for p in v:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"every site_prevalence must be in [0, 1], got {p}")
+        return v
+
+    @field_validator("images_per_patient")
+    @classmethod
+    def _check_images_per_patient(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not 1 <= lo <= hi <= 20:
+            raise ValueError(f"images_per_patient must satisfy 1 <= min <= max <= 20, got {v}")
+        return v
+
+    @field_validator("severity_range")
+    @classmethod
+    def _check_severity(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"severity_range must satisfy 0 <= min <= max <= 1, got {v}")
+        return v
+
+    @field_validator("n_test_patients_per_site")
+    @classmethod
+    def _check_test_even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(
+                f"n_test_patients_per_site must be even (half positive, half negative), got {v}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> SynthConfig:
+        if len(self.site_prevalence) != len(self.sites):
+            raise ValueError(
+                f"site_prevalence has {len(self.site_prevalence)} values but there are "
+                f"{len(self.sites)} sites"
+            )
+        return self
+
+    def pool_prevalence(self) -> list[float]:
+        """Positive share of each site's train/val patients after applying ``bias_strength``."""
+        mean = float(np.mean(self.site_prevalence))
+        return [mean + self.bias_strength * (p - mean) for p in self.site_prevalence]
+
+
+class SplitSiteCount(BaseModel):
+    """Counts of one (split, site) cell of the generated set."""
+
+    split: str
+    site: str
+    patients: int
+    images: int
+    positive_images: int
+    prevalence: float
+
+
+class SynthSummary(BaseModel):
+    """What :func:`synthesize` wrote."""
+
+    out_dir: str
+    manifest: str
+    config_file: str
+    n_patients: int
+    n_images: int
+    counts: list[SplitSiteCount]
+    seconds: float
+    images_per_second: float
+    manifest_sha256: str
+    pixel_sha256: str
+
+    def table(self) -> str:
+        """The counts as a small Markdown table."""
+        lines = [
+            "| split | site | patients | images | positive | prevalence |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for c in self.counts:
+            lines.append(
+                f"| {c.split} | {c.site} | {c.patients} | {c.images} | {c.positive_images} "
+                f"| {c.prevalence:.3f} |"
+            )
+        return "\n".join(lines)
+
+

@@ -1,0 +1,300 @@
+"""Writing the synthetic set: the study design (who is in which site and split, with which label),
+rendering every patient's images, and the files of :func:`synthesize` and :func:`preview`."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxrdebias.data.cxr.manifest import MANIFEST
+from cxrdebias.data.synthetic.anatomy import (
+    detector,
+    render_attenuation,
+    sample_anatomy,
+    sample_pose,
+)
+from cxrdebias.data.synthetic.config import (
+    CONFIG_NAME,
+    GENERATOR_VERSION,
+    IMAGES_DIR,
+    MANIFEST_NAME,
+    SplitSiteCount,
+    SynthConfig,
+    SynthSummary,
+)
+from cxrdebias.data.synthetic.dicom import encode, write_image
+from cxrdebias.data.synthetic.signature import apply_site
+from cxrdebias.data.synthetic.styles import SiteStyle, site_style
+from cxrdebias.errors import DataError, RunExistsError
+from cxrdebias.fileio import write_bytes_atomic
+
+
+@dataclass
+class _Patient:
+    site: int
+    split: str
+    index: int  # within (site, split)
+    label: int
+    n_images: int
+    sex: str
+    age: int
+    patient_id: str = ""
+
+
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+
+
+def _plan(cfg: SynthConfig) -> list[_Patient]:
+    """Patients with site, split, label, image count and demographics (deterministic)."""
+    rng = np.random.default_rng([cfg.seed, 0])
+    lo, hi = cfg.images_per_patient
+    prev = cfg.pool_prevalence()
+    patients: list[_Patient] = []
+    for s in range(len(cfg.sites)):
+        for split, n in (("train", cfg.n_train_patients_per_site), ("val", cfg.n_val_patients_per_site)):
+            n_pos = int(round(prev[s] * n))
+            labels = np.zeros(n, dtype=int)
+            labels[:n_pos] = 1
+            labels = rng.permutation(labels)
+            counts = rng.integers(lo, hi + 1, size=n)
+            for i in range(n):
+                patients.append(_Patient(s, split, i, int(labels[i]), int(counts[i]), "", 0))
+        # test: pairs (one positive, one negative) share the image count → exactly 50/50 images
+        half = cfg.n_test_patients_per_site // 2
+        counts = rng.integers(lo, hi + 1, size=half)
+        labels = np.concatenate([np.ones(half, dtype=int), np.zeros(half, dtype=int)])
+        order = rng.permutation(2 * half)
+        for i, j in enumerate(order):
+            patients.append(_Patient(s, "test", i, int(labels[j]), int(counts[j % half]), "", 0))
+    ids = rng.permutation(len(patients))
+    for p, pid in zip(patients, ids, strict=True):
+        p.patient_id = f"SYN{pid + 1:05d}"
+        p.sex = "F" if rng.random() < 0.45 else "M"
+        p.age = int(np.clip(np.rint(rng.normal(58, 16)), 18, 95))
+    return patients
+
+
+def _render_patient(cfg: SynthConfig, p: _Patient, style: SiteStyle) -> list[tuple[np.ndarray, str]]:
+    """Display images (``n×n`` float32 in [0, 1]) and view of every image of one patient."""
+    key = [cfg.seed, 1, p.site, _SPLIT_CODE[p.split], p.index]
+    prng = np.random.default_rng(key)
+    lo, hi = cfg.severity_range
+    severity = float(prng.uniform(lo, hi)) if p.label == 1 else 0.0
+    anatomy = sample_anatomy(prng, female=p.sex == "F", severity=severity, other_rate=cfg.other_findings_rate)
+    out = []
+    for k in range(p.n_images):
+        irng = np.random.default_rng([*key, 2 + k])
+        view = "AP" if irng.random() < style.ap_fraction else "PA"
+        pose = sample_pose(irng, ap=view == "AP")
+        A = render_attenuation(anatomy, pose, cfg.image_size)
+        d = apply_site(detector(A, pose), style, cfg.site_style_strength, cfg.sites[p.site], view, irng)
+        out.append((d, view))
+    return out
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Run the small matrix products on one BLAS thread.
+
+    The products are tiny; a multi-threaded BLAS only adds synchronisation, and on a machine
+    whose cores are busy (e.g. a training run) it slows generation down by an order of
+    magnitude. ``threadpoolctl`` ships with scikit-learn; without it this is a no-op.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise RunExistsError(
+                f"{out_dir} is not empty; choose another folder or pass force=True (--force) to "
+                "replace a previous synthetic data set there"
+            )
+        if (out_dir / IMAGES_DIR).exists() and not (out_dir / CONFIG_NAME).exists():
+            raise DataError(
+                f"{out_dir} has an '{IMAGES_DIR}' folder but no {CONFIG_NAME}: it does not look "
+                "like a synthetic data set, refusing to delete it even with force=True"
+            )
+        for name in (MANIFEST_NAME, CONFIG_NAME):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _generate(
+    cfg: SynthConfig,
+    out: Path,
+    patients: list[_Patient],
+    styles: list[SiteStyle],
+    rows: list[dict],
+    pixel_hash,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Render, encode and write every image; append manifest rows; hash the pixel data."""
+    for i, p in enumerate(patients):
+        style = styles[p.site]
+        site = cfg.sites[p.site]
+        for k, (d, view) in enumerate(_render_patient(cfg, p, style)):
+            stored = encode(d, style)
+            pixel_hash.update(stored.tobytes())
+            rel = f"{IMAGES_DIR}/{site}/{p.patient_id}_{k}.dcm"
+            day = 1 + (p.index * 7 + k * 3) % 28
+            write_image(
+                out / rel, stored, style, site=site, patient_id=p.patient_id, sex=p.sex,
+                age=p.age, view=view, image_number=k + 1, study_date=f"2020{3 + k:02d}{day:02d}",
+            )  # fmt: skip
+            values = (rel, p.label, site, p.patient_id, view, p.sex, p.age, p.split)
+            rows.append(dict(zip(MANIFEST.columns, values, strict=True)))  # path, label, …, split
+        if progress is not None:
+            progress(i + 1, len(patients))
+
+
+def synthesize(
+    out_dir: str | Path,
+    cfg: SynthConfig | None = None,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> SynthSummary:
+    """Generate the synthetic multi-site chest X-ray set in ``out_dir``.
+
+    Writes the DICOM images, ``manifest.csv`` (last, atomically: its presence means the set is
+    complete) and ``synth_config.json``. Refuses a non-empty ``out_dir`` unless ``force`` (which
+    replaces a previous synthetic set there). ``progress(done, total)`` is called per patient.
+    """
+    cfg = cfg or SynthConfig()
+    out = Path(out_dir)
+    _prepare_out_dir(out, force)
+    t0 = time.perf_counter()
+    patients = _plan(cfg)
+    styles = [site_style(i).faded(cfg.site_style_strength) for i in range(len(cfg.sites))]
+    for name in cfg.sites:
+        (out / IMAGES_DIR / name).mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict] = []
+    pixel_hash = hashlib.sha256()
+    with _single_threaded_blas():
+        _generate(cfg, out, patients, styles, rows, pixel_hash, progress)
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(MANIFEST.columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    manifest_bytes = buf.getvalue().encode()
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+
+    counts = []
+    for split in MANIFEST.splits:
+        for s, name in enumerate(cfg.sites):
+            sel = [r for r in rows if r[MANIFEST.split] == split and r[MANIFEST.site] == name]
+            n_pat = sum(1 for p in patients if p.split == split and p.site == s)
+            pos = sum(r[MANIFEST.label] for r in sel)
+            counts.append(
+                SplitSiteCount(split=split, site=name, patients=n_pat, images=len(sel),
+                               positive_images=pos, prevalence=pos / len(sel) if sel else 0.0)
+            )  # fmt: skip
+    from cxrdebias import __version__
+
+    record = {
+        # the generator's name as synth_config.json has always recorded it (its module was
+        # cxrdebias.data.synthetic_cxr): part of the written data format, kept unchanged
+        "generator": "cxrdebias.data.synthetic_cxr",
+        "generator_version": GENERATOR_VERSION,
+        "package_version": __version__,
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"),
+        "pool_prevalence": cfg.pool_prevalence(),
+        "site_styles": {name: asdict(st) for name, st in zip(cfg.sites, styles, strict=True)},
+        "n_patients": len(patients),
+        "n_images": len(rows),
+        "counts": [c.model_dump() for c in counts],
+        "manifest_sha256": manifest_sha,
+        "pixel_sha256": pixel_hash.hexdigest(),
+    }
+    write_bytes_atomic(out / CONFIG_NAME, (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomic(out / MANIFEST_NAME, manifest_bytes)
+    seconds = time.perf_counter() - t0
+    return SynthSummary(
+        out_dir=str(out),
+        manifest=str(out / MANIFEST_NAME),
+        config_file=str(out / CONFIG_NAME),
+        n_patients=len(patients),
+        n_images=len(rows),
+        counts=counts,
+        seconds=round(seconds, 3),
+        images_per_second=round(len(rows) / max(seconds, 1e-9), 1),
+        manifest_sha256=manifest_sha,
+        pixel_sha256=pixel_hash.hexdigest(),
+    )
+
+
+def preview(
+    out_dir: str | Path,
+    path_png: str | Path,
+    *,
+    per_group: int = 4,
+    tile: int = 128,
+    split: str | None = "test",
+) -> Path:
+    """Write a contact sheet: one row per (site, label), ``per_group`` images of each.
+
+    Images come from ``split`` (all splits when ``None`` or when the split has too few), the
+    first ones in manifest order, one per patient. Returns the PNG path.
+    """
+    from cxrdebias.data.images import read_image
+
+    root = Path(out_dir)
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise DataError(f"{manifest} not found: run synthesize() first")
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    m = MANIFEST
+    sites = list(dict.fromkeys(r[m.site] for r in rows))
+    groups: list[tuple[str, list[dict]]] = []
+    for site in sites:
+        for label in ("0", "1"):
+            chosen: list[dict] = []
+            seen: set[str] = set()
+            pools = [r for r in rows if split is None or r[m.split] == split] + rows
+            for r in pools:
+                if r[m.site] == site and r[m.label] == label and r[m.patient_id] not in seen:
+                    chosen.append(r)
+                    seen.add(r[m.patient_id])
+                if len(chosen) == per_group:
+                    break
+            groups.append((f"{site} {'COVID+' if label == '1' else 'negative'}", chosen))
+    font = ImageFont.load_default_imagefont()
+    label_w, gap = 16, 4
+    sheet = Image.new("L", (label_w + per_group * (tile + gap) + gap, len(groups) * (tile + 16 + gap)), 40)
+    draw = ImageDraw.Draw(sheet)
+    for g, (title, chosen) in enumerate(groups):
+        y = g * (tile + 16 + gap)
+        draw.text((label_w + gap, y + 2), title, font=font, fill=230)
+        for c, r in enumerate(chosen):
+            d = read_image(root / r[m.path]).pixels
+            im = Image.fromarray(np.rint(d * 255).astype(np.uint8)).resize((tile, tile), Image.BILINEAR)
+            sheet.paste(im, (label_w + gap + c * (tile + gap), y + 14))
+    path_png = Path(path_png)
+    path_png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path_png)
+    return path_png
