@@ -159,16 +159,18 @@ def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | Non
     manifest = Path(manifest)
     if not manifest.is_file():
         return None, f"the training manifest {manifest} is not reachable from here"
-    from cxrdebias.data.cxr import load_splits
+    from cxrdebias.data.cxr.manifest import MANIFEST
+    from cxrdebias.data.cxr.splits import load_splits
 
     table = load_splits(splits)
-    table = table[table["split"] == "val"]
+    table = table[table[MANIFEST.split] == "val"]
     found = []
     for row in table.itertuples(index=False):
-        path, _, reason = resolve_relative_path(manifest.parent, row.path)
+        rel = getattr(row, MANIFEST.path)
+        path, _, reason = resolve_relative_path(manifest.parent, rel)
         if path is None:
-            return None, f"validation image {row.path}: {reason}"
-        found.append(InputImage(row.path, path, fields={"site": row.site, "label": row.label, "patient_id": row.patient_id}))
+            return None, f"validation image {rel}: {reason}"
+        found.append(InputImage(rel, path, fields={c: getattr(row, c) for c in MANIFEST.sample_fields}))
     if not found:
         return None, f"{splits} has no validation images"
     return found, f"validation split of {run_dir} ({len(found)} images from {manifest})"

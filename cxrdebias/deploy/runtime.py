@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cxrdebias.data.csv_records import read_csv_records, resolve_relative_path
+from cxrdebias.data.cxr.manifest import MANIFEST, read_manifest_images
 from cxrdebias.data.images import read_image
 from cxrdebias.data.preprocess import PreprocessSpec, ResizeGeometry, preprocess, resize_geometry
 from cxrdebias.deploy.onnx_metadata import (
@@ -48,7 +48,6 @@ from cxrdebias.fileio import write_text_atomic
 #: taken when they carry the ``DICM`` marker)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 #: manifest columns copied into the predictions
-MANIFEST_COLUMNS = ("site", "label", "patient_id")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -93,22 +92,8 @@ def _folder_images(folder: Path) -> list[InputImage]:
 
 
 def _manifest_images(manifest: Path) -> list[InputImage]:
-    header, records = read_csv_records(manifest, columns=("path",))
-    if "path" not in header:
-        raise DataError(f"{manifest}: manifest has no 'path' column (columns: {', '.join(header)})")
-    col = {name: header.index(name) for name in ("path", *MANIFEST_COLUMNS) if name in header}
-    found = []
-    for line, values in records:
-        if len(values) != len(header):
-            raise DataError(f"{manifest}: row {line} has {len(values)} fields, the header has {len(header)}")
-        path, _, reason = resolve_relative_path(manifest.parent, values[col["path"]].strip())
-        if path is None:
-            raise DataError(f"{manifest}: row {line} column 'path': {reason}")
-        fields = {name: values[i].strip() for name, i in col.items() if name != "path"}
-        found.append(InputImage(str(path), path, fields=fields))
-    if not found:
-        raise DataError(f"{manifest}: manifest has no rows")
-    return found
+    """The images a manifest lists, with their site/label/patient fields (the one manifest schema)."""
+    return [InputImage(str(path), path, fields=fields) for path, fields in read_manifest_images(manifest)]
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputImage]:
@@ -361,7 +346,7 @@ def predict_to_csv(
     cams = Path(cam_dir) if cam_dir is not None else None
     _check_outputs(out_csv, cams, force)
     items = collect_inputs(inputs)
-    extra = [c for c in MANIFEST_COLUMNS if any(c in x.fields for x in items)]
+    extra = [c for c in MANIFEST.sample_fields if any(c in x.fields for x in items)]
     header = ["file", "probability", "predicted_label", "threshold", "provider", *extra] + (["cam"] if cams else [])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
