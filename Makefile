@@ -40,8 +40,10 @@ install-gpu: $(STAMP)
 	$(BIN)/python -m pip uninstall --yes onnxruntime
 	$(BIN)/python -m pip install --quiet -c constraints.txt 'onnxruntime-gpu>=1.18'
 
+# ruff, and the layer contracts of pyproject.toml ([tool.importlinter]; docs/architecture.md)
 lint: $(STAMP)
 	$(BIN)/ruff check cxrdebias tests benchmarks apps
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -125,7 +125,7 @@ def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folde
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from cxrdebias.cli import viewer_command
+    from cxrdebias.cli.deploy import viewer_command
 
     data = folder / "browser"
     data.mkdir()

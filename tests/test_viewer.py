@@ -341,7 +341,7 @@ def test_viewer_in_headless_chromium(model_file, study_data, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from cxrdebias.cli import viewer_command
+    from cxrdebias.cli.deploy import viewer_command
 
     manifest, _ = study_data
     port = _free_port()

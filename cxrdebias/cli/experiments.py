@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -68,7 +70,6 @@ def methods_cmd() -> None:
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs.")]
-PhotoSeedOpt = Annotated[int | None, typer.Option(help="Training seed (init, shuffling); the splits use data.split_seed.")]
 
 
 class CelebATarget(str, Enum):
@@ -90,107 +91,116 @@ class ExtremeBiasSplit(str, Enum):
     eb2 = "eb2"
 
 
-@reproduce_app.command("biased-mnist")
-def reproduce_biased_mnist(
-    rho: Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")] = None,
-    method: MethodOpt = None,
-    alpha: AlphaOpt = None,
-    beta: BetaOpt = None,
-    form: Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")] = None,
-    bias: Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")] = None,
-    labeller: LabellerOpt = None,
-    epochs: EpochsOpt = None,
-    data_root: Annotated[Path | None, typer.Option(help="MNIST folder (torchvision layout ROOT/MNIST/raw/).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (colouring, init, shuffling).")] = None,
-    out_dir: OutOpt = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config (see configs/biased_mnist/).")] = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
+def _option(name: str, annotation: object, default: object = None) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def reproduce_command(
+    name: str,
+    kind: str,
+    doc: str,
+    own: list[inspect.Parameter],
+    settings: Callable[[dict[str, Any]], tuple[Path | None, dict[str, Any], dict[str, Any]]],
+    *,
+    keys: tuple[str, ...],
+    data_root_help: str,
+    seed_help: str,
+    config_help: str,
 ) -> None:
-    """Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy."""
-    cfg = build_config(
-        config,
-        default_path=None,
-        method=method,
-        method_options={"alpha": alpha, "beta": beta, "form": form},
-        options={
-            "data.rho": rho, "train.epochs": epochs, "data.root": data_root, "seed": seed,
-            **bias_options(bias, labeller, ("colour",)),
+    """Register ``cxrdebias reproduce NAME`` for ``data.kind`` = ``kind``.
+
+    Every reproduce command takes its ``own`` options, then the common ones (method, α, β,
+    epochs, data root, seed, --out, --config, --set, --force, --resume). ``settings(given)``
+    turns the given values into (default config file, extra method options, extra config
+    options); the command prints ``keys`` of ``results["metrics"]``.
+    """
+
+    def command(**given: Any) -> None:
+        default_path, method_options, options = settings(given)
+        cfg = build_config(
+            given["config"],
+            default_path=default_path,
+            method=given["method"],
+            method_options={"alpha": given["alpha"], "beta": given["beta"], **method_options},
+            options={"train.epochs": given["epochs"], "data.root": given["data_root"], "seed": given["seed"], **options},
+            overrides=given["set_"],
+        )
+        _reproduce(cfg, kind, given["out_dir"], force=given["force"], resume=given["resume"], keys=keys)
+
+    common = [
+        _option("method", MethodOpt),
+        _option("alpha", AlphaOpt),
+        _option("beta", BetaOpt),
+        _option("epochs", EpochsOpt),
+        _option("data_root", Annotated[Path | None, typer.Option(help=data_root_help)]),
+        _option("seed", Annotated[int | None, typer.Option(help=seed_help)]),
+        _option("out_dir", OutOpt),
+        _option("config", Annotated[Path | None, typer.Option(help=config_help)]),
+        _option("set_", SetOpt),
+        _option("force", ForceOpt, False),
+        _option("resume", ResumeOpt, False),
+    ]
+    command.__signature__ = inspect.Signature([*own, *common])  # what typer reads the options from
+    command.__name__, command.__doc__ = f"reproduce_{kind}", doc
+    reproduce_app.command(name)(command)
+
+
+reproduce_command(
+    "biased-mnist",
+    "biased_mnist",
+    "Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy.",
+    [
+        _option("rho", Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")]),
+        _option("form", Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")]),
+        _option("bias", Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")]),
+        _option("labeller", LabellerOpt),
+    ],
+    lambda g: (None, {"form": g["form"]}, {"data.rho": g["rho"], **bias_options(g["bias"], g["labeller"], ("colour",))}),
+    keys=("biased_accuracy", "unbiased_accuracy"),
+    data_root_help="MNIST folder (torchvision layout ROOT/MNIST/raw/).",
+    seed_help="Random seed (colouring, init, shuffling).",
+    config_help="YAML config (see configs/biased_mnist/).",
+)
+
+PHOTO_SEED_HELP = "Training seed (init, shuffling); the splits use data.split_seed."
+
+reproduce_command(
+    "celeba",
+    "celeba",
+    "CelebA (Nam et al. protocol): unbiased (group-averaged) and bias-conflicting accuracy.",
+    [_option("target", Annotated[CelebATarget | None, typer.Option(help="Attribute to learn (bias: Male). Default: blond_hair.")])],
+    lambda g: (
+        CONFIGS_DIR / "celeba" / f"{(g['target'] or CelebATarget.blond_hair).value}.yaml",
+        {},
+        {"data.target": CELEBA_ATTRIBUTES[g["target"]] if g["target"] else None},
+    ),
+    keys=("unbiased_accuracy", "bias_conflicting_accuracy"),
+    data_root_help="CelebA folder (torchvision layout ROOT/celeba/).",
+    seed_help=PHOTO_SEED_HELP,
+    config_help="YAML config (default: configs/celeba/<target>.yaml).",
+)
+
+reproduce_command(
+    "imdb-face",
+    "imdb_face",
+    "IMDB Face (Kim et al. splits): accuracy on the test split and on the other extreme-bias split.",
+    [
+        _option("target", Annotated[FaceTarget | None, typer.Option(help="What to learn; the other is the bias. Default: gender.")]),
+        _option("train_split", Annotated[ExtremeBiasSplit | None, typer.Option(help="Extreme-bias split to train on. Default: eb1.")]),
+    ],
+    lambda g: (
+        CONFIGS_DIR / "imdb_face" / f"{(g['target'] or FaceTarget.gender).value}_{(g['train_split'] or ExtremeBiasSplit.eb1).value}.yaml",
+        {},
+        {
+            "data.target": g["target"].value if g["target"] else None,
+            "data.train_split": g["train_split"].value if g["train_split"] else None,
         },
-        overrides=set_,
-    )
-    _reproduce(cfg, "biased_mnist", out_dir, force=force, resume=resume, keys=("biased_accuracy", "unbiased_accuracy"))
-
-
-@reproduce_app.command("celeba")
-def reproduce_celeba(
-    target: Annotated[
-        CelebATarget | None, typer.Option(help="Attribute to learn (bias: Male). Default: blond_hair.")
-    ] = None,
-    method: MethodOpt = None,
-    alpha: AlphaOpt = None,
-    beta: BetaOpt = None,
-    epochs: EpochsOpt = None,
-    data_root: Annotated[Path | None, typer.Option(help="CelebA folder (torchvision layout ROOT/celeba/).")] = None,
-    seed: PhotoSeedOpt = None,
-    out_dir: OutOpt = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/celeba/<target>.yaml).")] = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
-) -> None:
-    """CelebA (Nam et al. protocol): unbiased (group-averaged) and bias-conflicting accuracy."""
-    cfg = build_config(
-        config,
-        default_path=CONFIGS_DIR / "celeba" / f"{(target or CelebATarget.blond_hair).value}.yaml",
-        method=method,
-        method_options={"alpha": alpha, "beta": beta},
-        options={
-            "data.target": CELEBA_ATTRIBUTES[target] if target else None,
-            "data.root": data_root,
-            "train.epochs": epochs,
-            "seed": seed,
-        },
-        overrides=set_,
-    )
-    _reproduce(cfg, "celeba", out_dir, force=force, resume=resume, keys=("unbiased_accuracy", "bias_conflicting_accuracy"))
-
-
-@reproduce_app.command("imdb-face")
-def reproduce_imdb_face(
-    target: Annotated[FaceTarget | None, typer.Option(help="What to learn; the other is the bias. Default: gender.")] = None,
-    train_split: Annotated[
-        ExtremeBiasSplit | None, typer.Option(help="Extreme-bias split to train on. Default: eb1.")
-    ] = None,
-    method: MethodOpt = None,
-    alpha: AlphaOpt = None,
-    beta: BetaOpt = None,
-    epochs: EpochsOpt = None,
-    data_root: Annotated[Path | None, typer.Option(help="Folder with eb1.csv, eb2.csv and test.csv (image paths relative to it).")] = None,
-    seed: PhotoSeedOpt = None,
-    out_dir: OutOpt = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config (default: configs/imdb_face/<target>_<split>.yaml).")] = None,
-    set_: SetOpt = None,
-    force: ForceOpt = False,
-    resume: ResumeOpt = False,
-) -> None:
-    """IMDB Face (Kim et al. splits): accuracy on the test split and on the other extreme-bias split."""
-    cfg = build_config(
-        config,
-        default_path=CONFIGS_DIR / "imdb_face" / f"{(target or FaceTarget.gender).value}_{(train_split or ExtremeBiasSplit.eb1).value}.yaml",
-        method=method,
-        method_options={"alpha": alpha, "beta": beta},
-        options={
-            "data.target": target.value if target else None,
-            "data.train_split": train_split.value if train_split else None,
-            "data.root": data_root,
-            "train.epochs": epochs,
-            "seed": seed,
-        },
-        overrides=set_,
-    )
-    _reproduce(cfg, "imdb_face", out_dir, force=force, resume=resume, keys=("test_accuracy", "other_eb_accuracy"))
+    ),
+    keys=("test_accuracy", "other_eb_accuracy"),
+    data_root_help="Folder with eb1.csv, eb2.csv and test.csv (image paths relative to it).",
+    seed_help=PHOTO_SEED_HELP,
+    config_help="YAML config (default: configs/imdb_face/<target>_<split>.yaml).",
+)
 
 
 @reproduce_app.command("table")
