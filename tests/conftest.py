@@ -89,6 +89,20 @@ def interrupt_after_epoch(trainer, epoch: int = 1) -> None:
         trainer.fit()
 
 
+def resume_after_interrupt(make_trainer, run_dir: Path, epoch: int = 1):
+    """Crash a run in ``run_dir`` after the checkpoint of ``epoch`` (:func:`interrupt_after_epoch`),
+    then resume it; returns the resumed trainer and its ``fit(resume=True)`` result.
+
+    ``make_trainer(run)`` builds a trainer on a :class:`~cxrdebias.training.runs.RunDir`; it is
+    called twice (the interrupted run, then the resumed one on the same folder).
+    """
+    from cxrdebias.training.runs import RunDir
+
+    interrupt_after_epoch(make_trainer(RunDir.create(run_dir)), epoch)
+    resumed = make_trainer(RunDir.create(run_dir, resume=True))
+    return resumed, resumed.fit(resume=True)
+
+
 def assert_same_tensors(a, b) -> None:
     """Two modules (or objects with ``state_dict``) hold bit-identical tensors."""
     import torch
@@ -144,6 +158,14 @@ def single_torch_thread():
 
 @pytest.fixture
 def torch_one_thread():
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread_per_module():
+    """:func:`single_torch_thread` for a whole test module, its module-scoped fixtures included
+    (``pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")``)."""
     with single_torch_thread():
         yield
 

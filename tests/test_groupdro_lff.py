@@ -64,13 +64,8 @@ class TinyNet(nn.Module):
         return ModelOutput(self.fc(f), f)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny tensors: one thread is faster (and immune to a busy machine)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _params(model):

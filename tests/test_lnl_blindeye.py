@@ -24,18 +24,13 @@ from cxrdebias.debias.lnl import (
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.models.base import ModelOutput
-from tests.conftest import assert_same_tensors, interrupt_after_epoch
+from tests.conftest import assert_same_tensors, resume_after_interrupt
 
 NO_AUTOCAST = contextlib.nullcontext
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two fighting over busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: tiny tensors: one thread is faster than two fighting over busy cores
+pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -514,11 +509,7 @@ def test_trainer_resume_continues_exactly(method_cls, tmp_path):
 
     ref = trainer(RunDir.create(tmp_path / "ref"))
     ref.fit()
-    run = RunDir.create(tmp_path / "cut")
-    tr = trainer(run)
-    interrupt_after_epoch(tr)
-    resumed = trainer(RunDir.create(tmp_path / "cut", resume=True))
-    resumed.fit(resume=True)
+    resumed, _ = resume_after_interrupt(trainer, tmp_path / "cut")
     assert_same_tensors(ref.model, resumed.model)
     assert_same_tensors(ref.method, resumed.method)
     assert resumed.method.head_optimizer.param_groups[0]["lr"] == pytest.approx(ref.method.head_optimizer.param_groups[0]["lr"])

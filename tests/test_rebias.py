@@ -23,16 +23,10 @@ from cxrdebias.debias.hsic import (
 from cxrdebias.debias.rebias import ReBias, ReBiasOptions
 from cxrdebias.errors import CheckpointError
 from cxrdebias.models import SimpleConvNet
-from tests.conftest import assert_same_tensors, interrupt_after_epoch
+from tests.conftest import assert_same_tensors, resume_after_interrupt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: tiny tensors: intra-op threads only add synchronisation (slow on a busy machine)
+pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")
 
 
 # -- independent implementations of the formulas (loops, float64) --------------------------------
@@ -422,9 +416,6 @@ def test_trainer_resume_continues_exactly(tmp_path):
     assert {"loss", "ce", "hsic", "ce_g", "accuracy_g", "accuracy"} <= set(history[0]["train"])
     assert ref.method.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # G's StepLR(2) stepped
 
-    interrupted = trainer(RunDir.create(tmp_path / "run"))
-    interrupt_after_epoch(interrupted)
-    resumed = trainer(RunDir.create(tmp_path / "run", resume=True))
-    resumed.fit(resume=True)
+    resumed, _ = resume_after_interrupt(trainer, tmp_path / "run")
     assert_same_tensors(ref.model, resumed.model)
     assert_same_tensors(ref.method, resumed.method)
