@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from sklearn.metrics import silhouette_score
 
 from cxrdebias.debias import build_method
-from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.unsupervised import (
     AttractorLabeller,
     ClusterLabeller,
@@ -23,7 +22,7 @@ from cxrdebias.debias.unsupervised import (
 )
 from cxrdebias.errors import ConfigError
 from cxrdebias.models.base import ModelOutput
-from tests.conftest import assert_same_tensors, resume_after_interrupt, run_cli
+from tests.conftest import adam_context, assert_same_tensors, resume_after_interrupt, run_cli
 
 AUTOCAST = contextlib.nullcontext
 
@@ -37,13 +36,7 @@ def _opts(**kw):
 
 
 def _ctx(num_samples=8, num_classes=2, num_biases=None):
-    return TrainContext(
-        num_samples=num_samples,
-        num_classes=num_classes,
-        num_biases=num_biases,
-        make_optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
-        make_scheduler=lambda opt: None,
-    )
+    return adam_context(num_samples, num_classes, num_biases, lr=1e-2)
 
 
 class TinyNet(torch.nn.Module):

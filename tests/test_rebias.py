@@ -10,7 +10,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.hsic import (
     hsic,
     kernel_matrix,
@@ -23,7 +22,7 @@ from cxrdebias.debias.hsic import (
 from cxrdebias.debias.rebias import ReBias, ReBiasOptions
 from cxrdebias.errors import CheckpointError
 from cxrdebias.models import SimpleConvNet
-from tests.conftest import assert_same_tensors, resume_after_interrupt
+from tests.conftest import adam_context, assert_same_tensors, resume_after_interrupt
 
 #: tiny tensors: intra-op threads only add synchronisation (slow on a busy machine)
 pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")
@@ -257,20 +256,8 @@ def test_options_defaults_and_validation():
 
 
 def _context(build=True, lr_step=None):
-    def make_optimizer(params):
-        return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
-
-    def make_scheduler(opt):
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=0.1) if lr_step else None
-
-    return TrainContext(
-        num_samples=32,
-        num_classes=3,
-        num_biases=None,
-        make_optimizer=make_optimizer,
-        make_scheduler=make_scheduler,
-        build_model=(lambda **overrides: SimpleConvNet(3, **overrides)) if build else None,
-    )
+    build_model = (lambda **overrides: SimpleConvNet(3, **overrides)) if build else None
+    return adam_context(32, 3, None, lr=1e-3, weight_decay=1e-4, lr_step=lr_step, gamma=0.1, build_model=build_model)
 
 
 def _batch(n=8, seed=0):
