@@ -31,6 +31,12 @@ def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int = 2) -> dict[s
     return {"median": statistics.median(times), "min": min(times), "mean": statistics.fmean(times), "n": repeats}
 
 
+def section_markdown(title: str, text: str, table: list[str], *, note: str = "") -> str:
+    """A section of docs/benchmarks.md: ``## title``, the paragraph ``text``, ``note`` (when given)
+    as a paragraph of its own, then the ``table`` lines (header, alignment row, rows, anything after)."""
+    return "\n".join([f"## {title}", "", text, *(["", note] if note else []), "", *table])
+
+
 def write_section(key: str, markdown: str, data: dict[str, Any], script: str | None = None) -> None:
     """Replace the ``key`` section of docs/benchmarks.md and write the raw numbers as JSON.
 

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks._common import time_call, write_section
+from benchmarks._common import section_markdown, time_call, write_section
 from cxrdebias.debias import build_method
 from cxrdebias.models.densenet import DenseNet121
 from cxrdebias.training.device import cpu_has_native_bf16, make_autocast
@@ -49,13 +49,11 @@ def main() -> None:
             data[f"{size}-{precision}"] = {"vanilla": v, "end": e}
             rows.append(f"| {size}² | {precision} | {v:.1f} | {e:.1f} | {v / e:.3f}× |")
             print(rows[-1], flush=True)
-    md = "\n".join(
+    md = section_markdown(
+        "DenseNet-121 CXR training throughput (issue 3)",
+        f"One training step (forward, backward, Adam) on a batch of {args.batch} one-channel images, median of "
+        f"{args.repeats}; EnD with α = β = 1 and the site (2 values) as the bias.",
         [
-            "## DenseNet-121 CXR training throughput (issue 3)",
-            "",
-            f"One training step (forward, backward, Adam) on a batch of {args.batch} one-channel images, median of "
-            f"{args.repeats}; EnD with α = β = 1 and the site (2 values) as the bias.",
-            "",
             "| image size | precision | vanilla img/s | EnD img/s | EnD step / vanilla step |",
             "|---|---|---|---|---|",
             *rows,

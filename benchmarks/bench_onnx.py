@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks._common import time_call, write_section
+from benchmarks._common import section_markdown, time_call, write_section
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.explain import GradCAMModel
 from cxrdebias.deploy.export import to_onnx_bytes
@@ -81,21 +81,19 @@ def main() -> None:
                     f"{r['onnxruntime_img_per_s']:.1f} | {r['speedup']:.2f}× |"
                 )
     torch.set_num_threads(before)
-    md = "\n".join(
+    md = section_markdown(
+        "Exported model inference: onnxruntime vs torch eager (issue 6)",
+        "DenseNet-121 (1 channel, EnD head), fp32 on the CPU, images per second (median of "
+        f"{args.repeats} calls after one warm-up). *eager*: `model(x)` (logits only) under `torch.inference_mode()`; "
+        "*eager + CAM*: the same computation as the exported graph (`GradCAMModel`: probabilities and Grad-CAM); "
+        f"*onnxruntime*: the exported graph (probabilities and Grad-CAM), onnxruntime {ort.__version__}, CPU provider. "
+        "Speed-up = onnxruntime / eager (the CAM is extra work for onnxruntime only).",
         [
-            "## Exported model inference: onnxruntime vs torch eager (issue 6)",
-            "",
-            "DenseNet-121 (1 channel, EnD head), fp32 on the CPU, images per second (median of "
-            f"{args.repeats} calls after one warm-up). *eager*: `model(x)` (logits only) under `torch.inference_mode()`; "
-            "*eager + CAM*: the same computation as the exported graph (`GradCAMModel`: probabilities and Grad-CAM); "
-            f"*onnxruntime*: the exported graph (probabilities and Grad-CAM), onnxruntime {ort.__version__}, CPU provider. "
-            "Speed-up = onnxruntime / eager (the CAM is extra work for onnxruntime only).",
-            *(["", args.note] if args.note else []),
-            "",
             "| threads | image size | batch | eager img/s | eager + CAM img/s | onnxruntime img/s | speed-up |",
             "|---:|---|---:|---:|---:|---:|---:|",
             *rows,
-        ]
+        ],
+        note=args.note,
     )
     write_section("bench_onnx", md, {"repeats": args.repeats, "note": args.note, "onnxruntime": ort.__version__, "img_per_s": data})
     print(md)

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks._common import write_section
+from benchmarks._common import section_markdown, write_section
 
 SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-covid-sources"
 
@@ -244,26 +244,24 @@ def main() -> None:
             "|---|---:|---:|",
             *(f"| {k} ({len(v)}) | {np.median(v):.2f} | {max(v):.2f} |" for k, v in times.items()),
         ]
-    md = "\n".join(
+    md = section_markdown(
+        "Viewer: selecting an image → prediction + Grad-CAM shown (issue 6)",
+        "In-process timing of the calls `apps/viewer.py` makes after an image is selected (median over images of the "
+        f"median of {args.repeats} runs after one warm-up), onnxruntime {ort.__version__}, CPU provider, default threads. "
+        "*predict + CAM*: `analyse_with_source`: read, preprocess, one onnxruntime call, CAM onto the image at display size "
+        "(long side ≤ 1024), and the window/level source (for DICOM the modality-LUT values, read once more in a worker "
+        "thread while the model runs); the page caches both per file path + mtime, so moving a slider or coming back to "
+        "an image skips this step; *window + overlay*: window/level and the two pictures; *encode*: both pictures as JPEG "
+        "(what `st.image` sends); *total* = the three (target < 500 ms on a 2-core CPU). *report PNG*: the one-page "
+        "report, rendered only when its download button is clicked. Streamlit's own rerun and the browser are not "
+        "included. The random-weight models time the same graph as an export.",
         [
-            "## Viewer: selecting an image → prediction + Grad-CAM shown (issue 6)",
-            "",
-            "In-process timing of the calls `apps/viewer.py` makes after an image is selected (median over images of the "
-            f"median of {args.repeats} runs after one warm-up), onnxruntime {ort.__version__}, CPU provider, default threads. "
-            "*predict + CAM*: `analyse_with_source`: read, preprocess, one onnxruntime call, CAM onto the image at display size "
-            "(long side ≤ 1024), and the window/level source (for DICOM the modality-LUT values, read once more in a worker "
-            "thread while the model runs); the page caches both per file path + mtime, so moving a slider or coming back to "
-            "an image skips this step; *window + overlay*: window/level and the two pictures; *encode*: both pictures as JPEG "
-            "(what `st.image` sends); *total* = the three (target < 500 ms on a 2-core CPU). *report PNG*: the one-page "
-            "report, rendered only when its download button is clicked. Streamlit's own rerun and the browser are not "
-            "included. The random-weight models time the same graph as an export.",
-            *(["", args.note] if args.note else []),
-            "",
             "| model | input | image (n) | predict + CAM (ms) | window + overlay (ms) | encode (ms) | total (ms) | report PNG (ms) |",
             "|---|---|---|---:|---:|---:|---:|---:|",
             *rows,
             *browser_md,
-        ]
+        ],
+        note=args.note,
     )
     write_section("bench_viewer", md, {"repeats": args.repeats, "note": args.note, "onnxruntime": ort.__version__, "results": data})
     print(md)

@@ -89,6 +89,51 @@ def interrupt_after_epoch(trainer, epoch: int = 1) -> None:
         trainer.fit()
 
 
+def adam_context(
+    num_samples: int,
+    num_classes: int,
+    num_biases: int | None,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    lr_step: int | None = None,
+    gamma: float = 0.5,
+    build_model=None,
+):
+    """A :class:`~cxrdebias.debias.base.TrainContext` for a method's unit tests: the networks the
+    method owns get ``Adam(lr, weight_decay)`` and ``StepLR(lr_step, gamma)`` (no schedule
+    without ``lr_step``)."""
+    import torch
+
+    from cxrdebias.debias.base import TrainContext
+
+    def make_scheduler(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=gamma) if lr_step else None
+
+    return TrainContext(
+        num_samples=num_samples,
+        num_classes=num_classes,
+        num_biases=num_biases,
+        make_optimizer=lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+        make_scheduler=make_scheduler,
+        build_model=build_model,
+    )
+
+
+def resume_after_interrupt(make_trainer, run_dir: Path, epoch: int = 1):
+    """Crash a run in ``run_dir`` after the checkpoint of ``epoch`` (:func:`interrupt_after_epoch`),
+    then resume it; returns the resumed trainer and its ``fit(resume=True)`` result.
+
+    ``make_trainer(run)`` builds a trainer on a :class:`~cxrdebias.training.runs.RunDir`; it is
+    called twice (the interrupted run, then the resumed one on the same folder).
+    """
+    from cxrdebias.training.runs import RunDir
+
+    interrupt_after_epoch(make_trainer(RunDir.create(run_dir)), epoch)
+    resumed = make_trainer(RunDir.create(run_dir, resume=True))
+    return resumed, resumed.fit(resume=True)
+
+
 def assert_same_tensors(a, b) -> None:
     """Two modules (or objects with ``state_dict``) hold bit-identical tensors."""
     import torch
@@ -144,6 +189,14 @@ def single_torch_thread():
 
 @pytest.fixture
 def torch_one_thread():
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread_per_module():
+    """:func:`single_torch_thread` for a whole test module, its module-scoped fixtures included
+    (``pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")``)."""
     with single_torch_thread():
         yield
 

@@ -209,24 +209,24 @@ def test_single_class_site(tmp_path):
     assert "single_class_site: 2" in format_drop_summary(df.attrs["dropped"])
 
 
-def test_file_level_errors(tmp_path):
-    with pytest.raises(DataError, match="manifest not found"):
-        load_manifest(tmp_path / "nope.csv")
-    (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(DataError, match="empty manifest"):
-        load_manifest(tmp_path / "empty.csv")
-    (tmp_path / "cols.csv").write_text("path,label,patient\nx.png,0,p\n")
-    with pytest.raises(DataError, match=r"missing column\(s\) site, patient_id; the header has path, label, patient"):
-        load_manifest(tmp_path / "cols.csv")
-    (tmp_path / "latin1.csv").write_bytes(b"path,label,site,patient_id\nx\xe9.png,0,A,p\n")
-    with pytest.raises(DataError, match="line 2 is not UTF-8"):
-        load_manifest(tmp_path / "latin1.csv")
-    (tmp_path / "dup.csv").write_text("path,label,label,site,patient_id\n")
-    with pytest.raises(DataError, match="repeats column"):
-        load_manifest(tmp_path / "dup.csv")
-    (tmp_path / "quote.csv").write_text('path,label,site,patient_id\n"a.png"x,0,A,p\n')
-    with pytest.raises(DataError, match="line 2: malformed CSV"):
-        load_manifest(tmp_path / "quote.csv")
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "manifest not found"),  # no file
+        (b"", "empty manifest"),
+        (b"path,label,patient\nx.png,0,p\n", r"missing column\(s\) site, patient_id; the header has path, label, patient"),
+        (b"path,label,site,patient_id\nx\xe9.png,0,A,p\n", "line 2 is not UTF-8"),  # Latin-1
+        (b"path,label,label,site,patient_id\n", "repeats column"),
+        (b'path,label,site,patient_id\n"a.png"x,0,A,p\n', "line 2: malformed CSV"),
+    ],
+    ids=["missing", "empty", "columns", "latin1", "duplicate-column", "quote"],
+)
+def test_file_level_errors(tmp_path, content, match):
+    path = tmp_path / "file.csv"  # no "manifest" in the path: the messages must say it
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        load_manifest(path)
 
 
 def test_label_map_and_split_values(tmp_path):

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.groupdro import (
     GroupDRO,
     GroupDROOptions,
@@ -27,19 +26,13 @@ from cxrdebias.debias.lff import (
 )
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.models.base import ModelOutput
+from tests.conftest import adam_context
 
 AUTOCAST = contextlib.nullcontext
 
 
 def _ctx(num_samples=8, num_classes=2, num_biases=2, build_model=None, lr=1e-2, step=None):
-    return TrainContext(
-        num_samples=num_samples,
-        num_classes=num_classes,
-        num_biases=num_biases,
-        make_optimizer=lambda params: torch.optim.Adam(params, lr=lr),
-        make_scheduler=(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step, 0.5)) if step else (lambda opt: None),
-        build_model=build_model,
-    )
+    return adam_context(num_samples, num_classes, num_biases, lr=lr, lr_step=step, build_model=build_model)
 
 
 def _image_batch(n=8, num_classes=2, num_biases=2, seed=0, size=12):
@@ -64,13 +57,8 @@ class TinyNet(nn.Module):
         return ModelOutput(self.fc(f), f)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny tensors: one thread is faster (and immune to a busy machine)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _params(model):

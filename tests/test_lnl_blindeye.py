@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.blindeye import BlindEye, BlindEyeOptions
 from cxrdebias.debias.lnl import (
     LNL,
@@ -24,18 +23,13 @@ from cxrdebias.debias.lnl import (
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.models.base import ModelOutput
-from tests.conftest import assert_same_tensors, interrupt_after_epoch
+from tests.conftest import adam_context, assert_same_tensors, resume_after_interrupt
 
 NO_AUTOCAST = contextlib.nullcontext
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster than two fighting over busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: tiny tensors: one thread is faster than two fighting over busy cores
+pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -68,16 +62,7 @@ def toy_batch(n=64, d_in=8, seed=0):
 
 
 def context(num_biases=2, lr=1e-2, step_lr=None):
-    def make_scheduler(opt):
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=step_lr, gamma=0.5) if step_lr else None
-
-    return TrainContext(
-        num_samples=64,
-        num_classes=2,
-        num_biases=num_biases,
-        make_optimizer=lambda params: torch.optim.Adam(params, lr=lr, weight_decay=1e-4),
-        make_scheduler=make_scheduler,
-    )
+    return adam_context(64, 2, num_biases, lr=lr, weight_decay=1e-4, lr_step=step_lr)
 
 
 def set_up(method_cls, seed=0, model=None, ctx=None, **options):
@@ -514,11 +499,7 @@ def test_trainer_resume_continues_exactly(method_cls, tmp_path):
 
     ref = trainer(RunDir.create(tmp_path / "ref"))
     ref.fit()
-    run = RunDir.create(tmp_path / "cut")
-    tr = trainer(run)
-    interrupt_after_epoch(tr)
-    resumed = trainer(RunDir.create(tmp_path / "cut", resume=True))
-    resumed.fit(resume=True)
+    resumed, _ = resume_after_interrupt(trainer, tmp_path / "cut")
     assert_same_tensors(ref.model, resumed.model)
     assert_same_tensors(ref.method, resumed.method)
     assert resumed.method.head_optimizer.param_groups[0]["lr"] == pytest.approx(ref.method.head_optimizer.param_groups[0]["lr"])

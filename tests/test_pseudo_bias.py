@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from sklearn.metrics import silhouette_score
 
 from cxrdebias.debias import build_method
-from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.unsupervised import (
     AttractorLabeller,
     ClusterLabeller,
@@ -23,17 +22,12 @@ from cxrdebias.debias.unsupervised import (
 )
 from cxrdebias.errors import ConfigError
 from cxrdebias.models.base import ModelOutput
-from tests.conftest import assert_same_tensors, interrupt_after_epoch, run_cli
+from tests.conftest import adam_context, assert_same_tensors, resume_after_interrupt, run_cli
 
 AUTOCAST = contextlib.nullcontext
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _opts(**kw):
@@ -42,13 +36,7 @@ def _opts(**kw):
 
 
 def _ctx(num_samples=8, num_classes=2, num_biases=None):
-    return TrainContext(
-        num_samples=num_samples,
-        num_classes=num_classes,
-        num_biases=num_biases,
-        make_optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
-        make_scheduler=lambda opt: None,
-    )
+    return adam_context(num_samples, num_classes, num_biases, lr=1e-2)
 
 
 class TinyNet(torch.nn.Module):
@@ -596,7 +584,7 @@ def test_resume_of_a_bias_auto_run_is_exact(labeller, tmp_path):
     from cxrdebias.training.trainer import Trainer
     from tests.test_train import _data
 
-    def trainer(path, resume=False):
+    def trainer(run):
         cfg = load_config(None, [
             "train.epochs=2", "train.batch_size=32", "train.progress=false", "train.precision=fp32",
             "unsupervised.enabled=true", f"unsupervised.labeller={labeller}", "unsupervised.warmup_steps=2",
@@ -606,15 +594,12 @@ def test_resume_of_a_bias_auto_run_is_exact(labeller, tmp_path):
         model = SimpleConvNet(3, kernel_size=3, last_activation="tanh")
         method = build_method("end", {"alpha": 0.5, "beta": 0.5}, cfg.unsupervised)
         loader = TensorBatchLoader(_data(), 32, shuffle=True, seed=1)
-        return Trainer(model, method, loader, cfg.train, run=RunDir.create(path, resume=resume), seed=0,
+        return Trainer(model, method, loader, cfg.train, run=run, seed=0,
                        fingerprint={"labeller": labeller}, num_classes=3, num_biases=3)
 
-    ref = trainer(tmp_path / "ref")
+    ref = trainer(RunDir.create(tmp_path / "ref"))
     ref.fit()
-    tr = trainer(tmp_path / "cut")
-    interrupt_after_epoch(tr)
-    resumed = trainer(tmp_path / "cut", resume=True)
-    resumed.fit(resume=True)
+    resumed, _ = resume_after_interrupt(trainer, tmp_path / "cut")
     assert_same_tensors(ref.model, resumed.model)
     for k, v in ref.method.state_dict().items():
         assert torch.equal(v, resumed.method.state_dict()[k]), k

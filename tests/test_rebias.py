@@ -10,7 +10,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cxrdebias.debias.base import TrainContext
 from cxrdebias.debias.hsic import (
     hsic,
     kernel_matrix,
@@ -23,16 +22,10 @@ from cxrdebias.debias.hsic import (
 from cxrdebias.debias.rebias import ReBias, ReBiasOptions
 from cxrdebias.errors import CheckpointError
 from cxrdebias.models import SimpleConvNet
-from tests.conftest import assert_same_tensors, interrupt_after_epoch
+from tests.conftest import adam_context, assert_same_tensors, resume_after_interrupt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: tiny tensors: intra-op threads only add synchronisation (slow on a busy machine)
+pytestmark = pytest.mark.usefixtures("torch_one_thread_per_module")
 
 
 # -- independent implementations of the formulas (loops, float64) --------------------------------
@@ -263,20 +256,8 @@ def test_options_defaults_and_validation():
 
 
 def _context(build=True, lr_step=None):
-    def make_optimizer(params):
-        return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
-
-    def make_scheduler(opt):
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=0.1) if lr_step else None
-
-    return TrainContext(
-        num_samples=32,
-        num_classes=3,
-        num_biases=None,
-        make_optimizer=make_optimizer,
-        make_scheduler=make_scheduler,
-        build_model=(lambda **overrides: SimpleConvNet(3, **overrides)) if build else None,
-    )
+    build_model = (lambda **overrides: SimpleConvNet(3, **overrides)) if build else None
+    return adam_context(32, 3, None, lr=1e-3, weight_decay=1e-4, lr_step=lr_step, gamma=0.1, build_model=build_model)
 
 
 def _batch(n=8, seed=0):
@@ -422,9 +403,6 @@ def test_trainer_resume_continues_exactly(tmp_path):
     assert {"loss", "ce", "hsic", "ce_g", "accuracy_g", "accuracy"} <= set(history[0]["train"])
     assert ref.method.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # G's StepLR(2) stepped
 
-    interrupted = trainer(RunDir.create(tmp_path / "run"))
-    interrupt_after_epoch(interrupted)
-    resumed = trainer(RunDir.create(tmp_path / "run", resume=True))
-    resumed.fit(resume=True)
+    resumed, _ = resume_after_interrupt(trainer, tmp_path / "run")
     assert_same_tensors(ref.model, resumed.model)
     assert_same_tensors(ref.method, resumed.method)

@@ -16,7 +16,7 @@ from cxrdebias.training.checkpoint import CHECKPOINT_FORMAT
 from cxrdebias.training.device import resolve_precision, seed_everything
 from cxrdebias.training.runs import RunDir
 from cxrdebias.training.trainer import Trainer
-from tests.conftest import assert_same_tensors, interrupt_after_epoch
+from tests.conftest import assert_same_tensors, resume_after_interrupt
 
 
 def _data(n=96, seed=0):
@@ -62,14 +62,10 @@ def test_resume_gives_identical_weights(tmp_path):
     ref = _trainer(RunDir.create(tmp_path / "ref"))
     ref.fit()
 
-    run = RunDir.create(tmp_path / "interrupted")
-    tr = _trainer(run)
-    interrupt_after_epoch(tr)
-    resumed = _trainer(RunDir.create(tmp_path / "interrupted", resume=True))
-    res = resumed.fit(resume=True)
+    resumed, res = resume_after_interrupt(_trainer, tmp_path / "interrupted")
     assert res.resumed_from_epoch == 1
     assert_same_tensors(ref.model, resumed.model)
-    assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3]
+    assert [r["epoch"] for r in resumed.run.read_metrics()] == [1, 2, 3]
 
 
 def _signal_at_update(trainer, signum, n):

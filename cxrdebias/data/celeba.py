@@ -48,6 +48,7 @@ from cxrdebias.data.photos import (
     balanced_indices,
     check_files_exist,
     photo_transform,
+    val_fraction_field,
     validation_split,
 )
 from cxrdebias.errors import ConfigError, DataError
@@ -72,9 +73,7 @@ class CelebAConfig(PhotoDataConfig):
         description="bias 1 = 'auto': the bias value that goes with target 1 in training; "
         "'attribute': attribute present; 'inverted': attribute absent",
     )
-    val_fraction: float = Field(
-        0.2, ge=0, lt=1, description="validation = this share of the smallest training group, drawn from every group"
-    )
+    val_fraction: float = val_fraction_field(0.2)
 
 
 @dataclass

@@ -65,6 +65,7 @@ from cxrdebias.data.photos import (
     PhotoDataset,
     PhotoSplits,
     photo_transform,
+    val_fraction_field,
     validation_split,
 )
 from cxrdebias.errors import DataError
@@ -92,9 +93,7 @@ class IMDBFaceConfig(PhotoDataConfig):
     age_bias: Literal["binary", "bins12"] = Field(
         "binary", description="gender target: age bias as 'binary' (under 30 / 30+) or the 12 age bins"
     )
-    val_fraction: float = Field(
-        0.0, ge=0, lt=1, description="validation = this share of the smallest training group, drawn from every group"
-    )
+    val_fraction: float = val_fraction_field(0.0)
 
 
 @dataclass

@@ -44,6 +44,14 @@ class PhotoDataConfig(BaseModel):
     split_seed: int = Field(42, description="seed of the validation sampling and of the test-set balancing")
 
 
+def val_fraction_field(default: float) -> Any:
+    """The ``val_fraction`` option of a photo dataset's config: the share that
+    :func:`validation_split` takes from every (target, bias) group (the default differs by dataset)."""
+    return Field(
+        default, ge=0, lt=1, description="validation = this share of the smallest training group, drawn from every group"
+    )
+
+
 def photo_transform(image_size: int, *, train: bool, hflip: bool = True) -> T.Compose:
     """PIL RGB image → normalised ``3×S×S`` float tensor (flip only when ``train and hflip``)."""
     steps: list[Any] = [T.Resize((image_size, image_size))]

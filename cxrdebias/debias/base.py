@@ -126,6 +126,21 @@ class Method(nn.Module):
         source = self._bias_source
         return batch if source is None else source(batch, output)
 
+    def forward_with_bias(
+        self, model: nn.Module, batch: Batch, autocast: AutocastFactory
+    ) -> tuple[ModelOutput, Batch]:
+        """The first forward pass of a method that overrides :meth:`update`.
+
+        Returns the model's output on ``batch["image"]`` (under ``autocast``) and the batch whose
+        ``bias`` the method must use (:meth:`with_bias`: the pseudo-bias labels under
+        ``--bias auto``), checked by :meth:`check_batch`.
+        """
+        with autocast():
+            output = model(batch["image"])
+        batch = self.with_bias(batch, output)
+        self.check_batch(batch)
+        return output, batch
+
     def check_batch(self, batch: Batch) -> None:
         if self.requires_bias and bool((batch["bias"] == UNKNOWN_BIAS).any()):
             raise ValueError(

@@ -44,19 +44,11 @@ class BlindEye(BiasHeadMethod):
     Options = BlindEyeOptions
 
     def update(
-        self,
-        model: nn.Module,
-        batch: Batch,
-        optimizer: torch.optim.Optimizer,
-        autocast: AutocastFactory,
+        self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, autocast: AutocastFactory
     ) -> dict[str, torch.Tensor]:
         head, head_optimizer = self._head()
-        image, target = batch["image"], batch["target"]
-        with autocast():
-            output = model(image)
-        batch = self.with_bias(batch, output)  # pseudo-bias labels under --bias auto
-        self.check_batch(batch)
-        bias = batch["bias"]
+        output, batch = self.forward_with_bias(model, batch, autocast)  # pseudo-bias under --bias auto
+        target, bias = batch["target"], batch["bias"]
 
         # step 1: the bias head learns the bias from the current (detached) features
         bias_logits = head(output.features.detach())

@@ -241,22 +241,14 @@ class LNL(BiasHeadMethod):
     Options = LNLOptions
 
     def update(
-        self,
-        model: nn.Module,
-        batch: Batch,
-        optimizer: torch.optim.Optimizer,
-        autocast: AutocastFactory,
+        self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, autocast: AutocastFactory
     ) -> dict[str, torch.Tensor]:
         head, head_optimizer = self._head()
         o = self.options
-        image, target = batch["image"], batch["target"]
 
         # step 1: main network, CE + λ·(negative entropy of the head's prediction)
-        with autocast():
-            output = model(image)
-        batch = self.with_bias(batch, output)  # pseudo-bias labels under --bias auto
-        self.check_batch(batch)
-        bias = batch["bias"]
+        output, batch = self.forward_with_bias(model, batch, autocast)  # pseudo-bias under --bias auto
+        image, target, bias = batch["image"], batch["target"], batch["bias"]
         ce = self.classification_loss(output.logits, target)
         neg_entropy = negative_entropy(head(output.features))
         loss = ce + o.lambda_ * neg_entropy if o.lambda_ else ce

@@ -224,6 +224,11 @@ class Trainer:
         )
 
     # -- checkpoints (the files: cxrdebias.training.checkpoint) ------------------------------------
+    def _checkpointed(self) -> dict[str, Any]:
+        """The objects a checkpoint saves and restores in place (the keyword arguments that
+        ``training_state`` and ``restore_training_state`` share)."""
+        return {"model": self.model, "method": self.method, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
     def save_checkpoint(self, epoch: int) -> None:
         """Checkpoint the end of ``epoch`` (``last.pt``, the previous one kept as ``prev.pt``)."""
         if self.run is None:
@@ -233,10 +238,7 @@ class Trainer:
             return
         state = training_state(
             epoch,
-            model=self.model,
-            method=self.method,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            **self._checkpointed(),
             history=self.history,
             best=self.best,
             fingerprint=self.fingerprint,
@@ -250,14 +252,7 @@ class Trainer:
         """Restore the newest readable checkpoint; returns its epoch."""
         assert self.run is not None
         name, state, errors = read_resumable(self.run.checkpoint_dir, self.fingerprint)
-        restore_training_state(
-            state,
-            self.run.checkpoint_dir / name,
-            model=self.model,
-            method=self.method,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-        )
+        restore_training_state(state, self.run.checkpoint_dir / name, **self._checkpointed())
         self.history = state["history"]
         self.best = state["best"]
         rng, warning = rng_for_process(state, self.world, name)

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 #: bump whenever a change alters the generated pixels or the split (recorded in synth_config.json)
 GENERATOR_VERSION = "1.0.0"
 MANIFEST_NAME = "manifest.csv"
 CONFIG_NAME = "synth_config.json"
 IMAGES_DIR = "images"
+#: the (min, max) options of :class:`SynthConfig` and the limits they must lie within
+_RANGE_LIMITS = {"images_per_patient": (1, 20), "severity_range": (0, 1)}
 
 
 class SynthConfig(BaseModel):
@@ -97,20 +99,13 @@ class SynthConfig(BaseModel):
                 raise ValueError(f"every site_prevalence must be in [0, 1], got {p}")
         return v
 
-    @field_validator("images_per_patient")
+    @field_validator(*_RANGE_LIMITS)
     @classmethod
-    def _check_images_per_patient(cls, v: tuple[int, int]) -> tuple[int, int]:
+    def _check_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        low, high = _RANGE_LIMITS[info.field_name]
         lo, hi = v
-        if not 1 <= lo <= hi <= 20:
-            raise ValueError(f"images_per_patient must satisfy 1 <= min <= max <= 20, got {v}")
-        return v
-
-    @field_validator("severity_range")
-    @classmethod
-    def _check_severity(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"severity_range must satisfy 0 <= min <= max <= 1, got {v}")
+        if not low <= lo <= hi <= high:
+            raise ValueError(f"{info.field_name} must satisfy {low} <= min <= max <= {high}, got {v}")
         return v
 
     @field_validator("n_test_patients_per_site")
