@@ -26,29 +26,20 @@ from cxrdebias.data.synthetic import (
 )
 from cxrdebias.errors import CxrDebiasError, DataError, RunExistsError
 
-SMALL = SynthConfig(
-    seed=1,
-    image_size=64,
-    n_train_patients_per_site=60,
-    n_val_patients_per_site=20,
-    n_test_patients_per_site=40,
-)
+
+def _synth(seed: int, image_size: int, patients: tuple[int, int, int], **options) -> SynthConfig:
+    """A :class:`SynthConfig` with (train, val, test) patients per site."""
+    train, val, test = patients
+    return SynthConfig(
+        seed=seed, image_size=image_size, n_train_patients_per_site=train, n_val_patients_per_site=val,
+        n_test_patients_per_site=test, **options,
+    )
+
+
+SMALL = _synth(1, 64, (60, 20, 40))
 #: no site–label correlation: what the pixels say about site and disease, separately
-UNBIASED = SynthConfig(
-    seed=2,
-    image_size=64,
-    bias_strength=0.0,
-    n_train_patients_per_site=100,
-    n_val_patients_per_site=0,
-    n_test_patients_per_site=0,
-)
-TINY = SynthConfig(
-    seed=5,
-    image_size=32,
-    n_train_patients_per_site=4,
-    n_val_patients_per_site=2,
-    n_test_patients_per_site=2,
-)
+UNBIASED = _synth(2, 64, (100, 0, 0), bias_strength=0.0)
+TINY = _synth(5, 32, (4, 2, 2))
 
 
 @pytest.fixture(scope="module")

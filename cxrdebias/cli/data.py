@@ -50,13 +50,11 @@ def data_check(
 ) -> None:
     """Validate a manifest (files, images, labels, sites, duplicates) without training."""
     from cxrdebias.data.cxr import format_drop_summary, load_manifest
+    from cxrdebias.data.cxr.splits import site_table_markdown
 
     df = load_manifest(manifest, site_source=site_source, allow_drop=allow_drop)
     dropped = df.attrs.get("dropped", [])
     if dropped:
         err.print(format_drop_summary(dropped, len(df) + len(dropped)))
     out.print(f"{manifest}: {len(df)} valid rows, {df['patient_id'].nunique()} patients\n")
-    print("| site | patients | images | negative | positive |\n|---|---:|---:|---:|---:|")
-    for site, g in df.groupby("site"):
-        n_pos = int((g["label"] == 1).sum())
-        print(f"| {site} | {g['patient_id'].nunique()} | {len(g)} | {len(g) - n_pos} | {n_pos} |")
+    print(site_table_markdown(df))

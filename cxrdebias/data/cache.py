@@ -18,7 +18,7 @@ content-addressed:
 so a changed source file, a different preprocessing spec or another version of the decoding
 code looks up a different key — stale data is never served; old entries are just unused (delete
 the folder to reclaim the space). Writes go to a temporary file in the same folder and are
-renamed into place (``os.replace``), so concurrent writers (DataLoader workers, two runs) and a
+renamed into place (:func:`cxrdebias.fileio.atomic_write`), so concurrent writers (DataLoader workers, two runs) and a
 crash mid-write never leave a partial entry under a valid name. A file that is there but cannot
 be read as the expected array (truncated, wrong shape/dtype, non-finite values) is a
 :class:`~cxrdebias.errors.DataError` naming it; it is not silently rebuilt. Corruption *inside*
@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.errors import DataError
+from cxrdebias.fileio import atomic_write
 
 #: bump when the stored layout, or what read_image/preprocess produce for the same inputs, changes
 CACHE_FORMAT = 1
@@ -144,7 +144,7 @@ class DecodedCache:
         if plane.shape != self.shape:
             raise ValueError(f"cache entry must have shape {self.shape}, got {plane.shape}")
         path = self.path(key)
-        _write_atomic(path, lambda f: np.save(f, plane, allow_pickle=False))
+        atomic_write(path, lambda f: np.save(f, plane, allow_pickle=False))
         return path
 
     def load(
@@ -222,24 +222,9 @@ class InspectionCache:
         error, info = run()
         if error is None and info is not None and file_sha256(source) == digest:
             data = json.dumps(info, sort_keys=True).encode()
-            _write_atomic(path, lambda f: f.write(data))
+            atomic_write(path, lambda f: f.write(data))
         return error, info
 
 
 def _corrupt(path: Path, why: str) -> DataError:
     return DataError(f"{path}: corrupt pre-decoding cache entry, {why}; delete the file (or the cache folder) to rebuild it")
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -6,8 +6,8 @@ results file reports (:class:`Protocol`). Everything else — method, model, tra
 folder, provenance, the common part of ``results.json`` — belongs to the one runner
 (:func:`cxrdebias.experiments.runner.run_experiment`).
 
-Adding a dataset: its data module (``cxrdebias/data/…``), a protocol module that calls
-:func:`register` once, and one import line in :mod:`cxrdebias.experiments.protocols`
+Adding a dataset: its data module (``cxrdebias/data/…``), a protocol module that registers
+its ``build`` function once (:func:`protocol`, or :func:`register` with a :class:`ProtocolSpec`), and one import line in :mod:`cxrdebias.experiments.protocols`
 (docs/architecture.md). Code outside the package registers the same way
 (``tests/test_architecture.py`` registers a toy dataset from outside).
 """
@@ -128,6 +128,20 @@ def register(spec: ProtocolSpec) -> ProtocolSpec:
         raise ValueError(f"data.kind {spec.kind!r} is already registered (by {old.build.__module__})")
     _PROTOCOLS[spec.kind] = spec
     return spec
+
+
+def protocol(kind: str, config: type[BaseModel], *, run_tag: Callable[[Any], str], command: str) -> Callable:
+    """Decorator form of :func:`register` for a protocol's ``build`` function::
+
+        @protocol("biased_mnist", BiasedMNISTConfig, run_tag=lambda cfg: "…", command="cxrdebias reproduce biased-mnist")
+        def build(cfg, method, run, console) -> Protocol: ...
+    """
+
+    def decorate(build: Callable[[Any, Method, RunDir | None, Console], Protocol]) -> Callable:
+        register(ProtocolSpec(kind=kind, config=config, build=build, run_tag=run_tag, command=command))
+        return build
+
+    return decorate
 
 
 def unregister(kind: str) -> None:

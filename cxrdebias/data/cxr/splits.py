@@ -158,6 +158,15 @@ def split_summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"images": g.size(), "patients": g[MANIFEST.patient_id].nunique()}).reset_index()
 
 
+def site_table_markdown(df: pd.DataFrame) -> str:
+    """Per site: patients, images, negative and positive images, as a Markdown table (``data check``)."""
+    lines = ["| site | patients | images | negative | positive |", "|---|---:|---:|---:|---:|"]
+    for site, g in df.groupby(MANIFEST.site):
+        n_pos = int((g[MANIFEST.label] == 1).sum())
+        lines.append(f"| {site} | {g[MANIFEST.patient_id].nunique()} | {len(g)} | {len(g) - n_pos} | {n_pos} |")
+    return "\n".join(lines)
+
+
 def save_splits(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the split table (``path, patient_id, site, label, split``) as CSV, atomically."""
     missing = [c for c in MANIFEST.split_table if c not in df.columns]

@@ -5,6 +5,6 @@ it registers the built-in kinds. Adding a built-in dataset is one import line be
 """
 
 from cxrdebias.experiments.protocols import biased_mnist, cxr, photos  # noqa: F401  (registration)
-from cxrdebias.experiments.registry import ProtocolSpec, get, kinds, register, unregister
+from cxrdebias.experiments.registry import ProtocolSpec, get, kinds, protocol, register, unregister
 
-__all__ = ["ProtocolSpec", "get", "kinds", "register", "unregister"]
+__all__ = ["ProtocolSpec", "get", "kinds", "protocol", "register", "unregister"]

@@ -12,11 +12,12 @@ from typing import Any
 
 from cxrdebias.data.biased_mnist import NUM_CLASSES, BiasedMNISTConfig, build_biased_mnist
 from cxrdebias.experiments.protocols.accuracy import accuracy_protocol
-from cxrdebias.experiments.registry import Protocol, ProtocolSpec, register
+from cxrdebias.experiments.registry import Protocol, protocol
 
 EVAL_BATCH = 1000
 
 
+@protocol("biased_mnist", BiasedMNISTConfig, run_tag=lambda cfg: f"biased-mnist-rho{cfg.data.rho}", command="cxrdebias reproduce biased-mnist")
 def build(cfg: Any, method: Any = None, run: Any = None, console: Any = None) -> Protocol:
     data = build_biased_mnist(cfg.data, cfg.seed)
 
@@ -47,13 +48,3 @@ def build(cfg: Any, method: Any = None, run: Any = None, console: Any = None) ->
         params={"rho": cfg.data.rho},
     )
 
-
-SPEC = register(
-    ProtocolSpec(
-        kind="biased_mnist",
-        config=BiasedMNISTConfig,
-        build=build,
-        run_tag=lambda cfg: f"biased-mnist-rho{cfg.data.rho}",
-        command="cxrdebias reproduce biased-mnist",
-    )
-)

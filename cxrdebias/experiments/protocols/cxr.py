@@ -37,7 +37,7 @@ from cxrdebias.data.cxr import (
 from cxrdebias.deploy.artefact import MODEL_FILE, MODEL_FORMAT, SPLITS_FILE
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.metrics import auroc, balanced_accuracy, youden_threshold
-from cxrdebias.experiments.registry import Finished, Protocol, ProtocolSpec, register
+from cxrdebias.experiments.registry import Finished, Protocol, protocol
 from cxrdebias.models import build_model
 from cxrdebias.training.inference import Predictions
 from cxrdebias.training.provenance import code_version
@@ -97,6 +97,7 @@ def materialise(dataset, data_cfg: CXRDataConfig, *, hide_bias: bool):
     return dataset
 
 
+@protocol("cxr", CXRDataConfig, run_tag=lambda cfg: "cxr", command="cxrdebias train")
 def build(cfg: Any, method: Any, run: Any, console: Any) -> Protocol:
     """The CXR protocol of ``cfg`` (``run``: the run folder when resuming, whose splits are reused)."""
     if cfg.model.arch != "densenet121":
@@ -209,7 +210,3 @@ def build(cfg: Any, method: Any, run: Any, console: Any) -> Protocol:
         splits={"test": lambda: materialise(data.test, cfg.data, hide_bias=hide)},
     )
 
-
-SPEC = register(
-    ProtocolSpec(kind="cxr", config=CXRDataConfig, build=build, run_tag=lambda cfg: "cxr", command="cxrdebias train")
-)

@@ -18,7 +18,7 @@ from cxrdebias.data.celeba import CelebAConfig, build_celeba
 from cxrdebias.data.imdb_face import IMDBFaceConfig, build_imdb_face
 from cxrdebias.data.photos import PhotoSplits
 from cxrdebias.experiments.protocols.accuracy import accuracy_protocol
-from cxrdebias.experiments.registry import Protocol, ProtocolSpec, register
+from cxrdebias.experiments.registry import Protocol, protocol
 
 
 def _photo_protocol(cfg: Any, splits: PhotoSplits, **fields: Any) -> Protocol:
@@ -44,6 +44,7 @@ def _photo_protocol(cfg: Any, splits: PhotoSplits, **fields: Any) -> Protocol:
     )
 
 
+@protocol("celeba", CelebAConfig, run_tag=lambda cfg: f"celeba-{cfg.data.target.lower()}", command="cxrdebias reproduce celeba")
 def build_celeba_protocol(cfg: Any, method: Any = None, run: Any = None, console: Any = None) -> Protocol:
     splits = build_celeba(cfg.data)
 
@@ -70,6 +71,12 @@ def build_celeba_protocol(cfg: Any, method: Any = None, run: Any = None, console
     )
 
 
+@protocol(
+    "imdb_face",
+    IMDBFaceConfig,
+    run_tag=lambda cfg: f"imdb-face-{cfg.data.target}-{cfg.data.train_split}",
+    command="cxrdebias reproduce imdb-face",
+)
 def build_imdb_face_protocol(cfg: Any, method: Any = None, run: Any = None, console: Any = None) -> Protocol:
     splits = build_imdb_face(cfg.data)
     other = splits.info["other_split"]
@@ -94,22 +101,3 @@ def build_imdb_face_protocol(cfg: Any, method: Any = None, run: Any = None, cons
         params={"target": d.target, "train_split": d.train_split, "other_split": other},
     )
 
-
-CELEBA = register(
-    ProtocolSpec(
-        kind="celeba",
-        config=CelebAConfig,
-        build=build_celeba_protocol,
-        run_tag=lambda cfg: f"celeba-{cfg.data.target.lower()}",
-        command="cxrdebias reproduce celeba",
-    )
-)
-IMDB_FACE = register(
-    ProtocolSpec(
-        kind="imdb_face",
-        config=IMDBFaceConfig,
-        build=build_imdb_face_protocol,
-        run_tag=lambda cfg: f"imdb-face-{cfg.data.target}-{cfg.data.train_split}",
-        command="cxrdebias reproduce imdb-face",
-    )
-)
