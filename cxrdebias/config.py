@@ -9,12 +9,16 @@ experiments layer, where the dataset kinds are registered.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cxrdebias.errors import ConfigError
+
+#: the configs shipped in the source checkout (``configs/``: the defaults of the CXR and photo commands)
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class StrictConfig(BaseModel):
@@ -117,3 +121,18 @@ def merge_tree(dst: dict[str, Any], src: dict[str, Any]) -> None:
             merge_tree(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
+
+
+def bias_options(bias: str | None, labeller: str | None, dataset_values: tuple[str, ...]) -> dict[str, Any]:
+    """``--bias``/``--labeller`` as config options: ``auto`` switches on the online pseudo-bias
+    labeller (the dataset's bias labels, when it has them, then only feed the agreement
+    metrics); one of ``dataset_values`` uses the dataset's own bias labels."""
+    if labeller is not None and bias != "auto":
+        raise ConfigError("--labeller only applies with --bias auto")
+    if bias is None:
+        return {}
+    if bias == "auto":
+        return {"unsupervised.enabled": True, "unsupervised.labeller": labeller}
+    if bias not in dataset_values:
+        raise ConfigError(f"--bias {bias!r}: expected {', '.join(dataset_values)} or auto")
+    return {"unsupervised.enabled": False}

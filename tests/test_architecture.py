@@ -238,3 +238,13 @@ def test_every_module_reads_in_one_sitting():
         if lines > MAX_LINES and "Size:" not in doc:
             long.append(f"{module}: {lines} lines and no 'Size:' reason in its docstring")
     assert not long, "\n".join(long)
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """``cxrdebias --help`` stays fast: the commands import the library when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys, cxrdebias.cli; print(sorted(m for m in ('torch', 'pandas', 'cxrdebias.experiments') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -26,7 +26,6 @@ from cxrdebias.cli.app import (
     out,
     reproduce_app,
 )
-from cxrdebias.experiments.config import CONFIGS_DIR, bias_options, build_config
 
 
 def _run(cfg, out_dir: Path | None, *, kind: str, force: bool, resume: bool) -> tuple[dict | None, Path]:
@@ -91,6 +90,18 @@ class ExtremeBiasSplit(str, Enum):
     eb2 = "eb2"
 
 
+def _configs_dir() -> Path:
+    from cxrdebias.config import CONFIGS_DIR  # imported when a command runs: `--help` stays fast
+
+    return CONFIGS_DIR
+
+
+def _bias_options(bias: str | None, labeller: str | None, dataset_values: tuple[str, ...]) -> dict[str, Any]:
+    from cxrdebias.config import bias_options
+
+    return bias_options(bias, labeller, dataset_values)
+
+
 def _option(name: str, annotation: object, default: object = None) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
@@ -116,6 +127,8 @@ def reproduce_command(
     """
 
     def command(**given: Any) -> None:
+        from cxrdebias.experiments.config import build_config
+
         default_path, method_options, options = settings(given)
         cfg = build_config(
             given["config"],
@@ -155,7 +168,7 @@ reproduce_command(
         _option("bias", Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")]),
         _option("labeller", LabellerOpt),
     ],
-    lambda g: (None, {"form": g["form"]}, {"data.rho": g["rho"], **bias_options(g["bias"], g["labeller"], ("colour",))}),
+    lambda g: (None, {"form": g["form"]}, {"data.rho": g["rho"], **_bias_options(g["bias"], g["labeller"], ("colour",))}),
     keys=("biased_accuracy", "unbiased_accuracy"),
     data_root_help="MNIST folder (torchvision layout ROOT/MNIST/raw/).",
     seed_help="Random seed (colouring, init, shuffling).",
@@ -170,7 +183,7 @@ reproduce_command(
     "CelebA (Nam et al. protocol): unbiased (group-averaged) and bias-conflicting accuracy.",
     [_option("target", Annotated[CelebATarget | None, typer.Option(help="Attribute to learn (bias: Male). Default: blond_hair.")])],
     lambda g: (
-        CONFIGS_DIR / "celeba" / f"{(g['target'] or CelebATarget.blond_hair).value}.yaml",
+        _configs_dir() / "celeba" / f"{(g['target'] or CelebATarget.blond_hair).value}.yaml",
         {},
         {"data.target": CELEBA_ATTRIBUTES[g["target"]] if g["target"] else None},
     ),
@@ -189,7 +202,7 @@ reproduce_command(
         _option("train_split", Annotated[ExtremeBiasSplit | None, typer.Option(help="Extreme-bias split to train on. Default: eb1.")]),
     ],
     lambda g: (
-        CONFIGS_DIR / "imdb_face" / f"{(g['target'] or FaceTarget.gender).value}_{(g['train_split'] or ExtremeBiasSplit.eb1).value}.yaml",
+        _configs_dir() / "imdb_face" / f"{(g['target'] or FaceTarget.gender).value}_{(g['train_split'] or ExtremeBiasSplit.eb1).value}.yaml",
         {},
         {
             "data.target": g["target"].value if g["target"] else None,
@@ -259,15 +272,17 @@ def train_cmd(
     resume: ResumeOpt = False,
 ) -> None:
     """Train a DenseNet-121 COVID-19 classifier on a CXR manifest with the site as the bias."""
+    from cxrdebias.experiments.config import build_config
+
     cfg = build_config(
         config,
-        default_path=CONFIGS_DIR / "cxr" / "default.yaml",
+        default_path=_configs_dir() / "cxr" / "default.yaml",
         method=method,
         method_options={"alpha": alpha, "beta": beta},
         options={
             "data.manifest": data,
             "data.bias": bias if bias != "auto" else None,
-            **bias_options(bias, labeller, ("site", "none")),
+            **_bias_options(bias, labeller, ("site", "none")),
             "data.site_source": site_source,
             "data.allow_drop_bad_rows": True if allow_drop else None,
             "data.preprocess.image_size": image_size,

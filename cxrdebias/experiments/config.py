@@ -35,8 +35,6 @@ from cxrdebias.experiments import protocols
 
 #: the kind of a ``data:`` section that does not name one
 DEFAULT_DATA_KIND = "biased_mnist"
-#: the repository's config folder (the defaults of the CXR and photo commands)
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _default_data() -> BaseModel:
@@ -156,21 +154,6 @@ def build_config(
         if value is not None:
             set_in(tree, key.split("."), str(value) if isinstance(value, Path) else value)
     return _validate(tree, source)
-
-
-def bias_options(bias: str | None, labeller: str | None, dataset_values: tuple[str, ...]) -> dict[str, Any]:
-    """``--bias``/``--labeller`` as config options: ``auto`` switches on the online pseudo-bias
-    labeller (the dataset's bias labels, when it has them, then only feed the agreement
-    metrics); one of ``dataset_values`` uses the dataset's own bias labels."""
-    if labeller is not None and bias != "auto":
-        raise ConfigError("--labeller only applies with --bias auto")
-    if bias is None:
-        return {}
-    if bias == "auto":
-        return {"unsupervised.enabled": True, "unsupervised.labeller": labeller}
-    if bias not in dataset_values:
-        raise ConfigError(f"--bias {bias!r}: expected {', '.join(dataset_values)} or auto")
-    return {"unsupervised.enabled": False}
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -15,13 +15,14 @@ from typing import Any
 
 from rich.console import Console
 
+from cxrdebias.config import CONFIGS_DIR
 from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
 from cxrdebias.experiments.runner import run_experiment
 from cxrdebias.fileio import write_text_atomic
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cxr" / "synthetic.yaml"
+CONFIG = CONFIGS_DIR / "cxr" / "synthetic.yaml"
 METHODS = ("vanilla", "end")
 
 

@@ -32,13 +32,14 @@ from typing import Any
 
 from rich.console import Console
 
+from cxrdebias.config import CONFIGS_DIR
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
 from cxrdebias.fileio import replace_marked_block, write_json_atomic, write_text_atomic
 
 #: the shipped configs the cells start from (``configs/`` of the source checkout)
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = CONFIGS_DIR
 DEFAULT_RUNS = Path("runs") / "tables"
 
 #: train options that change how fast a run goes, not what it computes
@@ -59,7 +60,6 @@ class Cell:
     row: tuple[str, ...]
     seed: int
     config: ExperimentConfig
-    runner: str  # the data.kind of the cell ("biased_mnist" | "celeba" | "imdb_face")
     #: other results files (``TABLE/CELL`` under the results folder) that may hold this very run,
     #: e.g. Table 2's full-EnD cell is Table 1's EnD cell; used only if their options match
     same_as: tuple[str, ...] = ()
@@ -168,7 +168,7 @@ def biased_mnist_table(
             form = cfg.method.options().get("form")
             for seed in seeds:
                 name = _biased_mnist_cell_name(rho, method, form, seed)
-                cells.append(Cell(name, (_label(cfg), f"{rho:.3f}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist"))
+                cells.append(Cell(name, (_label(cfg), f"{rho:.3f}"), seed, _with(cfg, overrides=[f"seed={seed}"])))
     published = {
         (c.row[0], c.row[1]): [None, PUBLISHED_BIASED_MNIST.get(c.config.method.name, {}).get(round(float(c.row[1]), 3))]
         for c in cells
@@ -196,7 +196,7 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
             form = cfg.method.options().get("form", "paper")
             name = f"rho{rho:.3f}-end-{form}-a{a:g}-b{b:g}-s{seed}"
             same = (f"biased_mnist/{_biased_mnist_cell_name(rho, 'end', form, seed)}",) if (a, b) == (alpha, beta) else ()
-            cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), "biased_mnist", same))
+            cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), same))
     return Table(
         "ablation",
         f"EnD Table 2 — ablation of the two terms, Biased MNIST ρ = {rho} (MNIST-15k), last epoch",
@@ -210,7 +210,7 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
 
 
 def _method_cells(
-    base: ExperimentConfig, methods: Iterable[str], seeds: Iterable[int], runner: str, prefix: str, row: tuple[str, ...]
+    base: ExperimentConfig, methods: Iterable[str], seeds: Iterable[int], prefix: str, row: tuple[str, ...]
 ) -> list[Cell]:
     """A cell per method × seed on the shipped config ``base`` (see :func:`_method_section`),
     named ``{prefix}-{method}-s{seed}``, in the row ``(method label, *row)``."""
@@ -218,7 +218,7 @@ def _method_cells(
     for method in methods:
         cfg = _with(base, _method_section(base, method))
         for seed in seeds:
-            cells.append(Cell(f"{prefix}-{method}-s{seed}", (_label(cfg), *row), seed, _with(cfg, overrides=[f"seed={seed}"]), runner))
+            cells.append(Cell(f"{prefix}-{method}-s{seed}", (_label(cfg), *row), seed, _with(cfg, overrides=[f"seed={seed}"])))
     return cells
 
 
@@ -231,7 +231,7 @@ def celeba_table(
     cells = []
     for target in targets:
         base = load_config(CONFIGS / "celeba" / f"{target}.yaml", list(overrides))
-        cells += _method_cells(base, methods, seeds, "celeba", target, (target,))
+        cells += _method_cells(base, methods, seeds, target, (target,))
     published = {c.row: list(PUBLISHED_CELEBA.get((c.config.method.name, c.row[1]), (None, None))) for c in cells}
     return Table(
         "celeba",
@@ -252,7 +252,7 @@ def imdb_table(
     cells = []
     for target, split in settings:
         base = load_config(CONFIGS / "imdb_face" / f"{target}_{split}.yaml", list(overrides))
-        cells += _method_cells(base, methods, seeds, "imdb_face", f"{target}-{split}", (target, split))
+        cells += _method_cells(base, methods, seeds, f"{target}-{split}", (target, split))
     published = {c.row: list(PUBLISHED_IMDB.get((c.config.method.name, c.row[1], c.row[2]), (None, None))) for c in cells}
     return Table(
         "imdb",

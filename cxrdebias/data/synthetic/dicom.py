@@ -15,7 +15,7 @@ _DETECTOR_MM = 350.0  # field of view of the simulated detector (for ImagerPixel
 def encode(d: np.ndarray, style: SiteStyle) -> np.ndarray:
     """Display values in [0, 1] → stored pixel values (uint16) of the site's DICOM encoding."""
     if not np.isfinite(d).all():  # a generator bug, never silently encode garbage
-        raise RuntimeError("synthetic_cxr: non-finite pixel values")
+        raise RuntimeError("data.synthetic: non-finite pixel values")
     p = d if style.photometric == "MONOCHROME2" else 1 - d
     rescaled = style.value_lo + p.astype(np.float64) * (style.value_hi - style.value_lo)
     stored = np.rint((rescaled - style.rescale_intercept) / style.rescale_slope)
