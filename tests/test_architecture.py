@@ -248,3 +248,21 @@ def test_the_command_line_starts_without_importing_torch():
     code = "import sys, cxrdebias.cli; print(sorted(m for m in ('torch', 'pandas', 'cxrdebias.experiments') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_viewer_page_imports_only_the_torch_free_side():
+    """apps/viewer.py lies outside the package (import-linter does not see it): every module it
+    imports loads without torch."""
+    import subprocess
+    import sys
+
+    page = PACKAGE.parent / "apps" / "viewer.py"
+    tree = ast.parse(page.read_text())
+    modules = sorted(
+        {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.module != "__future__"}
+        | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    )
+    assert "cxrdebias.deploy.runtime" in modules
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
