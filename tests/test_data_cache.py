@@ -19,7 +19,7 @@ from cxrdebias.data.cache import DecodedCache, file_sha256
 from cxrdebias.data.cxr import CXRDataConfig, CXRDataset, build_cxr
 from cxrdebias.data.images import write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.errors import CxrDebiasError, DataError
+from cxrdebias.errors import CxrDebiasError, DataError, OutputError
 
 SPEC = PreprocessSpec(image_size=32)
 
@@ -174,7 +174,7 @@ def test_write_is_atomic_temp_file_then_rename(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(cache_mod.np, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"\.npy: cannot write \(disk full\)"):  # one line naming the file
         cache.put("cd" * 32, plane)
     assert cache.get("cd" * 32) is None
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
