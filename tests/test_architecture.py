@@ -130,6 +130,14 @@ def test_a_dataset_registered_from_outside_trains_through_the_runner(toy_registe
     assert load_config(None, None, base=saved["config"]).data == cfg.data
 
 
+def test_a_protocol_names_its_splits(toy_registered):
+    cfg = _toy_config()
+    proto = protocols.get("toy_squares").build(cfg, None, None, None)
+    assert proto.split("unbiased") is proto.split("val") and len(proto.split("train")) == 48
+    with pytest.raises(ConfigError, match=r"split 'test': this run has train, val, unbiased"):
+        proto.split("test")
+
+
 def test_a_registered_dataset_validates_its_own_section(toy_registered):
     with pytest.raises(ConfigError, match=r"data.n: Input should be a valid integer"):
         _toy_config("vanilla", "data.n=many")

@@ -86,12 +86,10 @@ class Protocol:
 
     def split(self, name: str) -> Any:
         """The samples of split ``name`` (``train``, ``val`` or a test set), for analyses of a run."""
-        named = {"train": lambda: self.train, "val": lambda: self.val, **self.splits}
-        samples = named[name]() if name in named else None
-        if samples is None:
-            have = [k for k in named if k in ("train", "val") and named[k]() is not None or k not in ("train", "val")]
+        have = [k for k, v in (("train", self.train), ("val", self.val)) if v is not None] + list(self.splits)
+        if name not in have:
             raise ConfigError(f"split {name!r}: this run has {', '.join(have)}")
-        return samples
+        return {"train": self.train, "val": self.val}[name] if name in ("train", "val") else self.splits[name]()
 
 
 @dataclass(frozen=True)
