@@ -14,8 +14,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from cxrdebias.data.images import LoadedImage, read_dicom_tag, read_image, window_level, write_dicom
+from cxrdebias.data.images import LoadedImage, read_dicom_tag, window_level, write_dicom
+from cxrdebias.data.images import read_image as read_any_image
 from cxrdebias.errors import ConfigError, DataError
+
+
+def read_image(path, **kwargs):
+    """:func:`read_any_image` of the small test patterns here (no minimum size)."""
+    return read_any_image(path, **{"min_side": 1, **kwargs})
 
 RAMP8 = np.arange(256, dtype=np.uint8).reshape(16, 16)  # pixel value == flat index
 
@@ -204,10 +210,12 @@ def test_png_rgb_to_luminance_and_alpha_dropped(tmp_path):
 
 
 def test_jpeg_grayscale(tmp_path):
-    Image.fromarray(np.full((5, 6), 200, np.uint8)).save(tmp_path / "g.jpg", quality=95)
+    gray = np.full((16, 8), 200, np.uint8)
+    gray[8:] = 100  # constant 8×8 JPEG blocks decode exactly
+    Image.fromarray(gray).save(tmp_path / "g.jpg", quality=95)
     img = read_image(tmp_path / "g.jpg")
-    assert img.meta["format"] == "JPEG" and img.pixels.shape == (5, 6)
-    np.testing.assert_allclose(img.pixels, 200 / 255, atol=1 / 255)
+    assert img.meta["format"] == "JPEG" and img.pixels.shape == (16, 8)
+    np.testing.assert_allclose(img.pixels, gray / 255, atol=1 / 255)
 
 
 def test_format_detected_from_content_not_name(tmp_path):

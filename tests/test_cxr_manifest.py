@@ -38,7 +38,7 @@ HEADER = "path,label,site,patient_id"
 def png(path: Path, seed: int) -> Path:
     """A tiny PNG whose pixels are unique to ``seed``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)).save(path)
     return path
 
 
@@ -267,7 +267,7 @@ def test_site_read_from_dicom_tag(tmp_path, real_df):
     assert back.shape == read_image(picked["abs_path"].iloc[0]).pixels.shape
 
     # a DICOM without the tag, and a PNG, cannot give a site
-    write_dicom(tmp_path / "dcm/none.dcm", np.zeros((4, 4), np.uint8) + np.arange(4, dtype=np.uint8), patient_id="x")
+    write_dicom(tmp_path / "dcm/none.dcm", np.zeros((32, 32), np.uint8) + np.arange(32, dtype=np.uint8), patient_id="x")
     png(tmp_path / "p.png", seed=7)
     with path.open("a") as f:
         f.write("dcm/none.dcm,0,x\np.png,1,y\n")

@@ -33,7 +33,7 @@ def _images(folder: Path, n: int = 6) -> list[Path]:
             p = write_dicom(folder / f"img{i}.dcm", rng.integers(0, 4096, (40 + i, 37), dtype=np.uint16), bits_stored=12)
         else:
             p = folder / f"img{i}.png"
-            Image.fromarray(rng.integers(0, 256, (29, 45 + i), dtype=np.uint8)).save(p)
+            Image.fromarray(rng.integers(0, 256, (33, 45 + i), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
 
@@ -274,7 +274,7 @@ def test_manifest_validation_reuses_inspections(tmp_path, monkeypatch):
     # a changed file is decoded (and validated) again; a changed pixel limit re-validates all
     calls = []
     monkeypatch.setattr(cxr, "read_image", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
-    Image.fromarray(np.full((30, 30), 7, np.uint8)).save(tmp_path / "set" / "img1.png")
+    Image.fromarray((np.arange(32 * 32) % 7).astype(np.uint8).reshape(32, 32)).save(tmp_path / "set" / "img1.png")
     df = cxr.load_manifest(manifest, cache_dir=root)
     assert [Path(c).name for c in calls] == ["img1.png"] and df["image_sha256"][1] != plain["image_sha256"][1]
     calls.clear()

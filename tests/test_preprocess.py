@@ -121,7 +121,7 @@ def test_spec_is_frozen_serialisable_and_versioned():
 
 
 def test_preprocess_file_same_for_png_and_dicom(tmp_path):
-    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ramp = (np.arange(1024) % 256).astype(np.uint8).reshape(32, 32)
     Image.fromarray(ramp).save(tmp_path / "a.png")
     write_dicom(tmp_path / "a.dcm", ramp, window=(128, 256))  # identity window: x/255
     spec = PreprocessSpec(image_size=8)

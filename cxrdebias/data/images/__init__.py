@@ -27,8 +27,15 @@ is applied.
 Refused with a :class:`~cxrdebias.errors.DataError` naming the file: missing, empty,
 truncated or corrupt files, files that are not PNG/JPEG/DICOM whatever their extension,
 multi-frame DICOM, colour DICOM, DICOM without Pixel Data, bit depths other than 1–16 stored
-in 8 or 16 allocated bits, and images with more than ``max_pixels`` pixels (checked from the
-header, before decoding).
+in 8 or 16 allocated bits, images with more than ``max_pixels`` pixels (checked from the
+header, before decoding; a deflated DICOM is inflated with a cap), images smaller than
+:data:`MIN_IMAGE_SIDE` on a side, blank images (every pixel one value, e.g. a wrong BitsStored
+that masks the data away), and anything but a regular file (a FIFO named ``x.png``).
+
+Memory: decoding converts in float32 blocks; :data:`DECODE_BUDGET` bounds how many pixels the
+threads of the process decode at once (``data check`` with several workers); a DICOM file larger
+than its pixels could be (``2 × max_pixels`` bytes plus :data:`DICOM_EXTRA_BYTES`) is refused
+unread.
 
 Modules: :mod:`.common` (:class:`LoadedImage`, limits), :mod:`.dicom` (DICOM reading),
 :mod:`.raster` (PNG/JPEG reading), :mod:`.dicom_writer` (:func:`write_dicom`); :func:`read_image`
@@ -43,12 +50,16 @@ from pathlib import Path
 import numpy as np
 
 from cxrdebias.data.images.common import (
+    DECODE_BUDGET,
     DEFAULT_MAX_PIXELS,
+    DICOM_EXTRA_BYTES,
     JPEG_SIGNATURE,
+    MIN_IMAGE_SIDE,
     PNG_SIGNATURE,
     LoadedImage,
+    PixelBudget,
     TagLike,
-    read_head,
+    open_regular,
 )
 from cxrdebias.data.images.dicom import (
     DICOM_SUFFIXES,
@@ -62,7 +73,11 @@ from cxrdebias.data.images.raster import LUMA_WEIGHTS, read_raster
 from cxrdebias.errors import DataError
 
 __all__ = [
+    "DECODE_BUDGET",
     "DEFAULT_MAX_PIXELS",
+    "DICOM_EXTRA_BYTES",
+    "MIN_IMAGE_SIDE",
+    "PixelBudget",
     "DICOM_SUFFIXES",
     "LUMA_WEIGHTS",
     "LoadedImage",
@@ -81,6 +96,7 @@ def read_image(
     *,
     site_tag: TagLike | None = "InstitutionName",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
 ) -> LoadedImage:
     """Read a DICOM, PNG or JPEG chest X-ray as a float32 ``[0, 1]`` image (1 = bright).
 
@@ -93,6 +109,8 @@ def read_image(
         site_tag: DICOM keyword (``"InstitutionName"``) or tag (``0x00080080`` / ``(0x0008,
             0x0080)``) whose value is returned as ``meta["site"]``; ``None``: do not read a site.
         max_pixels: refuse images with more than this many pixels (checked before decoding).
+        min_side: refuse images smaller than this on a side (default :data:`MIN_IMAGE_SIDE`;
+            ``1`` for icons and test patterns).
 
     Raises:
         DataError: one line naming the file and what is wrong with it (see the module doc).
@@ -102,13 +120,25 @@ def read_image(
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     tag = resolve_tag(site_tag) if site_tag is not None else None
     path = Path(path)
-    head = read_head(path)
-    if head[128:132] == b"DICM":
-        return read_dicom(path, tag, max_pixels, force=False)
-    if head.startswith(PNG_SIGNATURE) or head.startswith(JPEG_SIGNATURE):
-        return read_raster(path, max_pixels)
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom(path, tag, max_pixels, force=True)
+    with open_regular(path) as f, DECODE_BUDGET.scope():
+        try:
+            head = f.read(132)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(0)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if not head:
+            raise DataError(f"{path}: empty file (0 bytes); expected a PNG, JPEG or DICOM image")
+        is_dicom = head[128:132] == b"DICM"
+        if not is_dicom and (head.startswith(PNG_SIGNATURE) or head.startswith(JPEG_SIGNATURE)):
+            return read_raster(path, max_pixels, f, min_side)
+        if is_dicom or path.suffix.lower() in DICOM_SUFFIXES:
+            if size > 2 * max_pixels + DICOM_EXTRA_BYTES:
+                raise DataError(
+                    f"{path}: DICOM file of {size} bytes is larger than an image of at most {max_pixels} pixels "
+                    "can be (max_pixels)"
+                )
+            return read_dicom(path, tag, max_pixels, force=not is_dicom, fileobj=f, min_side=min_side)
     raise DataError(
         f"{path}: not a PNG, JPEG or DICOM file (starts with {head[:8]!r}); expected a chest X-ray image"
     )

@@ -5,23 +5,33 @@ pixels, and the modality-LUT values a window/level control acts on."""
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut
 from pydicom.tag import BaseTag, Tag
 
 from cxrdebias.data.images.common import (
+    DECODE_BUDGET,
+    DEFAULT_MAX_PIXELS,
+    DICOM_EXTRA_BYTES,
     JPEG_SIGNATURE,
     PNG_SIGNATURE,
     LoadedImage,
     TagLike,
     as_number,
+    check_not_blank,
+    check_size,
+    open_regular,
     read_head,
     short_error,
 )
@@ -31,6 +41,8 @@ from cxrdebias.errors import ConfigError, DataError
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ""})
 #: the grayscale Photometric Interpretations (MONOCHROME1: low values are bright)
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: pixels mapped through the LUTs at a time (float64 temporaries stay small whatever the image size)
+_BLOCK_PIXELS = 1 << 20
 
 
 def read_dicom_tag(path: str | os.PathLike, tag: TagLike) -> str | None:
@@ -109,15 +121,68 @@ def read_dicom_modality_values(path: str | os.PathLike) -> tuple[np.ndarray, dic
     return values, {"window": window, "inverted": photometric == "MONOCHROME1"}
 
 
-def _dcmread(path: Path, *, force: bool, stop_before_pixels: bool = False) -> Dataset:
+def _dcmread(
+    path: Path, *, force: bool, stop_before_pixels: bool = False, fileobj: BinaryIO | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Dataset:
+    """The dataset of ``path`` (read from ``fileobj`` when given, else opened as a regular file);
+    a deflated file is inflated with a cap (:func:`_inflate_capped`)."""
+    if fileobj is None:
+        with open_regular(path) as f:
+            return _dcmread(path, force=force, stop_before_pixels=stop_before_pixels, fileobj=f, max_pixels=max_pixels)
     try:
-        ds = pydicom.dcmread(path, force=force, stop_before_pixels=stop_before_pixels)
+        source = _inflate_capped(path, fileobj, force, max_pixels) or fileobj
+        ds = pydicom.dcmread(source, force=force, stop_before_pixels=stop_before_pixels)
+    except DataError:
+        raise
     except Exception as exc:  # pydicom raises many types on corrupt input; the parser is the boundary
         raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {short_error(exc)})") from None
     if force and len(ds) == 0:
         raise DataError(f"{path}: not a DICOM file (no 'DICM' marker and no readable data elements)")
     return ds
 
+
+def _inflate_capped(path: Path, f: BinaryIO, force: bool, max_pixels: int) -> DicomBytesIO | None:
+    """A Deflated Explicit VR Little Endian file as an inflated Explicit VR Little Endian one in
+    memory, inflated in chunks and refused once it exceeds what an image of ``max_pixels``
+    pixels can hold (pydicom would inflate it whole: a 3 MB file can hold 3 GB); ``None`` for
+    any other file (``f`` rewound)."""
+    try:
+        f.seek(0)
+        read_preamble(f, force)
+        meta = FileMetaDataset(read_dataset(f, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2))
+        deflated = meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
+    except Exception:  # not readable as a file meta group: dcmread reports it
+        deflated = False
+    if not deflated:
+        f.seek(0)
+        return None
+    start = f.tell()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    if "FileMetaInformationGroupLength" in meta:
+        del meta.FileMetaInformationGroupLength
+    head = DicomBytesIO()
+    write_file_meta_info(head, meta, enforce_standard=False)
+    prefix = b"\0" * 128 + b"DICM" + head.getvalue()
+    cap = 2 * max_pixels + DICOM_EXTRA_BYTES
+    out = bytearray(prefix)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    f.seek(start)
+    try:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                out += inflater.decompress(chunk, cap + 1 - (len(out) - len(prefix)))
+                if len(out) - len(prefix) > cap:
+                    raise DataError(
+                        f"{path}: deflated DICOM inflates to more than {cap} bytes, more than an image of at most "
+                        f"{max_pixels} pixels can hold (max_pixels)"
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DataError(f"{path}: corrupt deflated DICOM ({short_error(exc)})") from None
+    buffer = DicomBytesIO(bytes(out))
+    buffer.name = str(path)
+    return buffer
 
 
 def _tag_text(ds: Dataset, tag: BaseTag) -> str | None:
@@ -148,10 +213,15 @@ def _int_tag(path: Path, ds: Dataset, keyword: str, default: int | None = None) 
         raise DataError(f"{path}: DICOM tag {keyword} is not an integer") from None
 
 
-def read_dicom(path: Path, site_tag: BaseTag | None, max_pixels: int, *, force: bool) -> LoadedImage:
-    """Decode the DICOM file ``path`` (``force``: it has no ``DICM`` marker) as a :class:`LoadedImage`,
-    reading the site from ``site_tag``; DataError for anything :func:`~cxrdebias.data.images.read_image` refuses."""
-    ds = _dcmread(path, force=force)
+def read_dicom(
+    path: Path, site_tag: BaseTag | None, max_pixels: int, *, force: bool, fileobj: BinaryIO | None = None,
+    min_side: int = 1,
+) -> LoadedImage:
+    """Decode the DICOM file ``path`` (``force``: it has no ``DICM`` marker; read from ``fileobj``
+    when given) as a :class:`LoadedImage`, reading the site from ``site_tag``; DataError for
+    anything :func:`~cxrdebias.data.images.read_image` refuses. Frames, samples, rows × columns
+    and bits are checked from the header before the pixels are decoded."""
+    ds = _dcmread(path, force=force, fileobj=fileobj, max_pixels=max_pixels)
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         if other:
@@ -172,10 +242,7 @@ def read_dicom(path: Path, site_tag: BaseTag | None, max_pixels: int, *, force: 
         )
     rows = _int_tag(path, ds, "Rows")
     cols = _int_tag(path, ds, "Columns")
-    if rows < 1 or cols < 1:
-        raise DataError(f"{path}: DICOM image of {rows}×{cols} pixels; expected a non-empty image")
-    if rows * cols > max_pixels:
-        raise DataError(f"{path}: {rows}×{cols} = {rows * cols} pixels exceeds the limit of {max_pixels} (max_pixels)")
+    check_size(path, rows, cols, max_pixels, min_side, what="DICOM image")
     bits_allocated = _int_tag(path, ds, "BitsAllocated")
     bits_stored = _int_tag(path, ds, "BitsStored", bits_allocated)
     if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
@@ -183,6 +250,7 @@ def read_dicom(path: Path, site_tag: BaseTag | None, max_pixels: int, *, force: 
             f"{path}: BitsAllocated {bits_allocated} / BitsStored {bits_stored}; expected 8–16 bit grayscale"
         )
     transfer_syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    DECODE_BUDGET.reserve(rows * cols)
     try:
         stored = ds.pixel_array
     except Exception as exc:  # decoder errors: truncated data, missing codec plugin, bad tags
@@ -203,19 +271,17 @@ def read_dicom(path: Path, site_tag: BaseTag | None, max_pixels: int, *, force: 
         ) from None
     if stored.shape != (rows, cols):
         raise DataError(f"{path}: decoded pixels have shape {stored.shape}, header says {rows}×{cols}")
+    check_not_blank(path, stored, f"stored value (BitsStored {bits_stored})")
 
+    inverted = photometric == "MONOCHROME1"
     try:
-        values, window = _dicom_to_unit(ds, stored)
+        pixels, window = _dicom_to_unit(path, ds, stored, inverted)
     except DataError:
         raise
     except Exception as exc:  # malformed LUT/window/rescale elements
         raise DataError(f"{path}: cannot apply the DICOM modality/VOI LUT ({type(exc).__name__}: {short_error(exc)})") from None
-    if not np.isfinite(values).all():
-        raise DataError(f"{path}: the DICOM rescale/window values give non-finite pixels (window {window})")
-    inverted = photometric == "MONOCHROME1"
-    if inverted:
-        values = 1.0 - values
-    pixels = np.clip(values, 0.0, 1.0).astype(np.float32)
+    if pixels.min() == pixels.max():
+        raise DataError(f"{path}: blank image after the DICOM rescale/window ({window}); expected a radiograph")
 
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")  # valid: the LUT step used them
     meta: dict[str, Any] = {
@@ -241,12 +307,36 @@ def read_dicom(path: Path, site_tag: BaseTag | None, max_pixels: int, *, force: 
 
 
 
-def _dicom_to_unit(ds: Dataset, stored: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Modality LUT then VOI LUT / window, mapped onto [0, 1] (float64, not yet inverted)."""
-    values = apply_modality_lut(stored, ds)
-    if values.dtype.kind == "f" and ds.get("VOILUTSequence"):
-        values = np.rint(values).astype(np.int64)  # a VOI LUT indexes integer modality values
+def _dicom_to_unit(path: Path, ds: Dataset, stored: np.ndarray, inverted: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Modality LUT then VOI LUT / window, mapped onto [0, 1], inverted for MONOCHROME1 and
+    clipped: float32. Computed in float64 a block of rows at a time (the same numbers as for
+    the whole image at once, with temporaries of :data:`_BLOCK_PIXELS` pixels)."""
+    step = max(1, _BLOCK_PIXELS // max(1, stored.shape[1]))
+    blocks = [stored[r : r + step] for r in range(0, stored.shape[0], step)]
+    to_unit, window = _unit_mapping(path, ds, blocks)
+    pixels = np.empty(stored.shape, dtype=np.float32)
+    row = 0
+    for block in blocks:
+        values = to_unit(block)
+        if not np.isfinite(values).all():
+            raise DataError(f"{path}: the DICOM rescale/window values give non-finite pixels (window {window})")
+        if inverted:
+            values = 1.0 - values
+        pixels[row : row + len(block)] = np.clip(values, 0.0, 1.0)
+        row += len(block)
+    return pixels, window
+
+
+def _unit_mapping(path: Path, ds: Dataset, blocks: list[np.ndarray]) -> tuple[Any, dict[str, Any]]:
+    """The function stored values → [0, 1] (float64, not yet inverted) and its window record."""
     voi_items = ds.get("VOILUTSequence")
+
+    def modality(block: np.ndarray) -> np.ndarray:
+        values = apply_modality_lut(block, ds)
+        if values.dtype.kind == "f" and voi_items:
+            values = np.rint(values).astype(np.int64)  # a VOI LUT indexes integer modality values
+        return values
+
     has_lut = bool(voi_items) and all(voi_items[0].get(k) is not None for k in ("LUTDescriptor", "LUTData"))
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if has_lut:
@@ -256,27 +346,33 @@ def _dicom_to_unit(ds: Dataset, stored: np.ndarray) -> tuple[np.ndarray, dict[st
         lut_out = apply_voi(np.arange(descriptor[1], descriptor[1] + entries, dtype=np.int64), ds)
         low, high = float(lut_out.min()), float(lut_out.max())
         if high <= low:
-            raise DataError(f"{ds.filename}: the VOI LUT maps every value to {low}; expected a non-constant LUT")
-        out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+            raise DataError(f"{path}: the VOI LUT maps every value to {low}; expected a non-constant LUT")
         window = {"type": "voi_lut", "entries": entries, "first_mapped": descriptor[1], "bits": descriptor[2],
                   "explanation": _tag_text(voi_items[0], Tag("LUTExplanation"))}
-        return (out - low) / (high - low), window
+        return (lambda b: (apply_voi_lut(modality(b), ds, prefer_lut=True).astype(np.float64) - low) / (high - low)), window
     if has_window:
         # pydicom maps below-window to y_min and above-window to y_max (PS3.3 C.11.2.1.2);
         # probing with ±1e300 reads that output range from pydicom itself.
         with np.errstate(over="ignore"):
             ends = apply_voi_lut(np.array([-1e300, 1e300]), ds, prefer_lut=False)
-            out = apply_voi_lut(values, ds, prefer_lut=False)
         low, high = float(ends[0]), float(ends[1])
         center, width = ds.WindowCenter, ds.WindowWidth
         center = float(center[0] if isinstance(center, MultiValue) else center)
         width = float(width[0] if isinstance(width, MultiValue) else width)
         window = {"type": "window", "center": center, "width": width,
                   "function": str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()}
-        return (np.asarray(out, dtype=np.float64) - low) / (high - low), window
-    values = np.asarray(values, dtype=np.float64)
-    low, high = float(values.min()), float(values.max())
+
+        def windowed(block: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore"):
+                out = apply_voi_lut(modality(block), ds, prefer_lut=False)
+            return (np.asarray(out, dtype=np.float64) - low) / (high - low)
+
+        return windowed, window
+    low, high = np.inf, -np.inf
+    for block in blocks:
+        values = np.asarray(modality(block), dtype=np.float64)
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
     window = {"type": "min-max", "low": low, "high": high}
     if high <= low:
-        return np.zeros_like(values), window
-    return (values - low) / (high - low), window
+        return (lambda b: np.zeros(b.shape, dtype=np.float64)), window
+    return (lambda b: (np.asarray(modality(b), dtype=np.float64) - low) / (high - low)), window
