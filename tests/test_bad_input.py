@@ -267,9 +267,9 @@ def _real_rows(cxr_manifest: Path) -> tuple[str, list[str]]:
 
 
 def _eval_manifest(cxr_manifest: Path, folder: Path, header: str, rows: list[str]) -> Path:
-    """``rows`` of the real manifest in ``folder``/eval.csv (the images reached through a link)."""
+    """``rows`` of the real manifest in ``folder``/eval.csv (the images copied: links may not leave the folder)."""
     if not (folder / "data").exists():
-        (folder / "data").symlink_to(cxr_manifest.parent)
+        shutil.copytree(cxr_manifest.parent, folder / "data")
     i = header.split(",").index("path")
     relinked = [",".join(f[:i] + ["data/" + f[i]] + f[i + 1 :]) for f in (r.split(",") for r in rows)]
     path = folder / "eval.csv"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -43,8 +44,8 @@ def inputs(tmp_path, cxr_manifest, real_pngs):
     (folder / "notes.txt").write_text("not an image, not picked up\n")
     man_dir = tmp_path / "manifest"
     man_dir.mkdir()
-    (man_dir / "x.png").symlink_to(src[2])
-    (man_dir / "y.png").symlink_to(src[3])
+    shutil.copy(src[2], man_dir / "x.png")  # copies: a manifest's links may not leave its folder
+    shutil.copy(src[3], man_dir / "y.png")
     manifest = man_dir / "manifest.csv"
     manifest.write_text(
         "path,label,site,patient_id\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +76,9 @@ def resolve_relative_path(root: Path, rel: str, *, folder: str = "manifest folde
     """Absolute path of the existing file ``rel`` under ``root``, or ``(None, kind, reason)``.
 
     ``rel`` must be relative and stay inside ``root`` (``folder`` names ``root`` in the
-    reasons). ``kind`` is one of ``missing_path``, ``bad_path``, ``path_outside``,
-    ``missing_file``.
+    reasons), also once symbolic links are resolved (a link ``images/x.png → /etc/passwd`` is
+    refused, never opened), and name a regular file (not a FIFO, device or folder). ``kind``
+    is one of ``missing_path``, ``bad_path``, ``path_outside``, ``missing_file``.
     """
     if not rel:
         return None, "missing_path", "missing (empty)"
@@ -89,9 +91,14 @@ def resolve_relative_path(root: Path, rel: str, *, folder: str = "manifest folde
         return None, "path_outside", f"{rel!r} leaves the {folder}"
     full = root / norm
     try:
-        exists = full.is_file()
-    except (OSError, ValueError) as exc:
-        return None, "missing_file", f"cannot access {rel!r} ({exc})"
-    if not exists:
+        mode = full.stat().st_mode  # follows links
+        real, real_root = full.resolve(strict=True), root.resolve(strict=True)
+    except FileNotFoundError:
         return None, "missing_file", f"file not found: {rel}"
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
+        return None, "missing_file", f"cannot access {rel!r} ({getattr(exc, 'strerror', None) or exc})"
+    if not real.is_relative_to(real_root):
+        return None, "path_outside", f"{rel!r} leads outside the {folder} through a symbolic link"
+    if not stat.S_ISREG(mode):
+        return None, "missing_file", f"{rel!r} is not a regular file (a folder, FIFO or device)"
     return full, None, None

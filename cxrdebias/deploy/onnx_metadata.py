@@ -133,9 +133,14 @@ class ModelMetadata:
         except ValidationError as exc:
             raise CheckpointError(f"{source}: invalid preprocessing metadata ({exc.errors()[0]['msg']})") from None
         labels = raw["labels"]
-        if not (isinstance(labels, list) and len(labels) == 2 and raw["positive_label"] in labels):
-            raise CheckpointError(f"{source}: expected two labels including positive_label, got {labels!r}")
+        if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(x, str) and x.strip() for x in labels)):
+            raise CheckpointError(f"{source}: metadata 'labels' must be two non-empty class names, got {labels!r}")
+        if labels[0] == labels[1]:
+            raise CheckpointError(f"{source}: metadata 'labels' repeats the class name {labels[0]!r}; expected two distinct classes")
+        if raw["positive_label"] not in labels:
+            raise CheckpointError(f"{source}: metadata 'positive_label' {raw['positive_label']!r} is not one of the labels {labels!r}")
         threshold = raw["threshold"]
-        if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
-            raise CheckpointError(f"{source}: decision threshold {threshold!r} is not a probability")
+        # bool is an int in Python: `true` must not be read as 1.0
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
+            raise CheckpointError(f"{source}: metadata 'threshold' {threshold!r}; expected a number strictly between 0 and 1")
         return cls(str(raw["model_version"]), tuple(labels), raw["positive_label"], float(threshold), spec, raw)

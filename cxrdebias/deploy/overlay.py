@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from cxrdebias.data.preprocess import ResizeGeometry
+from cxrdebias.fileio import atomic_write
 
 #: longest side of a written overlay in pixels (larger radiographs are shrunk for viewing)
 MAX_OVERLAY_SIDE = 1024
@@ -72,8 +73,10 @@ def overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = ALPHA, max_sid
 
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, cam: np.ndarray, geometry: ResizeGeometry) -> Path:
-    """Write the CAM overlay of one prediction as a PNG (folders created as needed)."""
+    """Write the CAM overlay of one prediction as a PNG (folders created as needed), atomically
+    (:func:`cxrdebias.fileio.atomic_write`: a killed ``predict --cams`` leaves whole PNGs only;
+    a failed write is a one-line :class:`~cxrdebias.errors.OutputError`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image, cam_to_image(cam, geometry)).save(path, format="PNG")
+    picture = overlay(image, cam_to_image(cam, geometry))
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
     return path

@@ -69,6 +69,8 @@ class InputImage:
 
 def _is_dicom_without_suffix(path: Path) -> bool:
     try:
+        if not path.is_file():  # a FIFO would block the open below
+            return False
         with open(path, "rb") as f:
             return f.read(132)[128:132] == b"DICM"
     except OSError:

@@ -137,14 +137,18 @@ def build_config(
     named options. The file with its overrides is validated first, then the whole.
 
     ``method`` (``--method``) replaces the whole method section when it names another method
-    (options of the file's method do not carry over); ``method_options`` (``--alpha`` …) are
+    (options of the file's method do not carry over, those given with ``--set method.KEY=...``
+    do, and are validated by the new method); ``method_options`` (``--alpha`` …) are
     then set in it, and ``options`` (dotted key → value; None = not given) last.
     """
     tree, source = _config_tree(path or default_path, overrides, None)
     _validate(tree, source)  # the file and --set on their own: a bad value there is an error even if an option replaces it
     method_section = tree.get("method") if isinstance(tree.get("method"), dict) else {}
     if method is not None and method != method_section.get("name", "vanilla"):
-        tree["method"] = {"name": method}
+        # options of the file's method do not carry over, but those the user set with --set do:
+        # the new method validates them (an option it does not take is an error, never ignored)
+        explicit = {keys[1] for keys, _ in map(parse_override, overrides or []) if keys[0] == "method" and len(keys) > 1}
+        tree["method"] = {**{k: method_section[k] for k in sorted(explicit - {"name"}) if k in method_section}, "name": method}
     given = {k: v for k, v in (method_options or {}).items() if v is not None}
     if given and (tree.get("method") or {}).get("name", "vanilla") == "vanilla":
         raise ConfigError(f"--{'/--'.join(given)} only apply to methods that take them, not 'vanilla'")

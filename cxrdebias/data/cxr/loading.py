@@ -39,7 +39,7 @@ from cxrdebias.data.cxr.manifest import (
     parse_row,
     parse_site_source,
 )
-from cxrdebias.data.images import DEFAULT_MAX_PIXELS, read_dicom_tag, read_image
+from cxrdebias.data.images import DECODE_BUDGET, DEFAULT_MAX_PIXELS, read_dicom_tag, read_image
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.fileio import sha256_files
 
@@ -47,19 +47,24 @@ from cxrdebias.fileio import sha256_files
 # -- image checks ------------------------------------------------------------------------------
 def _pixel_hash(pixels: np.ndarray) -> str:
     h = hashlib.sha256(f"{pixels.shape}:{pixels.dtype}".encode())
-    h.update(np.ascontiguousarray(pixels).tobytes())
+    h.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))  # the bytes, not a copy of them
     return h.hexdigest()
 
 
 def _inspect_image(path: Path, site_tag: BaseTag | None, max_pixels: int) -> tuple[str | None, dict[str, Any] | None]:
-    """Decode one image → (error message or None, {sha256, format, site})."""
-    try:
-        loaded = read_image(path, site_tag=site_tag, max_pixels=max_pixels)
-    except DataError as exc:
-        msg = str(exc)
-        prefix = f"{path}: "
-        return (f"{path.name}: {msg[len(prefix):]}" if msg.startswith(prefix) else msg), None
-    return None, {"sha256": _pixel_hash(loaded.pixels), "format": loaded.meta["format"], "site": loaded.meta.get("site")}
+    """Decode one image → (error message or None, {sha256, format, site}).
+
+    The decoded pixels count against :data:`DECODE_BUDGET` until they are hashed, so that the
+    decoding threads of ``data check`` hold a bounded number of pixels whatever their number.
+    """
+    with DECODE_BUDGET.scope():
+        try:
+            loaded = read_image(path, site_tag=site_tag, max_pixels=max_pixels)
+        except DataError as exc:
+            msg = str(exc)
+            prefix = f"{path}: "
+            return (f"{path.name}: {msg[len(prefix):]}" if msg.startswith(prefix) else msg), None
+        return None, {"sha256": _pixel_hash(loaded.pixels), "format": loaded.meta["format"], "site": loaded.meta.get("site")}
 
 
 def _read_site_tag(path: Path, tag: BaseTag) -> tuple[str | None, dict[str, Any] | None]:
