@@ -114,6 +114,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputImage]:
             found += _manifest_images(path)
         elif path.is_file():
             found.append(InputImage(str(path), path))
+        elif path.exists():
+            raise DataError(f"{path}: not a regular file (a FIFO, device or socket); expected an image, a folder or a manifest")
         else:
             raise DataError(f"{path}: file or folder not found")
     if not found:

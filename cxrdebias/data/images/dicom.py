@@ -131,8 +131,10 @@ def _dcmread(
         with open_regular(path) as f:
             return _dcmread(path, force=force, stop_before_pixels=stop_before_pixels, fileobj=f, max_pixels=max_pixels)
     try:
-        source = _inflate_capped(path, fileobj, force, max_pixels) or fileobj
-        ds = pydicom.dcmread(source, force=force, stop_before_pixels=stop_before_pixels)
+        inflated = _inflate_capped(path, fileobj, force, max_pixels)
+        ds = pydicom.dcmread(inflated or fileobj, force=force, stop_before_pixels=stop_before_pixels)
+        if inflated is not None:  # what the file says (its pixels are native once inflated)
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
     except DataError:
         raise
     except Exception as exc:  # pydicom raises many types on corrupt input; the parser is the boundary
