@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 HEADER = "path,label,site,patient_id"
 
 
-def _png(path: Path, seed: int, size: int = 8) -> Path:
+def _png(path: Path, seed: int, size: int = 32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)).save(path)
     return path
@@ -151,7 +151,7 @@ IMAGE_DEFECTS = {
     "zero-bytes": (lambda p: (p.with_suffix(".png").write_bytes(b""), p.with_suffix(".png"))[1], "empty file (0 bytes)"),
     "text-as-png": (lambda p: (p.with_suffix(".png").write_text("id,x\n1,2\n"), p.with_suffix(".png"))[1], "not a PNG, JPEG or DICOM file"),
     "text-as-dcm": (lambda p: (p.write_text("hello, not dicom " * 10), p)[1], "not a DICOM image (no 'DICM' marker"),
-    "huge": (lambda p: _png(p.with_suffix(".png"), seed=9, size=40), "40×40 = 1600 pixels exceeds the limit of 1000"),
+    "huge": (lambda p: _png(p.with_suffix(".png"), seed=9, size=40), "40×40 = 1600 pixels exceeds the limit of 1500"),
 }
 
 
@@ -162,7 +162,7 @@ def test_train_refuses_a_bad_image_naming_manifest_row_and_file(defect, tmp_path
     bad = make(tmp_path / "img" / "bad.dcm")
     manifest = _manifest(tmp_path, [f"img/{bad.name},1,A,pX"])
     out, before = old_run
-    extra = ["--set", "data.max_pixels=1000"] if defect == "huge" else []
+    extra = ["--set", "data.max_pixels=1500"] if defect == "huge" else []
     _refused(_train_args(manifest, out, "--force", *extra), monkeypatch, capsys,
              f"error: {manifest}: 1 problem(s) in 1 of 13 rows: row 14 path: {bad.name}: {expected}")
     assert _snapshot(out) == before
