@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrdebias.data.images import MIN_IMAGE_SIDE
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.errors import DataError
 from cxrdebias.fileio import atomic_write
@@ -185,6 +186,10 @@ class InspectionCache:
                 "format": CACHE_FORMAT,
                 "site_tag": str(site_tag),
                 "max_pixels": int(max_pixels),
+                # the checks an inspection passed (an image validated before the minimum size
+                # and the blank check existed is inspected again)
+                "min_side": MIN_IMAGE_SIDE,
+                "blank_check": True,
                 "cxrdebias": _version("cxrdebias"),
                 "pydicom": _version("pydicom"),
                 "pillow": _version("pillow"),
