@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
+from cxrdebias.console import esc, make_console
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
@@ -59,9 +60,9 @@ def evaluate_run(
     saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
     ``RUN/eval``), which must not exist unless ``force``.
     """
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True)
     run = RunDir(run_dir)
-    console.print(f"evaluating {run.path} on the {split} split" + (f" of {manifest}" if manifest else ""))
+    console.print(f"evaluating {esc(run.path)} on the {esc(split)} split" + (f" of {esc(manifest)}" if manifest else ""))
     cfg = load_config(None, None, base=run.read_config())
     model, art = load_model_artefact(run.path)
     out = Path(out) if out is not None else run.file(EVAL_DIR)
