@@ -72,13 +72,23 @@ def viewer_script() -> Path:
     return script
 
 
+#: the only Host names the viewer's WebSocket accepts (DNS rebinding: a page of another site
+#: whose name resolves to 127.0.0.1 sends its own name as Host and is refused)
+VIEWER_HOSTS = ("127.0.0.1", "localhost")
+
+
 def viewer_command(model: Path, data: list[Path], port: int) -> list[str]:
-    """The ``streamlit run`` command line of ``cxrdebias view`` (local, headless)."""
+    """The ``streamlit run`` command line of ``cxrdebias view``: local (127.0.0.1 only),
+    headless, XSRF protection and CORS (same origin only) on, Host header checked against
+    :data:`VIEWER_HOSTS` (docs/robustness.md)."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(viewer_script()),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
-        "--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve()),
+        "--server.enableXsrfProtection", "true", "--server.enableCORS", "true",
     ]
+    for host in VIEWER_HOSTS:
+        cmd += ["--server.allowedHosts", host]
+    cmd += ["--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve())]
     for d in data:
         cmd += ["--data", str(d.resolve())]
     return cmd
