@@ -258,7 +258,7 @@ class Trainer:
         self.best = state["best"]
         rng, warning = rng_for_process(state, self.world, name)
         if warning is not None:
-            self.console.print(warning, markup=False)
+            self.console.print(warning)  # markup, user values escaped (checkpoint.rng_for_process)
         set_rng_state(rng)
         if name != "last.pt":
             self.console.print(f"[yellow]last.pt unusable ({esc(errors[-1])}); resumed from {esc(name)}[/]")
