@@ -31,6 +31,7 @@ from cxrdebias.deploy.viewer_state import (
     apply_window,
     filter_table,
     gray_image,
+    markdown_text,
     model_panel,
     overlay_image,
     predict_study,
@@ -105,9 +106,9 @@ try:
         model_key = f"{p.resolve()}:{p.stat().st_mtime}"
 except CxrDebiasError as exc:
     source = model_upload.name if model_upload is not None else model_path
-    st.error(f"Cannot open the model {source}: {exc}")
+    st.error(f"Cannot open the model {markdown_text(source)}: {markdown_text(exc)}")
 except OSError as exc:
-    st.error(f"Cannot open the model {model_path}: {exc}")
+    st.error(f"Cannot open the model {markdown_text(model_path)}: {markdown_text(exc)}")
 if model is None:
     if not model_path and model_upload is None:
         st.error("No model given: launch with `cxrdebias view --model model.onnx` or upload one in the sidebar.")
@@ -115,16 +116,16 @@ if model is None:
 
 meta = model.metadata
 panel = model_panel(meta)
-with st.sidebar:
-    st.markdown(f"**{panel['model_version']}** · provider `{model.provider}`")
-    st.markdown(f"**Intended use:** {panel['intended_use']}")
-    st.markdown(f"**Debiasing method:** {panel['method']} · bias: `{panel['bias']}`")
-    st.markdown(f"**Threshold:** {panel['threshold']:.4f} ({panel['threshold_method']})")
+with st.sidebar:  # the model's metadata as plain text (st.text, st.dataframe): never Markdown
+    st.text(f"Model version: {panel['model_version']} · provider {model.provider}")
+    st.text(f"Intended use: {panel['intended_use']}")
+    st.text(f"Debiasing method: {panel['method']} · bias: {panel['bias']}")
+    st.text(f"Threshold: {panel['threshold']:.4f} ({panel['threshold_method']})")
     st.markdown("**Per-site validation** (exported model, validation split; optimistic: the threshold was chosen on it)")
     if panel["per_site"] is not None:
-        st.table(panel["per_site"])
+        st.dataframe(panel["per_site"], hide_index=True, key="per_site")
     else:
-        st.info(f"No per-site validation metrics in this model ({panel['validation_note']}).")
+        st.info(f"No per-site validation metrics in this model ({markdown_text(panel['validation_note'])}).")
 
 # -- the study ----------------------------------------------------------------------------------
 tables, images = [], {}
@@ -132,10 +133,10 @@ if data_inputs:
     try:
         table, kept, errors = cached_study(model_key, tuple(data_inputs), model)
     except CxrDebiasError as exc:
-        st.error(f"Cannot read the data: {exc}")
+        st.error(f"Cannot read the data: {markdown_text(exc)}")
         table, kept, errors = None, [], []
     for message in errors:
-        st.error(f"Skipped: {message}")
+        st.error(f"Skipped: {markdown_text(message)}")
     if table is not None:
         tables.append(table)
         images.update({x.name: x for x in kept})
@@ -153,7 +154,7 @@ if uploads:
                 item, _ = save_upload(up.name, blob, Path(folder) / digest[:16])
                 saved[up.name, digest] = InputImage(UPLOAD_PREFIX + item.name, item.path, fields=item.fields)
             except CxrDebiasError as exc:
-                saved[up.name, digest] = f"Upload {up.name}: {exc}"
+                saved[up.name, digest] = f"Upload {markdown_text(up.name)}: {markdown_text(exc)}"
         entry = saved[up.name, digest]
         if isinstance(entry, str):
             st.error(entry)
@@ -161,11 +162,16 @@ if uploads:
         good.append(entry)
         digests.append(f"{up.name}:{digest}")
     if good:
-        table, kept, errors = cached_uploads(model_key, tuple(digests), good, model)
+        try:
+            table, kept, errors = cached_uploads(model_key, tuple(digests), good, model)
+        except CxrDebiasError as exc:
+            st.error(f"Cannot predict the uploads: {markdown_text(exc)}")
+            table, kept, errors = None, [], []
         for message in errors:
-            st.error(f"Upload: {message}")
-        tables.append(table)
-        images.update({x.name: x for x in kept})
+            st.error(f"Upload: {markdown_text(message)}")
+        if table is not None:
+            tables.append(table)
+            images.update({x.name: x for x in kept})
 
 if not tables or sum(len(t) for t in tables) == 0:
     st.info("No images yet: launch with `--data FOLDER_OR_MANIFEST` or upload images above.")
@@ -206,15 +212,15 @@ def image_panel(files: list[str], images: dict[str, InputImage], full: pd.DataFr
         stamp = image.path.stat().st_mtime if image.path is not None else 0.0
         result, source = cached_analysis(model_key, selected, stamp, model, image)
     except (CxrDebiasError, OSError) as exc:
-        st.error(f"Cannot show {selected}: {exc}")
+        st.error(f"Cannot show {markdown_text(selected)}: {markdown_text(exc)}")
         return
 
     row = full[full["file"] == selected].iloc[0].to_dict()
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric(f"P({result.positive_label})", f"{result.probability:.3f}")
+    c1.metric(f"P({markdown_text(result.positive_label)})", f"{result.probability:.3f}")  # labels and values are Markdown
     c2.metric("Threshold", f"{result.threshold:.3f}")
-    c3.metric("Prediction", result.predicted_label)
-    c4.metric("Ground truth", row["ground_truth"] or "unknown")
+    c3.metric("Prediction", markdown_text(result.predicted_label))
+    c4.metric("Ground truth", markdown_text(row["ground_truth"]) or "unknown")
 
     span = max(source.high - source.low, 1e-6)
     w1, w2, w3 = st.columns(3)
@@ -226,11 +232,11 @@ def image_panel(files: list[str], images: dict[str, InputImage], full: pd.DataFr
     display = apply_window(source, center, width)
     cam = overlay_image(display, result.heat, opacity)
     gray = gray_image(display)
-    overlay_caption = f"Grad-CAM overlay of '{result.positive_label}' (opacity {opacity:.2f})"
+    overlay_caption = f"Grad-CAM overlay of '{markdown_text(result.positive_label)}' (opacity {opacity:.2f})"  # captions are Markdown
     # JPEG (what st.image picks for these pictures anyway), at display size (long side ≤ 1024)
     if side_by_side:
         left, right = st.columns(2)
-        left.image(gray, caption=f"{selected} (level {center:.3g}, width {width:.3g})", width="stretch", output_format="JPEG")
+        left.image(gray, caption=f"{markdown_text(selected)} (level {center:.3g}, width {width:.3g})", width="stretch", output_format="JPEG")
         right.image(cam, caption=overlay_caption, width="stretch", output_format="JPEG")
     else:
         st.image(cam, caption=overlay_caption, width="stretch", output_format="JPEG")

@@ -88,6 +88,45 @@ def _os_error_in(exc: BaseException) -> OSError | None:
     return None
 
 
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """Fail early (before hours of work) when the file ``path`` (or, with ``folder``, files in
+    the folder ``path``) could not be written: the nearest existing folder on the way must be a
+    folder that takes a new file. Creates nothing that stays.
+
+    Raises :class:`~cxrdebias.errors.OutputError` naming ``path`` (a file in the way of a
+    folder, a read-only folder or file system).
+    """
+    path = Path(path)
+    probe = path if folder else path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is not a folder")
+        with tempfile.TemporaryFile(dir=probe, prefix=".cxrdebias-probe-"):
+            pass
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+#: first characters that make a spreadsheet read a text cell as a formula (CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs: text starting with ``= + - @``, a tab or a carriage
+    return gets a leading ``'`` (OWASP's advice); numbers (``-0.5``) and other values stay."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    if value == value.strip():
+        try:
+            float(value)
+            return value  # a number in text form, e.g. -0.5
+        except ValueError:
+            pass
+    return "'" + value
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     atomic_write(Path(path), lambda f: f.write(data))
 

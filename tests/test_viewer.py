@@ -135,10 +135,10 @@ def test_select_image_shows_prediction_threshold_and_overlay(app, model_file):
 
 def test_notice_and_model_panel(app, model_file):
     assert any(w.value == NOT_FOR_CLINICAL_USE for w in app.warning)
-    side = " ".join(m.value for m in app.sidebar.markdown)
+    side = " ".join(m.value for m in app.sidebar.text)  # metadata as plain text (issue 22)
     meta = load_model(model_file).metadata
     assert "NOT FOR CLINICAL USE" in side and meta.raw["method"]["name"] in side and "site" in side
-    per_site = app.sidebar.table[0].value
+    per_site = app.sidebar.dataframe[0].value
     assert set(meta.raw["sites"]["names"]) | {"all"} == set(per_site["site"])
     assert list(per_site.columns) == ["site", "images", "positive", "TPR", "TNR", "balanced accuracy", "AUROC"]
 

@@ -13,10 +13,9 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 import cxrdebias
+from cxrdebias.console import esc, make_console
 from cxrdebias.errors import CxrDebiasError
 
 app = typer.Typer(
@@ -43,8 +42,9 @@ LabellerOpt = Annotated[
 ]
 
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# emoji codes off; user text in a line with markup goes through ``esc`` (cxrdebias.console)
+err = make_console(stderr=True)
+out = make_console()
 
 
 def _version(value: bool) -> None:
@@ -68,7 +68,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except CxrDebiasError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {esc(exc)}", highlight=False)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

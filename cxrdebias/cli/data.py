@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cxrdebias.cli.app import data_app, err, out
+from cxrdebias.console import esc
 
 
 @data_app.command("synth")
@@ -38,8 +39,8 @@ def data_synth(
     summary = synthesize(out_dir, cfg, force=force)
     if preview_png:
         preview(out_dir, preview_png)
-    out.print(summary.table())
-    err.print(f"wrote {out_dir / 'manifest.csv'} ({summary.seconds:.0f} s, {summary.images_per_second:.0f} img/s)")
+    out.print(summary.table(), markup=False, highlight=False)
+    err.print(f"wrote {esc(out_dir / 'manifest.csv')} ({summary.seconds:.0f} s, {summary.images_per_second:.0f} img/s)")
 
 
 @data_app.command("check")
@@ -55,6 +56,6 @@ def data_check(
     df = load_manifest(manifest, site_source=site_source, allow_drop=allow_drop)
     dropped = df.attrs.get("dropped", [])
     if dropped:
-        err.print(format_drop_summary(dropped, len(df) + len(dropped)))
-    out.print(f"{manifest}: {len(df)} valid rows, {df['patient_id'].nunique()} patients\n")
+        err.print(format_drop_summary(dropped, len(df) + len(dropped)), markup=False, highlight=False)
+    out.print(f"{esc(manifest)}: {len(df)} valid rows, {df['patient_id'].nunique()} patients\n")
     print(site_table_markdown(df))

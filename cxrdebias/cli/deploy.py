@@ -10,6 +10,7 @@ import typer
 
 import cxrdebias
 from cxrdebias.cli.app import app, err, out
+from cxrdebias.console import esc
 
 
 @app.command("export")
@@ -30,12 +31,12 @@ def export_cmd(
     res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force)
     c = res.parity
     err.print(
-        f"verified on {c.images}: probabilities max |Δ| {c.probability_max_abs_diff:.2e} ({c.n_probability_images} images), "
+        f"verified on {esc(c.images)}: probabilities max |Δ| {c.probability_max_abs_diff:.2e} ({c.n_probability_images} images), "
         f"Grad-CAM vs MONAI correlation min {c.cam_min_correlation:.5f} ({c.n_cam_images} images), batch sizes {c.batch_sizes}"
     )
     if c.n_cam_constant == c.n_cam_images:
         err.print("[yellow]warning:[/] every checked Grad-CAM map was constant: the CAM check says little for this model")
-    out.print(f"wrote {res.model} ({res.size_bytes / 1e6:.1f} MB), {res.model_card.name}, {res.monai_metadata.name}")
+    out.print(f"wrote {esc(res.model)} ({res.size_bytes / 1e6:.1f} MB), {esc(res.model_card.name)}, {esc(res.monai_metadata.name)}")
 
 
 @app.command("predict")
@@ -52,12 +53,12 @@ def predict_cmd(
     from cxrdebias.deploy.runtime import load_model, predict_to_csv
 
     m = load_model(model, device=device)
-    err.print(f"{model}: {m.metadata.model_version}, threshold {m.metadata.threshold:.4f}, provider {m.provider}")
+    err.print(f"{esc(model)}: {esc(m.metadata.model_version)}, threshold {m.metadata.threshold:.4f}, provider {esc(m.provider)}")
     s = predict_to_csv(m, inputs, out_csv, cam_dir=cams, batch_size=batch_size, force=force)
     out.print(
-        f"{s.images} images, {s.positive} {m.metadata.positive_label} at threshold {m.metadata.threshold:.4f} → {s.csv}"
-        + (f", CAM overlays in {s.cam_dir}" if s.cam_dir else "")
-        + f" (provider {s.provider})"
+        f"{s.images} images, {s.positive} {esc(m.metadata.positive_label)} at threshold {m.metadata.threshold:.4f} → {esc(s.csv)}"
+        + (f", CAM overlays in {esc(s.cam_dir)}" if s.cam_dir else "")
+        + f" (provider {esc(s.provider)})"
     )
 
 
@@ -71,13 +72,23 @@ def viewer_script() -> Path:
     return script
 
 
+#: the only Host names the viewer's WebSocket accepts (DNS rebinding: a page of another site
+#: whose name resolves to 127.0.0.1 sends its own name as Host and is refused)
+VIEWER_HOSTS = ("127.0.0.1", "localhost")
+
+
 def viewer_command(model: Path, data: list[Path], port: int) -> list[str]:
-    """The ``streamlit run`` command line of ``cxrdebias view`` (local, headless)."""
+    """The ``streamlit run`` command line of ``cxrdebias view``: local (127.0.0.1 only),
+    headless, XSRF protection and CORS (same origin only) on, Host header checked against
+    :data:`VIEWER_HOSTS` (docs/robustness.md)."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(viewer_script()),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
-        "--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve()),
+        "--server.enableXsrfProtection", "true", "--server.enableCORS", "true",
     ]
+    for host in VIEWER_HOSTS:
+        cmd += ["--server.allowedHosts", host]
+    cmd += ["--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve())]
     for d in data:
         cmd += ["--data", str(d.resolve())]
     return cmd

@@ -26,6 +26,7 @@ from cxrdebias.cli.app import (
     out,
     reproduce_app,
 )
+from cxrdebias.console import esc
 
 
 def _run(cfg, out_dir: Path | None, *, kind: str, force: bool, resume: bool) -> tuple[dict | None, Path]:
@@ -50,7 +51,7 @@ def _reproduce(cfg, kind: str, out_dir: Path | None, *, force: bool, resume: boo
     if results is None:  # a rank other than 0 under torchrun
         return
     m = results["metrics"]
-    out.print(" ".join(f"{k}={m[k]:.4f}" for k in keys) + f" run={out_dir}")
+    out.print(" ".join(f"{k}={m[k]:.4f}" for k in keys) + f" run={esc(out_dir)}")
 
 
 @app.command("methods")
@@ -246,7 +247,7 @@ def reproduce_table(
     if update_docs:
         update_markdown(docs / "reproduction.md", spec.docs_key, result.markdown)
     if result.missing:
-        err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {', '.join(result.missing[:6])}{' …' if len(result.missing) > 6 else ''}")
+        err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {esc(', '.join(result.missing[:6]))}{' …' if len(result.missing) > 6 else ''}")
 
 
 @app.command("train")
@@ -296,7 +297,7 @@ def train_cmd(
     if res is None:  # a rank other than 0 under torchrun
         return
     v = res["val_metrics"]
-    out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={out_dir}")
+    out.print(f"val_auroc={v['auroc']:.4f} val_site_mean_auroc={v['site_mean_auroc']:.4f} threshold={res['threshold']:.4f} run={esc(out_dir)}")
 
 
 @app.command("evaluate")
@@ -315,10 +316,10 @@ def evaluate_cmd(
 
     report = evaluate_run(run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err)
     if per_institution:
-        out.print(report["markdown"])
+        out.print(report["markdown"], markup=False, highlight=False)
     else:
-        out.print(to_markdown({**report, "by_group": {}, "sites": []}))
-    err.print(f"report written to {out_dir or run / 'eval'} (report.json, report.csv, report.md, report.png, predictions.csv)")
+        out.print(to_markdown({**report, "by_group": {}, "sites": []}), markup=False, highlight=False)
+    err.print(f"report written to {esc(out_dir or run / 'eval')} (report.json, report.csv, report.md, report.png, predictions.csv)")
 
 
 @app.command("compare")
@@ -329,7 +330,7 @@ def compare_cmd(
     """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
     from cxrdebias.experiments.evaluate import compare_runs
 
-    out.print(compare_runs(run_a, run_b))
+    out.print(compare_runs(run_a, run_b), markup=False, highlight=False)
 
 
 @app.command("analyze-bias")
@@ -345,7 +346,7 @@ def analyze_bias_cmd(
 
     report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force)
     out.print(format_report(report), markup=False, highlight=False)
-    err.print(f"wrote {report['plot']} and agreement.json / agreement.md beside it")
+    err.print(f"wrote {esc(report['plot'])} and agreement.json / agreement.md beside it")
 
 
 @app.command("demo")
@@ -358,4 +359,4 @@ def demo(
 
     res = run_demo(out_dir, overrides=set_, console=err)
     print(res["table"])
-    err.print(f"\nall outputs in {res['out']} (summary.md, */eval/report.png); {res['elapsed_s'] / 60:.1f} min")
+    err.print(f"\nall outputs in {esc(res['out'])} (summary.md, */eval/report.png); {res['elapsed_s'] / 60:.1f} min")

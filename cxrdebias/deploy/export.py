@@ -151,10 +151,11 @@ def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | Non
     from cxrdebias.deploy.runtime import InputImage
 
     splits = run_dir / SPLITS_FILE
-    manifest = (config.get("data") or {}).get("manifest")
+    data = config.get("data")
+    manifest = data.get("manifest") if isinstance(data, dict) else None
     if not splits.is_file():
         return None, f"{splits} is missing"
-    if not manifest:
+    if not manifest or not isinstance(manifest, str):
         return None, "the run's config names no manifest"
     manifest = Path(manifest)
     if not manifest.is_file():

@@ -41,8 +41,8 @@ from cxrdebias.deploy.onnx_metadata import (
     ModelMetadata,
 )
 from cxrdebias.deploy.overlay import save_overlay
-from cxrdebias.errors import CheckpointError, ConfigError, DataError, RunExistsError
-from cxrdebias.fileio import write_text_atomic
+from cxrdebias.errors import CheckpointError, ConfigError, DataError, OutputError, RunExistsError
+from cxrdebias.fileio import check_writable, spreadsheet_safe, write_text_atomic
 
 #: suffixes of the image files taken from a folder (DICOM files without a suffix are also
 #: taken when they carry the ``DICM`` marker)
@@ -242,7 +242,17 @@ class CXRModel:
         expected = self.metadata.preprocessing.output_shape
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise DataError(f"model input must be N×{'×'.join(map(str, expected))}, got {batch.shape}")
-        probs, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        try:
+            probs, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        except Exception as exc:  # onnxruntime's pybind error types: a graph that does not fit its metadata
+            text = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{self.source}: the model failed on its own preprocessed input ({type(exc).__name__}: {text})") from None
+        n, size = batch.shape[0], expected[-1]
+        if np.shape(probs) != (n, len(self.metadata.labels)) or np.shape(cams) != (n, size, size):
+            raise CheckpointError(
+                f"{self.source}: the model returned probabilities {np.shape(probs)} and CAMs {np.shape(cams)}; "
+                f"its metadata promise {n}×{len(self.metadata.labels)} and {n}×{size}×{size}"
+            )
         return probs, cams
 
     def iter_predict(
@@ -307,7 +317,29 @@ def load_model(model: str | os.PathLike | bytes, *, device: str = "auto") -> CXR
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [INPUT_NAME] or outputs != [PROBABILITIES, CAM]:
         raise CheckpointError(f"{source}: graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}")
+    _check_graph_shapes(session, metadata, source)
     return CXRModel(session, metadata, source)
+
+
+def _check_graph_shapes(session: ort.InferenceSession, metadata: ModelMetadata, source: str) -> None:
+    """The graph's fixed input/output sizes agree with the metadata (image size, channels,
+    classes): a model whose metadata were edited or belong to another graph is refused here,
+    not with an onnxruntime error at the first image."""
+    c, s, _ = metadata.preprocessing.output_shape
+    promised = {
+        INPUT_NAME: ("N", c, s, s),
+        PROBABILITIES: ("N", len(metadata.labels)),
+        CAM: ("N", s, s),
+    }
+    for arg in [*session.get_inputs(), *session.get_outputs()]:
+        want, got = promised[arg.name], list(arg.shape)
+        if len(got) != len(want) or any(isinstance(g, int) and g != w for g, w in zip(got[1:], want[1:], strict=True)):
+            shown = "×".join("?" if not isinstance(g, int) else str(g) for g in got)
+            raise CheckpointError(
+                f"{source}: the graph's {arg.name!r} is {shown} but its metadata (preprocessing {c} channel(s) of "
+                f"{s}×{s} px, {len(metadata.labels)} labels) promise {'×'.join(map(str, want))}; "
+                "the metadata do not belong to this graph"
+            )
 
 
 # -- cxrdebias predict --------------------------------------------------------------------------
@@ -323,10 +355,19 @@ class PredictSummary:
 
 
 def _check_outputs(out_csv: Path, cam_dir: Path | None, force: bool) -> None:
+    """Every way the outputs could not be written, checked before any inference."""
+    if out_csv.is_dir():
+        raise OutputError(f"{out_csv}: is a folder; --out takes the predictions CSV file (e.g. predictions.csv)")
     if out_csv.exists() and not force:
         raise RunExistsError(f"{out_csv}: already exists; pass --force to overwrite it")
-    if cam_dir is not None and cam_dir.is_dir() and any(cam_dir.iterdir()) and not force:
+    check_writable(out_csv)
+    if cam_dir is None:
+        return
+    if cam_dir.exists() and not cam_dir.is_dir():
+        raise OutputError(f"{cam_dir}: is a file; --cams takes the folder for the overlay PNGs")
+    if cam_dir.is_dir() and any(cam_dir.iterdir()) and not force:
         raise RunExistsError(f"{cam_dir}: CAM folder is not empty; pass --force to write into it")
+    check_writable(cam_dir, folder=True)
 
 
 def predict_to_csv(
@@ -344,7 +385,10 @@ def predict_to_csv(
     ``threshold``, ``provider``, then ``site``, ``label``, ``patient_id`` when any input came
     from a manifest, and ``cam`` (overlay file name) with ``cam_dir``. Overlays are named
     ``<row number>_<file stem>.png``. Nothing is written over an existing CSV or into a
-    non-empty CAM folder without ``force``; the CSV is written last, in one piece.
+    non-empty CAM folder without ``force``; that both can be written is checked before any
+    inference; the CSV is written last, in one piece. Text cells that a spreadsheet would run
+    as a formula (``=``, ``+``, ``-``, ``@`` first) get a leading ``'``
+    (:func:`cxrdebias.fileio.spreadsheet_safe`).
     """
     out_csv = Path(out_csv)
     cams = Path(cam_dir) if cam_dir is not None else None
@@ -366,7 +410,7 @@ def predict_to_csv(
                 assert part.images is not None
                 save_overlay(cams / overlay, part.images[i], part.cams[i], part.geometries[i])
                 values.append(overlay)
-            writer.writerow(values)
+            writer.writerow([spreadsheet_safe(v) for v in values])
         n_positive += int(part.predicted_positive.sum())
     write_text_atomic(out_csv, buf.getvalue())
     return PredictSummary(out_csv, row, n_positive, model.provider, cams)

@@ -40,6 +40,7 @@ from cxrdebias.deploy.onnx_metadata import ModelMetadata, format_metric
 from cxrdebias.deploy.overlay import ALPHA, MAX_OVERLAY_SIDE, cam_to_image, overlay
 from cxrdebias.deploy.runtime import CXRModel, InputImage, RuntimePredictions
 from cxrdebias.errors import DataError
+from cxrdebias.fileio import spreadsheet_safe
 
 NOT_FOR_CLINICAL_USE = (
     "NOT FOR CLINICAL USE. Research software about shortcut learning (hospital site as a bias); "
@@ -159,8 +160,12 @@ def sort_table(table: pd.DataFrame, by: str, *, descending: bool = False) -> pd.
 
 
 def predictions_csv(table: pd.DataFrame, threshold: float) -> bytes:
-    """The study table as CSV bytes (UTF-8), with the threshold in every row."""
+    """The study table as CSV bytes (UTF-8), with the threshold in every row; text cells that a
+    spreadsheet would run as a formula get a leading ``'`` (:func:`cxrdebias.fileio.spreadsheet_safe`)."""
     out = table.assign(threshold=threshold)
+    for column in out.columns:
+        if pd.api.types.is_string_dtype(out[column]) or out[column].dtype == object:
+            out[column] = out[column].map(spreadsheet_safe)
     return out.to_csv(index=False, float_format="%.6f").encode("utf-8")
 
 
@@ -357,6 +362,18 @@ def model_panel(metadata: ModelMetadata) -> dict[str, Any]:
     }
 
 
+# -- text on the page -----------------------------------------------------------------------------
+#: the characters that Streamlit's Markdown (st.markdown, st.error, labels, captions) acts on
+_MARKDOWN_SPECIAL = frozenset("\\`*_{}[]()<>#+-!|~$:&")
+
+
+def markdown_text(value: Any) -> str:
+    """``str(value)`` backslash-escaped so that Streamlit's Markdown shows it as typed: a file
+    name, manifest cell or model metadata in an error, label or caption can neither become an
+    image (fetched by the browser), a link or HTML, nor change the page's styling."""
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in " ".join(str(value).split()))
+
+
 # -- uploads ------------------------------------------------------------------------------------
 def save_upload(name: str, data: bytes, folder: str | os.PathLike) -> tuple[InputImage, LoadedImage]:
     """Write an uploaded file into ``folder`` and check that it is a readable image.
@@ -364,11 +381,16 @@ def save_upload(name: str, data: bytes, folder: str | os.PathLike) -> tuple[Inpu
     Returns the input for the model and its reading. Raises :class:`DataError` (message
     naming the upload, not the temporary file) for an empty, non-image or corrupt file.
     """
-    safe = Path(name).name or "upload"
+    safe = Path(name).name
+    if safe in ("", ".", ".."):  # "..": the folder above, not a file name
+        safe = "upload"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / safe
-    path.write_bytes(data)
+    try:
+        path.write_bytes(data)
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL in it
+        raise DataError(f"{safe[:80]!r}: cannot store this upload ({getattr(exc, 'strerror', None) or exc}); rename the file") from None
     try:
         loaded = read_image(path)
     except DataError as exc:

@@ -22,7 +22,12 @@ import numpy as np
 from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
 from cxrdebias.evaluation.site_report import SITE_METRICS
-from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrdebias.fileio import (
+    spreadsheet_safe,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 OVERALL = "overall"
 """Value of the ``site`` column on the row that pools every site."""
@@ -258,8 +263,8 @@ def to_csv(report: Mapping[str, Any]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in to_csv_rows(report):
-        writer.writerow(
-            {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        writer.writerow(  # site names are manifest text: no live spreadsheet formula
+            {k: ("" if isinstance(v, float) and math.isnan(v) else spreadsheet_safe(v)) for k, v in row.items()}
         )
     return buf.getvalue()
 

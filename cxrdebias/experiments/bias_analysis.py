@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from cxrdebias.config import ModelConfig
+from cxrdebias.console import make_console
 from cxrdebias.data.base import make_loader
 from cxrdebias.debias import build_method
 from cxrdebias.debias.unsupervised import (
@@ -75,7 +75,7 @@ def agreement_markdown(rows: list[dict[str, Any]], split: dict[str, Any] | None 
 def _run_data(cfg, method, run: RunDir, split: str):
     """(samples, num_classes, in_channels) of ``split`` of the run's data (its protocol rebuilt
     from the saved config; a CXR run reads its saved splits)."""
-    proto = protocols.get(cfg.data.kind).build(cfg, method, run, Console(stderr=True, soft_wrap=True))
+    proto = protocols.get(cfg.data.kind).build(cfg, method, run, make_console(stderr=True))
     return proto.split(split), proto.num_classes, proto.in_channels
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from cxrdebias.config import CONFIGS_DIR
+from cxrdebias.console import make_console
 from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
@@ -39,13 +40,13 @@ def run_demo(
     n_boot: int = 1000,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True)
     out = Path(out) if out is not None else default_out()
     t0 = time.perf_counter()
     data_dir = out / "data"
     console.rule("[bold]1/4 synthetic multi-site chest X-rays")
     summary = synthesize(data_dir, synth or SynthConfig())
-    console.print(summary.table())
+    console.print(summary.table(), markup=False, highlight=False)
     runs: dict[str, Path] = {}
     for i, method in enumerate(METHODS):
         console.rule(f"[bold]{2 + i}/4 train {method} (site as the bias)")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
+from cxrdebias.console import esc, make_console
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
@@ -30,7 +31,7 @@ from cxrdebias.evaluation.report import (
 from cxrdebias.evaluation.site_report import site_report
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
-from cxrdebias.fileio import write_text_atomic
+from cxrdebias.fileio import spreadsheet_safe, write_text_atomic
 from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
 from cxrdebias.training.inference import Predictions, predict
 from cxrdebias.training.runs import RunDir, replace_folder, staging_folder
@@ -59,9 +60,9 @@ def evaluate_run(
     saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
     ``RUN/eval``), which must not exist unless ``force``.
     """
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True)
     run = RunDir(run_dir)
-    console.print(f"evaluating {run.path} on the {split} split" + (f" of {manifest}" if manifest else ""))
+    console.print(f"evaluating {esc(run.path)} on the {esc(split)} split" + (f" of {esc(manifest)}" if manifest else ""))
     cfg = load_config(None, None, base=run.read_config())
     model, art = load_model_artefact(run.path)
     out = Path(out) if out is not None else run.file(EVAL_DIR)
@@ -146,6 +147,8 @@ def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, 
             "predicted": (score >= threshold).astype(int),
         }
     )
+    for column in ("path", "patient_id", "site"):  # manifest text: no live spreadsheet formula
+        df[column] = df[column].map(spreadsheet_safe)
     write_text_atomic(path, df.to_csv(index=False))
 
 
@@ -156,7 +159,17 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, name_a: str | None = N
         path = Path(run) / EVAL_DIR / "report.json"
         if not path.is_file():
             raise DataError(f"{path}: no evaluation report; run `cxrdebias evaluate {run} --per-institution` first")
-        reports.append(json.loads(path.read_text()))
-    name_a = name_a or f"{Path(run_a).name} ({reports[0]['method']['name']})"
-    name_b = name_b or f"{Path(run_b).name} ({reports[1]['method']['name']})"
-    return compare_markdown(reports[0], reports[1], name_a, name_b)
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not a readable evaluation report ({exc}); run `cxrdebias evaluate {run} --force` again") from None
+        reports.append(report)
+    try:
+        name_a = name_a or f"{Path(run_a).name} ({reports[0]['method']['name']})"
+        name_b = name_b or f"{Path(run_b).name} ({reports[1]['method']['name']})"
+        return compare_markdown(reports[0], reports[1], name_a, name_b)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise DataError(
+            f"{Path(run_a) / EVAL_DIR / 'report.json'} or {Path(run_b) / EVAL_DIR / 'report.json'}: not an evaluation report "
+            f"of this cxrdebias ({type(exc).__name__}: {exc}); evaluate the runs again"
+        ) from None

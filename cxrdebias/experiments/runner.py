@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 
 from cxrdebias import distributed as dist_utils
+from cxrdebias.console import esc, make_console
 from cxrdebias.data.base import make_loader
 from cxrdebias.debias import build_method
 from cxrdebias.errors import ConfigError
@@ -84,7 +85,7 @@ def run_experiment(
     """Train and test one experiment of any registered kind into the run folder ``out`` (module doc).
 
     Returns the ``results.json`` record (on ranks other than 0 under torchrun: their rank)."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or make_console(stderr=True)
     spec = protocols.get(cfg.data.kind)
     resolved = config_to_dict(cfg)
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)  # validates before touching disk
@@ -151,7 +152,7 @@ def run_experiment(
         num_biases=proto.num_biases,
         build_model=model_factory(cfg.model, proto.num_classes, in_channels=proto.in_channels, feature_activation=activation),
     )
-    console.print(f"{proto.banner(method, trainer.precision)} → {run.path}")
+    console.print(f"{proto.banner(method, trainer.precision)} → {esc(run.path)}")
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     train_time = time.perf_counter() - t0
@@ -184,5 +185,5 @@ def run_experiment(
         "finished": datetime.now(timezone.utc).isoformat(),
     }
     run.write_json(RESULTS_FILE, results)
-    console.print(f"[bold green]done[/] {done} ({train_time / 60:.1f} min) → {run.path / RESULTS_FILE}")
+    console.print(f"[bold green]done[/] {esc(done)} ({train_time / 60:.1f} min) → {esc(run.path / RESULTS_FILE)}")
     return results

@@ -33,6 +33,7 @@ from typing import Any
 from rich.console import Console
 
 from cxrdebias.config import CONFIGS_DIR
+from cxrdebias.console import esc, make_console
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
@@ -335,7 +336,7 @@ def run_cell(cell: Cell, runs_dir: Path, console: Console, overrides: Iterable[s
     resume = (out / "checkpoints" / "last.pt").is_file()
     force = out.exists() and not resume
     cfg = _with(cell.config, overrides=overrides)
-    console.print(f"[bold]cell[/] {cell.name} → {out}" + (" (resuming)" if resume else ""))
+    console.print(f"[bold]cell[/] {esc(cell.name)} → {esc(out)}" + (" (resuming)" if resume else ""))
     return run_experiment(cfg, out, force=force, resume=resume, console=console)
 
 
@@ -356,7 +357,7 @@ def build_table(
     console: Console | None = None,
 ) -> TableResult:
     """Collect finished cells (running the missing ones when ``run``) and render Markdown."""
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True, soft_wrap=False)
     store = results_dir / table.results_subdir
     found: dict[str, dict[str, Any]] = {}
     missing = []

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrdebias.console import esc
 from cxrdebias.debias.base import Method
 from cxrdebias.distributed import World
 from cxrdebias.errors import CheckpointError
@@ -136,7 +137,7 @@ def rng_for_process(state: dict[str, Any], world: World, name: str) -> tuple[dic
         return per_rank[world.rank], None
     if state.get("world_size", 1) != world.world_size:
         return state["rng"], (
-            f"[yellow]{name} was written by {state.get('world_size', 1)} process(es), this run has "
+            f"[yellow]{esc(name)} was written by {esc(state.get('world_size', 1))} process(es), this run has "
             f"{world.world_size}: training continues, but not bit-identically to an uninterrupted run[/]"
         )
     return state["rng"], None

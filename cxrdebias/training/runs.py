@@ -118,7 +118,13 @@ class RunDir:
         path = self.file(CONFIG_FILE)
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; {self.path} is not a cxrdebias run folder")
-        return yaml.safe_load(path.read_text())
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: expected the run's config (a mapping), got {type(config).__name__}")
+        return config
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json_atomic(self.file(name), obj)

@@ -37,6 +37,7 @@ from torch import nn
 
 from cxrdebias import distributed as dist_utils
 from cxrdebias.config import TrainConfig
+from cxrdebias.console import esc, make_console
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.errors import ConfigError, TrainingInterrupted
@@ -169,7 +170,7 @@ class Trainer:
         self.patience = patience
         self.seed = seed
         self.fingerprint = fingerprint
-        self.console = console or Console(stderr=True, soft_wrap=True, quiet=not self.world.is_main)
+        self.console = console or make_console(stderr=True, quiet=not self.world.is_main)
         self.optimizer = self._make_optimizer(self.model.parameters())
         self.scheduler = self._make_scheduler(self.optimizer)
         self.method.setup(
@@ -257,10 +258,10 @@ class Trainer:
         self.best = state["best"]
         rng, warning = rng_for_process(state, self.world, name)
         if warning is not None:
-            self.console.print(warning)
+            self.console.print(warning)  # markup, user values escaped (checkpoint.rng_for_process)
         set_rng_state(rng)
         if name != "last.pt":
-            self.console.print(f"[yellow]last.pt unusable ({errors[-1]}); resumed from {name}[/]")
+            self.console.print(f"[yellow]last.pt unusable ({esc(errors[-1])}); resumed from {esc(name)}[/]")
         return int(state["epoch"])
 
     # -- training -------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ class Trainer:
         for section, values in record.items():  # the method's epoch_metrics() sections
             if section not in ("train", "val") and isinstance(values, dict):
                 parts += [f"{section} {k} {v:.3f}" for k, v in values.items() if isinstance(v, float) and not k.startswith("n_")]
-        self.console.print("  ".join(parts))
+        self.console.print("  ".join(parts), markup=False)
 
     def load_best(self) -> None:
         """Load the weights of the selected (best validation) epoch, if any."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrdebias.console import esc
 from cxrdebias.data.base import UNKNOWN_BIAS
 from cxrdebias.data.cxr import (
     CLASS_NAMES,
@@ -113,7 +114,7 @@ def build(cfg: Any, method: Any, run: Any, console: Any) -> Protocol:
         if cfg.model.pretrained:  # bad weights must fail before --force empties the old run
             build_model(cfg.model, len(CLASS_NAMES), in_channels=spec.channels)
     if data.dropped:
-        console.print(f"[yellow]{format_drop_summary(data.dropped, len(data.table) + len(data.dropped))}[/]")
+        console.print(f"[yellow]{esc(format_drop_summary(data.dropped, len(data.table) + len(data.dropped)))}[/]")
     if data.val is None:
         raise ConfigError("the split has no validation patients; set data.val_fraction > 0 (model selection needs it)")
 
@@ -134,7 +135,7 @@ def build(cfg: Any, method: Any, run: Any, console: Any) -> Protocol:
         }
 
     def banner(method, precision: str) -> str:
-        sites = ", ".join(f"{s}={i}" for s, i in data.site_to_index.items())
+        sites = esc(", ".join(f"{s}={i}" for s, i in data.site_to_index.items()))
         return (
             f"[bold]CXR[/] method={method.name} bias={bias} ({sites}) train={len(data.train)} "
             f"val={len(data.val)} test={len(data.test)} images, {spec.image_size}px, precision={precision}"
