@@ -62,9 +62,9 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
                 "and plain data; loading it could run code from the file, so it was not loaded. Use a file written by "
                 "cxrdebias, or re-save the weights as a state dict of tensors (torch.save(model.state_dict(), ...))"
             ) from None
-        raise CheckpointError(f"{path}: unreadable or truncated {what} ({_detail(exc)})") from None
+        raise CheckpointError(f"{path}: cannot load the {what}: unreadable, truncated or not a torch file ({_detail(exc)})") from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... on truncated or corrupt files
-        raise CheckpointError(f"{path}: unreadable or truncated {what} ({_detail(exc)})") from None
+        raise CheckpointError(f"{path}: cannot load the {what}: unreadable, truncated or not a torch file ({_detail(exc)})") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -78,7 +78,11 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _detail(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: " + " ".join(str(exc).split())[:200]  # torch's messages span lines
+    """torch's reason on one line (for a refused unpickling: its cause without the advice around it)."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0].strip()
+    return f"{exc.__class__.__name__}: {text[:200]}"
 
 
 def read_state_dict(path: str | Path, expected: str) -> dict[str, torch.Tensor]:
