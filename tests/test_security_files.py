@@ -138,6 +138,25 @@ def test_a_pickle_that_runs_code_is_refused_and_never_runs(entry, run, data, tmp
     assert "refused" in line and "posix.system" in line, line
 
 
+@pytest.mark.parametrize("writer", ["torch-zip", "torch-legacy", "plain-pickle"])
+def test_a_payload_is_refused_in_every_file_format_torch_reads(writer, tmp_path):
+    """The zip format of torch >= 1.6, the legacy format and a bare pickle: refused, not run."""
+    import pickle
+
+    marker, path = tmp_path / "PWNED", tmp_path / "weights.pt"
+    obj = {"conv.weight": torch.zeros(1), "meta": Payload(marker)}
+    if writer == "plain-pickle":
+        path.write_bytes(pickle.dumps(obj))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=writer == "torch-zip")
+    with pytest.raises(CheckpointError) as info:
+        torch_load_checked(path)
+    assert not marker.exists()
+    assert str(info.value).count("\n") == 0 and str(path) in str(info.value)
+    if writer != "plain-pickle":
+        assert "refused" in str(info.value) and "posix.system" in str(info.value)
+
+
 def test_the_files_cxrdebias_writes_load_with_their_numpy_random_state(run):
     """A run written by this code has the checkpoint format of before (numpy's random state
     as an ndarray in ``rng``): every file of it loads and the random state restores."""

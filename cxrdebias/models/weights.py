@@ -18,6 +18,8 @@ before anything is loaded. Every failure is a one-line :class:`CheckpointError` 
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,10 +54,11 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found")
     try:
-        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
+        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": the error says it all
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(exc))  # the latter: legacy (non-zip) files
         if unsafe:
             raise CheckpointError(
                 f"{path}: refused: the {what} holds pickled Python objects ({', '.join(unsafe[:3])}), not only tensors "
@@ -80,8 +83,11 @@ def _unsafe_globals(path: Path) -> list[str]:
 def _detail(exc: BaseException) -> str:
     """torch's reason on one line (for a refused unpickling: its cause without the advice around it)."""
     text = " ".join(str(exc).split())
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0].strip()
+    for preamble in ("WeightsUnpickler error:", "from a trusted source."):
+        if preamble in text:
+            text = text.split(preamble, 1)[1]
+            break
+    text = text.split(" Check the documentation", 1)[0].strip()
     return f"{exc.__class__.__name__}: {text[:200]}"
 
 
