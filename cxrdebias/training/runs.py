@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from cxrdebias import distributed as dist_utils
 from cxrdebias import fileio
 from cxrdebias.errors import CheckpointError, OutputError, RunExistsError
 from cxrdebias.fileio import (
@@ -103,7 +104,8 @@ class RunDir:
             check_replaceable(p, "run", protected=protected)
         try:
             p.mkdir(parents=True, exist_ok=True)
-            acquire_lock(p)
+            if dist_utils.world().is_main:  # under torchrun rank 0 writes the run; the other ranks only read it
+                acquire_lock(p)
             if non_empty and not resume:
                 clear_folder(p, keep=(LOCK_FILE,))
             (p / CHECKPOINT_DIR).mkdir(exist_ok=True)
