@@ -188,11 +188,14 @@ def test_a_checkpoint_written_under_numpy_1_loads(tmp_path):
 def test_only_numpy_random_states_are_allowed_and_only_while_reading(tmp_path):
     """The numpy allow-list is scoped to the read: torch's global list is left as it was, and
     other pickled objects (here a ``Path``) are still refused."""
-    before = list(torch.serialization.get_safe_globals())
     torch.save({"where": Path("/x")}, tmp_path / "path.pt")
     with pytest.raises(CheckpointError, match="refused.*PosixPath"):
         torch_load_checked(tmp_path / "path.pt")
-    assert torch.serialization.get_safe_globals() == before
+    torch.save({"rng": np.random.get_state()}, tmp_path / "rng.pt")
+    assert isinstance(torch_load_checked(tmp_path / "rng.pt")["rng"][1], np.ndarray)
+    assert np.ndarray not in torch.serialization.get_safe_globals()
+    with pytest.raises(Exception, match="numpy"):  # torch's own weights-only load still refuses numpy afterwards
+        torch.load(tmp_path / "rng.pt", weights_only=True)
 
 
 def test_an_old_run_still_evaluates_exports_analyses_and_resumes(run, data, tmp_path, monkeypatch, capsys):
