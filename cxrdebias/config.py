@@ -22,9 +22,11 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class StrictConfig(BaseModel):
-    """A config section that refuses unknown keys (a misspelt option is an error, not ignored)."""
+    """A config section that refuses unknown keys (a misspelt option is an error, not ignored)
+    and non-finite numbers (``.inf``/``.nan`` for a float option is an error, not a run that
+    fails later)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(StrictConfig):

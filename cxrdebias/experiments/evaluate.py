@@ -33,6 +33,7 @@ from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
 from cxrdebias.fileio import spreadsheet_safe, write_text_atomic
 from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
+from cxrdebias.training.folders import check_replaceable, write_marker
 from cxrdebias.training.inference import Predictions, predict
 from cxrdebias.training.runs import RunDir, replace_folder, staging_folder
 
@@ -58,7 +59,8 @@ def evaluate_run(
     patients). With ``manifest`` every row of that manifest is evaluated (a manifest with a
     ``split`` column is restricted to ``split``). Uses the threshold chosen on validation and
     saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
-    ``RUN/eval``), which must not exist unless ``force``.
+    ``RUN/eval``), which must not exist unless ``force``; ``force`` replaces only a cxrdebias
+    report folder, never the run, the data or a folder holding them (:mod:`cxrdebias.training.folders`).
     """
     console = console or make_console(stderr=True)
     run = RunDir(run_dir)
@@ -68,9 +70,13 @@ def evaluate_run(
     out = Path(out) if out is not None else run.file(EVAL_DIR)
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"{out}: exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise RunExistsError(f"{out}: an evaluation report already exists; pass --force to overwrite it or --out elsewhere")
     data_cfg = cfg.data
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise RunExistsError(f"{out}: an evaluation report already exists; pass --force to overwrite it or --out elsewhere")
+        # --force replaces a report folder only: never the run itself, the data or a foreign folder
+        inputs = [run.path, *(p for p in (manifest, data_cfg.manifest) if p is not None)]
+        check_replaceable(out, "report", protected=inputs)
     table = load_manifest(
         data_cfg.manifest if manifest is None else manifest,
         site_source=data_cfg.site_source,
@@ -119,6 +125,7 @@ def evaluate_run(
     # (a full disk) leaves no half report and the previous report (--force) as it was
     staging = staging_folder(out)
     try:
+        write_marker(staging, "report")
         write_report(report, staging, run_name=name, metadata={"source": source, "split": split, "method": art["method"]})
         plot_site_report(report, staging / "report.png", y_true=y, y_score=score, sites=sites, title=name)
         write_predictions(staging / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, art["threshold"])

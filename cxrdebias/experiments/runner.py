@@ -34,6 +34,7 @@ from cxrdebias.experiments.config import ExperimentConfig, check_resumable, conf
 from cxrdebias.experiments.registry import Finished, Protocol
 from cxrdebias.models import build_model, model_factory
 from cxrdebias.training.device import seed_everything
+from cxrdebias.training.folders import release_lock
 from cxrdebias.training.provenance import code_version, environment, run_info
 from cxrdebias.training.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
 from cxrdebias.training.trainer import Trainer
@@ -84,7 +85,23 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Train and test one experiment of any registered kind into the run folder ``out`` (module doc).
 
-    Returns the ``results.json`` record (on ranks other than 0 under torchrun: their rank)."""
+    Returns the ``results.json`` record (on ranks other than 0 under torchrun: their rank). The
+    run folder is locked while this runs (a second writer is refused); ``force`` replaces only a
+    cxrdebias run folder that holds none of the input data (:mod:`cxrdebias.training.folders`)."""
+    try:
+        return _run_experiment(cfg, out, force=force, resume=resume, console=console)
+    finally:
+        release_lock(out)  # a no-op where this process holds no lock (other ranks, a refused folder)
+
+
+def input_paths(cfg: ExperimentConfig) -> list[str]:
+    """The data paths a run reads (the manifest, the data root): ``--force`` never replaces a folder holding them."""
+    return [v for key in ("manifest", "root") if isinstance(v := getattr(cfg.data, key, None), str) and v]
+
+
+def _run_experiment(
+    cfg: ExperimentConfig, out: str | Path, *, force: bool, resume: bool, console: Console | None
+) -> dict[str, Any]:
     console = console or make_console(stderr=True)
     spec = protocols.get(cfg.data.kind)
     resolved = config_to_dict(cfg)
@@ -104,7 +121,7 @@ def run_experiment(
     if not resume:
 
         def create_run() -> RunDir:
-            new = RunDir.create(out, force=force)
+            new = RunDir.create(out, force=force, protected=input_paths(cfg))
             new.write_config(resolved)
             new.write_json(RUN_INFO_FILE, run_info(proto.data_info()))
             if proto.on_created is not None:

@@ -1,4 +1,13 @@
-"""Loading *local* pretrained backbone weights (nothing is ever downloaded).
+"""Loading *local* pretrained backbone weights (nothing is ever downloaded), and the one safe
+reader of torch files.
+
+Every ``.pt``/``.pth`` file cxrdebias reads (pretrained weights, ``model.pt``, training
+checkpoints) goes through :func:`load_torch_file`: ``torch.load(weights_only=True)``, so a file
+can hold tensors and plain data (numbers, strings, lists, tuples, dicts) but no pickled code. The
+only other objects allowed are the numpy ones that the random state in a training checkpoint is
+made of (:data:`NUMPY_RNG_GLOBALS`), and only while such a file is being read. A file that
+holds anything else is refused with a :class:`CheckpointError` naming what it holds; nothing in
+it is run.
 
 Shared by the backbones that accept ``ModelConfig.pretrained``: read a checkpoint file into a
 flat state dict (whatever wraps it), normalise key prefixes, adapt the first convolution to the
@@ -8,12 +17,15 @@ before anything is loaded. Every failure is a one-line :class:`CheckpointError` 
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
 from cxrdebias.errors import CheckpointError
 
@@ -21,19 +33,70 @@ from cxrdebias.errors import CheckpointError
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
 
 
-def read_state_dict(path: str | Path, expected: str) -> dict[str, torch.Tensor]:
-    """Tensors of the checkpoint at ``path``: a state dict, a dict holding one under
-    ``state_dict``/``model``/``model_state_dict``, or a pickled module. ``expected`` words the
-    error ("a ResNet-18 state dict")."""
+#: numpy's array reconstructor (``numpy._core.multiarray._reconstruct``; ``numpy.core`` before numpy 2)
+_np_reconstruct = np.zeros(1).__reduce__()[0]
+#: what ``np.random.get_state()`` pickles as (an ``ndarray`` of ``uint32``), under the names of
+#: numpy 2 and of numpy 1 (files written before numpy 2)
+NUMPY_RNG_GLOBALS: list[Any] = [
+    (_np_reconstruct, "numpy._core.multiarray._reconstruct"),
+    (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
+
+
+def load_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """The contents of the torch file ``path``, read without running any code from it (module
+    doc). :class:`CheckpointError` (one line, naming the file) when it is missing, holds pickled
+    objects other than tensors and plain data (refused, not run), or is truncated/corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: pretrained weights file not found")
+        raise CheckpointError(f"{path}: {what} not found")
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load ({exc.__class__.__name__}: {exc})") from None
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": the error says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(exc))  # the latter: legacy (non-zip) files
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused: the {what} holds pickled Python objects ({', '.join(unsafe[:3])}), not only tensors "
+                "and plain data; loading it could run code from the file, so it was not loaded. Use a file written by "
+                "cxrdebias, or re-save the weights as a state dict of tensors (torch.save(model.state_dict(), ...))"
+            ) from None
+        raise CheckpointError(f"{path}: cannot load the {what}: unreadable, truncated or not a torch file ({_detail(exc)})") from None
+    except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... on truncated or corrupt files
+        raise CheckpointError(f"{path}: cannot load the {what}: unreadable, truncated or not a torch file ({_detail(exc)})") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals (classes/functions) a torch file names that :func:`load_torch_file` does not
+    allow (read from the pickle opcodes; nothing is run)."""
+    try:
+        allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}" for g in NUMPY_RNG_GLOBALS}
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:
+        return []
+
+
+def _detail(exc: BaseException) -> str:
+    """torch's reason on one line (for a refused unpickling: its cause without the advice around it)."""
+    text = " ".join(str(exc).split())
+    for preamble in ("WeightsUnpickler error:", "from a trusted source."):
+        if preamble in text:
+            text = text.split(preamble, 1)[1]
+            break
+    text = text.split(" Check the documentation", 1)[0].strip()
+    return f"{exc.__class__.__name__}: {text[:200]}"
+
+
+def read_state_dict(path: str | Path, expected: str) -> dict[str, torch.Tensor]:
+    """Tensors of the checkpoint at ``path``: a state dict, or a dict holding one under
+    ``state_dict``/``model``/``model_state_dict`` (read by :func:`load_torch_file`: a pickled
+    module is refused). ``expected`` words the error ("a ResNet-18 state dict")."""
+    obj: Any = load_torch_file(path, "pretrained weights file")
+    path = Path(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

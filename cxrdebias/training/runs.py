@@ -2,8 +2,10 @@
 
 Files are always written atomically (temporary file in the same folder, fsync, rename), so a
 run killed at any moment leaves either the old or the new version of a file, never half of one.
-An existing run folder is never overwritten unless the caller says so (``force``), and is only
-reused to continue the same run (``resume``).
+An existing run folder is never overwritten unless the caller says so (``force``), and then
+only if it is recognisably a cxrdebias run (:mod:`cxrdebias.training.folders`); it is only
+reused to continue the same run (``resume``). A process writing a run holds its lock, so a
+second writer is refused.
 
 A write that fails (a full disk, a folder that became read-only) raises :class:`OutputError`
 (:class:`DiskFullError` for ENOSPC/EDQUOT) naming the file; the temporary file is removed and the
@@ -16,12 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from cxrdebias import distributed as dist_utils
 from cxrdebias import fileio
 from cxrdebias.errors import CheckpointError, OutputError, RunExistsError
 from cxrdebias.fileio import (
@@ -32,6 +36,16 @@ from cxrdebias.fileio import (
     output_error,
     write_json_atomic,
     write_text_atomic,
+)
+from cxrdebias.models.weights import load_torch_file
+from cxrdebias.training.folders import (
+    LOCK_FILE,
+    acquire_lock,
+    check_replaceable,
+    clear_folder,
+    is_marked,
+    release_lock,
+    write_marker,
 )
 
 RUN_INFO_FILE = "run.json"
@@ -44,15 +58,10 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def torch_load_checked(path: str | Path) -> Any:
-    """Load a checkpoint, turning truncation/corruption into a :class:`CheckpointError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/...
-        detail = " ".join(str(exc).split())[:200]  # torch's messages span lines; the error is one line
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc.__class__.__name__}: {detail})") from exc
+    """Load a checkpoint without running code from it (``weights_only``:
+    :func:`cxrdebias.models.weights.load_torch_file`); a missing, truncated or corrupt file, or
+    one holding pickled objects, is a :class:`CheckpointError`."""
+    return load_torch_file(path, "checkpoint")
 
 
 class RunDir:
@@ -66,19 +75,24 @@ class RunDir:
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, force: bool = False, resume: bool = False) -> RunDir:
-        """Open ``path`` for a new run.
+    def create(
+        cls, path: str | Path, *, force: bool = False, resume: bool = False, protected: Iterable[str | Path] = ()
+    ) -> RunDir:
+        """Open ``path`` for a new run, holding its write lock (:func:`release_lock` or the
+        process's exit releases it; a folder another process writes is a :class:`RunExistsError`).
 
         - new or empty folder: used as is;
         - existing run + ``resume``: reused (the caller checks the config matches);
-        - existing non-empty folder + ``force``: its contents are deleted first;
+        - existing non-empty folder + ``force``: its contents are deleted first, if it is a
+          cxrdebias run folder and holds none of the ``protected`` paths (the input data;
+          :func:`~cxrdebias.training.folders.check_replaceable`);
         - otherwise :class:`RunExistsError`.
         """
         run = cls(path)
         p = run.path
         if p.exists() and not p.is_dir():
             raise RunExistsError(f"{p}: exists and is not a folder; choose another --out")
-        non_empty = p.is_dir() and any(p.iterdir())
+        non_empty = p.is_dir() and any(e.name != LOCK_FILE for e in p.iterdir())
         if resume:
             if not non_empty:
                 raise CheckpointError(f"{p}: nothing to resume (folder missing or empty); drop --resume to start a new run")
@@ -87,21 +101,32 @@ class RunDir:
                 raise RunExistsError(
                     f"{p}: output folder already exists and is not empty; pass --force to overwrite it or --resume to continue it"
                 )
-            try:
-                shutil.rmtree(p)
-            except OSError as exc:
-                raise OutputError(f"{p}: --force cannot delete the old run ({exc.strerror or exc} at {exc.filename})") from None
+            check_replaceable(p, "run", protected=protected)
         try:
             p.mkdir(parents=True, exist_ok=True)
+            if dist_utils.world().is_main:  # under torchrun rank 0 writes the run; the other ranks only read it
+                acquire_lock(p)
+            if non_empty and not resume:
+                clear_folder(p, keep=(LOCK_FILE,))
             (p / CHECKPOINT_DIR).mkdir(exist_ok=True)
             with tempfile.TemporaryFile(dir=p / CHECKPOINT_DIR):  # writable? (mkdir succeeds on an existing folder)
                 pass
+            if not is_marked(p, "run"):
+                write_marker(p, "run")
         except OSError as exc:
+            release_lock(p)
             where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(p) else ""
             raise OutputError(
                 f"{p}: cannot create or write the output folder ({exc.strerror or exc}{where}); choose a writable --out"
             ) from None
+        except BaseException:
+            release_lock(p)
+            raise
         return run
+
+    def release(self) -> None:
+        """Release this process's write lock of the run folder (see :meth:`create`)."""
+        release_lock(self.path)
 
     # -- files ----------------------------------------------------------------------------
     def file(self, name: str) -> Path:
