@@ -129,17 +129,24 @@ with st.sidebar:  # the model's metadata as plain text (st.text, st.dataframe): 
 
 # -- the study ----------------------------------------------------------------------------------
 tables, images = [], {}
-if data_inputs:
+
+
+def add_predictions(predict, failure: str, skipped: str) -> None:
+    """Run ``predict()`` → (table, kept images, per-image errors); show its errors, keep its rows."""
     try:
-        table, kept, errors = cached_study(model_key, tuple(data_inputs), model)
+        table, kept, errors = predict()
     except CxrDebiasError as exc:
-        st.error(f"Cannot read the data: {markdown_text(exc)}")
+        st.error(f"{failure}: {markdown_text(exc)}")
         table, kept, errors = None, [], []
     for message in errors:
-        st.error(f"Skipped: {markdown_text(message)}")
+        st.error(f"{skipped}: {markdown_text(message)}")
     if table is not None:
         tables.append(table)
         images.update({x.name: x for x in kept})
+
+
+if data_inputs:
+    add_predictions(lambda: cached_study(model_key, tuple(data_inputs), model), "Cannot read the data", "Skipped")
 
 uploads = st.file_uploader("Upload DICOM, PNG or JPEG images", accept_multiple_files=True, key="uploads")
 if uploads:
@@ -162,16 +169,7 @@ if uploads:
         good.append(entry)
         digests.append(f"{up.name}:{digest}")
     if good:
-        try:
-            table, kept, errors = cached_uploads(model_key, tuple(digests), good, model)
-        except CxrDebiasError as exc:
-            st.error(f"Cannot predict the uploads: {markdown_text(exc)}")
-            table, kept, errors = None, [], []
-        for message in errors:
-            st.error(f"Upload: {markdown_text(message)}")
-        if table is not None:
-            tables.append(table)
-            images.update({x.name: x for x in kept})
+        add_predictions(lambda: cached_uploads(model_key, tuple(digests), good, model), "Cannot predict the uploads", "Upload")
 
 if not tables or sum(len(t) for t in tables) == 0:
     st.info("No images yet: launch with `--data FOLDER_OR_MANIFEST` or upload images above.")

@@ -226,3 +226,43 @@ def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
 
     with single_torch_thread():
         return export_run(tiny_cxr_run, tmp_path_factory.mktemp("exported") / "model.onnx", n_cam_images=8)
+
+
+@contextlib.contextmanager
+def viewer_server(model: Path, data: list[Path], log_dir: Path):
+    """`cxrdebias view`'s Streamlit server on a free local port, up and healthy; yields the port
+    and stops the server (its whole process group) afterwards."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from cxrdebias.cli.deploy import viewer_command
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_file = log_dir / "server.log"
+    log = log_file.open("w")
+    server = subprocess.Popen(viewer_command(model, data, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the Streamlit server did not start:\n" + log_file.read_text()[-3000:])
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.onnx_metadata import FORMAT_KEY, FORMAT_VERSION, encode
 from cxrdebias.deploy.runtime import CXRModel, load_model, predict_to_csv
 from cxrdebias.errors import CheckpointError, DataError, OutputError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, viewer_server
 
 VIEWER = REPO / "apps" / "viewer.py"
 HOSTILE = "[/x] [v2] :x: ![img](http://127.0.0.1:9/leak.png) <b>b</b>"
@@ -417,38 +416,12 @@ def test_viewer_command_closes_the_host_and_xsrf_gaps(tmp_path):
     assert sorted(values("--server.allowedHosts")) == ["127.0.0.1", "localhost"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_viewer_websocket_refuses_a_foreign_host(tmp_path):
     """DNS rebinding: a page of evil.example resolved to 127.0.0.1 opens the WebSocket with its
     own Host (and Origin): refused; the page's own address is accepted."""
-    import signal
-    import urllib.request
 
     websockets_sync = pytest.importorskip("websockets.sync.client")
-    from cxrdebias.cli.deploy import viewer_command
-
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        viewer_command(toy_model(tmp_path / "m.onnx"), [], port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the Streamlit server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with viewer_server(toy_model(tmp_path / "m.onnx"), [], tmp_path) as port:
         def connect(host: str, origin: str) -> bool:
             """Open the page's WebSocket on 127.0.0.1 as the browser would for a page at ``host``."""
             import socket
@@ -467,14 +440,6 @@ def test_viewer_websocket_refuses_a_foreign_host(tmp_path):
         assert connect("localhost", f"http://localhost:{port}")
         assert not connect("evil.example", f"http://evil.example:{port}")  # DNS rebinding
         assert not connect("127.0.0.1", "http://evil.example")  # another site's page
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 def test_view_prints_no_markup_from_paths(tmp_path, monkeypatch, capsys):

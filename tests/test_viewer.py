@@ -32,7 +32,7 @@ from cxrdebias.deploy.viewer_state import (
     sort_table,
 )
 from cxrdebias.errors import DataError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, viewer_server
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -318,20 +318,9 @@ def test_cli_view_launches_streamlit_on_localhost(model_file, study_data, monkey
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_viewer_in_headless_chromium(model_file, study_data, tmp_path):
     """`cxrdebias view`'s command line serves the page; Chromium selects an image and gets the overlay."""
     import shutil
-    import signal
-    import time
-    import urllib.request
     from pathlib import Path
 
     if not Path(CHROMIUM).is_file() or shutil.which("chromedriver") is None and not Path(CHROMEDRIVER).is_file():
@@ -342,68 +331,48 @@ def test_viewer_in_headless_chromium(model_file, study_data, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from cxrdebias.cli.deploy import viewer_command
-
     manifest, _ = study_data
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(viewer_command(model_file, [manifest], port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     driver = None
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the Streamlit server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1800"):
-            options.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or CHROMEDRIVER), options=options)
-        driver.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(driver, 120, ignored_exceptions=(StaleElementReferenceException,))
-        wait.until(lambda d: any("NOT FOR CLINICAL USE" in w.text for w in d.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')))
-
-        def image_box(d):
-            boxes = [b for b in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"]') if b.text.startswith("Image")]
-            return boxes[0] if boxes else False
-
-        box = wait.until(image_box)
-        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]')  # nothing selected yet
-        box.find_element(By.CSS_SELECTOR, "input").click()
-        options_ = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[role="option"]'))
-        chosen = options_[0].text
-        assert chosen.endswith(".png")
-        options_[0].click()
-
-        def overlay(d):
-            for im in d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]'):
-                caption = im.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
-                img = im.find_elements(By.TAG_NAME, "img")
-                if caption and img and caption[0].text.startswith("Grad-CAM overlay") and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img[0]):
-                    return img[0]
-            return False
-
-        img = wait.until(overlay)
-        assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
-        metrics = [m.text for m in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')]
-        assert any("P(positive)" in m for m in metrics) and any("Threshold" in m for m in metrics)
-        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-    finally:
-        if driver is not None:
-            driver.quit()
-        os.killpg(server.pid, signal.SIGTERM)
+    with viewer_server(model_file, [manifest], tmp_path) as port:
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+            options = webdriver.ChromeOptions()
+            options.binary_location = CHROMIUM
+            for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1800"):
+                options.add_argument(arg)
+            driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or CHROMEDRIVER), options=options)
+            driver.get(f"http://127.0.0.1:{port}/")
+            wait = WebDriverWait(driver, 120, ignored_exceptions=(StaleElementReferenceException,))
+            wait.until(lambda d: any("NOT FOR CLINICAL USE" in w.text for w in d.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')))
+
+            def image_box(d):
+                boxes = [b for b in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"]') if b.text.startswith("Image")]
+                return boxes[0] if boxes else False
+
+            box = wait.until(image_box)
+            assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]')  # nothing selected yet
+            box.find_element(By.CSS_SELECTOR, "input").click()
+            options_ = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[role="option"]'))
+            chosen = options_[0].text
+            assert chosen.endswith(".png")
+            options_[0].click()
+
+            def overlay(d):
+                for im in d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]'):
+                    caption = im.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
+                    img = im.find_elements(By.TAG_NAME, "img")
+                    if caption and img and caption[0].text.startswith("Grad-CAM overlay") and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img[0]):
+                        return img[0]
+                return False
+
+            img = wait.until(overlay)
+            assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
+            metrics = [m.text for m in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')]
+            assert any("P(positive)" in m for m in metrics) and any("Threshold" in m for m in metrics)
+            assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+        finally:
+            if driver is not None:
+                driver.quit()
 
 
 def test_large_images_are_shown_at_display_size(model_file, study_data):
