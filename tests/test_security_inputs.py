@@ -419,3 +419,27 @@ def test_train_with_allow_outside_records_it_and_evaluate_rereads_the_manifest_t
     assert images and "validation split" in source, source
     images, source = validation_images(run, {**config, "data": {**config["data"], "allow_links_outside": False}})
     assert images is None and LINK_REFUSED in source
+
+
+def test_view_with_allow_outside_shows_a_linked_images_folder(linked_share, tmp_path, monkeypatch, capsys):
+    from streamlit.testing.v1 import AppTest
+
+    manifest, _ = linked_share
+    model = _model(tmp_path / "model.onnx")
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    for extra in ([], ["--allow-outside"]):
+        code, _, err = run_cli(["view", "--model", model, "--data", manifest, *extra], monkeypatch, capsys)
+        assert code == 0, err
+    assert "--allow-outside" not in calls[0] and calls[1][-1] == "--allow-outside"
+
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_MODEL", str(model))
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_DATA", str(manifest))
+    for argv, rows in ((["viewer.py"], 0), (calls[1][calls[1].index("--"):], 16)):
+        monkeypatch.setattr(sys, "argv", argv)
+        at = AppTest.from_file(str(REPO / "apps" / "viewer.py"), default_timeout=120).run()
+        assert not at.exception, at.exception
+        if rows:
+            assert len(at.dataframe[0].value) == rows
+        else:
+            assert any(LINK_REFUSED in e.value.replace("\\", "") for e in at.error), [e.value for e in at.error]
