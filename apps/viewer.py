@@ -1,7 +1,8 @@
 """cxrdebias viewer: a Streamlit page over an exported ONNX model (onnxruntime only, no torch).
 
 Launch with ``cxrdebias view --model model.onnx [--data folder-or-manifest ...]``, or
-``streamlit run apps/viewer.py -- --model model.onnx --data scans/``. The environment
+``streamlit run apps/viewer.py -- --model model.onnx --data scans/`` (``--allow-outside``: a
+manifest's symbolic links may lead out of its folder). The environment
 variables ``CXRDEBIAS_VIEWER_MODEL`` and ``CXRDEBIAS_VIEWER_DATA`` (paths joined with
 ``os.pathsep``) take precedence over the script arguments (used by the tests).
 
@@ -45,15 +46,17 @@ MODEL_ENV, DATA_ENV = "CXRDEBIAS_VIEWER_MODEL", "CXRDEBIAS_VIEWER_DATA"
 UPLOAD_PREFIX = "upload/"
 
 
-def settings() -> tuple[str | None, list[str]]:
-    """The model path and data inputs: environment variables, else the script arguments."""
+def settings() -> tuple[str | None, list[str], bool]:
+    """The model path and data inputs (environment variables, else the script arguments) and
+    whether a manifest's symbolic links may lead out of its folder (``--allow-outside``)."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--model")
     ap.add_argument("--data", action="append", default=[])
+    ap.add_argument("--allow-outside", action="store_true")
     args, _ = ap.parse_known_args(sys.argv[1:])
     model = os.environ.get(MODEL_ENV) or args.model
     data = [d for d in os.environ.get(DATA_ENV, "").split(os.pathsep) if d] or args.data
-    return model, data
+    return model, data, args.allow_outside
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -67,8 +70,8 @@ def cached_model_bytes(digest: str, _data: bytes) -> CXRModel:
 
 
 @st.cache_resource(show_spinner="Predicting the study…", max_entries=4)
-def cached_study(model_key: str, data: tuple[str, ...], _model: CXRModel):
-    return predict_study(_model, collect_inputs(data))
+def cached_study(model_key: str, data: tuple[str, ...], allow_outside: bool, _model: CXRModel):
+    return predict_study(_model, collect_inputs(data, allow_links_outside=allow_outside))
 
 
 @st.cache_resource(show_spinner="Predicting the uploads…", max_entries=4)
@@ -88,7 +91,7 @@ st.set_page_config(page_title="cxrdebias viewer", layout="wide")
 st.title("cxrdebias viewer")
 st.warning(NOT_FOR_CLINICAL_USE, icon="⚠️")
 
-model_path, data_inputs = settings()
+model_path, data_inputs, allow_outside = settings()
 
 # -- the model ----------------------------------------------------------------------------------
 with st.sidebar:
@@ -146,7 +149,7 @@ def add_predictions(predict, failure: str, skipped: str) -> None:
 
 
 if data_inputs:
-    add_predictions(lambda: cached_study(model_key, tuple(data_inputs), model), "Cannot read the data", "Skipped")
+    add_predictions(lambda: cached_study(model_key, tuple(data_inputs), allow_outside, model), "Cannot read the data", "Skipped")
 
 uploads = st.file_uploader("Upload DICOM, PNG or JPEG images", accept_multiple_files=True, key="uploads")
 if uploads:

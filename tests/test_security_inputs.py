@@ -30,7 +30,7 @@ from cxrdebias.data.images import MIN_IMAGE_SIDE, read_image, write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.onnx_metadata import ModelMetadata, encode
 from cxrdebias.errors import CheckpointError, ConfigError, DataError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, single_torch_thread
 
 GIB = 1 << 30
 SIDE = 7000  # 49 million pixels: under the default max_pixels, 196 MB as float32, 392 MB as float64
@@ -320,3 +320,128 @@ def test_an_interrupted_overlay_write_leaves_no_partial_png(tmp_path, monkeypatc
                      resize_geometry(image.shape, PreprocessSpec(image_size=32)))
     assert not (tmp_path / "cams" / "00001_a.png").exists()
     assert list((tmp_path / "cams").iterdir()) == []
+
+
+# -- finding 5: --allow-outside (images kept on a mounted share, linked from the manifest folder) --
+LINK_REFUSED = "leads outside the manifest folder through a symbolic link (pass --allow-outside to follow links out of the manifest folder)"
+
+
+@pytest.fixture
+def linked_share(tmp_path) -> tuple[Path, Path]:
+    """``study/manifest.csv`` whose ``images`` folder is a link to ``share/`` outside ``study/``
+    (``images -> /mnt/pacs/export``): two sites × eight patients, both labels per site.
+    Returns the manifest and the share."""
+    share, study = tmp_path / "share", tmp_path / "study"
+    share.mkdir()
+    study.mkdir()
+    lines = []
+    for s, site in enumerate("AB"):
+        for p in range(8):
+            pixels = np.random.default_rng(100 * s + p).integers(0, 256, (32, 32), dtype=np.uint8)
+            Image.fromarray(pixels).save(share / f"{site}{p}.png")
+            lines.append(f"images/{site}{p}.png,{p % 2},{site},{site}-{p}")
+    (study / "images").symlink_to(share, target_is_directory=True)
+    manifest = study / "manifest.csv"
+    manifest.write_text("\n".join(["path,label,site,patient_id", *lines]) + "\n")
+    return manifest, share
+
+
+def test_allow_outside_follows_a_linked_images_folder_in_check_and_predict(linked_share, tmp_path, monkeypatch, capsys):
+    from cxrdebias.data.cxr import load_manifest
+
+    manifest, share = linked_share
+    with pytest.raises(DataError, match=r"'images/A0\.png' " + LINK_REFUSED.replace("(", r"\(").replace(")", r"\)")):
+        load_manifest(manifest)
+    df = load_manifest(manifest, allow_links_outside=True)
+    assert len(df) == 16 and {Path(p).resolve().parent for p in df["abs_path"]} == {share.resolve()}
+
+    model = _model(tmp_path / "model.onnx")
+    check = ["data", "check", manifest]
+    predict = ["predict", "--model", model, manifest, "--out", tmp_path / "p.csv"]
+    for args in (check, predict):  # refused without the option, and the refusal names it
+        code, out, err = run_cli(args, monkeypatch, capsys)
+        assert code == 2 and LINK_REFUSED in err and "Traceback" not in err, err
+    assert not (tmp_path / "p.csv").exists()
+    code, out, err = run_cli([*check, "--allow-outside"], monkeypatch, capsys)
+    assert code == 0 and "16 valid rows, 16 patients" in out, err
+    code, out, err = run_cli([*predict, "--allow-outside"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(rows) == 17 and rows[1].startswith(str(manifest.parent / "images" / "A0.png"))
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("../share/A0.png", "'../share/A0.png' leaves the manifest folder"),
+    ("images/../../share/A0.png", "leaves the manifest folder"),
+    ("ABSOLUTE", "is absolute; expected a path relative to the manifest folder"),
+    ("images/fifo.png", "'images/fifo.png' is not a regular file"),
+    ("images/nope.png", "file not found: images/nope.png"),
+])
+def test_allow_outside_still_refuses_dotdot_absolute_missing_and_non_regular_paths(row, expected, linked_share, tmp_path, monkeypatch, capsys):
+    manifest, share = linked_share
+    os.mkfifo(share / "fifo.png")
+    row = str(share / "A0.png") if row == "ABSOLUTE" else row
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines, f"{row},0,A,A-extra"]) + "\n")
+    model = _model(tmp_path / "model.onnx")
+    for args in (["data", "check", manifest, "--allow-outside"],
+                 ["predict", "--model", model, manifest, "--out", tmp_path / "p.csv", "--allow-outside"]):
+        code, out, err = run_cli(args, monkeypatch, capsys)
+        assert code == 2 and "row 18" in err and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_train_with_allow_outside_records_it_and_evaluate_rereads_the_manifest_the_same_way(linked_share, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    manifest, _ = linked_share
+    train = ["train", "--data", manifest, "--bias", "site", "--method", "vanilla", "--epochs", "1", "--image-size", "32",
+             "--set", "train.progress=false", "--set", "model.hidden_dim=16", "--set", "data.split_protocol=random",
+             "--set", "data.workers=1"]
+    code, out, err = run_cli([*train, "--out", tmp_path / "refused"], monkeypatch, capsys)
+    assert code == 2 and LINK_REFUSED in err and not (tmp_path / "refused").exists(), err
+    run = tmp_path / "run"
+    with single_torch_thread():
+        code, out, err = run_cli([*train, "--out", run, "--allow-outside"], monkeypatch, capsys)
+        assert code == 0, err
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["data"]["allow_links_outside"] is True
+        code, out, err = run_cli(["evaluate", run, "--n-boot", "10"], monkeypatch, capsys)  # the run's own manifest
+        assert code == 0, err
+        # another manifest given to evaluate follows links out of its folder only with --allow-outside
+        code, out, err = run_cli(["evaluate", run, "--data", manifest, "--n-boot", "10", "--out", tmp_path / "e"], monkeypatch, capsys)
+        assert code == 2 and LINK_REFUSED in err, err
+        code, out, err = run_cli(["evaluate", run, "--data", manifest, "--n-boot", "10", "--out", tmp_path / "e", "--allow-outside"],
+                                 monkeypatch, capsys)
+        assert code == 0, err
+    # export's check images: the run's validation split, read the way the run allowed
+    from cxrdebias.deploy.export import validation_images
+
+    images, source = validation_images(run, config)
+    assert images and "validation split" in source, source
+    images, source = validation_images(run, {**config, "data": {**config["data"], "allow_links_outside": False}})
+    assert images is None and LINK_REFUSED in source
+
+
+def test_view_with_allow_outside_shows_a_linked_images_folder(linked_share, tmp_path, monkeypatch, capsys):
+    from streamlit.testing.v1 import AppTest
+
+    manifest, _ = linked_share
+    model = _model(tmp_path / "model.onnx")
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    for extra in ([], ["--allow-outside"]):
+        code, _, err = run_cli(["view", "--model", model, "--data", manifest, *extra], monkeypatch, capsys)
+        assert code == 0, err
+    assert "--allow-outside" not in calls[0] and calls[1][-1] == "--allow-outside"
+
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_MODEL", str(model))
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_DATA", str(manifest))
+    for argv, rows in ((["viewer.py"], 0), (calls[1][calls[1].index("--"):], 16)):
+        monkeypatch.setattr(sys, "argv", argv)
+        at = AppTest.from_file(str(REPO / "apps" / "viewer.py"), default_timeout=120).run()
+        assert not at.exception, at.exception
+        if rows:
+            assert len(at.dataframe[0].value) == rows
+        else:
+            assert any(LINK_REFUSED in e.value.replace("\\", "") for e in at.error), [e.value for e in at.error]

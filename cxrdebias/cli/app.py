@@ -37,6 +37,14 @@ BetaOpt = Annotated[float | None, typer.Option(help="EnD: weight of the entangli
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.lr=5e-4")]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --out folder.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
+AllowOutsideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside",
+        help="Follow symbolic links that lead out of the manifest's folder (images on a mounted share); "
+        "absolute paths and '..' stay refused.",
+    ),
+]
 LabellerOpt = Annotated[
     str | None, typer.Option(help="--bias auto: pseudo-bias labeller (attractor, cluster or gce_head; docs/unsupervised.md).")
 ]

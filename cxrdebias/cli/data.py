@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxrdebias.cli.app import data_app, err, out
+from cxrdebias.cli.app import AllowOutsideOpt, data_app, err, out
 from cxrdebias.console import esc
 
 
@@ -48,12 +48,13 @@ def data_check(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV (path, label, site, patient_id).")],
     site_source: Annotated[str, typer.Option(help="'column' or 'dicom:<Keyword>'.")] = "column",
     allow_drop: Annotated[bool, typer.Option("--allow-drop", help="Report bad rows as dropped instead of failing.")] = False,
+    allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Validate a manifest (files, images, labels, sites, duplicates) without training."""
     from cxrdebias.data.cxr import format_drop_summary, load_manifest
     from cxrdebias.data.cxr.splits import site_table_markdown
 
-    df = load_manifest(manifest, site_source=site_source, allow_drop=allow_drop)
+    df = load_manifest(manifest, site_source=site_source, allow_drop=allow_drop, allow_links_outside=allow_outside)
     dropped = df.attrs.get("dropped", [])
     if dropped:
         err.print(format_drop_summary(dropped, len(df) + len(dropped)), markup=False, highlight=False)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 import cxrdebias
-from cxrdebias.cli.app import app, err, out
+from cxrdebias.cli.app import AllowOutsideOpt, app, err, out
 from cxrdebias.console import esc
 
 
@@ -48,13 +48,14 @@ def predict_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per onnxruntime call.")] = 16,
     device: Annotated[str, typer.Option(help="auto (CUDA when onnxruntime-gpu sees a GPU), cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite the CSV / write into a non-empty --cams folder.")] = False,
+    allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Predict with an exported model (onnxruntime only; the preprocessing comes from the model)."""
     from cxrdebias.deploy.runtime import load_model, predict_to_csv
 
     m = load_model(model, device=device)
     err.print(f"{esc(model)}: {esc(m.metadata.model_version)}, threshold {m.metadata.threshold:.4f}, provider {esc(m.provider)}")
-    s = predict_to_csv(m, inputs, out_csv, cam_dir=cams, batch_size=batch_size, force=force)
+    s = predict_to_csv(m, inputs, out_csv, cam_dir=cams, batch_size=batch_size, force=force, allow_links_outside=allow_outside)
     out.print(
         f"{s.images} images, {s.positive} {esc(m.metadata.positive_label)} at threshold {m.metadata.threshold:.4f} → {esc(s.csv)}"
         + (f", CAM overlays in {esc(s.cam_dir)}" if s.cam_dir else "")
@@ -77,10 +78,11 @@ def viewer_script() -> Path:
 VIEWER_HOSTS = ("127.0.0.1", "localhost")
 
 
-def viewer_command(model: Path, data: list[Path], port: int) -> list[str]:
+def viewer_command(model: Path, data: list[Path], port: int, *, allow_outside: bool = False) -> list[str]:
     """The ``streamlit run`` command line of ``cxrdebias view``: local (127.0.0.1 only),
     headless, XSRF protection and CORS (same origin only) on, Host header checked against
-    :data:`VIEWER_HOSTS` (docs/robustness.md)."""
+    :data:`VIEWER_HOSTS` (docs/robustness.md); ``allow_outside``: a manifest's symbolic links
+    may lead out of its folder."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(viewer_script()),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
@@ -91,7 +93,7 @@ def viewer_command(model: Path, data: list[Path], port: int) -> list[str]:
     cmd += ["--browser.gatherUsageStats", "false", "--", "--model", str(model.resolve())]
     for d in data:
         cmd += ["--data", str(d.resolve())]
-    return cmd
+    return cmd + (["--allow-outside"] if allow_outside else [])
 
 
 @app.command("view")
@@ -99,6 +101,7 @@ def view_cmd(
     model: Annotated[Path, typer.Option("--model", help="ONNX model written by `cxrdebias export`.")],
     data: Annotated[list[Path] | None, typer.Option("--data", help="Folder, manifest CSV or image to browse (repeat).")] = None,
     port: Annotated[int, typer.Option(help="Local port of the page (http://127.0.0.1:PORT).")] = 8501,
+    allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Open the viewer (Streamlit, onnxruntime only): study table, image + Grad-CAM, model panel."""
     import subprocess
@@ -112,6 +115,6 @@ def view_cmd(
     for d in data or []:
         if not d.exists():
             raise DataError(f"{d}: file or folder not found")
-    cmd = viewer_command(model, list(data or []), port)
+    cmd = viewer_command(model, list(data or []), port, allow_outside=allow_outside)
     err.print(f"viewer on http://127.0.0.1:{port} (Ctrl+C stops it); NOT FOR CLINICAL USE")
     sys.exit(subprocess.call(cmd))

@@ -14,6 +14,7 @@ import typer
 
 import cxrdebias
 from cxrdebias.cli.app import (
+    AllowOutsideOpt,
     AlphaOpt,
     BetaOpt,
     ForceOpt,
@@ -267,6 +268,7 @@ def train_cmd(
     pretrained: Annotated[Path | None, typer.Option(help="Local DenseNet-121 weights (torchvision/timm/torchxrayvision).")] = None,
     site_source: Annotated[str | None, typer.Option(help="'column' or 'dicom:<Keyword>', e.g. dicom:InstitutionName.")] = None,
     allow_drop: Annotated[bool, typer.Option("--allow-drop", help="Drop invalid manifest rows (listed) instead of failing.")] = False,
+    allow_outside: AllowOutsideOpt = False,
     seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -286,6 +288,7 @@ def train_cmd(
             **_bias_options(bias, labeller, ("site", "none")),
             "data.site_source": site_source,
             "data.allow_drop_bad_rows": True if allow_drop else None,
+            "data.allow_links_outside": True if allow_outside else None,
             "data.preprocess.image_size": image_size,
             "model.pretrained": pretrained,
             "train.epochs": epochs,
@@ -309,12 +312,15 @@ def evaluate_cmd(
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (patient level).")] = 1000,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default RUN/eval).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
+    allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run."""
     from cxrdebias.evaluation.report import to_markdown
     from cxrdebias.experiments.evaluate import evaluate_run
 
-    report = evaluate_run(run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err)
+    report = evaluate_run(
+        run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside
+    )
     if per_institution:
         out.print(report["markdown"], markup=False, highlight=False)
     else:

@@ -72,13 +72,29 @@ def read_csv_records(path: Path, *, columns: Sequence[str], what: str = "manifes
     return header, records
 
 
-def resolve_relative_path(root: Path, rel: str, *, folder: str = "manifest folder") -> tuple[Path | None, str | None, str | None]:
+#: how a refusal of a link leaving the manifest folder names the option that allows it
+ALLOW_OUTSIDE_HINT = "pass --allow-outside to follow links out of the manifest folder"
+
+
+def resolve_relative_path(
+    root: Path,
+    rel: str,
+    *,
+    folder: str = "manifest folder",
+    allow_links_outside: bool = False,
+    hint: str | None = ALLOW_OUTSIDE_HINT,
+) -> tuple[Path | None, str | None, str | None]:
     """Absolute path of the existing file ``rel`` under ``root``, or ``(None, kind, reason)``.
 
     ``rel`` must be relative and stay inside ``root`` (``folder`` names ``root`` in the
     reasons), also once symbolic links are resolved (a link ``images/x.png → /etc/passwd`` is
     refused, never opened), and name a regular file (not a FIFO, device or folder). ``kind``
     is one of ``missing_path``, ``bad_path``, ``path_outside``, ``missing_file``.
+
+    ``allow_links_outside`` lets symbolic links lead out of ``root`` (images kept on a mounted
+    share: ``images -> /mnt/pacs/export``); an absolute path, ``..`` in ``rel`` itself, a
+    missing or non-regular file are refused all the same. ``hint`` (the option that allows
+    such links; ``None`` when there is none) ends the refusal of a link leaving ``root``.
     """
     if not rel:
         return None, "missing_path", "missing (empty)"
@@ -97,8 +113,8 @@ def resolve_relative_path(root: Path, rel: str, *, folder: str = "manifest folde
         return None, "missing_file", f"file not found: {rel}"
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop
         return None, "missing_file", f"cannot access {rel!r} ({getattr(exc, 'strerror', None) or exc})"
-    if not real.is_relative_to(real_root):
-        return None, "path_outside", f"{rel!r} leads outside the {folder} through a symbolic link"
+    if not allow_links_outside and not real.is_relative_to(real_root):
+        return None, "path_outside", f"{rel!r} leads outside the {folder} through a symbolic link" + (f" ({hint})" if hint else "")
     if not stat.S_ISREG(mode):
         return None, "missing_file", f"{rel!r} is not a regular file (a folder, FIFO or device)"
     return full, None, None

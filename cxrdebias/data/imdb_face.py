@@ -154,7 +154,7 @@ def read_split_csv(path: str | Path) -> FaceList:
         if len(fields) != len(header):
             problems.append(f"line {line}: {len(fields)} fields, the header has {len(header)}")
             continue
-        full, _, reason = resolve_relative_path(path.parent, fields[col["path"]].strip(), folder="CSV's folder")
+        full, _, reason = resolve_relative_path(path.parent, fields[col["path"]].strip(), folder="CSV's folder", hint=None)
         age, gender = _parse_age(fields[col["age"]]), _parse_gender(fields[col["gender"]])
         for column, bad in (("path", reason), ("age", age), ("gender", gender)):
             if isinstance(bad, str):

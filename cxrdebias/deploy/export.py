@@ -147,12 +147,15 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | None, str]:
     """The run's validation images (``runtime.InputImage`` with site/label/patient fields) and
     where they came from, or ``(None, why not)``. The manifest path is the one the run was
-    trained with (relative paths: relative to the current folder, as for ``evaluate``)."""
+    trained with (relative paths: relative to the current folder, as for ``evaluate``); its
+    symbolic links may lead out of the manifest's folder when the run allowed it
+    (``data.allow_links_outside``)."""
     from cxrdebias.deploy.runtime import InputImage
 
     splits = run_dir / SPLITS_FILE
     data = config.get("data")
     manifest = data.get("manifest") if isinstance(data, dict) else None
+    allow_outside = isinstance(data, dict) and data.get("allow_links_outside") is True
     if not splits.is_file():
         return None, f"{splits} is missing"
     if not manifest or not isinstance(manifest, str):
@@ -168,7 +171,7 @@ def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | Non
     found = []
     for row in table.itertuples(index=False):
         rel = getattr(row, MANIFEST.path)
-        path, _, reason = resolve_relative_path(manifest.parent, rel)
+        path, _, reason = resolve_relative_path(manifest.parent, rel, allow_links_outside=allow_outside)
         if path is None:
             return None, f"validation image {rel}: {reason}"
         found.append(InputImage(rel, path, fields={c: getattr(row, c) for c in MANIFEST.sample_fields}))

@@ -93,13 +93,17 @@ def _folder_images(folder: Path) -> list[InputImage]:
     return found
 
 
-def _manifest_images(manifest: Path) -> list[InputImage]:
+def _manifest_images(manifest: Path, allow_links_outside: bool) -> list[InputImage]:
     """The images a manifest lists, with their site/label/patient fields (the one manifest schema)."""
-    return [InputImage(str(path), path, fields=fields) for path, fields in read_manifest_images(manifest)]
+    listed = read_manifest_images(manifest, allow_links_outside=allow_links_outside)
+    return [InputImage(str(path), path, fields=fields) for path, fields in listed]
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputImage]:
+def collect_inputs(inputs: Iterable[str | os.PathLike], *, allow_links_outside: bool = False) -> list[InputImage]:
     """Folders (recursive), manifests (``*.csv``) and image files → the images to predict.
+
+    ``allow_links_outside``: a manifest's symbolic links may lead out of its folder
+    (``--allow-outside``; :func:`~cxrdebias.data.cxr.manifest.read_manifest_images`).
 
     Raises:
         DataError: a missing input, an empty folder or manifest, a manifest without ``path``
@@ -111,7 +115,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[InputImage]:
         if path.is_dir():
             found += _folder_images(path)
         elif path.suffix.lower() == ".csv":
-            found += _manifest_images(path)
+            found += _manifest_images(path, allow_links_outside)
         elif path.is_file():
             found.append(InputImage(str(path), path))
         elif path.exists():
@@ -378,6 +382,7 @@ def predict_to_csv(
     cam_dir: str | os.PathLike | None = None,
     batch_size: int = 16,
     force: bool = False,
+    allow_links_outside: bool = False,
 ) -> PredictSummary:
     """``cxrdebias predict``: one CSV row per image, optional CAM overlay PNGs.
 
@@ -388,12 +393,12 @@ def predict_to_csv(
     non-empty CAM folder without ``force``; that both can be written is checked before any
     inference; the CSV is written last, in one piece. Text cells that a spreadsheet would run
     as a formula (``=``, ``+``, ``-``, ``@`` first) get a leading ``'``
-    (:func:`cxrdebias.fileio.spreadsheet_safe`).
+    (:func:`cxrdebias.fileio.spreadsheet_safe`). ``allow_links_outside``: see :func:`collect_inputs`.
     """
     out_csv = Path(out_csv)
     cams = Path(cam_dir) if cam_dir is not None else None
     _check_outputs(out_csv, cams, force)
-    items = collect_inputs(inputs)
+    items = collect_inputs(inputs, allow_links_outside=allow_links_outside)
     extra = [c for c in MANIFEST.sample_fields if any(c in x.fields for x in items)]
     header = ["file", "probability", "predicted_label", "threshold", "provider", *extra] + (["cam"] if cams else [])
     buf = io.StringIO()

@@ -52,6 +52,7 @@ def evaluate_run(
     seed: int = 0,
     force: bool = False,
     console: Console | None = None,
+    allow_links_outside: bool = False,
 ) -> dict[str, Any]:
     """Per-site report of a trained run (``cxrdebias evaluate RUN --per-institution``).
 
@@ -61,6 +62,9 @@ def evaluate_run(
     saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
     ``RUN/eval``), which must not exist unless ``force``; ``force`` replaces only a cxrdebias
     report folder, never the run, the data or a folder holding them (:mod:`cxrdebias.training.folders`).
+    Symbolic links of the manifest may lead out of its folder with ``allow_links_outside``
+    (``--allow-outside``) and, for the run's own manifest, when the run allowed it
+    (``data.allow_links_outside``).
     """
     console = console or make_console(stderr=True)
     run = RunDir(run_dir)
@@ -84,6 +88,7 @@ def evaluate_run(
         check_duplicates=False,
         max_pixels=data_cfg.max_pixels,
         workers=data_cfg.workers,
+        allow_links_outside=allow_links_outside or (manifest is None and data_cfg.allow_links_outside),
     )
     if manifest is None:
         table = load_splits(run.file(SPLITS_FILE), table)

@@ -40,6 +40,11 @@ class CXRDataConfig(BaseModel):
     )
     seed: int = Field(0, description="seed of the patient split (independent of the training seed)")
     allow_drop_bad_rows: bool = Field(False, description="drop invalid manifest rows (listed) instead of failing")
+    allow_links_outside: bool = Field(
+        False,
+        description="follow symbolic links that lead out of the manifest's folder (images on a mounted share); "
+        "absolute paths and '..' in a path stay refused (--allow-outside)",
+    )
     check_duplicates: bool = Field(True, description="refuse identical pixels under different patients/splits")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="refuse larger images")
     workers: int = Field(4, ge=1, le=64, description="threads used to read images for validation and caching")

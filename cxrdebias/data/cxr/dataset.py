@@ -209,6 +209,7 @@ def build_cxr(cfg: CXRDataConfig, *, splits_file: str | os.PathLike | None = Non
         max_pixels=cfg.max_pixels,
         workers=cfg.workers,
         cache_dir=cfg.cache_dir,
+        allow_links_outside=cfg.allow_links_outside,
     )
     attrs = dict(df.attrs)
     if splits_file is not None:

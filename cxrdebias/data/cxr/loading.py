@@ -86,6 +86,7 @@ def load_manifest(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
     cache_dir: str | os.PathLike | None = None,
+    allow_links_outside: bool = False,
 ) -> pd.DataFrame:
     """Read and validate a manifest CSV (see the module doc) → one row per usable image.
 
@@ -109,6 +110,9 @@ def load_manifest(
         cache_dir: the pre-decoding cache folder (``data.cache_dir``): images whose bytes were
             already validated (same SHA-256, site tag, pixel limit and code versions) are not
             decoded again (:class:`~cxrdebias.data.cache.InspectionCache`).
+        allow_links_outside: let symbolic links lead out of the manifest's folder
+            (``data.allow_links_outside``, ``--allow-outside``); absolute paths and ``..`` in a
+            path stay refused.
 
     Raises:
         DataError: the file is unreadable, a required column is missing, or (without
@@ -141,7 +145,7 @@ def load_manifest(
     for line, fields in records:
         rec = parse_row(
             line, header, fields, root=root, label_map=label_map, site_from_dicom=tag is not None,
-            first_by_path=first_by_path, problem=problem,
+            first_by_path=first_by_path, problem=problem, allow_links_outside=allow_links_outside,
         )
         if rec is None:
             continue

@@ -5,7 +5,8 @@ The manifest contract
 A UTF-8 CSV file with a header row. Required columns (:attr:`ManifestSchema.required`):
 
 - ``path``: image file (DICOM, PNG or JPEG), *relative to the manifest's folder* (a path that
-  is absolute or leaves that folder is refused);
+  is absolute or leaves that folder is refused, also through a symbolic link unless links out
+  of the folder are allowed: ``allow_links_outside``, ``--allow-outside``);
 - ``label``: ``0`` (negative) or ``1`` (positive), exactly — or any strings mapped to 0/1 by
   a user-supplied ``label_map`` (``{"No finding": 0, "COVID-19": 1}``);
 - ``site``: the acquisition site (hospital, source dataset) — the *bias* label. Not needed
@@ -199,6 +200,7 @@ def parse_row(
     site_from_dicom: bool,
     first_by_path: dict[str, int],
     problem: ProblemSink,
+    allow_links_outside: bool = False,
 ) -> dict[str, Any] | None:
     """One manifest record (CSV ``line``) → its row dict, reporting its problems to ``problem``.
 
@@ -208,6 +210,8 @@ def parse_row(
     existing file, not listed before: ``first_by_path`` maps normalised paths to their first
     line and is updated), the label, a non-empty site (unless ``site_from_dicom``) and patient,
     the split value. A record with the wrong number of fields is reported and gives ``None``.
+    ``allow_links_outside``: symbolic links may lead out of ``root``
+    (:func:`~cxrdebias.data.csv_records.resolve_relative_path`).
     """
     m = MANIFEST
     if len(fields) != len(header):
@@ -217,7 +221,7 @@ def parse_row(
     rec["row"] = line
     rec.setdefault(m.site, None)
     rel = rec[m.path] or ""
-    full, kind, reason = resolve_relative_path(root, rel)
+    full, kind, reason = resolve_relative_path(root, rel, allow_links_outside=allow_links_outside)
     rec["abs_path"] = str(full) if full is not None else None
     if kind:
         problem(line, m.path, kind, reason)
@@ -244,12 +248,13 @@ def parse_row(
 
 
 # -- the image list of a manifest (the torch-free prediction runtime) ---------------------------
-def read_manifest_images(manifest: str | os.PathLike) -> list[tuple[Path, dict[str, str]]]:
+def read_manifest_images(manifest: str | os.PathLike, *, allow_links_outside: bool = False) -> list[tuple[Path, dict[str, str]]]:
     """The images a manifest lists, without validating labels or decoding anything.
 
     Only ``path`` is required. Returns, per record, the absolute image path and the
     :attr:`ManifestSchema.sample_fields` (``site``, ``label``, ``patient_id``) the file has, as
-    stripped text. What ``cxrdebias predict`` reads from a manifest.
+    stripped text. What ``cxrdebias predict`` reads from a manifest. ``allow_links_outside``:
+    symbolic links may lead out of the manifest's folder (``predict --allow-outside``).
 
     Raises:
         DataError: unreadable CSV, no ``path`` column, a record with the wrong number of fields,
@@ -265,7 +270,9 @@ def read_manifest_images(manifest: str | os.PathLike) -> list[tuple[Path, dict[s
     for line, values in records:
         if len(values) != len(header):
             raise DataError(f"{manifest}: row {line} has {len(values)} fields, the header has {len(header)}")
-        path, _, reason = resolve_relative_path(manifest.parent, values[col[m.path]].strip())
+        path, _, reason = resolve_relative_path(
+            manifest.parent, values[col[m.path]].strip(), allow_links_outside=allow_links_outside
+        )
         if path is None:
             raise DataError(f"{manifest}: row {line} column {m.path!r}: {reason}")
         found.append((path, {name: values[i].strip() for name, i in col.items() if name != m.path}))
