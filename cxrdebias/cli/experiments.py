@@ -332,11 +332,12 @@ def evaluate_cmd(
 def compare_cmd(
     run_a: Annotated[Path, typer.Argument(help="First evaluated run (e.g. vanilla).")],
     run_b: Annotated[Path, typer.Argument(help="Second evaluated run (e.g. EnD).")],
+    n_boot: Annotated[int, typer.Option(help="Paired bootstrap resamples for the intervals of B − A (0: no paired table).")] = 1000,
 ) -> None:
-    """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
+    """Per-site table of two evaluated runs side by side (EnD paper, Table 5) and their paired differences with 95% intervals."""
     from cxrdebias.experiments.evaluate import compare_runs
 
-    out.print(compare_runs(run_a, run_b), markup=False, highlight=False)
+    out.print(compare_runs(run_a, run_b, n_boot=n_boot), markup=False, highlight=False)
 
 
 @app.command("analyze-bias")

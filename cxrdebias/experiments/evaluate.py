@@ -22,6 +22,7 @@ from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import DataError, DiskFullError, OutputError, RunExistsError
+from cxrdebias.evaluation.paired import OVERALL, paired_differences, paired_markdown
 from cxrdebias.evaluation.report import (
     compare_markdown,
     plot_site_report,
@@ -164,8 +165,29 @@ def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, 
     write_text_atomic(path, df.to_csv(index=False))
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, *, name_a: str | None = None, name_b: str | None = None) -> str:
-    """Per-site table of two evaluated runs side by side (EnD paper, Table 5)."""
+def _read_predictions(run: str | Path) -> pd.DataFrame | None:
+    """The ``predictions.csv`` of an evaluated run (None when the evaluation wrote none)."""
+    path = Path(run) / EVAL_DIR / "predictions.csv"
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, dtype={"path": str, "patient_id": str, "site": str}, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: not a readable predictions table ({exc}); run `cxrdebias evaluate {run} --force` again") from None
+
+
+def compare_runs(
+    run_a: str | Path,
+    run_b: str | Path,
+    *,
+    name_a: str | None = None,
+    name_b: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> str:
+    """Per-site table of two evaluated runs side by side (EnD paper, Table 5), then the paired
+    differences B − A with patient-level bootstrap intervals when both were evaluated on the
+    same test images (:mod:`cxrdebias.evaluation.paired`)."""
     reports = []
     for run in (run_a, run_b):
         path = Path(run) / EVAL_DIR / "report.json"
@@ -179,9 +201,16 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, name_a: str | None = N
     try:
         name_a = name_a or f"{Path(run_a).name} ({reports[0]['method']['name']})"
         name_b = name_b or f"{Path(run_b).name} ({reports[1]['method']['name']})"
-        return compare_markdown(reports[0], reports[1], name_a, name_b)
+        table = compare_markdown(reports[0], reports[1], name_a, name_b)
+        counts = {site: entry["n"] for site, entry in reports[0]["by_group"].items()} | {OVERALL: reports[0]["overall"]["n"]}
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
         raise DataError(
             f"{Path(run_a) / EVAL_DIR / 'report.json'} or {Path(run_b) / EVAL_DIR / 'report.json'}: not an evaluation report "
             f"of this cxrdebias ({type(exc).__name__}: {exc}); evaluate the runs again"
         ) from None
+    preds = [_read_predictions(run_a), _read_predictions(run_b)]
+    if any(p is None for p in preds) or n_boot <= 0:
+        return table
+    where = f"{Path(run_a) / EVAL_DIR / 'predictions.csv'} and {Path(run_b) / EVAL_DIR / 'predictions.csv'}"
+    paired = paired_differences(preds[0], preds[1], n_boot=n_boot, seed=seed, where=where)
+    return table.rstrip("\n") + "\n\n" + paired_markdown(paired, name_a, name_b, n_boot=n_boot, n=counts)
