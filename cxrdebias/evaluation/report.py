@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrdebias.evaluation.formatting import format_value
+from cxrdebias.evaluation.leakage import probe_markdown
 from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
 from cxrdebias.evaluation.site_report import SITE_METRICS
 from cxrdebias.fileio import (
@@ -121,7 +122,8 @@ def to_markdown(
     A heading (``run_name``), optional ``metadata`` as a bullet list, then the table
     ``site | n | prevalence | TPR [CI] | TNR [CI] | BA [CI] | AUROC [CI]`` with one row per site
     and a bold ``overall`` row, then the summary lines (worst site, max − min gaps,
-    equalized odds difference) and how the intervals were obtained.
+    equalized odds difference) and how the intervals were obtained; with a ``site_probe`` entry
+    (``cxrdebias evaluate``), the site-leakage section of :func:`~cxrdebias.evaluation.leakage.probe_markdown`.
     """
     pct = _ci_pct(report)
     lines: list[str] = []
@@ -168,7 +170,9 @@ def to_markdown(
         f"{pct} percentile intervals from {boot['n_boot']} {boot['unit']}-level bootstrap "
         f"resamples within each site (seed {boot['seed']})"
     )
-    return "\n".join(lines) + "\n"
+    if "site_probe" in report:
+        lines += ["", *probe_markdown(report["site_probe"], digits)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def compare_markdown(

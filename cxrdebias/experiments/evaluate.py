@@ -22,6 +22,7 @@ from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import DataError, DiskFullError, OutputError, RunExistsError
+from cxrdebias.evaluation.leakage import site_probe
 from cxrdebias.evaluation.paired import OVERALL, paired_differences, paired_markdown
 from cxrdebias.evaluation.report import (
     compare_markdown,
@@ -91,8 +92,10 @@ def evaluate_run(
         workers=data_cfg.workers,
         allow_links_outside=allow_links_outside or (manifest is None and data_cfg.allow_links_outside),
     )
+    full: pd.DataFrame | None = None  # the run's own table with its splits (the probe's validation rows)
     if manifest is None:
         table = load_splits(run.file(SPLITS_FILE), table)
+        full = table
         source = f"{data_cfg.manifest} ({split} split of the run)"
     else:
         if "split" not in table.columns or not table["split"].isin(["train", "val", "test"]).any():
@@ -116,7 +119,8 @@ def evaluate_run(
     device = resolve_device(cfg.train.device)
     model = model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
-    p = predict(model, TensorBatchLoader(samples, 64), device=device, autocast=make_autocast(precision, device))
+    autocast = make_autocast(precision, device)
+    p = predict(model, TensorBatchLoader(samples, 64), device=device, autocast=autocast, keep_features=True)
     y, score = p.targets.numpy(), positive_scores(p)
     sites = np.array(ds.bias_names)[p.biases.numpy()]
     patients = ds.table["patient_id"].to_numpy()[p.indices.numpy()]
@@ -126,6 +130,12 @@ def evaluate_run(
     report["split"] = split
     report["source"] = source
     report["threshold_method"] = art["threshold_method"]
+    val_table, why = (full, None) if manifest is None else _run_validation_table(run, data_cfg)
+    if val_table is not None:
+        val_table = val_table[val_table["split"] == "val"]
+    report["site_probe"] = _probe_report(
+        model, p, sites, val_table, why, split, spec, art["site_to_index"], device, autocast, data_cfg.workers, seed
+    )
     name = f"{run.path.name} ({art['method']['name']})"
     # all files go into a hidden folder beside ``out`` that replaces it once complete: a failure
     # (a full disk) leaves no half report and the previous report (--force) as it was
@@ -146,6 +156,55 @@ def evaluate_run(
         raise
     report["markdown"] = to_markdown(report, run_name=name)
     return report
+
+
+def _run_validation_table(run: RunDir, data_cfg: Any) -> tuple[pd.DataFrame | None, str | None]:
+    """The run's own manifest with its splits (for the site probe of ``evaluate --data``), or why
+    it cannot be read."""
+    try:
+        table = load_manifest(
+            data_cfg.manifest,
+            site_source=data_cfg.site_source,
+            label_map=data_cfg.label_map,
+            check_duplicates=False,
+            max_pixels=data_cfg.max_pixels,
+            workers=data_cfg.workers,
+            allow_links_outside=data_cfg.allow_links_outside,
+        )
+        return load_splits(run.file(SPLITS_FILE), table), None
+    except DataError as exc:
+        return None, f"the run's validation split could not be read ({exc})"
+
+
+def _probe_report(
+    model: Any,
+    p: Predictions,
+    sites: np.ndarray,
+    val_table: pd.DataFrame | None,
+    why: str | None,
+    split: str,
+    spec: PreprocessSpec,
+    site_to_index: dict[str, int],
+    device: Any,
+    autocast: Any,
+    workers: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``report["site_probe"]``: the linear site probe on the bottleneck (fitted on the run's
+    validation split, scored on the evaluated rows), or ``{"absent": reason}``."""
+    if why is not None:
+        return {"absent": why}
+    if split == "val":
+        return {"absent": "the evaluated split is the validation split the probe is fitted on; evaluate the test split"}
+    if val_table is None or val_table.empty:
+        return {"absent": "the run has no validation split to fit the probe on"}
+    n_val_sites, n_test_sites = val_table["site"].nunique(), len(set(sites.tolist()))
+    if n_val_sites < 2 or n_test_sites < 2:
+        return {"absent": f"the probe needs 2 or more sites in validation and in the evaluated split (found {n_val_sites} and {n_test_sites})"}
+    val_ds = CXRDataset(val_table, spec, site_to_index, cache=False, name="val")
+    pv = predict(model, TensorBatchLoader(val_ds.to_tensor_samples(workers=workers), 64), device=device, autocast=autocast, keep_features=True)
+    val_sites = np.array(val_ds.bias_names)[pv.biases.numpy()]
+    return site_probe(pv.features.numpy(), val_sites, pv.targets.numpy(), p.features.numpy(), sites, p.targets.numpy(), seed=seed)
 
 
 def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, threshold: float) -> None:

@@ -1,0 +1,137 @@
+"""Bias leakage (issue 21 item 3): the linear site probe on the frozen bottleneck, within each class."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrdebias.data.synthetic import SynthConfig, synthesize
+from cxrdebias.evaluation.leakage import probe_markdown, site_probe
+from cxrdebias.experiments.config import load_config
+from cxrdebias.experiments.evaluate import evaluate_run
+from cxrdebias.experiments.runner import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data(rng, n_per_cell: int, sites=("a", "b"), dim: int = 8, shift: float = 0.0):
+    """``n_per_cell`` samples per (class, site); feature 0 is ``shift`` × site index (+ noise)."""
+    x, s, y = [], [], []
+    for c in (0, 1):
+        for k, site in enumerate(sites):
+            f = rng.normal(size=(n_per_cell, dim))
+            f[:, 0] = shift * k + 0.01 * f[:, 0]
+            f[:, 1] += c  # the class is in the features too (the probe must not use it)
+            x.append(f)
+            s += [site] * n_per_cell
+            y += [c] * n_per_cell
+    return np.concatenate(x), np.array(s), np.array(y)
+
+
+def test_site_linearly_separable_within_each_class_gives_auroc_1():
+    rng = np.random.default_rng(0)
+    probe = site_probe(*_data(rng, 40, shift=5.0), *_data(rng, 40, shift=5.0))
+    for c in ("0", "1"):
+        assert probe["by_class"][c]["auroc"] == 1.0
+        assert probe["by_class"][c]["n_val"] == 80 and probe["by_class"][c]["n_test"] == 80
+    assert probe["mean_auroc"] == 1.0
+    # three sites: macro one-vs-rest AUROC
+    three = ("a", "b", "c")
+    probe3 = site_probe(*_data(rng, 40, three, shift=5.0), *_data(rng, 40, three, shift=5.0))
+    assert probe3["mean_auroc"] == pytest.approx(1.0)
+
+
+def test_features_independent_of_the_site_give_auroc_near_half():
+    # The probe is fitted on validation only, so its test scores are independent of the test
+    # sites: each class's AUROC follows the null Mann–Whitney distribution, sd =
+    # sqrt((n0 + n1 + 1) / (12 n0 n1)) = 0.018 for 500 + 500 images; 0.07 is ~4 sd per class
+    # (the mean of two classes has sd 0.013, so 0.05 is ~4 sd as well).
+    rng = np.random.default_rng(1)
+    probe = site_probe(*_data(rng, 300), *_data(rng, 500))
+    for c in ("0", "1"):
+        assert abs(probe["by_class"][c]["auroc"] - 0.5) < 0.07
+    assert abs(probe["mean_auroc"] - 0.5) < 0.05
+
+
+def test_a_class_with_a_single_site_is_nan_with_a_reason():
+    rng = np.random.default_rng(2)
+    xv, sv, yv = _data(rng, 30, shift=5.0)
+    xt, st, yt = _data(rng, 30, shift=5.0)
+    sv = np.where(yv == 1, "a", sv)  # class 1: site a only in validation
+    probe = site_probe(xv, sv, yv, xt, st, yt)
+    one = probe["by_class"]["1"]
+    assert math.isnan(one["auroc"]) and "validation has 1 site" in one["reason"]
+    assert probe["mean_auroc"] == probe["by_class"]["0"]["auroc"] == 1.0
+    st = np.where(yt == 0, "b", st)  # class 0: site b only in test
+    probe = site_probe(xv, sv, yv, xt, st, yt)
+    assert math.isnan(probe["by_class"]["0"]["auroc"]) and "test has 1 site" in probe["by_class"]["0"]["reason"]
+    assert math.isnan(probe["mean_auroc"])
+    md = "\n".join(probe_markdown(probe))
+    assert "n/a (validation has 1 site" in md and "**n/a**" in md
+
+
+def test_external_test_sites_are_left_out_with_a_note():
+    rng = np.random.default_rng(3)
+    xv, sv, yv = _data(rng, 30, shift=5.0)
+    xt, st, yt = _data(rng, 30, ("a", "b", "ext"), shift=5.0)
+    probe = site_probe(xv, sv, yv, xt, st, yt)
+    assert probe["excluded_sites"] == ["ext"] and "ext" in probe["note"] and "60 test image(s)" in probe["note"]
+    assert probe["by_class"]["0"]["n_test"] == 60 and probe["mean_auroc"] == 1.0
+
+
+def test_bad_shapes_are_refused():
+    rng = np.random.default_rng(4)
+    xv, sv, yv = _data(rng, 5)
+    with pytest.raises(ValueError, match="features_test: expected 8 columns"):
+        site_probe(xv, sv, yv, xv[:, :3], sv, yv)
+    with pytest.raises(ValueError, match="sites_val: expected 20 values"):
+        site_probe(xv, sv[:3], yv, xv, sv, yv)
+
+
+# -- end to end: `cxrdebias evaluate` of a tiny synthetic run --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("leakage")
+    synth = SynthConfig(
+        seed=3, image_size=48, bias_strength=0.5,
+        n_train_patients_per_site=6, n_val_patients_per_site=10, n_test_patients_per_site=10,
+    )
+    synthesize(root / "data", synth)
+    cfg = load_config(
+        REPO / "configs" / "cxr" / "synthetic.yaml",
+        [
+            f"data.manifest={root / 'data' / 'manifest.csv'}", "data.preprocess.image_size=32", "model.hidden_dim=8",
+            "method.name=end", "train.epochs=1", "train.progress=false", "train.num_threads=1",
+        ],
+    )
+    run_experiment(cfg, root / "run")
+    return root / "run"
+
+
+def test_evaluate_writes_the_site_probe_into_the_report(tiny_run):
+    report = evaluate_run(tiny_run, n_boot=10)
+    saved = json.loads((tiny_run / "eval" / "report.json").read_text())
+    probe = saved["site_probe"]
+    assert set(probe["by_class"]) == {"0", "1"}
+    for entry in probe["by_class"].values():
+        assert entry["n_val"] > 0 and entry["n_test"] > 0
+        assert entry["auroc"] is None or 0.0 <= entry["auroc"] <= 1.0
+    assert probe["mean_auroc"] is not None and 0.0 <= probe["mean_auroc"] <= 1.0
+    # the probe saw every test image of the evaluated split (no external site here)
+    assert sum(e["n_test"] for e in probe["by_class"].values()) == saved["overall"]["n"]
+    md = (tiny_run / "eval" / "report.md").read_text()
+    assert "## Site leakage (linear probe on the bottleneck)" in md and "**mean**" in md
+    assert report["site_probe"]["mean_auroc"] == pytest.approx(probe["mean_auroc"])
+
+
+def test_evaluate_on_the_validation_split_says_why_the_probe_is_absent(tiny_run, tmp_path):
+    evaluate_run(tiny_run, split="val", out=tmp_path / "ev", n_boot=0)
+    saved = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert "validation split the probe is fitted on" in saved["site_probe"]["absent"]
+    assert "Not computed: the evaluated split is the validation split" in (tmp_path / "ev" / "report.md").read_text()
