@@ -11,6 +11,8 @@ import pytest
 
 from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.evaluation.leakage import probe_markdown, site_probe
+from cxrdebias.evaluation.report import compare_markdown
+from cxrdebias.evaluation.site_report import site_report
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import evaluate_run
 from cxrdebias.experiments.runner import run_experiment
@@ -135,3 +137,14 @@ def test_evaluate_on_the_validation_split_says_why_the_probe_is_absent(tiny_run,
     saved = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert "validation split the probe is fitted on" in saved["site_probe"]["absent"]
     assert "Not computed: the evaluated split is the validation split" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_compare_shows_the_probe_of_both_runs_only_when_both_have_it():
+    y, s, sites = np.array([1, 0, 1, 0]), np.array([0.9, 0.2, 0.6, 0.4]), np.array(["a", "a", "b", "b"])
+    a = site_report(y, s, sites, threshold=0.5, n_boot=0)
+    b = dict(a, site_probe={"mean_auroc": 0.61, "by_class": {}})
+    a_probed = dict(a, site_probe={"mean_auroc": 0.83, "by_class": {}})
+    md = compare_markdown(a_probed, b, "A", "B")
+    assert "- site-probe AUROC (mean over classes; 0.5 = no site left): A 0.830, B 0.610 (Δ -0.220)" in md
+    assert "site-probe" not in compare_markdown(a, b, "A", "B")
+    assert "site-probe" not in compare_markdown(dict(a, site_probe={"absent": "why"}), b, "A", "B")

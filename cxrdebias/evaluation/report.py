@@ -188,7 +188,8 @@ def compare_markdown(
 
     For TPR, TNR, balanced accuracy and AUROC: the value of run A, of run B and Δ = B − A,
     per site (union of both reports' sites; a site missing from one run shows ``n/a``), the
-    pooled ``overall`` row, then worst-site BA, BA gap and equalized odds difference.
+    pooled ``overall`` row, then worst-site BA, BA gap and equalized odds difference, and the
+    site probe's mean AUROC when both reports have one (:mod:`cxrdebias.evaluation.leakage`).
     """
     metrics = ("tpr", "tnr", "balanced_accuracy", "auroc")
     header = ["site", "n"]
@@ -235,6 +236,9 @@ def compare_markdown(
             report_b["equalized_odds_difference"]["value"],
         )
     )
+    probes = [r.get("site_probe") or {} for r in (report_a, report_b)]
+    if all("mean_auroc" in p for p in probes):
+        lines.append(summary("site-probe AUROC (mean over classes; 0.5 = no site left)", *(p["mean_auroc"] for p in probes)))
     return "\n".join(lines) + "\n"
 
 
