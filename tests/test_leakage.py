@@ -148,3 +148,23 @@ def test_compare_shows_the_probe_of_both_runs_only_when_both_have_it():
     assert "- site-probe AUROC (mean over classes; 0.5 = no site left): A 0.830, B 0.610 (Δ -0.220)" in md
     assert "site-probe" not in compare_markdown(a, b, "A", "B")
     assert "site-probe" not in compare_markdown(dict(a, site_probe={"absent": "why"}), b, "A", "B")
+
+
+def test_evaluate_data_fits_the_probe_on_the_runs_validation_split_or_says_why_not(tiny_run, tmp_path):
+    import shutil
+
+    manifest = Path(json.loads((tiny_run / "results.json").read_text())["config"]["data"]["manifest"])
+    evaluate_run(tiny_run, manifest=manifest, out=tmp_path / "ev", n_boot=0)
+    probe = json.loads((tmp_path / "ev" / "report.json").read_text())["site_probe"]
+    assert probe["mean_auroc"] is not None and set(probe["by_class"]) == {"0", "1"}
+    # the run's own manifest gone (only a copy evaluated): the report says why the probe is absent
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.parent, copy)
+    moved = manifest.parent.with_name("moved")
+    manifest.parent.rename(moved)
+    try:
+        evaluate_run(tiny_run, manifest=copy / manifest.name, out=tmp_path / "ev2", n_boot=0)
+    finally:
+        moved.rename(manifest.parent)
+    saved = json.loads((tmp_path / "ev2" / "report.json").read_text())
+    assert "the run's validation split could not be read" in saved["site_probe"]["absent"]
