@@ -337,6 +337,7 @@ def site_report(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    external: Any = (),
 ) -> dict[str, Any]:
     """Per-site (per-institution) and overall evaluation of a binary classifier with bootstrap CIs.
 
@@ -377,6 +378,12 @@ def site_report(
     ``ci`` (``{metric: [low, high]}``) and ``n_valid_boot`` (``{metric: int}``) for the metrics
     in :data:`SITE_METRICS`; ``group_min``/``group_max``/``difference`` hold the same for
     :data:`SUMMARY_METRICS`. Site keys are ``str(site)``.
+
+    **External sites.** Sites named in ``external`` (hospitals the model was not trained on)
+    are reported like the others, with ``"external": true`` in their ``by_group`` entry and
+    listed in ``external_sites``; they enter ``overall`` but not the summaries across sites
+    (``group_min`` … ``equalized_odds_difference``, ``worst_site``), which then compare the
+    training sites — unless every site is external.
     """
     x = _validate(y_true, y_score, sites, patient_ids, threshold, n_boot, ci)
     t, s, pid_arr = x.t, x.s, x.patient_ids
@@ -397,6 +404,12 @@ def site_report(
     point = {m: np.array([by_group[k][m] for k in names]) for m in SUMMARY_METRICS}
     defined = {m: ~np.isnan(v) for m, v in point.items()}
     defined["fpr"] = ~np.isnan(fpr_point)
+    ext = {str(e) for e in external}
+    internal = np.array([name not in ext for name in names])
+    if internal.any():  # summaries across the training sites only
+        defined = {m: d & internal for m, d in defined.items()}
+    for name in names:
+        by_group[name]["external"] = name in ext
     summaries: dict[str, dict[str, Any]] = {
         key: {m: float(v) for m, v in values.items()} for key, values in site_summaries(point, defined).items()
     }
@@ -425,6 +438,7 @@ def site_report(
         "positive_if": "score >= threshold",
         "bootstrap": _bootstrap_description(x.n_boot, ci, seed, "image" if pid_arr is None else "patient"),
         "sites": names,
+        "external_sites": [name for name in names if name in ext],
         "metrics": list(SITE_METRICS),
         "overall": overall,
         "by_group": by_group,
