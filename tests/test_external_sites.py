@@ -17,7 +17,7 @@ from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.site_report import site_report
 from cxrdebias.experiments.config import load_config
-from cxrdebias.experiments.evaluate import compare_runs, evaluate_run, report_site_index
+from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
 from cxrdebias.experiments.runner import run_experiment
 from tests.conftest import run_cli
 
@@ -110,6 +110,8 @@ def test_corda_and_random_splits_keep_a_test_only_site_out_of_training():
 
 
 def test_report_site_index_gives_external_sites_free_indices():
+    from cxrdebias.experiments.evaluate import report_site_index
+
     index, external = report_site_index({"hospital_b": 1, "hospital_a": 0}, pd.Series(["z", "hospital_a", "y", "z"]))
     assert external == ["y", "z"]
     assert index == {"hospital_a": 0, "hospital_b": 1, "y": 2, "z": 3}
