@@ -369,7 +369,9 @@ def site_report(
     site in sorted order); ``equalized_odds_difference`` as in
     ``fairlearn.metrics.equalized_odds_difference``: max(difference of TPR, difference of FPR)
     across sites (Hardt et al., 2016 for equalized odds), each difference over the sites where
-    that rate is defined.
+    that rate is defined. **External sites** (``external``: not in training) are listed in
+    ``external_sites``, flagged ``"external": true`` in ``by_group``, pooled in ``overall`` but
+    left out of the summaries (unless every site is external).
 
     Returns a JSON-serialisable dict (NaN for undefined values) with keys ``threshold``,
     ``positive_if``, ``bootstrap``, ``sites``, ``metrics``, ``overall``, ``by_group``,
@@ -378,12 +380,6 @@ def site_report(
     ``ci`` (``{metric: [low, high]}``) and ``n_valid_boot`` (``{metric: int}``) for the metrics
     in :data:`SITE_METRICS`; ``group_min``/``group_max``/``difference`` hold the same for
     :data:`SUMMARY_METRICS`. Site keys are ``str(site)``.
-
-    **External sites.** Sites named in ``external`` (hospitals the model was not trained on)
-    are reported like the others, with ``"external": true`` in their ``by_group`` entry and
-    listed in ``external_sites``; they enter ``overall`` but not the summaries across sites
-    (``group_min`` … ``equalized_odds_difference``, ``worst_site``), which then compare the
-    training sites — unless every site is external.
     """
     x = _validate(y_true, y_score, sites, patient_ids, threshold, n_boot, ci)
     t, s, pid_arr = x.t, x.s, x.patient_ids
@@ -394,8 +390,9 @@ def site_report(
     # ---- point estimates ------------------------------------------------------------------
     n_patients_all = n if pid_arr is None else int(np.unique(pid_arr).size)
     overall = point_entry(t, s, pred, n_patients_all)
+    ext = {str(e) for e in external}
     by_group = {
-        name: point_entry(t[m], s[m], pred[m], sd.n_patients)
+        name: point_entry(t[m], s[m], pred[m], sd.n_patients) | {"external": name in ext}
         for name, m, sd in zip(names, members, site_data, strict=True)
     }
     fpr_point = np.array(
@@ -404,12 +401,9 @@ def site_report(
     point = {m: np.array([by_group[k][m] for k in names]) for m in SUMMARY_METRICS}
     defined = {m: ~np.isnan(v) for m, v in point.items()}
     defined["fpr"] = ~np.isnan(fpr_point)
-    ext = {str(e) for e in external}
     internal = np.array([name not in ext for name in names])
     if internal.any():  # summaries across the training sites only
         defined = {m: d & internal for m, d in defined.items()}
-    for name in names:
-        by_group[name]["external"] = name in ext
     summaries: dict[str, dict[str, Any]] = {
         key: {m: float(v) for m, v in values.items()} for key, values in site_summaries(point, defined).items()
     }
