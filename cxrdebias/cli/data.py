@@ -17,6 +17,14 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Seed (same seed and options give byte-identical files).")] = 0,
     bias_strength: Annotated[float, typer.Option(help="Site–label correlation in train/val: 0 none, 1 the default prevalences.")] = 1.0,
     image_size: Annotated[int, typer.Option(help="Native image size in pixels.")] = 256,
+    sites: Annotated[int, typer.Option("--sites", help="Number of training sites (hospital_a, hospital_b, …).")] = 2,
+    prevalence: Annotated[
+        list[float] | None,
+        typer.Option("--prevalence", help="Positive share of one training site's train/val patients at bias strength 1; "
+                     "repeat once per site, in site order (default: 0.875 … 0.125)."),
+    ] = None,
+    external_sites: Annotated[int, typer.Option("--external-sites", help="Extra sites written only as test data "
+                                                "(external_1 …), each with its own acquisition style, balanced labels.")] = 0,
     train_patients: Annotated[int, typer.Option(help="Training patients per site.")] = 250,
     val_patients: Annotated[int, typer.Option(help="Validation patients per site.")] = 100,
     test_patients: Annotated[int, typer.Option(help="Test patients per site (even: the test set is balanced).")] = 100,
@@ -27,12 +35,20 @@ def data_synth(
     from pydantic import ValidationError
 
     from cxrdebias.data.synthetic import SynthConfig, preview, synthesize
+    from cxrdebias.data.synthetic.config import default_prevalence, site_names
     from cxrdebias.errors import ConfigError
 
     try:
+        names = site_names(sites)
+    except ValueError as exc:
+        raise ConfigError(f"--sites: {exc}") from None
+    if prevalence and len(prevalence) != sites:
+        raise ConfigError(f"--prevalence: given {len(prevalence)} time(s); expected one value per site ({sites}), in site order")
+    try:
         cfg = SynthConfig(
             seed=seed, bias_strength=bias_strength, image_size=image_size, n_train_patients_per_site=train_patients,
-            n_val_patients_per_site=val_patients, n_test_patients_per_site=test_patients,
+            n_val_patients_per_site=val_patients, n_test_patients_per_site=test_patients, sites=names,
+            site_prevalence=list(prevalence) if prevalence else default_prevalence(sites), external_sites=external_sites,
         )
     except ValidationError as exc:
         raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None

@@ -313,13 +313,18 @@ def evaluate_cmd(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default RUN/eval).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
     allow_outside: AllowOutsideOpt = False,
+    site_source: Annotated[str | None, typer.Option(help="Sites of --data: 'column' or 'dicom:<Keyword>' (default: the run's).")] = None,
 ) -> None:
-    """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run."""
+    """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run.
+
+    Sites of --data the model was not trained on are scored as external (marked in every table
+    and the plot)."""
     from cxrdebias.evaluation.report import to_markdown
     from cxrdebias.experiments.evaluate import evaluate_run
 
     report = evaluate_run(
-        run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside
+        run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
+        site_source=site_source,
     )
     if per_institution:
         out.print(report["markdown"], markup=False, highlight=False)

@@ -22,7 +22,7 @@ import pandas as pd
 from cxrdebias.errors import DataError
 from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.evaluation.metrics import auroc, balanced_accuracy, tnr, tpr
-from cxrdebias.evaluation.report import OVERALL
+from cxrdebias.evaluation.report import OVERALL, site_label
 
 #: the metrics compared, in table order: (key, label, uses the decision or the score)
 PAIRED_METRICS = (("tpr", "TPR", "decision"), ("tnr", "TNR", "decision"), ("balanced_accuracy", "BA", "decision"), ("auroc", "AUROC", "score"))
@@ -115,9 +115,11 @@ def paired_differences(
 
 
 def paired_markdown(
-    result: dict[str, dict[str, PairedDelta]], name_a: str, name_b: str, *, n_boot: int, n: dict[str, int] | None = None, digits: int = 3
+    result: dict[str, dict[str, PairedDelta]], name_a: str, name_b: str, *, n_boot: int, n: dict[str, int] | None = None, digits: int = 3,
+    external: set[str] | frozenset[str] = frozenset(),
 ) -> str:
-    """The paired differences as a Markdown table: Δ [95% CI] per site and metric, ``*`` when significant."""
+    """The paired differences as a Markdown table: Δ [95% CI] per site and metric, ``*`` when
+    significant; sites in ``external`` (not in training) are marked so."""
     header = ["site", *(["n"] if n else []), *(f"Δ{label} [95% CI]" for _, label, _ in PAIRED_METRICS)]
     lines = [
         f"## Paired differences {name_b} − {name_a} (same test patients)",
@@ -126,7 +128,7 @@ def paired_markdown(
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
     for group, values in result.items():
-        cells = [group, *([str(n.get(group, ""))] if n else [])]
+        cells = [site_label(group, set(external)), *([str(n.get(group, ""))] if n else [])]
         for key, _, _ in PAIRED_METRICS:
             d = values[key]
             mark = " *" if d.significant else ""

@@ -33,6 +33,9 @@ from cxrdebias.fileio import (
 OVERALL = "overall"
 """Value of the ``site`` column on the row that pools every site."""
 
+EXTERNAL_SUFFIX = " (external)"
+"""Appended to the name of an external site (one the model was not trained on) in tables and plots."""
+
 LABELS = {
     "prevalence": "prevalence",
     "tpr": "TPR",
@@ -51,6 +54,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "tn",
     "fn",
     *(f"{m}{suffix}" for m in SITE_METRICS for suffix in ("", "_ci_low", "_ci_high", "_n_valid_boot")),
+    "external",
 )
 """Columns of :func:`to_csv_rows` / ``report.csv``, in order."""
 
@@ -89,6 +93,17 @@ def _row(cells: Sequence[Any]) -> str:
 
 def _ci_pct(report: Mapping[str, Any]) -> str:
     return f"{100 * _num(report['bootstrap']['ci']):g}%"
+
+
+def external_sites(*reports: Mapping[str, Any]) -> set[str]:
+    """The sites any of ``reports`` marks external (none for a report written before external
+    sites existed)."""
+    return {str(s) for r in reports for s in r.get("external_sites") or ()}
+
+
+def site_label(site: str, external: set[str]) -> str:
+    """``site`` as tables and plots show it: with :data:`EXTERNAL_SUFFIX` when external."""
+    return site + EXTERNAL_SUFFIX if site in external else site
 
 
 def _rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -137,8 +152,9 @@ def to_markdown(
     ]
     lines.append(_row(header))
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    ext = external_sites(report) & set(report["sites"])
     for site, e in _rows(report):
-        cells = [site, str(e["n"]), format_value(_num(e["prevalence"]), digits)] + [
+        cells = [site_label(site, ext), str(e["n"]), format_value(_num(e["prevalence"]), digits)] + [
             _fmt_ci(e[m], e["ci"].get(m), digits) for m in ("tpr", "tnr", "balanced_accuracy", "auroc")
         ]
         if site == OVERALL:
@@ -150,6 +166,11 @@ def to_markdown(
     gmin = report["group_min"]
     diff = report["difference"]
     eod = report["equalized_odds_difference"]
+    if ext:
+        lines.append(
+            f"- external sites (not in training): {_cell(', '.join(sorted(ext)))} — in the overall row, "
+            "not in the summaries across sites below" + ("" if len(ext) < len(report["sites"]) else " (all sites are external)")
+        )
     lines.append(
         f"- worst site (lowest balanced accuracy): {_cell(worst['site'])} — BA "
         f"{format_value(_num(worst['balanced_accuracy']), digits)}; minimum BA over sites "
@@ -199,13 +220,14 @@ def compare_markdown(
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
 
     sites = list(report_a["sites"]) + [s for s in report_b["sites"] if s not in report_a["sites"]]
+    ext = external_sites(report_a, report_b)
     empty: dict[str, Any] = {}
     for site in [*sites, OVERALL]:
         ea = report_a["overall"] if site == OVERALL else report_a["by_group"].get(site, empty)
         eb = report_b["overall"] if site == OVERALL else report_b["by_group"].get(site, empty)
         na, nb = ea.get("n"), eb.get("n")
         n = str(na if na is not None else nb) if na == nb or None in (na, nb) else f"{na} / {nb}"
-        cells = [site, n]
+        cells = [site_label(site, ext), n]
         for m in metrics:
             a, b = ea.get(m), eb.get(m)
             cells += [format_value(_num(a), digits), format_value(_num(b), digits), _fmt_diff(a, b, digits)]
@@ -213,6 +235,8 @@ def compare_markdown(
             cells = [f"**{c}**" for c in cells]
         lines.append(_row(cells))
     lines.append("")
+    if ext:
+        lines.append(f"- external sites (not in training): {_cell(', '.join(sorted(ext)))}; not in the summaries below")
 
     def summary(label: str, a: Any, b: Any) -> str:
         return f"- {label}: {name_a} {format_value(_num(a), digits)}, {name_b} {format_value(_num(b), digits)} (Δ {_fmt_diff(a, b, digits)})"
@@ -261,6 +285,7 @@ def to_csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             row[f"{m}_ci_low"] = _num(lo)
             row[f"{m}_ci_high"] = _num(hi)
             row[f"{m}_n_valid_boot"] = int(e["n_valid_boot"].get(m, 0))
+        row["external"] = int(bool(e.get("external", False)))
         rows.append(row)
     return rows
 
@@ -342,6 +367,7 @@ def plot_site_report(
     FigureCanvasAgg(fig)
     ax_bar = fig.add_subplot(1, 2 if with_roc else 1, 1)
     rows = _rows(report)
+    ext = external_sites(report)
     x = np.arange(len(rows))
     width = 0.38
     for offset, m, color in ((-width / 2, "tpr", "tab:red"), (width / 2, "tnr", "tab:blue")):
@@ -350,13 +376,17 @@ def plot_site_report(
         # error bars only where both the value and its interval are defined
         err = np.vstack([vals - cis[:, 0], cis[:, 1] - vals])
         err = np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
-        ax_bar.bar(x + offset, np.nan_to_num(vals), width, color=color, label=LABELS[m],
-                   yerr=err, capsize=3, error_kw={"elinewidth": 1})
-    ax_bar.set_xticks(x, [s for s, _ in rows], rotation=30, ha="right")
+        bars = ax_bar.bar(x + offset, np.nan_to_num(vals), width, color=color, label=LABELS[m],
+                          yerr=err, capsize=3, error_kw={"elinewidth": 1})
+        for bar, (site, _) in zip(bars, rows, strict=True):
+            if site in ext:  # external sites: hatched bars
+                bar.set_hatch("//")
+                bar.set_edgecolor("white")
+    ax_bar.set_xticks(x, [site_label(s, ext) for s, _ in rows], rotation=30, ha="right")
     ax_bar.set_ylim(0, 1.18)
     ax_bar.set_yticks(np.linspace(0, 1, 6))
     ax_bar.set_ylabel("rate")
-    ax_bar.set_title(f"TPR / TNR per site ({_ci_pct(report)} CI)")
+    ax_bar.set_title(f"TPR / TNR per site ({_ci_pct(report)} CI)" + ("; hatched: external" if ext else ""))
     ax_bar.legend(loc="upper center", ncols=2, frameon=False)
     ax_bar.grid(axis="y", alpha=0.3)
 
@@ -376,8 +406,8 @@ def plot_site_report(
             if ts.all() or not ts.any():
                 continue  # ROC undefined with one class
             fpr, tpr, _ = roc_curve(ts, ss)
-            kw = {"color": "black", "lw": 2} if site == OVERALL else {"lw": 1.3}
-            (line,) = ax_roc.plot(fpr, tpr, label=f"{site} (AUROC {format_value(_num(e['auroc']))})", **kw)
+            kw = {"color": "black", "lw": 2} if site == OVERALL else {"lw": 1.3, "ls": "--" if site in ext else "-"}
+            (line,) = ax_roc.plot(fpr, tpr, label=f"{site_label(site, ext)} (AUROC {format_value(_num(e['auroc']))})", **kw)
             ax_roc.plot(1 - _num(e["tnr"]), _num(e["tpr"]), "o", color=line.get_color(), ms=5)
         ax_roc.set_xlim(0, 1)
         ax_roc.set_ylim(0, 1.02)

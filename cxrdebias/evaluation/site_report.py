@@ -337,6 +337,7 @@ def site_report(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    external: Any = (),
 ) -> dict[str, Any]:
     """Per-site (per-institution) and overall evaluation of a binary classifier with bootstrap CIs.
 
@@ -368,7 +369,9 @@ def site_report(
     site in sorted order); ``equalized_odds_difference`` as in
     ``fairlearn.metrics.equalized_odds_difference``: max(difference of TPR, difference of FPR)
     across sites (Hardt et al., 2016 for equalized odds), each difference over the sites where
-    that rate is defined.
+    that rate is defined. **External sites** (``external``: not in training) are listed in
+    ``external_sites``, flagged ``"external": true`` in ``by_group``, pooled in ``overall`` but
+    left out of the summaries (unless every site is external).
 
     Returns a JSON-serialisable dict (NaN for undefined values) with keys ``threshold``,
     ``positive_if``, ``bootstrap``, ``sites``, ``metrics``, ``overall``, ``by_group``,
@@ -387,8 +390,9 @@ def site_report(
     # ---- point estimates ------------------------------------------------------------------
     n_patients_all = n if pid_arr is None else int(np.unique(pid_arr).size)
     overall = point_entry(t, s, pred, n_patients_all)
+    ext = {str(e) for e in external}
     by_group = {
-        name: point_entry(t[m], s[m], pred[m], sd.n_patients)
+        name: point_entry(t[m], s[m], pred[m], sd.n_patients) | {"external": name in ext}
         for name, m, sd in zip(names, members, site_data, strict=True)
     }
     fpr_point = np.array(
@@ -397,6 +401,9 @@ def site_report(
     point = {m: np.array([by_group[k][m] for k in names]) for m in SUMMARY_METRICS}
     defined = {m: ~np.isnan(v) for m, v in point.items()}
     defined["fpr"] = ~np.isnan(fpr_point)
+    internal = np.array([name not in ext for name in names])
+    if internal.any():  # summaries across the training sites only
+        defined = {m: d & internal for m, d in defined.items()}
     summaries: dict[str, dict[str, Any]] = {
         key: {m: float(v) for m, v in values.items()} for key, values in site_summaries(point, defined).items()
     }
@@ -425,6 +432,7 @@ def site_report(
         "positive_if": "score >= threshold",
         "bootstrap": _bootstrap_description(x.n_boot, ci, seed, "image" if pid_arr is None else "patient"),
         "sites": names,
+        "external_sites": [name for name in names if name in ext],
         "metrics": list(SITE_METRICS),
         "overall": overall,
         "by_group": by_group,

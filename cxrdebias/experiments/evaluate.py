@@ -21,11 +21,12 @@ from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
-from cxrdebias.errors import DataError, DiskFullError, OutputError, RunExistsError
+from cxrdebias.errors import ConfigError, DataError, DiskFullError, OutputError, RunExistsError
 from cxrdebias.evaluation.leakage import site_probe
 from cxrdebias.evaluation.paired import OVERALL, paired_differences, paired_markdown
 from cxrdebias.evaluation.report import (
     compare_markdown,
+    external_sites,
     plot_site_report,
     to_markdown,
     write_report,
@@ -55,12 +56,16 @@ def evaluate_run(
     force: bool = False,
     console: Console | None = None,
     allow_links_outside: bool = False,
+    site_source: str | None = None,
 ) -> dict[str, Any]:
     """Per-site report of a trained run (``cxrdebias evaluate RUN --per-institution``).
 
     Without ``manifest`` the run's own split table is used (``split``, default the test
     patients). With ``manifest`` every row of that manifest is evaluated (a manifest with a
-    ``split`` column is restricted to ``split``). Uses the threshold chosen on validation and
+    ``split`` column is restricted to ``split``), its sites read by ``site_source`` (``column`` or
+    ``dicom:<Keyword>``; default the run's ``data.site_source``). Sites the model was not trained
+    on (absent from the model's ``site_to_index``) are *external*: scored, marked ``external``
+    in every table and the plot, and kept out of the summaries across sites. Uses the threshold chosen on validation and
     saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
     ``RUN/eval``), which must not exist unless ``force``; ``force`` replaces only a cxrdebias
     report folder, never the run, the data or a folder holding them (:mod:`cxrdebias.training.folders`).
@@ -69,6 +74,8 @@ def evaluate_run(
     (``data.allow_links_outside``).
     """
     console = console or make_console(stderr=True)
+    if site_source is not None and manifest is None:
+        raise ConfigError("--site-source: reads the sites of --data; without --data the run's own sites are used")
     run = RunDir(run_dir)
     console.print(f"evaluating {esc(run.path)} on the {esc(split)} split" + (f" of {esc(manifest)}" if manifest else ""))
     cfg = load_config(None, None, base=run.read_config())
@@ -85,7 +92,7 @@ def evaluate_run(
         check_replaceable(out, "report", protected=inputs)
     table = load_manifest(
         data_cfg.manifest if manifest is None else manifest,
-        site_source=data_cfg.site_source,
+        site_source=data_cfg.site_source if manifest is None or site_source is None else site_source,
         label_map=data_cfg.label_map,
         check_duplicates=False,
         max_pixels=data_cfg.max_pixels,
@@ -104,16 +111,9 @@ def evaluate_run(
     table = table[table["split"] == split]
     if table.empty:
         raise DataError(f"{source}: no rows in split {split!r} to evaluate")
-    known = art["site_to_index"]
-    unknown = table[~table["site"].isin(list(known))]
-    if len(unknown):
-        rows = ", ".join(str(r) for r in unknown["row"].head(10)) + (" …" if len(unknown) > 10 else "")
-        raise DataError(
-            f"{source}: row(s) {rows}: site(s) {', '.join(map(repr, sorted(set(unknown['site']))))} not among the sites "
-            f"the model was trained with ({', '.join(map(repr, known))}); a model is evaluated on its training sites only"
-        )
+    site_index, external = report_site_index(art["site_to_index"], table["site"])
     spec = PreprocessSpec.model_validate(art["preprocess"])
-    ds = CXRDataset(table, spec, art["site_to_index"], cache=False, name=split)
+    ds = CXRDataset(table, spec, site_index, cache=False, name=split)
     samples = ds.to_tensor_samples(workers=data_cfg.workers)
 
     device = resolve_device(cfg.train.device)
@@ -124,7 +124,9 @@ def evaluate_run(
     y, score = p.targets.numpy(), positive_scores(p)
     sites = np.array(ds.bias_names)[p.biases.numpy()]
     patients = ds.table["patient_id"].to_numpy()[p.indices.numpy()]
-    report = site_report(y, score, sites, threshold=art["threshold"], patient_ids=patients, n_boot=n_boot, seed=seed)
+    report = site_report(
+        y, score, sites, threshold=art["threshold"], patient_ids=patients, n_boot=n_boot, seed=seed, external=external
+    )
     report["run"] = str(run.path)
     report["method"] = art["method"]
     report["split"] = split
@@ -136,6 +138,8 @@ def evaluate_run(
     report["site_probe"] = _probe_report(
         model, p, sites, val_table, why, split, spec, art["site_to_index"], device, autocast, data_cfg.workers, seed
     )
+    if external:
+        console.print(f"external site(s), not in training: {esc(', '.join(external))}")
     name = f"{run.path.name} ({art['method']['name']})"
     # all files go into a hidden folder beside ``out`` that replaces it once complete: a failure
     # (a full disk) leaves no half report and the previous report (--force) as it was
@@ -205,6 +209,16 @@ def _probe_report(
     pv = predict(model, TensorBatchLoader(val_ds.to_tensor_samples(workers=workers), 64), device=device, autocast=autocast, keep_features=True)
     val_sites = np.array(val_ds.bias_names)[pv.biases.numpy()]
     return site_probe(pv.features.numpy(), val_sites, pv.targets.numpy(), p.features.numpy(), sites, p.targets.numpy(), seed=seed)
+def report_site_index(trained: dict[str, int], sites: pd.Series) -> tuple[dict[str, int], list[str]]:
+    """The site → index mapping of an evaluation and its external sites (sorted).
+
+    The model's training sites keep their indices; every other site of ``sites`` (an external
+    site) gets the next free index, after all of them. The indices only group the report: the
+    model never sees them."""
+    index = {str(k): int(v) for k, v in trained.items()}
+    external = sorted({str(s) for s in sites} - set(index))
+    start = max(index.values(), default=-1) + 1
+    return index | {s: start + k for k, s in enumerate(external)}, external
 
 
 def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, threshold: float) -> None:
@@ -272,4 +286,5 @@ def compare_runs(
         return table
     where = f"{Path(run_a) / EVAL_DIR / 'predictions.csv'} and {Path(run_b) / EVAL_DIR / 'predictions.csv'}"
     paired = paired_differences(preds[0], preds[1], n_boot=n_boot, seed=seed, where=where)
-    return table.rstrip("\n") + "\n\n" + paired_markdown(paired, name_a, name_b, n_boot=n_boot, n=counts)
+    external = external_sites(*reports)
+    return table.rstrip("\n") + "\n\n" + paired_markdown(paired, name_a, name_b, n_boot=n_boot, n=counts, external=external)

@@ -195,8 +195,10 @@ class CXRData:
 def build_cxr(cfg: CXRDataConfig, *, splits_file: str | os.PathLike | None = None) -> CXRData:
     """Validate the manifest, split by patient (or re-use ``splits_file``), build the datasets.
 
-    The site→index mapping comes from the training split (sorted names); every site must be
-    in training. Print ``format_drop_summary(data.dropped)`` when rows were dropped.
+    The site→index mapping comes from the training split (sorted names); every validation site
+    must be in training. Test rows of a site absent from training (an *external* site, e.g. of
+    ``data synth --external-sites``) stay in ``table`` (and the saved split table) but not in
+    ``test``: ``cxrdebias evaluate`` scores them as external. Print ``format_drop_summary(data.dropped)`` when rows were dropped.
     """
     if cfg.manifest is None:
         raise ConfigError(f"data.manifest: no manifest CSV given (columns {', '.join(MANIFEST.required)})")
@@ -229,7 +231,7 @@ def build_cxr(cfg: CXRDataConfig, *, splits_file: str | os.PathLike | None = Non
         table=df,
         train=CXRDataset(df, split="train", name="train", **common),
         val=CXRDataset(df, split="val", name="val", **common) if has_val else None,
-        test=CXRDataset(df, split="test", name="test", **common),
+        test=CXRDataset(df[df[MANIFEST.site].isin(list(site_to_index))], split="test", name="test", **common),
         site_to_index=site_to_index,
         dropped=attrs.get("dropped", []),
         manifest_sha256=attrs.get("manifest", {}).get("sha256", ""),

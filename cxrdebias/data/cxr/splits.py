@@ -68,7 +68,9 @@ def make_splits(
     at least one patient in every split with a non-zero fraction (moved from its training
     patients); a site too small for that is a :class:`DataError`. ``corda`` is the CORDA
     protocol: 30% of each site's patients held out as test. ``manifest`` uses the manifest's own
-    ``split`` column (every row set, no patient in two splits). The assignment depends only on
+    ``split`` column (every row set, no patient in two splits). Under ``corda`` and ``random`` a
+    site whose rows are all marked ``test`` in the manifest's ``split`` column (an *external*
+    site, :func:`test_only_sites`) stays test only. The assignment depends only on
     ``seed`` and the table's content (not on row order or Python's hash seed).
 
     Raises:
@@ -96,7 +98,11 @@ def make_splits(
     patients = _patients(df)
     assignment: dict[str, str] = {}
     wanted = [s for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0]
+    external = test_only_sites(df)
     for site, site_patients in patients.groupby(MANIFEST.site, sort=True):
+        if site in external:  # never trained on: every patient is test
+            assignment.update(dict.fromkeys(site_patients.index, "test"))
+            continue
         split_of: dict[str, list[str]] = {"train": [], "val": [], "test": []}
         strata = []
         for label, group in site_patients.groupby(MANIFEST.label, sort=True):
@@ -127,6 +133,18 @@ def make_splits(
     out = df.copy()
     out[MANIFEST.split] = out[MANIFEST.patient_id].map(assignment).astype(object)
     return out
+
+
+def test_only_sites(df: pd.DataFrame) -> set[str]:
+    """Sites whose rows are all marked ``test`` in the manifest's ``split`` column (external
+    sites, e.g. of ``data synth --external-sites``); none without that column, or when every
+    site would be test only (nothing left to train on)."""
+    if MANIFEST.split not in df.columns or df.empty:
+        return set()
+    is_test = df[MANIFEST.split].astype(str).str.strip().str.lower() == "test"
+    only = is_test.groupby(df[MANIFEST.site]).all()
+    sites = {str(s) for s in only.index[only.to_numpy()]}
+    return set() if len(sites) == len(only) else sites
 
 
 def _manifest_splits(df: pd.DataFrame) -> pd.DataFrame:

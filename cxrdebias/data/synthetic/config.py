@@ -15,6 +15,19 @@ IMAGES_DIR = "images"
 _RANGE_LIMITS = {"images_per_patient": (1, 20), "severity_range": (0, 1)}
 
 
+def site_names(n: int) -> list[str]:
+    """Names of ``n`` training sites: ``hospital_a``, ``hospital_b``, … (2 ≤ n ≤ 26)."""
+    if not 2 <= n <= 26:
+        raise ValueError(f"the number of sites must be between 2 and 26, got {n}")
+    return [f"hospital_{chr(ord('a') + k)}" for k in range(n)]
+
+
+def default_prevalence(n: int) -> list[float]:
+    """Default per-site positive shares of ``n`` training sites: evenly spaced from 0.875 down
+    to 0.125 (two sites: the CORDA-like 0.875 / 0.125)."""
+    return [float(p) for p in np.linspace(0.875, 0.125, n)]
+
+
 class SynthConfig(BaseModel):
     """Options of the synthetic multi-site chest X-ray generator (all have working defaults).
 
@@ -36,6 +49,14 @@ class SynthConfig(BaseModel):
         default_factory=lambda: [0.875, 0.125],
         description="share of COVID-positive patients per site in the train/val pool at "
         "bias_strength=1, one value in [0, 1] per site",
+    )
+    external_sites: int = Field(
+        0,
+        ge=0,
+        le=26,
+        description="sites written only as test data (named external_1 … external_K), each with "
+        "its own acquisition style and balanced labels, n_test_patients_per_site patients each: "
+        "hospitals a model never trained on (evaluate marks them external)",
     )
     bias_strength: float = Field(
         1.0,
@@ -125,6 +146,22 @@ class SynthConfig(BaseModel):
                 f"{len(self.sites)} sites"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_external_names(self) -> SynthConfig:
+        clash = sorted(set(self.sites) & set(self.external_site_names()))
+        if clash:
+            raise ValueError(f"site name(s) {clash} are reserved for the external sites")
+        return self
+
+    def external_site_names(self) -> list[str]:
+        """Names of the :attr:`external_sites` (test-only sites): ``external_1`` … ``external_K``."""
+        return [f"external_{k + 1}" for k in range(self.external_sites)]
+
+    def all_sites(self) -> list[str]:
+        """The training sites, then the external (test-only) sites; a site's index in this list
+        is its style number (:func:`~cxrdebias.data.synthetic.styles.site_style`)."""
+        return [*self.sites, *self.external_site_names()]
 
     def pool_prevalence(self) -> list[float]:
         """Positive share of each site's train/val patients after applying ``bias_strength``."""

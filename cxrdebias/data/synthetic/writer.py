@@ -70,19 +70,34 @@ def _plan(cfg: SynthConfig) -> list[_Patient]:
             counts = rng.integers(lo, hi + 1, size=n)
             for i in range(n):
                 patients.append(_Patient(s, split, i, int(labels[i]), int(counts[i]), "", 0))
-        # test: pairs (one positive, one negative) share the image count → exactly 50/50 images
-        half = cfg.n_test_patients_per_site // 2
-        counts = rng.integers(lo, hi + 1, size=half)
-        labels = np.concatenate([np.ones(half, dtype=int), np.zeros(half, dtype=int)])
-        order = rng.permutation(2 * half)
-        for i, j in enumerate(order):
-            patients.append(_Patient(s, "test", i, int(labels[j]), int(counts[j % half]), "", 0))
+        patients += _balanced_test(cfg, s, rng)
+    _identify(patients, rng, first=1)
+    # external (test-only) sites: their own random stream, ids after the training sites' ids,
+    # so that adding them leaves every training-site patient and image unchanged
+    ext_rng = np.random.default_rng([cfg.seed, 3])
+    external = [p for k in range(cfg.external_sites) for p in _balanced_test(cfg, len(cfg.sites) + k, ext_rng)]
+    _identify(external, ext_rng, first=len(patients) + 1)
+    return patients + external
+
+
+def _balanced_test(cfg: SynthConfig, site: int, rng: np.random.Generator) -> list[_Patient]:
+    """Test patients of one site: pairs (one positive, one negative) share the image count →
+    exactly 50/50 images."""
+    lo, hi = cfg.images_per_patient
+    half = cfg.n_test_patients_per_site // 2
+    counts = rng.integers(lo, hi + 1, size=half)
+    labels = np.concatenate([np.ones(half, dtype=int), np.zeros(half, dtype=int)])
+    order = rng.permutation(2 * half)
+    return [_Patient(site, "test", i, int(labels[j]), int(counts[j % half]), "", 0) for i, j in enumerate(order)]
+
+
+def _identify(patients: list[_Patient], rng: np.random.Generator, first: int) -> None:
+    """Patient ids ``SYN<first>`` … in a random order, sex and age."""
     ids = rng.permutation(len(patients))
     for p, pid in zip(patients, ids, strict=True):
-        p.patient_id = f"SYN{pid + 1:05d}"
+        p.patient_id = f"SYN{pid + first:05d}"
         p.sex = "F" if rng.random() < 0.45 else "M"
         p.age = int(np.clip(np.rint(rng.normal(58, 16)), 18, 95))
-    return patients
 
 
 def _render_patient(cfg: SynthConfig, p: _Patient, style: SiteStyle) -> list[tuple[np.ndarray, str]]:
@@ -98,7 +113,7 @@ def _render_patient(cfg: SynthConfig, p: _Patient, style: SiteStyle) -> list[tup
         view = "AP" if irng.random() < style.ap_fraction else "PA"
         pose = sample_pose(irng, ap=view == "AP")
         A = render_attenuation(anatomy, pose, cfg.image_size)
-        d = apply_site(detector(A, pose), style, cfg.site_style_strength, cfg.sites[p.site], view, irng)
+        d = apply_site(detector(A, pose), style, cfg.site_style_strength, cfg.all_sites()[p.site], view, irng)
         out.append((d, view))
     return out
 
@@ -152,7 +167,7 @@ def _generate(
     """Render, encode and write every image; append manifest rows; hash the pixel data."""
     for i, p in enumerate(patients):
         style = styles[p.site]
-        site = cfg.sites[p.site]
+        site = cfg.all_sites()[p.site]
         for k, (d, view) in enumerate(_render_patient(cfg, p, style)):
             stored = encode(d, style)
             pixel_hash.update(stored.tobytes())
@@ -186,8 +201,8 @@ def synthesize(
     _prepare_out_dir(out, force)
     t0 = time.perf_counter()
     patients = _plan(cfg)
-    styles = [site_style(i).faded(cfg.site_style_strength) for i in range(len(cfg.sites))]
-    for name in cfg.sites:
+    styles = [site_style(i).faded(cfg.site_style_strength) for i in range(len(cfg.all_sites()))]
+    for name in cfg.all_sites():
         (out / IMAGES_DIR / name).mkdir(parents=True, exist_ok=True)
 
     rows: list[dict] = []
@@ -204,7 +219,9 @@ def synthesize(
 
     counts = []
     for split in MANIFEST.splits:
-        for s, name in enumerate(cfg.sites):
+        for s, name in enumerate(cfg.all_sites()):
+            if split != "test" and name not in cfg.sites:
+                continue  # an external site has test patients only
             sel = [r for r in rows if r[MANIFEST.split] == split and r[MANIFEST.site] == name]
             n_pat = sum(1 for p in patients if p.split == split and p.site == s)
             pos = sum(r[MANIFEST.label] for r in sel)
@@ -221,9 +238,11 @@ def synthesize(
         "generator_version": GENERATOR_VERSION,
         "package_version": __version__,
         "seed": cfg.seed,
-        "config": cfg.model_dump(mode="json"),
+        # external_sites is recorded only when used: the default set's file stays as it was
+        "config": cfg.model_dump(mode="json", exclude=None if cfg.external_sites else {"external_sites"}),
         "pool_prevalence": cfg.pool_prevalence(),
-        "site_styles": {name: asdict(st) for name, st in zip(cfg.sites, styles, strict=True)},
+        "site_styles": {name: asdict(st) for name, st in zip(cfg.all_sites(), styles, strict=True)},
+        **({"external_sites": cfg.external_site_names()} if cfg.external_sites else {}),
         "n_patients": len(patients),
         "n_images": len(rows),
         "counts": [c.model_dump() for c in counts],
