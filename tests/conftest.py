@@ -266,3 +266,22 @@ def viewer_server(model: Path, data: list[Path], log_dir: Path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def tiny_synthetic_cxr_run(root: Path, synth, *overrides: str) -> Path:
+    """A 1-epoch EnD run (site as the bias, 32 px, a tiny head) on the synthetic set ``synth``
+    written under ``root``; no ../shared data needed. Returns the run folder."""
+    from cxrdebias.data.synthetic import synthesize
+    from cxrdebias.experiments.config import load_config
+    from cxrdebias.experiments.runner import run_experiment
+
+    synthesize(root / "data", synth)
+    cfg = load_config(
+        REPO / "configs" / "cxr" / "synthetic.yaml",
+        [
+            f"data.manifest={root / 'data' / 'manifest.csv'}", "data.preprocess.image_size=32", "model.hidden_dim=8",
+            "method.name=end", "train.epochs=1", "train.progress=false", "train.num_threads=1", *overrides,
+        ],
+    )
+    run_experiment(cfg, root / "run")
+    return root / "run"

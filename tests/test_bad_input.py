@@ -6,6 +6,7 @@ docs/robustness.md lists where each item is tested."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -284,13 +285,15 @@ def _with(rows: list[str], header: str, column: str, value: str, at: tuple[int, 
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_unknown_sites_and_bad_rows_and_keeps_the_report(cxr_run, cxr_manifest, tmp_path, monkeypatch, capsys):
+def test_evaluate_scores_unknown_sites_as_external_refuses_bad_rows_and_keeps_the_report(cxr_run, cxr_manifest, tmp_path, monkeypatch, capsys):
     report = _snapshot(cxr_run / "eval")
     assert "report.json" in report
     header, rows = _real_rows(cxr_manifest)
     manifest = _eval_manifest(cxr_manifest, tmp_path, header, _with(rows, header, "site", "hospital-z", (0, 2)))
-    _refused(["evaluate", cxr_run, "--data", manifest, "--force"], monkeypatch, capsys,
-             f"error: {manifest}: row(s) 2, 4: site(s) 'hospital-z' not among the sites the model was trained with")
+    # a site the model was not trained on is scored and marked external (issue 21), not refused
+    code, _, err = run_cli(["evaluate", cxr_run, "--data", manifest, "--out", tmp_path / "ext-eval"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ext-eval" / "report.json").read_text())["external_sites"] == ["hospital-z"]
     assert _snapshot(cxr_run / "eval") == report
 
     for column, value, expected in (("label", "nan", "row 2 label: 'nan'; expected 0 or 1"),

@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrdebias.data.synthetic import SynthConfig, synthesize
+from cxrdebias.data.synthetic import SynthConfig
 from cxrdebias.evaluation.leakage import probe_markdown, site_probe
 from cxrdebias.evaluation.report import compare_markdown
 from cxrdebias.evaluation.site_report import site_report
-from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.evaluate import evaluate_run
-from cxrdebias.experiments.runner import run_experiment
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import tiny_synthetic_cxr_run
 
 
 def _data(rng, n_per_cell: int, sites=("a", "b"), dim: int = 8, shift: float = 0.0):
@@ -104,16 +101,7 @@ def tiny_run(tmp_path_factory) -> Path:
         seed=3, image_size=48, bias_strength=0.5,
         n_train_patients_per_site=6, n_val_patients_per_site=10, n_test_patients_per_site=10,
     )
-    synthesize(root / "data", synth)
-    cfg = load_config(
-        REPO / "configs" / "cxr" / "synthetic.yaml",
-        [
-            f"data.manifest={root / 'data' / 'manifest.csv'}", "data.preprocess.image_size=32", "model.hidden_dim=8",
-            "method.name=end", "train.epochs=1", "train.progress=false", "train.num_threads=1",
-        ],
-    )
-    run_experiment(cfg, root / "run")
-    return root / "run"
+    return tiny_synthetic_cxr_run(root, synth)
 
 
 def test_evaluate_writes_the_site_probe_into_the_report(tiny_run):

@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrdebias.data.synthetic import SynthConfig, synthesize
+from cxrdebias.data.synthetic import SynthConfig
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.runner import run_experiment
+from tests.conftest import tiny_synthetic_cxr_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,16 +45,7 @@ RUN_FILES = {"config.yaml", "run.json", "metrics.jsonl", "results.json", "model.
 def cxr_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("format")
     synth = SynthConfig(seed=3, image_size=48, n_train_patients_per_site=6, n_val_patients_per_site=4, n_test_patients_per_site=4)
-    synthesize(root / "data", synth)
-    cfg = load_config(
-        REPO / "configs" / "cxr" / "synthetic.yaml",
-        [
-            f"data.manifest={root / 'data' / 'manifest.csv'}", "data.preprocess.image_size=32", "model.hidden_dim=8",
-            "method.name=end", "train.epochs=1", "train.progress=false", "train.num_threads=1",
-        ],
-    )
-    run_experiment(cfg, root / "run")
-    return root / "run"
+    return tiny_synthetic_cxr_run(root, synth)
 
 
 def test_a_cxr_run_writes_the_files_and_keys_of_before(cxr_run):
