@@ -22,10 +22,12 @@ import pandas as pd
 from cxrdebias.errors import DataError
 from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.evaluation.metrics import auroc, balanced_accuracy, tnr, tpr
-from cxrdebias.evaluation.report import OVERALL, site_label
+from cxrdebias.evaluation.report import LABELS, OVERALL, site_label
 
-#: the metrics compared, in table order: (key, label, uses the decision or the score)
-PAIRED_METRICS = (("tpr", "TPR", "decision"), ("tnr", "TNR", "decision"), ("balanced_accuracy", "BA", "decision"), ("auroc", "AUROC", "score"))
+#: the metrics compared, in table order (their column names are report.LABELS')
+PAIRED_METRICS = ("tpr", "tnr", "balanced_accuracy", "auroc")
+#: the metrics computed from each run's decisions (AUROC uses the scores)
+_DECISION_METRICS = {"tpr": tpr, "tnr": tnr, "balanced_accuracy": balanced_accuracy}
 COLUMNS = ("path", "patient_id", "site", "label", "probability", "predicted")
 
 
@@ -46,9 +48,7 @@ class PairedDelta:
 
 
 def _metric(key: str, y: np.ndarray, decision: np.ndarray, score: np.ndarray) -> float:
-    if key == "auroc":
-        return auroc(y, score)
-    return {"tpr": tpr, "tnr": tnr, "balanced_accuracy": balanced_accuracy}[key](y, decision)
+    return auroc(y, score) if key == "auroc" else _DECISION_METRICS[key](y, decision)
 
 
 def align_predictions(a: pd.DataFrame, b: pd.DataFrame, where: str = "predictions") -> pd.DataFrame:
@@ -85,7 +85,7 @@ def paired_differences(
         for group, idx in idx_by_group.items():
             out[group] = {
                 key: _metric(key, y[idx], dec["b"][idx], score["b"][idx]) - _metric(key, y[idx], dec["a"][idx], score["a"][idx])
-                for key, _, _ in PAIRED_METRICS
+                for key in PAIRED_METRICS
             }
         return out
 
@@ -93,7 +93,7 @@ def paired_differences(
     # per site, the rows of each patient (a patient's images are resampled together)
     patients = {s: [rows_of[s][r] for r in m.loc[rows_of[s]].groupby("patient_id", sort=True).indices.values()] for s in sites}
     rng = np.random.default_rng(seed)
-    draws: dict[str, dict[str, list[float]]] = {g: {k: [] for k, _, _ in PAIRED_METRICS} for g in [*sites, OVERALL]}
+    draws: dict[str, dict[str, list[float]]] = {g: {k: [] for k in PAIRED_METRICS} for g in [*sites, OVERALL]}
     for _ in range(n_boot):
         resampled = {}
         for s in sites:
@@ -106,7 +106,7 @@ def paired_differences(
     result: dict[str, dict[str, PairedDelta]] = {}
     for group in [*sites, OVERALL]:
         result[group] = {}
-        for key, _, _ in PAIRED_METRICS:
+        for key in PAIRED_METRICS:
             d = np.asarray(draws[group][key], dtype=float)
             d = d[np.isfinite(d)]
             low, high = (np.percentile(d, [2.5, 97.5]) if d.size else (np.nan, np.nan))
@@ -120,7 +120,7 @@ def paired_markdown(
 ) -> str:
     """The paired differences as a Markdown table: Δ [95% CI] per site and metric, ``*`` when
     significant; sites in ``external`` (not in training) are marked so."""
-    header = ["site", *(["n"] if n else []), *(f"Δ{label} [95% CI]" for _, label, _ in PAIRED_METRICS)]
+    header = ["site", *(["n"] if n else []), *(f"Δ{LABELS[key]} [95% CI]" for key in PAIRED_METRICS)]
     lines = [
         f"## Paired differences {name_b} − {name_a} (same test patients)",
         "",
@@ -129,7 +129,7 @@ def paired_markdown(
     ]
     for group, values in result.items():
         cells = [site_label(group, set(external)), *([str(n.get(group, ""))] if n else [])]
-        for key, _, _ in PAIRED_METRICS:
+        for key in PAIRED_METRICS:
             d = values[key]
             mark = " *" if d.significant else ""
             cells.append(f"{d.delta:+.{digits}f} [{format_value(d.low, digits)}, {format_value(d.high, digits)}]{mark}")
