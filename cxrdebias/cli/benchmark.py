@@ -1,0 +1,58 @@
+"""``cxrdebias benchmark``: debiasing recipes × data seeds × training seeds → one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cxrdebias.cli.app import app, err, out
+from cxrdebias.console import esc
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise typer.BadParameter(f"{option}: expected one or more integers >= 0, got {text!r}")
+    return values
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Benchmark folder (data, runs, logs, benchmark.json/.md/.png); rerun to resume.")],
+    spec: Annotated[Path | None, typer.Option(help="Benchmark spec YAML (default: configs/cxr/benchmark.yaml).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Your own manifest instead of synthetic data (then --data-seeds are split seeds).")] = None,
+    data_seeds: Annotated[str | None, typer.Option(help="Data seeds, e.g. 200,201,202 (default: the spec's).")] = None,
+    train_seeds: Annotated[str | None, typer.Option(help="Training seeds, e.g. 0,1,2 (default: the spec's).")] = None,
+    recipes: Annotated[str | None, typer.Option(help="Only these recipes, e.g. end,balanced (the baseline and reference are always kept).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override KEY=VALUE for every recipe (repeatable).")] = None,
+    jobs: Annotated[int, typer.Option(help="Runs at a time (one thread each).")] = 2,
+    table_only: Annotated[bool, typer.Option("--table-only", help="Only rebuild the table from the finished cells.")] = False,
+    allow_dirty: Annotated[bool, typer.Option("--allow-dirty", help="Run and tabulate from a checkout with uncommitted changes (marked).")] = False,
+) -> None:
+    """Train and evaluate every recipe of the spec on every data and training seed; a table with gap closed,
+    paired differences against vanilla, the per-layer site probe and the external sites."""
+    from cxrdebias.experiments.benchmark import load_spec, run_benchmark
+    from cxrdebias.experiments.benchmark_table import build_table
+
+    the_spec = load_spec(
+        spec,
+        data_seeds=_ints(data_seeds, "--data-seeds"),
+        train_seeds=_ints(train_seeds, "--train-seeds"),
+        recipes=[r.strip() for r in recipes.split(",") if r.strip()] if recipes else None,
+        manifest=data,
+        set=set_,
+    )
+    failed = [] if table_only else run_benchmark(the_spec, out_dir, jobs=jobs, allow_dirty=allow_dirty, console=err)
+    table = build_table(the_spec, out_dir, allow_dirty=allow_dirty)
+    out.print(table["markdown"], markup=False, highlight=False)
+    err.print(f"wrote {esc(out_dir / 'benchmark.json')}, benchmark.md and benchmark.png")
+    if failed:
+        err.print(f"[red]{len(failed)} cell(s) failed[/]: {esc(', '.join(c.name for c, _ in failed))}; their logs are in {esc(out_dir / 'logs')}; rerun to retry")
+        raise typer.Exit(1)

@@ -1,0 +1,334 @@
+"""``cxrdebias benchmark``: debiasing recipes × data seeds × training seeds, resumable, one table.
+
+A :class:`BenchmarkSpec` (YAML, default ``configs/cxr/benchmark.yaml``) names the training
+config, the data (synthetic data seeds, or a user's manifest whose split seeds play the data
+seeds' role), the training seeds and the *recipes* (a method with its bias source, sampling and
+overrides; or a post-hoc evaluation of another recipe's runs). :func:`run_benchmark`
+
+1. refuses to start from a checkout with local changes (unless ``allow_dirty``) and refuses an
+   output folder made with another spec;
+2. writes each data seed's synthetic sets: the biased one and the *reference* one (the same
+   generator and seed with ``bias_strength: 0``: no site–label correlation; the test patients and
+   images are identical, so the reference is the ceiling on the same test set);
+3. runs every cell (recipe × data seed × training seed) as its own ``cxrdebias train`` +
+   ``cxrdebias evaluate`` process, ``jobs`` at a time with one thread each, a log per cell in
+   ``OUT/logs/``; a finished cell is skipped, an interrupted one resumes from its checkpoint;
+4. collects the cells' ``results.json`` / ``eval/report.json`` into ``OUT/benchmark.json``,
+   ``benchmark.md`` and ``benchmark.png`` (:mod:`cxrdebias.experiments.benchmark_table`).
+
+Layout: ``OUT/spec.json``, ``OUT/data/seed<D>/{biased,reference}/``,
+``OUT/runs/seed<D>/<recipe>/train<T>/`` (a run folder; ``eval/`` inside),
+``OUT/cells/<cell>.json`` (the exact commands of each cell), ``OUT/logs/<cell>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from rich.console import Console
+
+from cxrdebias.config import CONFIGS_DIR, StrictConfig
+from cxrdebias.console import esc, make_console
+from cxrdebias.errors import ConfigError, DataError
+from cxrdebias.fileio import write_json_atomic
+from cxrdebias.training.provenance import code_version
+
+DEFAULT_SPEC = CONFIGS_DIR / "cxr" / "benchmark.yaml"
+
+
+class RecipeSpec(StrictConfig):
+    """One row of the benchmark: how to train (or post-process) a model."""
+
+    label: str | None = Field(None, description="name shown in the table (default: the recipe's key)")
+    method: str = Field("vanilla", description="debiasing method (`cxrdebias methods`)")
+    bias: Literal["site", "auto", "none"] = Field("site", description="bias labels the method gets")
+    data: Literal["biased", "reference"] = Field("biased", description="'reference': the set without the site–label correlation")
+    set: list[str] = Field(default_factory=list, description="config overrides KEY=VALUE of this recipe")
+    from_: str | None = Field(None, alias="from", description="post-hoc: evaluate this recipe's runs instead of training")
+    evaluate: list[str] = Field(default_factory=list, description="extra `cxrdebias evaluate` options (post-hoc recipes)")
+
+
+class DataSpec(StrictConfig):
+    """Where the data comes from."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="synthetic data seeds, or split seeds of a manifest")
+    synth: dict[str, Any] = Field(default_factory=dict, description="`SynthConfig` options (synthetic data)")
+    manifest: str | None = Field(None, description="a user's manifest instead of synthetic data")
+    reference_manifest: str | None = Field(None, description="the reference set for a manifest (optional)")
+
+
+class BenchmarkSpec(StrictConfig):
+    """A benchmark: the training config, the data, the seeds and the recipes."""
+
+    config: str = Field("cxr/synthetic.yaml", description="training config (relative to configs/ or a path)")
+    data: DataSpec = Field(default_factory=DataSpec)
+    train_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    baseline: str = "vanilla"
+    reference: str | None = "reference"
+    n_boot: int = Field(200, ge=0, description="bootstrap resamples of each cell's report")
+    set: list[str] = Field(default_factory=list, description="config overrides of every recipe")
+    recipes: dict[str, RecipeSpec]
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchmarkSpec:
+        for name, r in self.recipes.items():
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"recipe name {name!r}: letters, digits, '_' or '-' only")
+            if r.from_ is not None and (r.from_ not in self.recipes or self.recipes[r.from_].from_ is not None):
+                raise ValueError(f"recipes.{name}.from: {r.from_!r} is not a trained recipe of this spec")
+            if r.data == "reference" and self.data.manifest is not None and self.data.reference_manifest is None:
+                raise ValueError(f"recipes.{name}: data 'reference' with a manifest needs data.reference_manifest")
+        for key in ("baseline", "reference"):
+            name = getattr(self, key)
+            if name is not None and name not in self.recipes:
+                raise ValueError(f"{key}: {name!r} is not a recipe of this spec")
+        return self
+
+    def config_path(self) -> Path:
+        p = Path(self.config)
+        return p if p.is_absolute() or p.exists() else CONFIGS_DIR / p
+
+
+def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
+    """The spec at ``path`` (default :data:`DEFAULT_SPEC`) with ``changes`` (``None`` = keep):
+    ``data_seeds``, ``train_seeds``, ``recipes`` (names to keep, in that order), ``manifest``, ``set``."""
+    path = Path(path) if path is not None else DEFAULT_SPEC
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the benchmark spec ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of benchmark options")
+    if changes.get("data_seeds") is not None:
+        tree.setdefault("data", {})["seeds"] = list(changes["data_seeds"])
+    if changes.get("train_seeds") is not None:
+        tree["train_seeds"] = list(changes["train_seeds"])
+    if changes.get("manifest") is not None:
+        tree.setdefault("data", {})["manifest"] = str(changes["manifest"])
+        tree["data"].pop("synth", None)
+        tree["reference"] = None if not tree["data"].get("reference_manifest") else tree.get("reference")
+        if tree["reference"] is None:
+            tree["recipes"] = {k: v for k, v in tree.get("recipes", {}).items() if (v or {}).get("data") != "reference"}
+    if changes.get("set"):
+        tree["set"] = [*tree.get("set", []), *changes["set"]]
+    if changes.get("recipes"):
+        known = tree.get("recipes", {})
+        unknown = [r for r in changes["recipes"] if r not in known]
+        if unknown:
+            raise ConfigError(f"--recipes: {', '.join(unknown)} not in {path} (known: {', '.join(known)})")
+        keep = list(dict.fromkeys(changes["recipes"]))
+        for need in (tree.get("baseline", "vanilla"), tree.get("reference", "reference")):
+            if need and need in known and need not in keep:
+                keep.insert(0, need)
+        for r in list(keep):
+            src = (known[r] or {}).get("from")
+            if src and src not in keep:
+                keep.insert(0, src)
+        tree["recipes"] = {k: known[k] for k in keep}
+    try:
+        return BenchmarkSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the benchmark."""
+
+    recipe: str
+    data_seed: int
+    train_seed: int
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.data_seed}-{self.recipe}-train{self.train_seed}"
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / f"seed{self.data_seed}" / self.recipe / f"train{self.train_seed}"
+
+
+def cells(spec: BenchmarkSpec) -> list[Cell]:
+    """Every cell, in running order: by data seed and training seed, the baseline and reference
+    first (a partial benchmark is then already comparable)."""
+    first = [r for r in (spec.baseline, spec.reference) if r is not None]
+    order = first + [r for r in spec.recipes if r not in first]
+    return [Cell(r, d, t) for d in spec.data.seeds for t in spec.train_seeds for r in order]
+
+
+def data_paths(spec: BenchmarkSpec, out: Path, data_seed: int) -> dict[str, Path]:
+    """The manifests of one data seed: ``{"biased": ..., "reference": ...}``."""
+    if spec.data.manifest is not None:
+        ref = spec.data.reference_manifest
+        return {"biased": Path(spec.data.manifest), **({"reference": Path(ref)} if ref else {})}
+    base = out / "data" / f"seed{data_seed}"
+    return {"biased": base / "biased" / "manifest.csv", "reference": base / "reference" / "manifest.csv"}
+
+
+def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
+    """Write (or reuse, when the same options wrote it) each data seed's synthetic sets."""
+    if spec.data.manifest is not None:
+        return
+    from cxrdebias.data.synthetic import SynthConfig, synthesize
+
+    needs_ref = any(r.data == "reference" for r in spec.recipes.values())
+    for d in spec.data.seeds:
+        for kind, strength in (("biased", None), ("reference", 0.0)):
+            if kind == "reference" and not needs_ref:
+                continue
+            options = {**spec.data.synth, "seed": d}
+            if strength is not None:
+                options["bias_strength"] = strength
+            try:
+                cfg = SynthConfig(**options)
+            except ValidationError as exc:
+                raise ConfigError("; ".join(f"data.synth.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+            folder = data_paths(spec, out, d)[kind].parent
+            written = folder / "synth_config.json"
+            if (folder / "manifest.csv").exists() and written.exists():
+                if json.loads(written.read_text(encoding="utf-8")).get("config") == cfg.model_dump(mode="json"):
+                    continue
+                raise DataError(f"{folder}: holds a synthetic set with other options than this benchmark's; use another --out")
+            console.print(f"data seed {d}: writing the {kind} synthetic set → {esc(folder)}")
+            synthesize(folder, cfg, force=folder.exists())
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "cxrdebias.cli"]
+
+
+def commands(spec: BenchmarkSpec, out: Path, cell: Cell) -> list[list[str]]:
+    """The ``cxrdebias`` commands of one cell (train then evaluate; evaluate only, post-hoc)."""
+    recipe = spec.recipes[cell.recipe]
+    folder = cell.folder(out)
+    evaluate = ["evaluate", "--per-institution", "--force", "--n-boot", str(spec.n_boot), *recipe.evaluate]
+    if recipe.from_ is not None:
+        source = Cell(recipe.from_, cell.data_seed, cell.train_seed).folder(out)
+        return [[*_cli(), *evaluate, str(source), "--out", str(folder / "eval")]]
+    manifest = data_paths(spec, out, cell.data_seed)[recipe.data]
+    train = [
+        *_cli(), "train", "--data", str(manifest), "--config", str(spec.config_path()), "--method", recipe.method,
+        "--bias", recipe.bias, "--seed", str(cell.train_seed), "--out", str(folder),
+        "--set", "train.num_threads=1", "--set", "train.progress=false",
+    ]  # fmt: skip
+    if spec.data.manifest is not None:
+        train += ["--set", f"data.seed={cell.data_seed}"]
+    for item in [*spec.set, *recipe.set]:
+        train += ["--set", item]
+    return [train, [*_cli(), *evaluate, str(folder)]]
+
+
+def cell_done(spec: BenchmarkSpec, out: Path, cell: Cell) -> bool:
+    folder = cell.folder(out)
+    trained = spec.recipes[cell.recipe].from_ is not None or (folder / "results.json").exists()
+    return trained and (folder / "eval" / "report.json").exists()
+
+
+def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, float]:
+    """Run (or finish) one cell in subprocesses; its output goes to ``OUT/logs/<cell>.log``."""
+    t0 = time.perf_counter()
+    folder = cell.folder(out)
+    cmds = commands(spec, out, cell)
+    record = out / "cells" / f"{cell.name}.json"
+    if record.exists() and json.loads(record.read_text(encoding="utf-8"))["commands"] != cmds:
+        raise ConfigError(f"{record}: this cell was started with other commands; use another --out")
+    write_json_atomic(record, {"cell": cell.__dict__, "commands": cmds})
+    if spec.recipes[cell.recipe].from_ is None:
+        if (folder / "results.json").exists():
+            cmds = cmds[1:]  # trained; evaluate only
+        elif folder.exists():
+            has_ckpt = any((folder / "checkpoints").glob("*")) if (folder / "checkpoints").is_dir() else False
+            cmds = [[*cmds[0], "--resume" if has_ckpt else "--force"], *cmds[1:]]
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+    log = out / "logs" / f"{cell.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("a", encoding="utf-8") as fh:
+        for cmd in cmds:
+            fh.write("$ " + " ".join(cmd[2:]) + "\n")
+            fh.flush()
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False).returncode
+            if rc != 0:
+                return cell, rc, time.perf_counter() - t0
+    return cell, 0, time.perf_counter() - t0
+
+
+def check_clean(allow_dirty: bool) -> dict[str, Any]:
+    """The code version; refuses a checkout with local changes unless ``allow_dirty``."""
+    version = code_version()
+    if version.get("git_dirty") and not allow_dirty:
+        raise ConfigError(
+            "the cxrdebias checkout has uncommitted changes: benchmark numbers must come from a commit "
+            "(commit, or run from a `git worktree` of one); --allow-dirty runs anyway and marks the table"
+        )
+    return version
+
+
+def check_spec_folder(spec: BenchmarkSpec, out: Path) -> None:
+    """``OUT/spec.json`` records the recipes and data options; a rerun must use the same (seeds
+    and recipes may be added)."""
+    path = out / "spec.json"
+    now = spec.model_dump(mode="json", by_alias=True)
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        fixed = ("config", "baseline", "reference", "n_boot", "set")
+        changed = [k for k in fixed if old.get(k) != now.get(k)]
+        changed += [f"data.{k}" for k in ("synth", "manifest", "reference_manifest") if old["data"].get(k) != now["data"].get(k)]
+        changed += [f"recipes.{k}" for k in now["recipes"] if k in old["recipes"] and old["recipes"][k] != now["recipes"][k]]
+        if changed:
+            raise ConfigError(f"{out}: was made with another spec ({', '.join(changed)} differ); use another --out")
+        now["data"]["seeds"] = sorted(set(old["data"]["seeds"]) | set(now["data"]["seeds"]))
+        now["train_seeds"] = sorted(set(old["train_seeds"]) | set(now["train_seeds"]))
+        now["recipes"] = {**old["recipes"], **now["recipes"]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, now)
+
+
+def run_benchmark(
+    spec: BenchmarkSpec,
+    out: str | Path,
+    *,
+    jobs: int = 2,
+    allow_dirty: bool = False,
+    console: Console | None = None,
+) -> list[tuple[Cell, int]]:
+    """Run every unfinished cell of ``spec`` into ``out`` (module doc); returns the failed cells
+    with their exit codes (empty when all finished)."""
+    console = console or make_console(stderr=True)
+    out = Path(out)
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected 1 or more, got {jobs}")
+    check_clean(allow_dirty)
+    check_spec_folder(spec, out)
+    prepare_data(spec, out, console)
+    todo = [c for c in cells(spec) if not cell_done(spec, out, c)]
+    total = len(cells(spec))
+    console.print(f"benchmark → {esc(out)}: {total} cells, {total - len(todo)} done, {len(todo)} to run, {jobs} at a time")
+    trained = [c for c in todo if spec.recipes[c.recipe].from_ is None]
+    posthoc = [c for c in todo if spec.recipes[c.recipe].from_ is not None]
+    failed: list[tuple[Cell, int]] = []
+    t0, done = time.perf_counter(), 0
+    for batch in (trained, posthoc):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_run_cell, spec, out, c) for c in batch]
+            for fut in as_completed(futures):
+                cell, rc, seconds = fut.result()
+                done += 1
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / done * (len(todo) - done)
+                status = "[green]done[/]" if rc == 0 else f"[red]failed (exit {rc})[/], see {esc(out / 'logs' / (cell.name + '.log'))}"
+                console.print(f"[{done}/{len(todo)}] {esc(cell.name)} {status} in {seconds / 60:.1f} min; about {eta / 60:.0f} min left")
+                if rc != 0:
+                    failed.append((cell, rc))
+    return failed
