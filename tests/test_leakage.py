@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from cxrdebias.data.synthetic import SynthConfig
-from cxrdebias.evaluation.leakage import probe_markdown, site_probe
+from cxrdebias.evaluation.leakage import (
+    probe_compare_markdown,
+    probe_markdown,
+    site_probe,
+    site_probe_by_layer,
+)
 from cxrdebias.evaluation.report import compare_markdown
 from cxrdebias.evaluation.site_report import site_report
 from cxrdebias.experiments.evaluate import evaluate_run
@@ -91,6 +96,54 @@ def test_bad_shapes_are_refused():
         site_probe(xv, sv[:3], yv, xv, sv, yv)
 
 
+def test_per_layer_probe_finds_the_site_only_in_the_layer_it_is_planted_in():
+    # the site is linearly decodable in "mid" only; "early" and "late" are noise of other widths
+    rng = np.random.default_rng(5)
+    (xv, sv, yv), (xt, st, yt) = _data(rng, 300, shift=5.0), _data(rng, 500, shift=5.0)
+    val = {"early": rng.normal(size=(len(sv), 4)), "mid": xv, "late": rng.normal(size=(len(sv), 16))}
+    test = {"early": rng.normal(size=(len(st), 4)), "mid": xt, "late": rng.normal(size=(len(st), 16))}
+    layers = site_probe_by_layer(val, sv, yv, test, st, yt, seed=0, modules={"early": "a.0", "mid": "a.1"})
+    assert list(layers) == ["early", "mid", "late"]
+    assert [e["dim"] for e in layers.values()] == [4, 8, 16]
+    assert layers["early"]["module"] == "a.0" and "module" not in layers["late"]
+    assert layers["mid"]["mean_auroc"] == 1.0 and all(layers["mid"]["by_class"][c]["auroc"] == 1.0 for c in ("0", "1"))
+    for name in ("early", "late"):  # null AUROC: sd 0.013 for the mean of two classes of 500 + 500 (see above)
+        assert abs(layers[name]["mean_auroc"] - 0.5) < 0.05
+    # each layer's probe is site_probe on that layer (same rows, same seed)
+    assert layers["late"]["mean_auroc"] == site_probe(val["late"], sv, yv, test["late"], st, yt, seed=0)["mean_auroc"]
+    md = "\n".join(probe_markdown(dict(site_probe(xv, sv, yv, xt, st, yt), layers=layers)))
+    assert "### Site leakage by layer" in md
+    assert "| mid | a.1 | 8 | 1.000 | 1.000 | 1.000 |" in md
+    assert f"| early | a.0 | 4 | {layers['early']['by_class']['0']['auroc']:.3f} |" in md
+    with pytest.raises(ValueError, match="layer 'late': features_test: expected 16 columns"):
+        site_probe_by_layer(val, sv, yv, dict(test, late=test["late"][:, :3]), st, yt)
+    with pytest.raises(ValueError, match="expected the layers"):
+        site_probe_by_layer(val, sv, yv, {"mid": xt}, st, yt)
+
+
+def test_compare_shows_the_per_layer_probe_of_both_runs_side_by_side():
+    def probe(**means):
+        return {"mean_auroc": means["bottleneck"], "by_class": {}, "layers": {k: {"mean_auroc": v, "by_class": {}} for k, v in means.items()}}
+
+    a = probe(block1=0.9, block2=0.8, bottleneck=0.7)
+    b = probe(block1=0.95, block2=None, bottleneck=0.5)
+    b["layers"]["layer9"] = {"mean_auroc": 0.6, "by_class": {}}
+    lines = probe_compare_markdown(a, b, "A", "B")
+    assert lines[2:4] == ["| layer | A | B | Δ |", "|---|---:|---:|---:|"]
+    assert lines[4:8] == [
+        "| block1 | 0.900 | 0.950 | +0.050 |",
+        "| block2 | 0.800 | n/a | n/a |",
+        "| bottleneck | 0.700 | 0.500 | -0.200 |",
+        "| layer9 | n/a | 0.600 | n/a |",
+    ]
+    assert probe_compare_markdown({"absent": "why"}, {"mean_auroc": 0.5}, "A", "B") == []
+    y, s, sites = np.array([1, 0, 1, 0]), np.array([0.9, 0.2, 0.6, 0.4]), np.array(["a", "a", "b", "b"])
+    r = site_report(y, s, sites, threshold=0.5, n_boot=0)
+    md = compare_markdown(dict(r, site_probe=a), dict(r, site_probe=b), "A", "B")
+    assert "## Site probe by layer" in md and "| bottleneck | 0.700 | 0.500 | -0.200 |" in md and md.endswith("|\n")
+    assert "Site probe by layer" not in compare_markdown(r, r, "A", "B")
+
+
 # -- end to end: `cxrdebias evaluate` of a tiny synthetic run --------------------------------------
 
 
@@ -118,6 +171,19 @@ def test_evaluate_writes_the_site_probe_into_the_report(tiny_run):
     md = (tiny_run / "eval" / "report.md").read_text()
     assert "## Site leakage (linear probe on the bottleneck)" in md and "**mean**" in md
     assert report["site_probe"]["mean_auroc"] == pytest.approx(probe["mean_auroc"])
+    # per layer: the DenseNet's four stages, then the bottleneck (the same probe as the top-level fields)
+    layers = probe["layers"]
+    assert list(layers) == ["block1", "block2", "block3", "block4", "bottleneck"]
+    assert [e["module"] for e in layers.values()] == [
+        "features.transition1", "features.transition2", "features.transition3", "activation", "bottleneck",
+    ]
+    assert [e["dim"] for e in layers.values()] == [128, 256, 512, 1024, 1024]
+    assert layers["bottleneck"]["mean_auroc"] == probe["mean_auroc"]
+    assert {c: e["auroc"] for c, e in layers["bottleneck"]["by_class"].items()} == {c: e["auroc"] for c, e in probe["by_class"].items()}
+    for e in layers.values():
+        assert set(e["by_class"]) == {"0", "1"} and 0.0 <= e["mean_auroc"] <= 1.0
+    assert "### Site leakage by layer" in md
+    assert all(f"| {name} | {e['module']} | {e['dim']} |" in md for name, e in layers.items())
 
 
 def test_evaluate_on_the_validation_split_says_why_the_probe_is_absent(tiny_run, tmp_path):

@@ -20,6 +20,7 @@ import torch
 
 from cxrdebias.data.synthetic import SynthConfig
 from cxrdebias.experiments.config import load_config
+from cxrdebias.experiments.evaluate import evaluate_run
 from cxrdebias.experiments.runner import run_experiment
 from tests.conftest import tiny_synthetic_cxr_run
 
@@ -38,6 +39,11 @@ MODEL_FILE_KEYS = [
     "state_dict", "preprocess", "threshold", "threshold_method", "site_to_index", "site_source", "bias", "method",
     "selected_epoch", "selection", "val_metrics", "data_hash", "code_version", "created",
 ]
+#: ``eval/report.json`` → ``site_probe`` (issue 21 item 3): the bottleneck probe's keys of before, then
+#: ``layers`` (one entry per probe layer of the model and the bottleneck, earliest first)
+SITE_PROBE_KEYS = ["probe", "seed", "by_class", "mean_auroc", "layers"]
+SITE_PROBE_CLASS_KEYS = ["auroc", "n_val", "n_test", "sites", "n_test_by_site"]
+SITE_PROBE_LAYER_KEYS = ["module", "dim", "mean_auroc", "by_class"]
 RUN_FILES = {"config.yaml", "run.json", "metrics.jsonl", "results.json", "model.pt", "splits.csv", "checkpoints"}
 
 
@@ -61,6 +67,15 @@ def test_a_cxr_run_writes_the_files_and_keys_of_before(cxr_run):
 def test_the_model_file_holds_plain_data_with_the_keys_of_before(cxr_run):
     model = torch.load(cxr_run / "model.pt", weights_only=True)  # no pickled class: module moves cannot break it
     assert list(model) == MODEL_FILE_KEYS and model["format"] == 1
+
+
+def test_the_evaluation_report_holds_the_site_probe_keys_of_before_and_its_layers(cxr_run, tmp_path):
+    evaluate_run(cxr_run, out=tmp_path / "ev", n_boot=0)
+    probe = json.loads((tmp_path / "ev" / "report.json").read_text())["site_probe"]
+    assert list(probe) == SITE_PROBE_KEYS
+    assert all(list(e)[: len(SITE_PROBE_CLASS_KEYS)] == SITE_PROBE_CLASS_KEYS for e in probe["by_class"].values())
+    assert list(probe["layers"]) == ["block1", "block2", "block3", "block4", "bottleneck"]  # DenseNet-121
+    assert all(list(e) == SITE_PROBE_LAYER_KEYS for e in probe["layers"].values())
 
 
 def test_a_reproduction_writes_the_keys_of_the_committed_results(fake_mnist, tmp_path):

@@ -3,13 +3,16 @@
 :func:`site_probe` fits, **within each class**, a linear classifier of the site from the frozen
 bottleneck features on the validation split and scores it on the test split (AUROC). Within a
 class the label cannot explain the site, so an AUROC above 0.5 is site information left in the
-representation. :func:`probe_markdown` renders the result for ``report.md``.
+representation. :func:`site_probe_by_layer` runs the same probe on the pooled output of each
+stage of the network (where along the network the site is dropped). :func:`probe_markdown`
+renders the result for ``report.md``, :func:`probe_compare_markdown` two runs' side by side.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -154,12 +157,57 @@ def site_probe(
     return result
 
 
+def site_probe_by_layer(
+    features_val: Mapping[str, Any],
+    sites_val: Any,
+    labels_val: Any,
+    features_test: Mapping[str, Any],
+    sites_test: Any,
+    labels_test: Any,
+    *,
+    seed: int = 0,
+    modules: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`site_probe` on each layer's features: the same rows, classes and seed, one probe
+    per layer (``features_val[name]``: the validation images' ``N×C`` pooled output of that layer).
+
+    Returns ``{name: entry}`` in the order of ``features_val``; each entry holds ``module`` (its
+    path in the model, when ``modules`` names it), ``dim`` (C), ``mean_auroc`` and ``by_class``
+    (``{"0": {"auroc": …}, "1": …}``, with the ``reason`` of an undefined AUROC). The counts and
+    sites per class are those of :func:`site_probe` for the same rows.
+    """
+    if list(features_val) != list(features_test):
+        raise ValueError(f"features_test: expected the layers {list(features_val)}, got {list(features_test)}")
+    layers: dict[str, dict[str, Any]] = {}
+    for name, x_val in features_val.items():
+        try:
+            full = site_probe(x_val, sites_val, labels_val, features_test[name], sites_test, labels_test, seed=seed)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
+        entry: dict[str, Any] = {"module": modules[name]} if modules and name in modules else {}
+        entry["dim"] = int(np.asarray(x_val).shape[1])
+        entry["mean_auroc"] = full["mean_auroc"]
+        entry["by_class"] = {
+            c: {"auroc": e["auroc"], **({"reason": e["reason"]} if "reason" in e else {})} for c, e in full["by_class"].items()
+        }
+        layers[name] = entry
+    return layers
+
+
+def _fmt(v: Any, digits: int) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.{digits}f}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def probe_markdown(probe: dict[str, Any], digits: int = 3) -> list[str]:
     """The "Site leakage" section of ``report.md``: per-class AUROC and n, the mean; or why the
     probe is absent (``{"absent": reason}``)."""
 
     def fmt(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.{digits}f}"
+        return _fmt(v, digits)
 
     lines = ["## Site leakage (linear probe on the bottleneck)", ""]
     if "absent" in probe:
@@ -177,5 +225,51 @@ def probe_markdown(probe: dict[str, Any], digits: int = 3) -> list[str]:
     )
     if probe.get("note"):
         lines.append(f"- {probe['note']}")
+    lines.append("")
+    if probe.get("layers"):
+        lines += _layers_markdown(probe["layers"], digits)
+    return lines
+
+
+def _layers_markdown(layers: Mapping[str, Any], digits: int) -> list[str]:
+    """The per-layer table of ``report.md``: one row per layer, earliest first."""
+    classes = [str(c) for c in CLASSES]
+    lines = ["### Site leakage by layer", ""]
+    lines.append("| layer | module | dim | " + " | ".join(f"class {c}" for c in classes) + " | mean site AUROC |")
+    lines.append("|---|---|---:|" + "---:|" * len(classes) + "---:|")
+    for name, e in layers.items():
+        cells = [_cell(name), _cell(e.get("module", "")), str(e.get("dim", ""))]
+        cells += [_fmt(e["by_class"].get(c, {}).get("auroc"), digits) for c in classes]
+        cells.append(_fmt(e["mean_auroc"], digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "- the same probe (same validation and test images, same seed) on each stage's globally "
+        "average-pooled output, earliest first: the layer where the AUROC falls to 0.5 is where the "
+        "site is dropped; a method that cleans only the bottleneck leaves it high in the stages before"
+    )
+    lines.append("")
+    return lines
+
+
+def probe_compare_markdown(probe_a: Any, probe_b: Any, name_a: str, name_b: str, digits: int = 3) -> list[str]:
+    """The per-layer probe of two runs side by side (``cxrdebias compare``): mean site AUROC of A,
+    of B and Δ = B − A per layer (A's layers first, then B's others; ``n/a`` where a run has no
+    such layer); ``[]`` when neither report has per-layer results."""
+    layers = [(p or {}).get("layers") or {} for p in (probe_a, probe_b)]
+    if not any(layers):
+        return []
+    names = list(layers[0]) + [n for n in layers[1] if n not in layers[0]]
+    lines = [
+        "## Site probe by layer (mean site AUROC over classes; 0.5 = no site left)",
+        "",
+        f"| layer | {_cell(name_a)} | {_cell(name_b)} | Δ |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in names:
+        a, b = (layers[k].get(name, {}).get("mean_auroc") for k in (0, 1))
+        da, db = (float("nan") if v is None else float(v) for v in (a, b))
+        diff = "n/a" if math.isnan(db - da) else f"{db - da:+.{digits}f}"
+        lines.append(f"| {_cell(name)} | {_fmt(a, digits)} | {_fmt(b, digits)} | {diff} |")
     lines.append("")
     return lines

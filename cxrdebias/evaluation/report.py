@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrdebias.evaluation.formatting import format_value
-from cxrdebias.evaluation.leakage import probe_markdown
+from cxrdebias.evaluation.leakage import probe_compare_markdown, probe_markdown
 from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
 from cxrdebias.evaluation.site_report import SITE_METRICS
 from cxrdebias.fileio import (
@@ -209,8 +209,9 @@ def compare_markdown(
 
     For TPR, TNR, balanced accuracy and AUROC: the value of run A, of run B and Δ = B − A,
     per site (union of both reports' sites; a site missing from one run shows ``n/a``), the
-    pooled ``overall`` row, then worst-site BA, BA gap and equalized odds difference, and the
-    site probe's mean AUROC when both reports have one (:mod:`cxrdebias.evaluation.leakage`).
+    pooled ``overall`` row, then worst-site BA, BA gap and equalized odds difference, the
+    site probe's mean AUROC when both reports have one and, when either has them, the per-layer
+    probe of both side by side (:mod:`cxrdebias.evaluation.leakage`).
     """
     metrics = ("tpr", "tnr", "balanced_accuracy", "auroc")
     header = ["site", "n"]
@@ -263,7 +264,8 @@ def compare_markdown(
     probes = [r.get("site_probe") or {} for r in (report_a, report_b)]
     if all("mean_auroc" in p for p in probes):
         lines.append(summary("site-probe AUROC (mean over classes; 0.5 = no site left)", *(p["mean_auroc"] for p in probes)))
-    return "\n".join(lines) + "\n"
+    lines += ["", *probe_compare_markdown(*probes, name_a, name_b, digits)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # -- CSV / JSON -----------------------------------------------------------------------------

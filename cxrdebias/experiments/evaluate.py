@@ -22,7 +22,7 @@ from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import ConfigError, DataError, DiskFullError, OutputError, RunExistsError
-from cxrdebias.evaluation.leakage import site_probe
+from cxrdebias.evaluation.leakage import site_probe, site_probe_by_layer
 from cxrdebias.evaluation.paired import OVERALL, paired_differences, paired_markdown
 from cxrdebias.evaluation.report import (
     compare_markdown,
@@ -35,6 +35,7 @@ from cxrdebias.evaluation.site_report import site_report
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
 from cxrdebias.fileio import spreadsheet_safe, write_text_atomic
+from cxrdebias.models.pooled import probe_layers
 from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
 from cxrdebias.training.folders import check_replaceable, write_marker
 from cxrdebias.training.inference import Predictions, predict
@@ -120,7 +121,8 @@ def evaluate_run(
     model = model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     autocast = make_autocast(precision, device)
-    p = predict(model, TensorBatchLoader(samples, 64), device=device, autocast=autocast, keep_features=True)
+    layers = probe_layers(model)  # the per-layer site probe reads them in the same pass
+    p = predict(model, TensorBatchLoader(samples, 64), device=device, autocast=autocast, keep_features=True, layers=layers)
     y, score = p.targets.numpy(), positive_scores(p)
     sites = np.array(ds.bias_names)[p.biases.numpy()]
     patients = ds.table["patient_id"].to_numpy()[p.indices.numpy()]
@@ -136,7 +138,7 @@ def evaluate_run(
     if val_table is not None:
         val_table = val_table[val_table["split"] == "val"]
     report["site_probe"] = _probe_report(
-        model, p, sites, val_table, why, split, spec, art["site_to_index"], device, autocast, data_cfg.workers, seed
+        model, p, sites, val_table, why, split, spec, art["site_to_index"], device, autocast, data_cfg.workers, seed, layers
     )
     if external:
         console.print(f"external site(s), not in training: {esc(', '.join(external))}")
@@ -193,9 +195,12 @@ def _probe_report(
     autocast: Any,
     workers: int,
     seed: int,
+    layers: dict[str, str],
 ) -> dict[str, Any]:
     """``report["site_probe"]``: the linear site probe on the bottleneck (fitted on the run's
-    validation split, scored on the evaluated rows), or ``{"absent": reason}``."""
+    validation split, scored on the evaluated rows) and, under ``layers``, the same probe on each
+    of the model's probe layers (``layers``: ``{name: module path}``, read into ``p.layers``) and
+    the bottleneck, earliest first; or ``{"absent": reason}``."""
     if why is not None:
         return {"absent": why}
     if split == "val":
@@ -206,9 +211,15 @@ def _probe_report(
     if n_val_sites < 2 or n_test_sites < 2:
         return {"absent": f"the probe needs 2 or more sites in validation and in the evaluated split (found {n_val_sites} and {n_test_sites})"}
     val_ds = CXRDataset(val_table, spec, site_to_index, cache=False, name="val")
-    pv = predict(model, TensorBatchLoader(val_ds.to_tensor_samples(workers=workers), 64), device=device, autocast=autocast, keep_features=True)
+    loader = TensorBatchLoader(val_ds.to_tensor_samples(workers=workers), 64)
+    pv = predict(model, loader, device=device, autocast=autocast, keep_features=True, layers=layers)
     val_sites = np.array(val_ds.bias_names)[pv.biases.numpy()]
-    return site_probe(pv.features.numpy(), val_sites, pv.targets.numpy(), p.features.numpy(), sites, p.targets.numpy(), seed=seed)
+    yv, yt = pv.targets.numpy(), p.targets.numpy()
+    probe = site_probe(pv.features.numpy(), val_sites, yv, p.features.numpy(), sites, yt, seed=seed)
+    by_layer = [{name: x.numpy() for name, x in (q.layers or {}).items()} | {"bottleneck": q.features.numpy()} for q in (pv, p)]
+    modules = layers | {"bottleneck": "bottleneck"}
+    probe["layers"] = site_probe_by_layer(by_layer[0], val_sites, yv, by_layer[1], sites, yt, seed=seed, modules=modules)
+    return probe
 def report_site_index(trained: dict[str, int], sites: pd.Series) -> tuple[dict[str, int], list[str]]:
     """The site → index mapping of an evaluation and its external sites (sorted).
 

@@ -7,6 +7,10 @@ default), first convolution for 1 input channel. Forward path::
       → global average pool (1024-d) → [L2 normalisation] = bottleneck
       → Linear(1024, hidden) → ReLU → Dropout → Linear(hidden, num_classes)
 
+Probe points (``PROBE_LAYERS``, read by the per-layer site probe): ``block1``–``block3`` are the
+outputs of ``features.transition1``–``3`` (what each dense stage hands on), ``block4`` the last
+feature map (after norm5 and the activation).
+
 The bottleneck is what EnD regularises (the reference places the normalisation — and a Tanh
 as last activation — in the forward path for ResNet; we do the same here). The head is the
 two-layer fully connected classifier of the EnD paper's COVID experiment.
@@ -36,6 +40,16 @@ from cxrdebias.models.weights import (
 )
 
 FEATURE_DIM = 1024
+#: the probe points (:mod:`cxrdebias.models.pooled`): the output of each of the four dense stages as
+#: the next stage receives it — after the transition (BN, ReLU, 1×1 conv halving the channels,
+#: 2×2 average pool) for stages 1–3 (128, 256, 512 channels), the last feature map after norm5 and
+#: the last activation for stage 4 (1024; its pooled output is the bottleneck before L2 normalisation)
+PROBE_LAYERS = {
+    "block1": "features.transition1",
+    "block2": "features.transition2",
+    "block3": "features.transition3",
+    "block4": "activation",
+}
 
 
 class DenseNet121(nn.Module):
@@ -69,6 +83,7 @@ class DenseNet121(nn.Module):
         )
         self.feature_dim = FEATURE_DIM
         self.early_layer = "features.pool0"  # first block: what `unsupervised.layer: early` reads (docs/unsupervised.md)
+        self.probe_layers = dict(PROBE_LAYERS)  # the per-layer site probe reads these (models/pooled.py)
         self.in_channels = in_channels
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

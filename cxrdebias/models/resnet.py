@@ -7,7 +7,8 @@ from a local file (``ModelConfig.pretrained``, :func:`load_pretrained_resnet`). 
       → global average pool (512-d) → [L2 normalisation] = bottleneck → Linear(512, num_classes)
 
 The bottleneck (pooled, L2-normalised features that the classifier also sees) is what EnD
-regularises.
+regularises. Probe points (``PROBE_LAYERS``, read by the per-layer site probe): the outputs of
+``layer1``–``layer4``.
 
 **The Tanh swap.** EnD's reference replaces ``layer4[1].relu`` by a Tanh. torchvision's
 ``BasicBlock`` calls that one ``relu`` module twice (after ``bn1`` *and* after the residual
@@ -39,6 +40,9 @@ from cxrdebias.models.weights import (
 FEATURE_DIM = 512
 #: the torchvision modules of the backbone, in forward order (their names are kept)
 BACKBONE_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+#: the probe points (:mod:`cxrdebias.models.pooled`): the output of each residual stage (64, 128, 256,
+#: 512 channels); layer4's pooled output is the bottleneck before L2 normalisation
+PROBE_LAYERS = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
 
 
 class FinalActivationBlock(nn.Module):
@@ -90,6 +94,7 @@ class ResNet18(nn.Module):
         self.classifier = nn.Linear(FEATURE_DIM, num_classes)
         self.feature_dim = FEATURE_DIM
         self.early_layer = "maxpool"  # first block: what `unsupervised.layer: early` reads (docs/unsupervised.md)
+        self.probe_layers = dict(PROBE_LAYERS)  # the per-layer site probe reads these (models/pooled.py)
         self.in_channels = in_channels
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:

@@ -14,6 +14,8 @@ from torch import nn
 from cxrdebias.models.base import L2Normalize, ModelOutput, activation
 
 CHANNELS = (16, 32, 64, 128)
+#: the probe points (:mod:`cxrdebias.models.pooled`): the output of each conv → BN → activation block
+PROBE_LAYERS = {f"block{i + 1}": f"extractor.{3 * i + 2}" for i in range(len(CHANNELS))}
 
 
 class SimpleConvNet(nn.Module):
@@ -45,6 +47,7 @@ class SimpleConvNet(nn.Module):
         self.classifier = nn.Linear(CHANNELS[-1], num_classes)
         self.feature_dim = CHANNELS[-1]
         self.early_layer = "extractor.2"  # first block: what `unsupervised.layer: early` reads (docs/unsupervised.md)
+        self.probe_layers = dict(PROBE_LAYERS)  # the per-layer site probe reads these (models/pooled.py)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

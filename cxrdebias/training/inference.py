@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cxrdebias.data.base import Batch
+from cxrdebias.models.pooled import capture_pooled
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Predictions:
     biases: torch.Tensor  # N
     indices: torch.Tensor  # N
     features: torch.Tensor | None = None  # N×D (when requested)
+    layers: dict[str, torch.Tensor] | None = None  # name → N×C pooled layer outputs (when requested)
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -52,23 +54,29 @@ def predict(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     channels_last: bool = False,
     keep_features: bool = False,
+    layers: Mapping[str, str] | None = None,
 ) -> Predictions:
-    """Evaluate ``model`` (in eval mode, restored afterwards) over every batch of ``loader``."""
+    """Evaluate ``model`` (in eval mode, restored afterwards) over every batch of ``loader``.
+
+    ``keep_features`` keeps the bottleneck; ``layers`` (``{name: module path}``, e.g. the model's
+    :func:`cxrdebias.models.pooled.probe_layers`) keeps the globally average-pooled output of
+    each of those modules, read by forward hooks in the same pass (``Predictions.layers``)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     logits, targets, biases, indices, feats = [], [], [], [], []
     try:
-        for batch in loader:
-            batch = to_device(batch, device, channels_last)
-            with autocast():
-                out = model(batch["image"])
-            logits.append(out.logits.float().cpu())
-            if keep_features:
-                feats.append(out.features.float().cpu())
-            targets.append(batch["target"].cpu())
-            biases.append(batch["bias"].cpu())
-            indices.append(batch["index"].cpu())
+        with capture_pooled(model, layers or {}) as captured:
+            for batch in loader:
+                batch = to_device(batch, device, channels_last)
+                with autocast():
+                    out = model(batch["image"])
+                logits.append(out.logits.float().cpu())
+                if keep_features:
+                    feats.append(out.features.float().cpu())
+                targets.append(batch["target"].cpu())
+                biases.append(batch["bias"].cpu())
+                indices.append(batch["index"].cpu())
     finally:
         model.train(was_training)
     if not logits:
@@ -79,4 +87,5 @@ def predict(
         biases=torch.cat(biases),
         indices=torch.cat(indices),
         features=torch.cat(feats) if keep_features else None,
+        layers={name: torch.cat(values) for name, values in captured.items()} if layers else None,
     )
