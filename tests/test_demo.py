@@ -1,20 +1,23 @@
-"""The README's main job, shrunk: synth → vanilla and EnD → per-site evaluation → compare."""
+"""The README's main job, shrunk: synth → vanilla, reference and the default recipe → gap closed, probe, paired CIs."""
 
 from cxrdebias.data.synthetic import SynthConfig
+from cxrdebias.experiments.benchmark import load_spec
 from cxrdebias.experiments.demo import run_demo
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
-    synth = SynthConfig(image_size=64, n_train_patients_per_site=12, n_val_patients_per_site=6, n_test_patients_per_site=6)
-    fast = ["train.epochs=1", "train.progress=false", "data.preprocess.image_size=32", "model.hidden_dim=16"]
+def test_demo_pipeline_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # subprocesses import this checkout
+    synth = SynthConfig(image_size=64, n_train_patients_per_site=12, n_val_patients_per_site=6, n_test_patients_per_site=6, external_sites=1)
+    fast = ["train.epochs=1", "data.preprocess.image_size=32", "model.hidden_dim=16"]
     res = run_demo(tmp_path / "demo", overrides=fast, synth=synth, n_boot=50)
-    assert set(res["runs"]) == {"vanilla", "end"}
-    for method, run in res["runs"].items():
-        rep = res["reports"][method]
-        assert set(rep["by_group"]) == {"hospital_a", "hospital_b"}
+    default = load_spec().default
+    assert set(res["runs"]) == {"vanilla", "reference", default}
+    for run in res["runs"].values():
         assert (run / "eval" / "report.png").is_file()
-        # the test split of the synthetic set is balanced within each site
-        for site in rep["by_group"].values():
-            assert site["prevalence"] == 0.5
-    assert "hospital_a" in res["table"] and "EnD" in res["table"]
-    assert (tmp_path / "demo" / "summary.md").read_text().startswith("# cxrdebias demo")
+    summary = res["table"]["summary"]["recipes"]
+    assert summary[default]["n_cells"] == 1 and "gap_closed" in summary[default]
+    assert "worst_site_ba" in summary[default]["gap_closed"]
+    text = (tmp_path / "demo" / "summary.md").read_text()
+    assert text.startswith("# cxrdebias demo")
+    assert "gap closed" in text and "Site probe per layer" in text and "Paired differences" in text
+    assert "external_1" in text  # the external hospital is evaluated

@@ -24,10 +24,11 @@ Layout: ``OUT/spec.json``, ``OUT/data/seed<D>/{biased,reference}/``,
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +75,7 @@ class BenchmarkSpec(StrictConfig):
     train_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     baseline: str = "vanilla"
     reference: str | None = "reference"
+    default: str | None = Field(None, description="the shipped recipe (`train --bias site` defaults, `make run`)")
     n_boot: int = Field(200, ge=0, description="bootstrap resamples of each cell's report")
     set: list[str] = Field(default_factory=list, description="config overrides of every recipe")
     recipes: dict[str, RecipeSpec]
@@ -87,7 +89,7 @@ class BenchmarkSpec(StrictConfig):
                 raise ValueError(f"recipes.{name}.from: {r.from_!r} is not a trained recipe of this spec")
             if r.data == "reference" and self.data.manifest is not None and self.data.reference_manifest is None:
                 raise ValueError(f"recipes.{name}: data 'reference' with a manifest needs data.reference_manifest")
-        for key in ("baseline", "reference"):
+        for key in ("baseline", "reference", "default"):
             name = getattr(self, key)
             if name is not None and name not in self.recipes:
                 raise ValueError(f"{key}: {name!r} is not a recipe of this spec")
@@ -264,6 +266,25 @@ def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, fl
     return cell, 0, time.perf_counter() - t0
 
 
+_EPOCH = re.compile(r"^epoch\s+(\d+)")
+
+
+def _started(out: Path, cell: Cell) -> bool:
+    return (out / "logs" / f"{cell.name}.log").exists()
+
+
+def _progress(out: Path, cell: Cell) -> str:
+    """``<cell> epoch N`` from the last epoch line of the cell's log (``starting`` before the first)."""
+    try:
+        lines = (out / "logs" / f"{cell.name}.log").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return f"{cell.name} starting"
+    epochs = [m.group(1) for m in map(_EPOCH.match, lines) if m]
+    if any(line.startswith("$ evaluate") for line in lines):
+        return f"{cell.name} evaluating"
+    return f"{cell.name} epoch {epochs[-1]} done" if epochs else f"{cell.name} starting"
+
+
 def check_clean(allow_dirty: bool) -> dict[str, Any]:
     """The code version; refuses a checkout with local changes unless ``allow_dirty``."""
     version = code_version()
@@ -301,6 +322,7 @@ def run_benchmark(
     *,
     jobs: int = 2,
     allow_dirty: bool = False,
+    heartbeat_s: float = 60.0,
     console: Console | None = None,
 ) -> list[tuple[Cell, int]]:
     """Run every unfinished cell of ``spec`` into ``out`` (module doc); returns the failed cells
@@ -321,14 +343,19 @@ def run_benchmark(
     t0, done = time.perf_counter(), 0
     for batch in (trained, posthoc):
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_run_cell, spec, out, c) for c in batch]
-            for fut in as_completed(futures):
-                cell, rc, seconds = fut.result()
-                done += 1
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / done * (len(todo) - done)
-                status = "[green]done[/]" if rc == 0 else f"[red]failed (exit {rc})[/], see {esc(out / 'logs' / (cell.name + '.log'))}"
-                console.print(f"[{done}/{len(todo)}] {esc(cell.name)} {status} in {seconds / 60:.1f} min; about {eta / 60:.0f} min left")
-                if rc != 0:
-                    failed.append((cell, rc))
+            pending = {pool.submit(_run_cell, spec, out, c): c for c in batch}
+            while pending:
+                finished, _ = wait(pending, timeout=heartbeat_s, return_when=FIRST_COMPLETED)
+                if not finished:
+                    console.print("running: " + "; ".join(esc(_progress(out, c)) for c in pending.values() if _started(out, c)))
+                for fut in finished:
+                    pending.pop(fut)
+                    cell, rc, seconds = fut.result()
+                    done += 1
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / done * (len(todo) - done)
+                    status = "[green]done[/]" if rc == 0 else f"[red]failed (exit {rc})[/], see {esc(out / 'logs' / (cell.name + '.log'))}"
+                    console.print(f"[{done}/{len(todo)}] {esc(cell.name)} {status} in {seconds / 60:.1f} min; about {eta / 60:.0f} min left")
+                    if rc != 0:
+                        failed.append((cell, rc))
     return failed
