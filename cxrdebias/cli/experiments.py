@@ -310,27 +310,41 @@ def evaluate_cmd(
     data: Annotated[Path | None, typer.Option(help="Evaluate this manifest instead of the run's test split.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (patient level).")] = 1000,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default RUN/eval).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default RUN/eval; with --site-thresholds RUN/eval_site_thresholds).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
     allow_outside: AllowOutsideOpt = False,
     site_source: Annotated[str | None, typer.Option(help="Sites of --data: 'column' or 'dicom:<Keyword>' (default: the run's).")] = None,
+    site_thresholds: Annotated[
+        bool,
+        typer.Option(
+            "--site-thresholds",
+            help="Post-hoc baseline: one threshold per training site, chosen on that site's validation images "
+            "(Youden's J), instead of the model's single threshold; external sites and sites without validation "
+            "images of both classes keep the global one.",
+        ),
+    ] = False,
 ) -> None:
     """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run.
 
     Sites of --data the model was not trained on are scored as external (marked in every table
-    and the plot)."""
+    and the plot). With --site-thresholds each training site is recalibrated with its own
+    validation threshold (the "post-hoc per-site thresholds" baseline), reported in
+    RUN/eval_site_thresholds beside RUN/eval."""
     from cxrdebias.evaluation.report import to_markdown
-    from cxrdebias.experiments.evaluate import evaluate_run
+    from cxrdebias.experiments.evaluate import EVAL_DIR, SITE_THRESHOLDS_DIR, evaluate_run
 
     report = evaluate_run(
         run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
-        site_source=site_source,
+        site_source=site_source, site_thresholds=site_thresholds,
     )
     if per_institution:
         out.print(report["markdown"], markup=False, highlight=False)
     else:
         out.print(to_markdown({**report, "by_group": {}, "sites": []}), markup=False, highlight=False)
-    err.print(f"report written to {esc(out_dir or run / 'eval')} (report.json, report.csv, report.md, report.png, predictions.csv)")
+    where = out_dir or run / (SITE_THRESHOLDS_DIR if site_thresholds else EVAL_DIR)
+    err.print(f"report written to {esc(where)} (report.json, report.csv, report.md, report.png, predictions.csv)")
 
 
 @app.command("compare")
