@@ -57,8 +57,10 @@ def _reproduce(cfg, kind: str, out_dir: Path | None, *, force: bool, resume: boo
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the debiasing methods and their options."""
+    """List the debiasing methods and their options: the package defaults, then the values the
+    shipped configs (configs/<dataset>/*.yaml) set."""
     from cxrdebias.debias import METHODS
+    from cxrdebias.experiments.config import shipped_method_settings
 
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -67,6 +69,15 @@ def methods_cmd() -> None:
         ) or "no options"
         bias = "needs bias labels" if cls.requires_bias else "no bias labels"
         out.print(f"[bold]{name}[/]: {cls.summary} ({bias}; {fields})")
+    shipped = shipped_method_settings()
+    if shipped:
+        out.print(
+            "\nThe values above are the package defaults, the same for every dataset. The shipped configs set their own, "
+            "which `train` and `reproduce` start from (--method naming another method starts from its defaults above):"
+        )
+    for dataset, files, name, options in shipped:
+        values = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        out.print(f"  {esc(dataset)} ({esc(', '.join(files))}): {name} {esc(values)}")
 
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")]
