@@ -78,7 +78,14 @@ class TrainConfig(StrictConfig):
     eval_every: int = Field(1, ge=1, description="evaluate the validation set every N epochs")
     progress: bool = True
     class_balance: Literal["none", "weighted_loss"] = Field(
-        "none", description="weighted_loss: cross-entropy weighted by inverse class frequency of the training split"
+        "none",
+        description="weighted_loss: cross-entropy weighted by inverse class frequency of the training split "
+        "(with sampling=group_balanced: of the classes as sampled, uniform when every class has the same number of cells)",
+    )
+    sampling: Literal["none", "group_balanced"] = Field(
+        "none",
+        description="group_balanced: each epoch draws len(train) samples with replacement, every (target, bias) cell "
+        "equally likely (needs the true bias labels; cxrdebias.data.sampling)",
     )
     select_metric: str | None = Field(
         None, description="validation metric used for model selection/early stopping (None: last epoch)"

@@ -57,8 +57,10 @@ def _reproduce(cfg, kind: str, out_dir: Path | None, *, force: bool, resume: boo
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the debiasing methods and their options."""
+    """List the debiasing methods and their options: the package defaults, then the values the
+    shipped configs (configs/<dataset>/*.yaml) set."""
     from cxrdebias.debias import METHODS
+    from cxrdebias.experiments.config import shipped_method_settings
 
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -67,6 +69,15 @@ def methods_cmd() -> None:
         ) or "no options"
         bias = "needs bias labels" if cls.requires_bias else "no bias labels"
         out.print(f"[bold]{name}[/]: {cls.summary} ({bias}; {fields})")
+    shipped = shipped_method_settings()
+    if shipped:
+        out.print(
+            "\nThe values above are the package defaults, the same for every dataset. The shipped configs set their own, "
+            "which `train` and `reproduce` start from (--method naming another method starts from its defaults above):"
+        )
+    for dataset, files, name, options in shipped:
+        values = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        out.print(f"  {esc(dataset)} ({esc(', '.join(files))}): {name} {esc(values)}")
 
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<name>-<time>).")]
@@ -310,27 +321,41 @@ def evaluate_cmd(
     data: Annotated[Path | None, typer.Option(help="Evaluate this manifest instead of the run's test split.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (patient level).")] = 1000,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default RUN/eval).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default RUN/eval; with --site-thresholds RUN/eval_site_thresholds).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing report folder.")] = False,
     allow_outside: AllowOutsideOpt = False,
     site_source: Annotated[str | None, typer.Option(help="Sites of --data: 'column' or 'dicom:<Keyword>' (default: the run's).")] = None,
+    site_thresholds: Annotated[
+        bool,
+        typer.Option(
+            "--site-thresholds",
+            help="Post-hoc baseline: one threshold per training site, chosen on that site's validation images "
+            "(Youden's J), instead of the model's single threshold; external sites and sites without validation "
+            "images of both classes keep the global one.",
+        ),
+    ] = False,
 ) -> None:
     """Per-site TPR, TNR, balanced accuracy and AUROC with bootstrap intervals for a trained run.
 
     Sites of --data the model was not trained on are scored as external (marked in every table
-    and the plot)."""
+    and the plot). With --site-thresholds each training site is recalibrated with its own
+    validation threshold (the "post-hoc per-site thresholds" baseline), reported in
+    RUN/eval_site_thresholds beside RUN/eval."""
     from cxrdebias.evaluation.report import to_markdown
-    from cxrdebias.experiments.evaluate import evaluate_run
+    from cxrdebias.experiments.evaluate import EVAL_DIR, SITE_THRESHOLDS_DIR, evaluate_run
 
     report = evaluate_run(
         run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
-        site_source=site_source,
+        site_source=site_source, site_thresholds=site_thresholds,
     )
     if per_institution:
         out.print(report["markdown"], markup=False, highlight=False)
     else:
         out.print(to_markdown({**report, "by_group": {}, "sites": []}), markup=False, highlight=False)
-    err.print(f"report written to {esc(out_dir or run / 'eval')} (report.json, report.csv, report.md, report.png, predictions.csv)")
+    where = out_dir or run / (SITE_THRESHOLDS_DIR if site_thresholds else EVAL_DIR)
+    err.print(f"report written to {esc(where)} (report.json, report.csv, report.md, report.png, predictions.csv)")
 
 
 @app.command("compare")

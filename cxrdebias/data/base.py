@@ -78,12 +78,29 @@ class _EpochSeededLoader:
     """Shared by the loaders below: batch size, epoch-seeded shuffling, ``len`` in batches.
 
     The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed at an epoch
-    boundary sees exactly the batches an uninterrupted run would.
+    boundary sees exactly the batches an uninterrupted run would. With ``weights`` (one
+    non-negative weight per sample, e.g. :func:`cxrdebias.data.sampling.group_balanced_weights`)
+    an epoch is instead ``n`` indices drawn *with replacement*, sample ``i`` with probability
+    ∝ ``weights[i]``, from the same ``(seed, e)`` generator (``shuffle`` is then irrelevant).
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int = 0, world_size: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: torch.Tensor | None = None,
     ):
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.shape != (n,) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights must be {n} finite non-negative values, not all 0")
+        self.weights = weights
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -115,8 +132,12 @@ class _EpochSeededLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self) -> torch.Tensor:
-        """This epoch's sample order (same on every rank)."""
-        order = torch.randperm(self._n, generator=self.generator()) if self.shuffle else torch.arange(self._n)
+        """This epoch's sample order (same on every rank): a permutation, or with ``weights``
+        ``n`` weighted draws with replacement."""
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self._n, replacement=True, generator=self.generator())
+        else:
+            order = torch.randperm(self._n, generator=self.generator()) if self.shuffle else torch.arange(self._n)
         pad = self._n_total - self._n
         return torch.cat([order, order[:pad]]) if pad else order  # DistributedSampler's padding
 
@@ -145,9 +166,11 @@ class TensorBatchLoader(_EpochSeededLoader):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        weights: torch.Tensor | None = None,
     ):
         super().__init__(
-            len(samples), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+            len(samples), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
+            weights=weights,
         )
         self.samples = samples
 
@@ -172,16 +195,19 @@ class EpochDataLoader(_EpochSeededLoader):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        weights: torch.Tensor | None = None,
     ):
         super().__init__(
-            len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+            len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
+            weights=weights,
         )
         self.dataset = dataset
         self.num_workers = num_workers
         self.collate_fn = collate_fn
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.world_size > 1:  # this rank's share of each global batch (see batch_indices)
+        # weighted draws, or this rank's share of each global batch: the batches of batch_indices
+        if self.world_size > 1 or self.weights is not None:
             yield from torch.utils.data.DataLoader(
                 self.dataset,
                 batch_sampler=[b.tolist() for b in self.batch_indices()],
@@ -221,16 +247,19 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> TensorBatchLoader | EpochDataLoader:
     """The loader that fits ``samples``: tensor indexing for an in-memory
     :class:`TensorSamples`, a streaming :class:`EpochDataLoader` (``num_workers`` processes,
     :func:`collate`) for any other dataset of the sample contract.
 
     Under data-parallel training (``world_size > 1``) ``batch_size`` is the global batch and
-    the loader yields rank ``rank``'s contiguous share of each one."""
+    the loader yields rank ``rank``'s contiguous share of each one. ``weights``: draw each epoch
+    with replacement by these per-sample weights instead of shuffling (:class:`_EpochSeededLoader`)."""
     if isinstance(samples, TensorSamples):
         return TensorBatchLoader(
-            samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+            samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
+            weights=weights,
         )
     return EpochDataLoader(
         samples,
@@ -242,4 +271,5 @@ def make_loader(
         drop_last=drop_last,
         rank=rank,
         world_size=world_size,
+        weights=weights,
     )

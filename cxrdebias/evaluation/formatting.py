@@ -1,4 +1,5 @@
-"""Numbers as text for the Markdown tables and reports: one value, or a mean ± std over seeds."""
+"""Numbers as text for the Markdown tables and reports: one value, or a mean ± std over seeds;
+text made safe inside a Markdown table cell."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import math
 import statistics
 from collections.abc import Iterable
 from typing import Any
+
+
+def markdown_cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell (``|`` escaped, newlines flattened)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def format_value(value: Any, digits: int = 3, *, missing: str = "n/a", nan: str = "n/a") -> str:

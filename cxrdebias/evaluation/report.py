@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from cxrdebias.evaluation.formatting import format_value
+from cxrdebias.evaluation.formatting import markdown_cell as _cell
 from cxrdebias.evaluation.leakage import probe_compare_markdown, probe_markdown
 from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
 from cxrdebias.evaluation.site_report import SITE_METRICS
+from cxrdebias.evaluation.thresholds import site_thresholds_markdown
 from cxrdebias.fileio import (
     spreadsheet_safe,
     write_bytes_atomic,
@@ -80,11 +82,6 @@ def _fmt_ci(value: Any, ci: Sequence[Any] | None, digits: int = 3) -> str:
 def _fmt_diff(a: Any, b: Any, digits: int = 3) -> str:
     d = _num(b) - _num(a)
     return "n/a" if math.isnan(d) else f"{d:+.{digits}f}"
-
-
-def _cell(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _row(cells: Sequence[Any]) -> str:
@@ -186,11 +183,14 @@ def to_markdown(
         f"{_fmt_ci(eod['value'], eod['ci'], digits)}"
     )
     boot = report["bootstrap"]
+    per_site = " on the per-site mapped scores, i.e. each site's own threshold below," if "site_thresholds" in report else ""
     lines.append(
-        f"- threshold: {_num(report['threshold']):.6g} (positive if {report['positive_if']}); "
+        f"- threshold: {_num(report['threshold']):.6g}{per_site} (positive if {report['positive_if']}); "
         f"{pct} percentile intervals from {boot['n_boot']} {boot['unit']}-level bootstrap "
         f"resamples within each site (seed {boot['seed']})"
     )
+    if "site_thresholds" in report:
+        lines += ["", *site_thresholds_markdown(report["site_thresholds"], digits)]
     if "site_probe" in report:
         lines += ["", *probe_markdown(report["site_probe"], digits)]
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_va
 from pydantic_core import PydanticCustomError
 
 from cxrdebias.config import (
+    CONFIGS_DIR,
     MethodConfig,
     ModelConfig,
     StrictConfig,
@@ -189,3 +190,20 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def shipped_method_settings(configs_dir: str | Path = CONFIGS_DIR) -> list[tuple[str, list[str], str, dict[str, Any]]]:
+    """The method settings of the shipped configs (``configs/<dataset>/*.yaml``, what ``train`` and
+    ``reproduce`` start from): one ``(dataset, config files, method, options)`` per dataset and
+    distinct setting, the options resolved with the method's defaults. Empty when the configs are
+    not there (an installed package without its source checkout)."""
+    from cxrdebias.debias import METHODS
+
+    found: dict[tuple[str, str, str], list[str]] = {}
+    for path in sorted(Path(configs_dir).glob("*/*.yaml")):
+        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("method") or {}
+        name = section.get("name", "vanilla")
+        options = METHODS[name].Options(**{k: v for k, v in section.items() if k != "name"}).model_dump(mode="json")
+        key = (path.parent.name, name, yaml.safe_dump(options, sort_keys=True))
+        found.setdefault(key, []).append(path.name)
+    return [(dataset, files, name, yaml.safe_load(options)) for (dataset, name, options), files in found.items()]

@@ -7,6 +7,7 @@ the writers (JSON, CSV, Markdown, PNG) in :mod:`cxrdebias.evaluation.report`.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +33,8 @@ from cxrdebias.evaluation.report import (
     write_report,
 )
 from cxrdebias.evaluation.site_report import site_report
+from cxrdebias.evaluation.thresholds import DECISION, choose_site_thresholds, site_threshold_scores
+from cxrdebias.evaluation.thresholds import METHOD as SITE_THRESHOLD_METHOD
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
 from cxrdebias.fileio import spreadsheet_safe, write_text_atomic
@@ -41,9 +44,11 @@ from cxrdebias.training.folders import check_replaceable, write_marker
 from cxrdebias.training.inference import Predictions, predict
 from cxrdebias.training.runs import RunDir, replace_folder, staging_folder
 
-__all__ = ["EVAL_DIR", "Predictions", "compare_runs", "evaluate_run", "predict", "write_predictions"]
+__all__ = ["EVAL_DIR", "SITE_THRESHOLDS_DIR", "Predictions", "compare_runs", "evaluate_run", "predict", "write_predictions"]
 
 EVAL_DIR = "eval"
+#: the default report folder of ``evaluate --site-thresholds`` (beside ``eval``, never over it)
+SITE_THRESHOLDS_DIR = "eval_site_thresholds"
 
 
 def evaluate_run(
@@ -58,6 +63,7 @@ def evaluate_run(
     console: Console | None = None,
     allow_links_outside: bool = False,
     site_source: str | None = None,
+    site_thresholds: bool = False,
 ) -> dict[str, Any]:
     """Per-site report of a trained run (``cxrdebias evaluate RUN --per-institution``).
 
@@ -67,8 +73,10 @@ def evaluate_run(
     ``dicom:<Keyword>``; default the run's ``data.site_source``). Sites the model was not trained
     on (absent from the model's ``site_to_index``) are *external*: scored, marked ``external``
     in every table and the plot, and kept out of the summaries across sites. Uses the threshold chosen on validation and
-    saved with the model. Writes report.json/.csv/.md and report.png to ``out`` (default
-    ``RUN/eval``), which must not exist unless ``force``; ``force`` replaces only a cxrdebias
+    saved with the model, or with ``site_thresholds`` one threshold per training site chosen on
+    its own validation images (:mod:`cxrdebias.evaluation.thresholds`; the global one for the
+    others). Writes report.json/.csv/.md and report.png to ``out`` (default ``RUN/eval``,
+    ``RUN/eval_site_thresholds`` with ``site_thresholds``), which must not exist unless ``force``; ``force`` replaces only a cxrdebias
     report folder, never the run, the data or a folder holding them (:mod:`cxrdebias.training.folders`).
     Symbolic links of the manifest may lead out of its folder with ``allow_links_outside``
     (``--allow-outside``) and, for the run's own manifest, when the run allowed it
@@ -77,11 +85,13 @@ def evaluate_run(
     console = console or make_console(stderr=True)
     if site_source is not None and manifest is None:
         raise ConfigError("--site-source: reads the sites of --data; without --data the run's own sites are used")
+    if site_thresholds and split == "val":
+        raise ConfigError("--site-thresholds: the thresholds are chosen on the validation split; evaluate another split (--split test)")
     run = RunDir(run_dir)
     console.print(f"evaluating {esc(run.path)} on the {esc(split)} split" + (f" of {esc(manifest)}" if manifest else ""))
     cfg = load_config(None, None, base=run.read_config())
     model, art = load_model_artefact(run.path)
-    out = Path(out) if out is not None else run.file(EVAL_DIR)
+    out = Path(out) if out is not None else run.file(SITE_THRESHOLDS_DIR if site_thresholds else EVAL_DIR)
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"{out}: exists and is not a folder; choose another --out")
     data_cfg = cfg.data
@@ -126,20 +136,41 @@ def evaluate_run(
     y, score = p.targets.numpy(), positive_scores(p)
     sites = np.array(ds.bias_names)[p.biases.numpy()]
     patients = ds.table["patient_id"].to_numpy()[p.indices.numpy()]
+    val_table, why = (full, None) if manifest is None else _run_validation_table(run, data_cfg)
+    if val_table is not None:
+        val_table = val_table[val_table["split"] == "val"]
+
+    @functools.cache
+    def validation() -> tuple[Predictions, np.ndarray]:  # the run's validation split through the model, once
+        val_ds = CXRDataset(val_table, spec, art["site_to_index"], cache=False, name="val")
+        loader = TensorBatchLoader(val_ds.to_tensor_samples(workers=data_cfg.workers), 64)
+        pv = predict(model, loader, device=device, autocast=autocast, keep_features=True, layers=layers)
+        return pv, np.array(val_ds.bias_names)[pv.biases.numpy()]
+
+    threshold, report_score, chosen = art["threshold"], score, None
+    if site_thresholds:  # one threshold per training site; the report's scores mapped so each lies at 0.5
+        if val_table is None or val_table.empty:
+            raise DataError(f"--site-thresholds: {why or 'the run has no validation split to choose the thresholds on'}")
+        pv, val_sites = validation()
+        chosen = choose_site_thresholds(
+            pv.targets.numpy(), positive_scores(pv), val_sites, sites=sites.tolist(),
+            training_sites=art["site_to_index"], global_threshold=art["threshold"],
+        )
+        threshold = np.array([chosen[s]["threshold"] for s in sites])  # per image, for predictions.csv
+        report_score = site_threshold_scores(score, sites, {k: v["threshold"] for k, v in chosen.items()})
     report = site_report(
-        y, score, sites, threshold=art["threshold"], patient_ids=patients, n_boot=n_boot, seed=seed, external=external
+        y, report_score, sites, threshold=art["threshold"] if chosen is None else DECISION, patient_ids=patients,
+        n_boot=n_boot, seed=seed, external=external,
     )
     report["run"] = str(run.path)
     report["method"] = art["method"]
     report["split"] = split
     report["source"] = source
-    report["threshold_method"] = art["threshold_method"]
-    val_table, why = (full, None) if manifest is None else _run_validation_table(run, data_cfg)
-    if val_table is not None:
-        val_table = val_table[val_table["split"] == "val"]
-    report["site_probe"] = _probe_report(
-        model, p, sites, val_table, why, split, spec, art["site_to_index"], device, autocast, data_cfg.workers, seed, layers
-    )
+    report["threshold_method"] = art["threshold_method"] if chosen is None else SITE_THRESHOLD_METHOD
+    if chosen is not None:
+        report["site_thresholds"] = {"method": SITE_THRESHOLD_METHOD, "global_threshold": art["threshold"], "by_site": chosen}
+        console.print("per-site thresholds: " + esc(", ".join(f"{k} {v['threshold']:.4g} ({v['source']})" for k, v in chosen.items())))
+    report["site_probe"] = _probe_report(validation, p, sites, val_table, why, split, seed, layers)
     if external:
         console.print(f"external site(s), not in training: {esc(', '.join(external))}")
     name = f"{run.path.name} ({art['method']['name']})"
@@ -149,8 +180,8 @@ def evaluate_run(
     try:
         write_marker(staging, "report")
         write_report(report, staging, run_name=name, metadata={"source": source, "split": split, "method": art["method"]})
-        plot_site_report(report, staging / "report.png", y_true=y, y_score=score, sites=sites, title=name)
-        write_predictions(staging / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, art["threshold"])
+        plot_site_report(report, staging / "report.png", y_true=y, y_score=report_score, sites=sites, title=name)
+        write_predictions(staging / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, threshold)
         replace_folder(staging, out)
     except OutputError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -183,24 +214,20 @@ def _run_validation_table(run: RunDir, data_cfg: Any) -> tuple[pd.DataFrame | No
 
 
 def _probe_report(
-    model: Any,
+    validation: Any,
     p: Predictions,
     sites: np.ndarray,
     val_table: pd.DataFrame | None,
     why: str | None,
     split: str,
-    spec: PreprocessSpec,
-    site_to_index: dict[str, int],
-    device: Any,
-    autocast: Any,
-    workers: int,
     seed: int,
     layers: dict[str, str],
 ) -> dict[str, Any]:
     """``report["site_probe"]``: the linear site probe on the bottleneck (fitted on the run's
-    validation split, scored on the evaluated rows) and, under ``layers``, the same probe on each
-    of the model's probe layers (``layers``: ``{name: module path}``, read into ``p.layers``) and
-    the bottleneck, earliest first; or ``{"absent": reason}``."""
+    validation split, ``validation()`` → its predictions and sites; scored on the evaluated rows)
+    and, under ``layers``, the same probe on each of the model's probe layers (``layers``:
+    ``{name: module path}``, read into ``p.layers``) and the bottleneck, earliest first; or
+    ``{"absent": reason}``."""
     if why is not None:
         return {"absent": why}
     if split == "val":
@@ -210,16 +237,15 @@ def _probe_report(
     n_val_sites, n_test_sites = val_table["site"].nunique(), len(set(sites.tolist()))
     if n_val_sites < 2 or n_test_sites < 2:
         return {"absent": f"the probe needs 2 or more sites in validation and in the evaluated split (found {n_val_sites} and {n_test_sites})"}
-    val_ds = CXRDataset(val_table, spec, site_to_index, cache=False, name="val")
-    loader = TensorBatchLoader(val_ds.to_tensor_samples(workers=workers), 64)
-    pv = predict(model, loader, device=device, autocast=autocast, keep_features=True, layers=layers)
-    val_sites = np.array(val_ds.bias_names)[pv.biases.numpy()]
+    pv, val_sites = validation()
     yv, yt = pv.targets.numpy(), p.targets.numpy()
     probe = site_probe(pv.features.numpy(), val_sites, yv, p.features.numpy(), sites, yt, seed=seed)
     by_layer = [{name: x.numpy() for name, x in (q.layers or {}).items()} | {"bottleneck": q.features.numpy()} for q in (pv, p)]
     modules = layers | {"bottleneck": "bottleneck"}
     probe["layers"] = site_probe_by_layer(by_layer[0], val_sites, yv, by_layer[1], sites, yt, seed=seed, modules=modules)
     return probe
+
+
 def report_site_index(trained: dict[str, int], sites: pd.Series) -> tuple[dict[str, int], list[str]]:
     """The site → index mapping of an evaluation and its external sites (sorted).
 
@@ -232,8 +258,9 @@ def report_site_index(trained: dict[str, int], sites: pd.Series) -> tuple[dict[s
     return index | {s: start + k for k, s in enumerate(external)}, external
 
 
-def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, threshold: float) -> None:
-    """One row per image: file, patient, site, label, probability, predicted label."""
+def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, threshold: float | np.ndarray) -> None:
+    """One row per image: file, patient, site, label, probability, predicted label; with one
+    threshold per image (``evaluate --site-thresholds``) also that ``threshold``."""
     df = pd.DataFrame(
         {
             "path": table["path"].to_numpy(),
@@ -244,6 +271,8 @@ def write_predictions(path: str | Path, table: pd.DataFrame, score: np.ndarray, 
             "predicted": (score >= threshold).astype(int),
         }
     )
+    if np.ndim(threshold):
+        df["threshold"] = threshold
     for column in ("path", "patient_id", "site"):  # manifest text: no live spreadsheet formula
         df[column] = df[column].map(spreadsheet_safe)
     write_text_atomic(path, df.to_csv(index=False))

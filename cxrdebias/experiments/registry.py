@@ -60,6 +60,8 @@ class Protocol:
     - ``class_names``: the classes' names, for messages (default: ``class 0``, …);
     - ``train_targets``: the training labels, for ``train.class_balance=weighted_loss``
       (None: this protocol does not support it);
+    - ``train_biases``: the training bias labels, with ``train_targets`` for
+      ``train.sampling=group_balanced`` (None: not supported, or the run has no bias labels);
     - ``on_created(run)``: writes protocol files into a new run folder (the CXR splits);
     - ``train_info``: extra keys of ``results["train"]`` (e.g. image loading time);
     - ``splits``: the other named splits (the test sets), each built on first use, for
@@ -80,6 +82,7 @@ class Protocol:
     in_channels: int = 3
     class_names: tuple[str, ...] = ()
     train_targets: Any | None = None
+    train_biases: Any | None = None
     on_created: Callable[[RunDir], None] | None = None
     train_info: dict[str, Any] = field(default_factory=dict)
     splits: dict[str, Callable[[], Any]] = field(default_factory=dict)

@@ -27,6 +27,7 @@ from rich.console import Console
 from cxrdebias import distributed as dist_utils
 from cxrdebias.console import esc, make_console
 from cxrdebias.data.base import make_loader
+from cxrdebias.data.sampling import Cells, cells
 from cxrdebias.debias import build_method
 from cxrdebias.errors import ConfigError
 from cxrdebias.experiments import protocols
@@ -65,6 +66,27 @@ def _check_selection(cfg: ExperimentConfig, proto: Protocol) -> None:
         raise ConfigError(f"train.select_metric={metric!r}: not a validation metric of this protocol ({', '.join(proto.val_metrics)})")
 
 
+def sampling_cells(cfg: ExperimentConfig, proto: Protocol) -> Cells | None:
+    """The training split's (target, bias) cells for ``train.sampling=group_balanced`` (None for
+    ``none``); a :class:`ConfigError` when the run has no true bias labels to balance (``data.bias=none``,
+    ``--bias auto``) or the protocol does not provide them. Works under data parallelism: every
+    rank draws the same epoch and takes its share of each global batch."""
+    if cfg.train.sampling == "none":
+        return None
+    what = "train.sampling=group_balanced"
+    if cfg.unsupervised.enabled:
+        raise ConfigError(f"{what} needs the true bias labels; with --bias auto the method gets pseudo labels (use --bias site or train.sampling=none)")
+    if proto.num_biases is None:
+        hint = "; use --bias site" if getattr(cfg.data, "bias", None) == "none" else ""
+        raise ConfigError(f"{what} needs bias labels; this run has none{hint}")
+    if proto.train_targets is None or proto.train_biases is None:
+        raise ConfigError(f"{what}: not supported for data.kind={cfg.data.kind!r}")
+    try:
+        return cells(proto.train_targets, proto.train_biases)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
 def class_weights(targets: torch.Tensor, class_names: tuple[str, ...]) -> torch.Tensor:
     """Inverse class frequency, normalised so that a balanced set gets weight 1 per class."""
     num_classes = len(class_names)
@@ -94,6 +116,16 @@ def run_experiment(
         release_lock(out)  # a no-op where this process holds no lock (other ranks, a refused folder)
 
 
+def _sampling_record(group: Cells, method: Any) -> dict[str, Any]:
+    """``results["train"]["sampling"]`` of a group-balanced run: the cells and the loss's class weights."""
+    weights = getattr(method, "class_weights", None)
+    return {
+        "method": "group_balanced",
+        "cells": group.describe(),
+        "loss_class_weights": None if weights is None else [float(w) for w in weights],
+    }
+
+
 def input_paths(cfg: ExperimentConfig) -> list[str]:
     """The data paths a run reads (the manifest, the data root): ``--force`` never replaces a folder holding them."""
     return [v for key in ("manifest", "root") if isinstance(v := getattr(cfg.data, key, None), str) and v]
@@ -118,6 +150,7 @@ def _run_experiment(
     else:
         proto = spec.build(cfg, method, None, console)  # fails on bad data before touching disk
     _check_selection(cfg, proto)
+    group = sampling_cells(cfg, proto)
     if not resume:
 
         def create_run() -> RunDir:
@@ -137,7 +170,9 @@ def _run_experiment(
         if proto.train_targets is None:
             raise ConfigError(f"train.class_balance=weighted_loss: not supported for data.kind={cfg.data.kind!r}")
         names = proto.class_names or tuple(f"class {i}" for i in range(proto.num_classes))
-        method.set_class_weights(class_weights(proto.train_targets, names))
+        # group-balanced sampling draws each cell equally often: weight the classes as drawn
+        # (one entry per cell; uniform when every class has as many cells), not a second time
+        method.set_class_weights(class_weights(proto.train_targets if group is None else group.keys[:, 0], names))
 
     def loader(split: Any) -> Any:  # evaluation: rank 0, the whole split, in order
         return make_loader(split, proto.eval_batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers)
@@ -153,7 +188,7 @@ def _run_experiment(
         make_loader(
             proto.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
             num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,
-            rank=world.rank, world_size=world.world_size,
+            rank=world.rank, world_size=world.world_size, weights=None if group is None else group.weights(),
         ),
         cfg.train,
         run=run,
@@ -170,6 +205,9 @@ def _run_experiment(
         build_model=model_factory(cfg.model, proto.num_classes, in_channels=proto.in_channels, feature_activation=activation),
     )
     console.print(f"{proto.banner(method, trainer.precision)} → {esc(run.path)}")
+    if group is not None:
+        weighted = "; the weighted loss weights the classes as drawn" if cfg.train.class_balance == "weighted_loss" else ""
+        console.print(f"group-balanced sampling: {len(group.counts)} (target, bias) cells, each drawn equally often{weighted}")
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     train_time = time.perf_counter() - t0
@@ -191,6 +229,7 @@ def _run_experiment(
             "time_s": sum(h["train"]["time_s"] + h.get("eval_time_s", 0.0) for h in result.history),
             "time_s_this_invocation": train_time,
             **proto.train_info,
+            **({} if group is None else {"sampling": _sampling_record(group, method)}),
             "img_per_s_last_epoch": last["train"]["img_per_s"],
             "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": world.world_size,

@@ -206,6 +206,7 @@ def build(cfg: Any, method: Any, run: Any, console: Any) -> Protocol:
         in_channels=spec.channels,
         class_names=tuple(CLASS_NAMES),
         train_targets=data.train.targets,
+        train_biases=None if hide else data.train.biases,  # with --bias auto: true sites (the runner refuses them)
         on_created=lambda new: save_splits(data.table, new.file(SPLITS_FILE)),
         train_info={"image_load_time_s": load_time},
         splits={"test": lambda: materialise(data.test, cfg.data, hide_bias=hide)},
