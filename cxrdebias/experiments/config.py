@@ -202,8 +202,8 @@ def shipped_method_settings(configs_dir: str | Path = CONFIGS_DIR) -> list[tuple
     found: dict[tuple[str, str, str], list[str]] = {}
     for path in sorted(Path(configs_dir).glob("*/*.yaml")):
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(tree.get("data"), dict) or "kind" not in tree["data"]:
-            continue  # not a training config (e.g. a benchmark spec)
+        if "recipes" in tree:
+            continue  # a benchmark spec (`cxrdebias benchmark`), not a training config
         section = tree.get("method") or {}
         name = section.get("name", "vanilla")
         options = METHODS[name].Options(**{k: v for k, v in section.items() if k != "name"}).model_dump(mode="json")
