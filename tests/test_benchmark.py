@@ -359,13 +359,13 @@ def _fill(out: Path, spec, *, val: dict[str, float] | None = None, mode="max", d
         }
         folder = cell.folder(out)
         (folder / "eval").mkdir(parents=True, exist_ok=True)
-        report = _report(sites, ["external_1"], probe=1.0 - x / 2, layers={"block1": 1.0, "bottleneck": 1.0 - x / 2})
-        (folder / "eval" / "report.json").write_text(json.dumps(report), encoding="utf-8")
-        if spec.recipes[cell.recipe].from_ is None:
+        if spec.recipes[cell.recipe].from_ is None:  # trained, then evaluated
             v = (val or {}).get(cell.recipe, x + 0.01 * (i % 2))
             results = _results({"worst_site_balanced_accuracy": v, "loss": v}, select="loss" if mode == "min" else
                                "worst_site_balanced_accuracy", mode=mode, dirty=cell.name in dirty)  # fmt: skip
             (folder / "results.json").write_text(json.dumps(results), encoding="utf-8")
+        report = _report(sites, ["external_1"], probe=1.0 - x / 2, layers={"block1": 1.0, "bottleneck": 1.0 - x / 2})
+        (folder / "eval" / "report.json").write_text(json.dumps(report), encoding="utf-8")
 
 
 def _strict(path: Path):
@@ -512,3 +512,23 @@ def test_benchmark_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     logged = [line.split()[2] for line in (out / "logs" / "seed0-reference-train0.log").read_text().splitlines() if line.startswith("$ ")]
     assert logged == ["train", "evaluate", "evaluate"]
     print(f"end-to-end benchmark test: {time.perf_counter() - t0:.0f} s")
+
+
+def test_a_posthoc_cell_is_evaluated_again_when_its_source_was_retrained(tmp_path):
+    # regression: a post-hoc cell counted as done whenever its report existed, so after its source
+    # run was trained again (folder deleted, rerun) it kept the evaluation of the old model
+    import os
+
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    out = tmp_path / "out"
+    _fill(out, spec)
+    posthoc, end = Cell("posthoc", 0, 0), Cell("end", 0, 0)
+    assert bm.cell_done(spec, out, posthoc) and bm.cell_done(spec, out, end)
+    later = (posthoc.folder(out) / "eval" / "report.json").stat().st_mtime_ns + 10**9
+    os.utime(end.folder(out) / "results.json", ns=(later, later))  # end retrained after the evaluations
+    assert not bm.cell_done(spec, out, posthoc) and not bm.cell_done(spec, out, end)
+    assert bm.cell_done(spec, out, Cell("posthoc", 1, 1))
+    (Cell("vanilla", 1, 1).folder(out) / "results.json").unlink()  # not trained (yet)
+    assert not bm.cell_done(spec, out, Cell("vanilla", 1, 1))
+    (Cell("end", 1, 1).folder(out) / "results.json").unlink()  # the source is missing: not done
+    assert not bm.cell_done(spec, out, Cell("posthoc", 1, 1))

@@ -266,9 +266,12 @@ def commands(spec: BenchmarkSpec, out: Path, cell: Cell) -> list[list[str]]:
 
 
 def cell_done(spec: BenchmarkSpec, out: Path, cell: Cell) -> bool:
-    folder = cell.folder(out)
-    trained = spec.recipes[cell.recipe].from_ is not None or (folder / "results.json").exists()
-    return trained and (folder / "eval" / "report.json").exists()
+    """Whether the cell's evaluation exists and is not older than the run it evaluated (a run
+    trained again, e.g. a post-hoc recipe's source whose folder was deleted, is evaluated again)."""
+    recipe = spec.recipes[cell.recipe]
+    run = Cell(recipe.from_, cell.data_seed, cell.train_seed).folder(out) if recipe.from_ else cell.folder(out)
+    results, report = run / "results.json", cell.folder(out) / "eval" / "report.json"
+    return results.exists() and report.exists() and report.stat().st_mtime_ns >= results.stat().st_mtime_ns
 
 
 def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, float]:
