@@ -441,6 +441,12 @@ def test_best_by_validation_follows_the_selection_direction(tmp_path):
     _fill(tmp_path / "min", spec, val=val, mode="min")
     table = build_table(spec, tmp_path / "min")
     assert table["summary"]["best_by_validation"] == "end" and table["summary"]["select_metrics"] == ["loss"]
+    # recipes that selected on different metrics are not compared
+    from cxrdebias.experiments.benchmark_table import _best
+
+    rows = [{"recipe": "end", "select_metric": "loss", "select_mode": "min"}, {"recipe": "lnl", "select_metric": "auroc", "select_mode": "max"}]
+    assert _best({"end": 0.3, "lnl": 0.9}, rows) is None
+    assert _best({}, []) is None
 
 
 def test_build_table_refuses_dirty_cells_unless_allowed(tmp_path):
