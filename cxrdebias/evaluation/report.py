@@ -108,12 +108,12 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [(s, report["by_group"][s]) for s in report["sites"]] + [(OVERALL, report["overall"])]
 
 
-def _nan_to_none(obj: Any) -> Any:
+def nan_to_none(obj: Any) -> Any:
     """Copy of ``obj`` with float NaN/±inf replaced by None (strict JSON has no NaN)."""
     if isinstance(obj, Mapping):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
+        return [nan_to_none(v) for v in obj]
     if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
         return None
     return obj
@@ -333,7 +333,7 @@ def write_report(
     if metadata:
         doc["metadata"] = dict(metadata)
     doc.update(report)
-    write_json_atomic(paths["json"], _nan_to_none(doc))
+    write_json_atomic(paths["json"], nan_to_none(doc))
     write_csv(report, paths["csv"])
     write_text_atomic(paths["md"], to_markdown(report, run_name=run_name, metadata=metadata))
     return paths

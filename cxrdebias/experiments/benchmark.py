@@ -24,6 +24,7 @@ Layout: ``OUT/spec.json``, ``OUT/data/seed<D>/{biased,reference}/``,
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -44,6 +45,10 @@ from cxrdebias.fileio import write_json_atomic
 from cxrdebias.training.provenance import code_version
 
 DEFAULT_SPEC = CONFIGS_DIR / "cxr" / "benchmark.yaml"
+_PACKAGE = Path(__file__).resolve().parents[1]
+"""The cxrdebias package this process runs; the cells' processes must run the same one."""
+_SAFE_PATH = sys.version_info >= (3, 11)
+"""Whether ``PYTHONSAFEPATH`` exists (Python 3.11+)."""
 
 
 class RecipeSpec(StrictConfig):
@@ -100,6 +105,17 @@ class BenchmarkSpec(StrictConfig):
         return p if p.is_absolute() or p.exists() else CONFIGS_DIR / p
 
 
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """One line of a validation error: ``field: what is wrong`` per problem, unknown keys as
+    "unknown option" (as in training configs)."""
+    parts = []
+    for e in exc.errors():
+        loc = prefix + ".".join(map(str, e["loc"]))
+        msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
 def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
     """The spec at ``path`` (default :data:`DEFAULT_SPEC`) with ``changes`` (``None`` = keep):
     ``data_seeds``, ``train_seeds``, ``recipes`` (names to keep, in that order), ``manifest``, ``set``."""
@@ -119,7 +135,7 @@ def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
     if changes.get("manifest") is not None:
         tree.setdefault("data", {})["manifest"] = str(changes["manifest"])
         tree["data"].pop("synth", None)
-        tree["reference"] = None if not tree["data"].get("reference_manifest") else tree.get("reference")
+        tree["reference"] = tree.get("reference", "reference") if tree["data"].get("reference_manifest") else None
         if tree["reference"] is None:
             tree["recipes"] = {k: v for k, v in tree.get("recipes", {}).items() if (v or {}).get("data") != "reference"}
     if changes.get("set"):
@@ -141,7 +157,7 @@ def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
     try:
         return BenchmarkSpec.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError("; ".join(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise ConfigError(f"{path}: {_problems(exc)}") from None
 
 
 @dataclass(frozen=True)
@@ -194,7 +210,7 @@ def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
             try:
                 cfg = SynthConfig(**options)
             except ValidationError as exc:
-                raise ConfigError("; ".join(f"data.synth.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+                raise ConfigError(f"benchmark spec: {_problems(exc, 'data.synth.')}") from None
             folder = data_paths(spec, out, d)[kind].parent
             written = folder / "synth_config.json"
             if (folder / "manifest.csv").exists() and written.exists():
@@ -207,6 +223,27 @@ def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
 
 def _cli() -> list[str]:
     return [sys.executable, "-m", "cxrdebias.cli"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of the cells' processes: one thread, and the cxrdebias package this
+    process runs. ``python -m`` would put the current folder first on ``sys.path``, so a
+    ``cxrdebias/`` folder there (another checkout) would be run instead of the one whose
+    cleanliness :func:`check_clean` checked; ``PYTHONSAFEPATH`` drops that entry and the
+    package's parent folder goes first on ``PYTHONPATH``."""
+    path = [str(_PACKAGE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join(path)}
+
+
+def check_cwd_package() -> None:
+    """Before Python 3.11 (no ``PYTHONSAFEPATH``) refuse to start where ``python -m`` would import
+    another cxrdebias checkout from the current folder (:func:`child_env`)."""
+    local = Path.cwd() / "cxrdebias"
+    if not _SAFE_PATH and (local / "__init__.py").is_file() and local.resolve() != _PACKAGE:
+        raise ConfigError(
+            f"{local} is another cxrdebias than the one running ({_PACKAGE}); the cells' processes would import it: "
+            "run the benchmark from another folder"
+        )
 
 
 def commands(spec: BenchmarkSpec, out: Path, cell: Cell) -> list[list[str]]:
@@ -231,9 +268,12 @@ def commands(spec: BenchmarkSpec, out: Path, cell: Cell) -> list[list[str]]:
 
 
 def cell_done(spec: BenchmarkSpec, out: Path, cell: Cell) -> bool:
-    folder = cell.folder(out)
-    trained = spec.recipes[cell.recipe].from_ is not None or (folder / "results.json").exists()
-    return trained and (folder / "eval" / "report.json").exists()
+    """Whether the cell's evaluation exists and is not older than the run it evaluated (a run
+    trained again, e.g. a post-hoc recipe's source whose folder was deleted, is evaluated again)."""
+    recipe = spec.recipes[cell.recipe]
+    run = Cell(recipe.from_, cell.data_seed, cell.train_seed).folder(out) if recipe.from_ else cell.folder(out)
+    results, report = run / "results.json", cell.folder(out) / "eval" / "report.json"
+    return results.exists() and report.exists() and report.stat().st_mtime_ns >= results.stat().st_mtime_ns
 
 
 def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, float]:
@@ -255,7 +295,7 @@ def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, fl
         folder.mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{cell.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = child_env()
     with log.open("a", encoding="utf-8") as fh:
         for cmd in cmds:
             fh.write("$ " + " ".join(cmd[2:]) + "\n")
@@ -296,6 +336,11 @@ def check_clean(allow_dirty: bool) -> dict[str, Any]:
     return version
 
 
+def _runs(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What of a recipe decides its runs (everything but the label shown in the table)."""
+    return {k: v for k, v in recipe.items() if k != "label"}
+
+
 def check_spec_folder(spec: BenchmarkSpec, out: Path) -> None:
     """``OUT/spec.json`` records the recipes and data options; a rerun must use the same (seeds
     and recipes may be added)."""
@@ -306,7 +351,7 @@ def check_spec_folder(spec: BenchmarkSpec, out: Path) -> None:
         fixed = ("config", "baseline", "reference", "n_boot", "set")
         changed = [k for k in fixed if old.get(k) != now.get(k)]
         changed += [f"data.{k}" for k in ("synth", "manifest", "reference_manifest") if old["data"].get(k) != now["data"].get(k)]
-        changed += [f"recipes.{k}" for k in now["recipes"] if k in old["recipes"] and old["recipes"][k] != now["recipes"][k]]
+        changed += [f"recipes.{k}" for k in now["recipes"] if k in old["recipes"] and _runs(old["recipes"][k]) != _runs(now["recipes"][k])]
         if changed:
             raise ConfigError(f"{out}: was made with another spec ({', '.join(changed)} differ); use another --out")
         now["data"]["seeds"] = sorted(set(old["data"]["seeds"]) | set(now["data"]["seeds"]))
@@ -332,6 +377,7 @@ def run_benchmark(
     if jobs < 1:
         raise ConfigError(f"--jobs: expected 1 or more, got {jobs}")
     check_clean(allow_dirty)
+    check_cwd_package()
     check_spec_folder(spec, out)
     prepare_data(spec, out, console)
     todo = [c for c in cells(spec) if not cell_done(spec, out, c)]

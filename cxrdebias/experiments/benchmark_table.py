@@ -28,6 +28,7 @@ import numpy as np
 
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.evaluation.benchmark_stats import gap_closed, mean_ci, paired_difference
+from cxrdebias.evaluation.report import nan_to_none
 from cxrdebias.experiments.benchmark import BenchmarkSpec, Cell, cells
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
 
@@ -52,6 +53,11 @@ def _read(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
+def _num(value: Any) -> float:
+    """``value`` as a float; NaN for ``None`` (report.json writes NaN as ``null``) or a missing value."""
+    return math.nan if value is None else float(value)
+
+
 def cell_metrics(report: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one cell (module doc) from its ``report.json`` and ``results.json``."""
     external = set(report.get("external_sites", []))
@@ -69,19 +75,21 @@ def cell_metrics(report: dict[str, Any], results: dict[str, Any]) -> dict[str, A
     ext = sorted(external)
     probe = report.get("site_probe", {})
     val = results.get("val_metrics", {})
-    select = results.get("config", {}).get("train", {}).get("select_metric")
+    train_cfg = results.get("config", {}).get("train", {})
+    select = train_cfg.get("select_metric")
     return {
         "worst_site_ba": min(ba) if ba else math.nan,
         "mean_site_auroc": float(np.mean(auc)) if auc else math.nan,
         "tpr_gap": spread("tpr"),
         "tnr_gap": spread("tnr"),
-        "probe": float(probe.get("mean_auroc", math.nan)),
-        "probe_layers": {k: float(v.get("mean_auroc", math.nan)) for k, v in probe.get("layers", {}).items()},
+        "probe": _num(probe.get("mean_auroc")),
+        "probe_layers": {k: _num(v.get("mean_auroc")) for k, v in probe.get("layers", {}).items()},
         "external_ba": float(np.mean(over(ext, "balanced_accuracy"))) if over(ext, "balanced_accuracy") else math.nan,
         "external_auroc": float(np.mean(over(ext, "auroc"))) if over(ext, "auroc") else math.nan,
-        "val_select": float(val.get(select, math.nan)) if select else math.nan,
+        "val_select": _num(val.get(select)) if select else math.nan,
         "select_metric": select,
-        "train_time_s": float(results.get("train", {}).get("time_s", math.nan)),
+        "select_mode": train_cfg.get("select_mode", "max"),
+        "train_time_s": _num(results.get("train", {}).get("time_s")),
         "code_version": results.get("code_version", {}),
     }
 
@@ -133,11 +141,22 @@ def summarise(spec: BenchmarkSpec, rows: list[dict[str, Any]]) -> dict[str, Any]
     return {
         "recipes": recipes,
         "layers": layers,
-        "best_by_validation": max(candidates, key=candidates.get) if candidates else None,
+        "best_by_validation": _best(candidates, rows),
         "code_versions": [json.loads(v) for v in versions],
         "dirty": any(r["code_version"].get("git_dirty") for r in rows),
         "select_metrics": sorted({str(r["select_metric"]) for r in rows}),
     }
+
+
+def _best(candidates: dict[str, float], rows: list[dict[str, Any]]) -> str | None:
+    """The candidate recipe with the best mean validation selection metric: the highest, or the
+    lowest when the runs selected with ``train.select_mode: min`` (e.g. the loss); None when the
+    candidates selected on different metrics or directions (their values are not comparable)."""
+    rules = {(r["select_metric"], r.get("select_mode", "max")) for r in rows if r["recipe"] in candidates}
+    if not candidates or len(rules) != 1:
+        return None
+    pick = min if rules.pop()[1] == "min" else max
+    return pick(candidates, key=candidates.get)
 
 
 def _fmt(v: float, digits: int = 3, sign: bool = False) -> str:
@@ -281,7 +300,8 @@ def build_table(spec: BenchmarkSpec, out: str | Path, *, allow_dirty: bool = Fal
     summary = summarise(spec, rows)
     n_expected = len(cells(spec))
     md = to_markdown(spec, summary, n_expected, title)
-    write_json_atomic(out / "benchmark.json", {"spec": spec.model_dump(mode="json", by_alias=True), "cells": rows, **summary})
+    doc = {"spec": spec.model_dump(mode="json", by_alias=True), "cells": rows, **summary}
+    write_json_atomic(out / "benchmark.json", nan_to_none(doc))  # strict JSON: NaN as null, like report.json
     write_text_atomic(out / "benchmark.md", md)
     plot(spec, rows, summary, out / "benchmark.png")
     return {"rows": rows, "summary": summary, "markdown": md}
