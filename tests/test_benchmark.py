@@ -538,3 +538,60 @@ def test_a_posthoc_cell_is_evaluated_again_when_its_source_was_retrained(tmp_pat
     assert not bm.cell_done(spec, out, Cell("vanilla", 1, 1))
     (Cell("end", 1, 1).folder(out) / "results.json").unlink()  # the source is missing: not done
     assert not bm.cell_done(spec, out, Cell("posthoc", 1, 1))
+
+
+def _summary_for_checks(default_gap, lo, tpr=(0.1, 0.3), tnr=(0.1, 0.3), probe=(0.9, 0.99), ext=(0.7, 0.6)):
+    """A hand-built summary: default recipe 'd', baseline 'v' (only what target_checks reads)."""
+    def m(mean, ci=(float("nan"), float("nan"))):
+        return {"n": 3, "mean": mean, "sd": 0.01, "ci": list(ci)}
+
+    def recipe(tpr_gap, tnr_gap, probe_mean, ext_v):
+        return {"label": "x", "metrics": {"tpr_gap": m(tpr_gap), "tnr_gap": m(tnr_gap), "probe": m(probe_mean),
+                                          "external_ba": m(ext_v), "external_auroc": m(ext_v)},
+                "probe_layers": {"block1": m(probe_mean)}}
+
+    d = recipe(tpr[0], tnr[0], probe[0], ext[0])
+    d["gap_closed"] = {k: {"value": default_gap, "ci": [default_gap - 0.1, default_gap + 0.1], "gap": {}} for k in ("worst_site_ba", "mean_site_auroc")}
+    d["vs_baseline"] = {"worst_site_ba": {"mean": 0.05, "ci": [lo, lo + 0.1], "significant": lo > 0}}
+    return {"recipes": {"d": d, "v": recipe(tpr[1], tnr[1], probe[1], ext[1])}, "layers": ["block1"]}
+
+
+def test_target_checks_pass_and_fail_by_hand():
+    from cxrdebias.experiments.benchmark import BenchmarkSpec
+    from cxrdebias.experiments.benchmark_table import target_checks
+
+    spec = BenchmarkSpec.model_validate({"baseline": "v", "reference": None, "default": "d",
+                                         "recipes": {"v": {"method": "vanilla"}, "d": {"method": "end"}}})
+    good = target_checks(spec, _summary_for_checks(0.7, 0.01))
+    # gap closed ×2, paired CI, TPR gap, TNR gap, probe per layer, external BA, external AUROC
+    assert [c["passed"] for c in good] == [True] * 8
+    bad = target_checks(spec, _summary_for_checks(0.5, -0.01, tpr=(0.2, 0.3), probe=(0.995, 0.99), ext=(0.5, 0.6)))
+    assert [c["passed"] for c in bad] == [False, True, False, False, True, False, False, False]
+    assert "block1 0.995 vs 0.990" in bad[5]["value"]
+    nan = target_checks(spec, _summary_for_checks(float("nan"), float("nan")))
+    assert nan[0]["passed"] is None and nan[2]["passed"] is None
+    assert target_checks(spec.model_copy(update={"default": None}), _summary_for_checks(0.7, 0.01)) == []
+
+
+def test_publish_writes_the_marked_block_the_json_and_the_plot(tmp_path):
+    import json
+
+    import pytest
+
+    from cxrdebias.errors import ConfigError
+    from cxrdebias.experiments.benchmark_table import publish
+
+    docs = tmp_path / "cxr.md"
+    docs.write_text("intro\n<!-- benchmark:demo:start -->\nold\n<!-- benchmark:demo:end -->\nafter\n")
+    png = tmp_path / "b.png"
+    png.write_bytes(b"\x89PNG fake")
+    table = {"markdown": "# title\n\n## section\n\n| a |\n", "json": {"x": None}}
+    md, js = publish(table, docs, "demo", plot=png)
+    text = docs.read_text()
+    assert text.startswith("intro\n<!-- benchmark:demo:start -->\n### title\n\n#### section\n")
+    assert "old" not in text and text.endswith("<!-- benchmark:demo:end -->\nafter\n")
+    assert "results/benchmark/demo.json" in text
+    assert json.loads(js.read_text()) == {"x": None} and js == tmp_path / "results" / "benchmark" / "demo.json"
+    assert js.with_suffix(".png").read_bytes() == png.read_bytes()
+    with pytest.raises(ConfigError, match="benchmark:other:start"):
+        publish(table, docs, "other")

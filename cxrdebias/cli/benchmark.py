@@ -34,12 +34,14 @@ def benchmark_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override KEY=VALUE for every recipe (repeatable).")] = None,
     jobs: Annotated[int, typer.Option(help="Runs at a time (one thread each).")] = 2,
     table_only: Annotated[bool, typer.Option("--table-only", help="Only rebuild the table from the finished cells.")] = False,
+    docs: Annotated[Path | None, typer.Option(help="Also write the table into this Markdown file (between <!-- benchmark:NAME:start/end -->, NAME = the spec's "
+                                               "file name) and its JSON and plot under results/benchmark/ beside it.")] = None,
     allow_dirty: Annotated[bool, typer.Option("--allow-dirty", help="Run and tabulate from a checkout with uncommitted changes (marked).")] = False,
 ) -> None:
     """Train and evaluate every recipe of the spec on every data and training seed; a table with gap closed,
     paired differences against vanilla, the per-layer site probe and the external sites."""
-    from cxrdebias.experiments.benchmark import load_spec, run_benchmark
-    from cxrdebias.experiments.benchmark_table import build_table
+    from cxrdebias.experiments.benchmark import DEFAULT_SPEC, load_spec, run_benchmark
+    from cxrdebias.experiments.benchmark_table import build_table, publish
 
     the_spec = load_spec(
         spec,
@@ -53,6 +55,9 @@ def benchmark_cmd(
     table = build_table(the_spec, out_dir, allow_dirty=allow_dirty)
     out.print(table["markdown"], markup=False, highlight=False)
     err.print(f"wrote {esc(out_dir / 'benchmark.json')}, benchmark.md and benchmark.png")
+    if docs is not None:
+        md, js = publish(table, docs, Path(spec or DEFAULT_SPEC).stem, plot=out_dir / "benchmark.png")
+        err.print(f"wrote the table into {esc(md)} and {esc(js)} (+ .png)")
     if failed:
         err.print(f"[red]{len(failed)} cell(s) failed[/]: {esc(', '.join(c.name for c, _ in failed))}; their logs are in {esc(out_dir / 'logs')}; rerun to retry")
         raise typer.Exit(1)

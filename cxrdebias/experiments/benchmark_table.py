@@ -30,7 +30,12 @@ from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.evaluation.benchmark_stats import gap_closed, mean_ci, paired_difference
 from cxrdebias.evaluation.report import nan_to_none
 from cxrdebias.experiments.benchmark import BenchmarkSpec, Cell, cells
-from cxrdebias.fileio import write_json_atomic, write_text_atomic
+from cxrdebias.fileio import (
+    replace_marked_block,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 #: (key, label, True when higher is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -188,6 +193,47 @@ def _gap(entry: dict[str, Any] | None) -> str:
     return pct + (" †" if entry.get("note") else "")
 
 
+TARGETS = {"gap_closed_worst_site_ba": 0.60, "gap_closed_mean_site_auroc": 0.50, "gap_ratio": 0.5}
+"""The acceptance targets of docs/cxr.md for the default recipe (issue 21): share of the gap
+closed in worst-site BA and in mean within-site AUROC; TPR and TNR gaps at most this share of
+the baseline's."""
+
+
+def target_checks(spec: BenchmarkSpec, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The default recipe against :data:`TARGETS` and the baseline: one ``{"check", "value",
+    "passed"}`` per target (``passed`` None when a number is missing). Empty without a default."""
+    recipes = summary["recipes"]
+    if spec.default is None or spec.default not in recipes or spec.default == spec.baseline:
+        return []
+    d, b = recipes[spec.default], recipes[spec.baseline]
+
+    def ok(cond: bool | None, *values: float) -> bool | None:
+        return None if any(v is None or not math.isfinite(v) for v in values) else bool(cond)
+
+    out = []
+    for key, label in (("worst_site_ba", "worst-site BA"), ("mean_site_auroc", "mean within-site AUROC")):
+        g = d.get("gap_closed", {}).get(key)
+        target = TARGETS[f"gap_closed_{key}"]
+        if g is not None:
+            v = g["value"]
+            out.append({"check": f"gap closed in {label} ≥ {100 * target:.0f}%", "value": _gap(g), "passed": ok(v >= target if math.isfinite(v) else None, v)})
+    delta = d["vs_baseline"]["worst_site_ba"]
+    lo = delta["ci"][0]
+    out.append({"check": "paired 95% CI of Δ worst-site BA vs baseline excludes 0 (above)", "value": _delta(delta), "passed": ok(lo > 0, lo)})
+    for key, label in (("tpr_gap", "TPR gap"), ("tnr_gap", "TNR gap")):
+        mv, bv = d["metrics"][key]["mean"], b["metrics"][key]["mean"]
+        out.append({"check": f"{label} ≤ {TARGETS['gap_ratio']:g} × baseline's", "value": f"{_fmt(mv)} vs {_fmt(bv)}",
+                    "passed": ok(mv <= TARGETS["gap_ratio"] * bv, mv, bv)})  # fmt: skip
+    layers = summary["layers"] or ["bottleneck"]
+    pairs = [(la, d["probe_layers"].get(la, d["metrics"]["probe"])["mean"], b["probe_layers"].get(la, b["metrics"]["probe"])["mean"]) for la in layers]
+    out.append({"check": "site probe AUROC below the baseline's at every layer", "value": ", ".join(f"{la} {_fmt(x)} vs {_fmt(y)}" for la, x, y in pairs),
+                "passed": ok(all(x < y for _, x, y in pairs), *(v for _, x, y in pairs for v in (x, y)))})  # fmt: skip
+    for key, label in (("external_ba", "external-site BA"), ("external_auroc", "external-site AUROC")):
+        mv, bv = d["metrics"][key]["mean"], b["metrics"][key]["mean"]
+        out.append({"check": f"{label} ≥ baseline's", "value": f"{_ci(d['metrics'][key])} vs {_ci(b['metrics'][key])}", "passed": ok(mv >= bv, mv, bv)})
+    return out
+
+
 def to_markdown(spec: BenchmarkSpec, summary: dict[str, Any], n_expected: int, title: str) -> str:
     """The benchmark's tables (headline, fairness/leakage, per-layer probe) with their legend."""
     recipes = summary["recipes"]
@@ -225,6 +271,12 @@ def to_markdown(spec: BenchmarkSpec, summary: dict[str, Any], n_expected: int, t
     for name, e in recipes.items():
         if name != spec.baseline:
             lines.append(f"| {e['label']} | " + " | ".join(_delta(e["vs_baseline"][k]) for k, _, _ in METRICS if k not in GAP_METRICS) + " |")
+    checks = summary.get("checks") or []
+    if checks:
+        label = recipes[spec.default]["label"]
+        lines += ["", f"## The default recipe ({label}) against the targets of docs/cxr.md", "", "| check | measured | met |", "|---|---|---|"]
+        mark = {True: "yes", False: "**no**", None: "n/a"}
+        lines += [f"| {c['check']} | {c['value']} | {mark[c['passed']]} |" for c in checks]
     if summary["layers"]:
         lines += ["", "## Site probe per layer (mean over classes of the within-class site AUROC; 0.5 = no site)", ""]
         lines += ["| recipe | " + " | ".join(summary["layers"]) + " |", "|---|" + "---:|" * len(summary["layers"])]
@@ -298,10 +350,34 @@ def build_table(spec: BenchmarkSpec, out: str | Path, *, allow_dirty: bool = Fal
     if dirty and not allow_dirty:
         raise ConfigError(f"{len(dirty)} cell(s) were trained with uncommitted changes (e.g. {dirty[0]}); rerun them from a commit or pass --allow-dirty")
     summary = summarise(spec, rows)
+    summary["checks"] = target_checks(spec, summary)
     n_expected = len(cells(spec))
     md = to_markdown(spec, summary, n_expected, title)
     doc = {"spec": spec.model_dump(mode="json", by_alias=True), "cells": rows, **summary}
     write_json_atomic(out / "benchmark.json", nan_to_none(doc))  # strict JSON: NaN as null, like report.json
     write_text_atomic(out / "benchmark.md", md)
     plot(spec, rows, summary, out / "benchmark.png")
-    return {"rows": rows, "summary": summary, "markdown": md}
+    return {"rows": rows, "summary": summary, "markdown": md, "json": nan_to_none(doc)}
+
+
+def publish(table: dict[str, Any], docs: str | Path, name: str, plot: str | Path | None = None) -> tuple[Path, Path]:
+    """Write a built table into ``docs`` (a Markdown file) between ``<!-- benchmark:NAME:start -->``
+    and ``<!-- benchmark:NAME:end -->`` (headings demoted under the file's own), and its JSON to
+    ``<docs folder>/results/benchmark/NAME.json`` (the numbers the block shows), the ``plot`` PNG
+    beside it. Returns the two paths."""
+    docs = Path(docs)
+    start, end = f"<!-- benchmark:{name}:start -->", f"<!-- benchmark:{name}:end -->"
+    body = "\n".join(("###" + line[1:]) if line.startswith("#") else line for line in table["markdown"].rstrip().splitlines())
+    json_path = docs.parent / "results" / "benchmark" / f"{name}.json"
+    body += f"\n\nNumbers: `{json_path.relative_to(docs.parent).as_posix()}`; plot: `{json_path.with_suffix('.png').relative_to(docs.parent).as_posix()}`."
+    try:
+        text = replace_marked_block(docs.read_text(encoding="utf-8"), start, end, body, where=str(docs))
+    except OSError as exc:
+        raise ConfigError(f"--docs {docs}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ConfigError(f"--docs {exc}; add them where the table belongs") from None
+    write_json_atomic(json_path, table["json"])
+    if plot is not None:
+        write_bytes_atomic(json_path.with_suffix(".png"), Path(plot).read_bytes())
+    write_text_atomic(docs, text)
+    return docs, json_path
