@@ -6,10 +6,19 @@ from tests.conftest import REPO
 
 
 def test_shipped_configs_are_valid():
+    import yaml
+
+    from cxrdebias.experiments.benchmark import load_spec
+
     paths = sorted((REPO / "configs").rglob("*.yaml"))
     assert paths
+    specs = [p for p in paths if "recipes" in (yaml.safe_load(p.read_text()) or {})]
+    assert {p.name for p in specs} >= {"benchmark.yaml", "benchmark-tuning.yaml"}
     for p in paths:
-        load_config(p)
+        if p in specs:  # a `cxrdebias benchmark` spec, and the training config it names
+            load_config(load_spec(p).config_path())
+        else:
+            load_config(p)
 
 
 def test_overrides_parse_yaml_values():
