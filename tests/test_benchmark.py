@@ -595,3 +595,36 @@ def test_publish_writes_the_marked_block_the_json_and_the_plot(tmp_path):
     assert js.with_suffix(".png").read_bytes() == png.read_bytes()
     with pytest.raises(ConfigError, match="benchmark:other:start"):
         publish(table, docs, "other")
+
+
+def test_an_interrupt_reaches_the_running_cells_and_starts_no_more(tmp_path):
+    """Ctrl-C during a benchmark: every running cell process gets SIGINT (it checkpoints and
+    stops) and no further process is started (the old pool started the next cells)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from cxrdebias.experiments.benchmark import INTERRUPTED, _Children
+
+    children = _Children()
+    codes = []
+    log = (tmp_path / "log").open("w")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    worker = threading.Thread(target=lambda: codes.append(children.run(sleeper, log, {})))
+    worker.start()
+    while not children.running:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    children.stop()
+    worker.join(10)
+    assert not worker.is_alive() and time.perf_counter() - t0 < 10
+    assert codes and codes[0] != 0  # the child was interrupted (KeyboardInterrupt: exit 1 or -SIGINT)
+    started = []
+    real_popen = subprocess.Popen
+    subprocess.Popen = lambda *a, **k: started.append(a) or real_popen(*a, **k)
+    try:
+        assert children.run(sleeper, log, {}) == INTERRUPTED
+    finally:
+        subprocess.Popen = real_popen
+    assert started == []

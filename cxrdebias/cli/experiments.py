@@ -262,6 +262,11 @@ def reproduce_table(
         err.print(f"{len(result.missing)} cells not run yet (add --run to run them): {esc(', '.join(result.missing[:6]))}{' …' if len(result.missing) > 6 else ''}")
 
 
+def _is_set(overrides: list[str] | None, key: str) -> bool:
+    """Whether ``--set`` gives ``key``."""
+    return any(item.split("=", 1)[0].strip() == key for item in overrides or [])
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="Manifest CSV (path, label, site, patient_id).")] = None,
@@ -303,6 +308,9 @@ def train_cmd(
             "data.preprocess.image_size": image_size,
             "model.pretrained": pretrained,
             "train.epochs": epochs,
+            # the shipped recipe balances site × label cells, which needs the true sites: without
+            # them (--bias auto / none) the natural order; an explicit --set train.sampling wins (and is refused)
+            "train.sampling": "none" if bias in ("auto", "none") and not _is_set(set_, "train.sampling") else None,
             "seed": seed,
         },
         overrides=set_,

@@ -26,138 +26,29 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TextIO
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 from rich.console import Console
 
-from cxrdebias.config import CONFIGS_DIR, StrictConfig
 from cxrdebias.console import esc, make_console
 from cxrdebias.errors import ConfigError, DataError
+from cxrdebias.experiments.benchmark_spec import DEFAULT_SPEC, BenchmarkSpec, load_spec, problems
 from cxrdebias.fileio import write_json_atomic
 from cxrdebias.training.provenance import code_version
 
-DEFAULT_SPEC = CONFIGS_DIR / "cxr" / "benchmark.yaml"
 _PACKAGE = Path(__file__).resolve().parents[1]
 """The cxrdebias package this process runs; the cells' processes must run the same one."""
 _SAFE_PATH = sys.version_info >= (3, 11)
 """Whether ``PYTHONSAFEPATH`` exists (Python 3.11+)."""
-
-
-class RecipeSpec(StrictConfig):
-    """One row of the benchmark: how to train (or post-process) a model."""
-
-    label: str | None = Field(None, description="name shown in the table (default: the recipe's key)")
-    method: str = Field("vanilla", description="debiasing method (`cxrdebias methods`)")
-    bias: Literal["site", "auto", "none"] = Field("site", description="bias labels the method gets")
-    data: Literal["biased", "reference"] = Field("biased", description="'reference': the set without the site–label correlation")
-    set: list[str] = Field(default_factory=list, description="config overrides KEY=VALUE of this recipe")
-    from_: str | None = Field(None, alias="from", description="post-hoc: evaluate this recipe's runs instead of training")
-    evaluate: list[str] = Field(default_factory=list, description="extra `cxrdebias evaluate` options (post-hoc recipes)")
-
-
-class DataSpec(StrictConfig):
-    """Where the data comes from."""
-
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="synthetic data seeds, or split seeds of a manifest")
-    synth: dict[str, Any] = Field(default_factory=dict, description="`SynthConfig` options (synthetic data)")
-    manifest: str | None = Field(None, description="a user's manifest instead of synthetic data")
-    reference_manifest: str | None = Field(None, description="the reference set for a manifest (optional)")
-
-
-class BenchmarkSpec(StrictConfig):
-    """A benchmark: the training config, the data, the seeds and the recipes."""
-
-    config: str = Field("cxr/synthetic.yaml", description="training config (relative to configs/ or a path)")
-    data: DataSpec = Field(default_factory=DataSpec)
-    train_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    baseline: str = "vanilla"
-    reference: str | None = "reference"
-    default: str | None = Field(None, description="the shipped recipe (`train --bias site` defaults, `make run`)")
-    n_boot: int = Field(200, ge=0, description="bootstrap resamples of each cell's report")
-    set: list[str] = Field(default_factory=list, description="config overrides of every recipe")
-    recipes: dict[str, RecipeSpec]
-
-    @model_validator(mode="after")
-    def _check(self) -> BenchmarkSpec:
-        for name, r in self.recipes.items():
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"recipe name {name!r}: letters, digits, '_' or '-' only")
-            if r.from_ is not None and (r.from_ not in self.recipes or self.recipes[r.from_].from_ is not None):
-                raise ValueError(f"recipes.{name}.from: {r.from_!r} is not a trained recipe of this spec")
-            if r.data == "reference" and self.data.manifest is not None and self.data.reference_manifest is None:
-                raise ValueError(f"recipes.{name}: data 'reference' with a manifest needs data.reference_manifest")
-        for key in ("baseline", "reference", "default"):
-            name = getattr(self, key)
-            if name is not None and name not in self.recipes:
-                raise ValueError(f"{key}: {name!r} is not a recipe of this spec")
-        return self
-
-    def config_path(self) -> Path:
-        p = Path(self.config)
-        return p if p.is_absolute() or p.exists() else CONFIGS_DIR / p
-
-
-def _problems(exc: ValidationError, prefix: str = "") -> str:
-    """One line of a validation error: ``field: what is wrong`` per problem, unknown keys as
-    "unknown option" (as in training configs)."""
-    parts = []
-    for e in exc.errors():
-        loc = prefix + ".".join(map(str, e["loc"]))
-        msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
-def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
-    """The spec at ``path`` (default :data:`DEFAULT_SPEC`) with ``changes`` (``None`` = keep):
-    ``data_seeds``, ``train_seeds``, ``recipes`` (names to keep, in that order), ``manifest``, ``set``."""
-    path = Path(path) if path is not None else DEFAULT_SPEC
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the benchmark spec ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of benchmark options")
-    if changes.get("data_seeds") is not None:
-        tree.setdefault("data", {})["seeds"] = list(changes["data_seeds"])
-    if changes.get("train_seeds") is not None:
-        tree["train_seeds"] = list(changes["train_seeds"])
-    if changes.get("manifest") is not None:
-        tree.setdefault("data", {})["manifest"] = str(changes["manifest"])
-        tree["data"].pop("synth", None)
-        tree["reference"] = tree.get("reference", "reference") if tree["data"].get("reference_manifest") else None
-        if tree["reference"] is None:
-            tree["recipes"] = {k: v for k, v in tree.get("recipes", {}).items() if (v or {}).get("data") != "reference"}
-    if changes.get("set"):
-        tree["set"] = [*tree.get("set", []), *changes["set"]]
-    if changes.get("recipes"):
-        known = tree.get("recipes", {})
-        unknown = [r for r in changes["recipes"] if r not in known]
-        if unknown:
-            raise ConfigError(f"--recipes: {', '.join(unknown)} not in {path} (known: {', '.join(known)})")
-        keep = list(dict.fromkeys(changes["recipes"]))
-        for need in (tree.get("baseline", "vanilla"), tree.get("reference", "reference")):
-            if need and need in known and need not in keep:
-                keep.insert(0, need)
-        for r in list(keep):
-            src = (known[r] or {}).get("from")
-            if src and src not in keep:
-                keep.insert(0, src)
-        tree["recipes"] = {k: known[k] for k in keep}
-    try:
-        return BenchmarkSpec.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {_problems(exc)}") from None
 
 
 @dataclass(frozen=True)
@@ -210,7 +101,7 @@ def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
             try:
                 cfg = SynthConfig(**options)
             except ValidationError as exc:
-                raise ConfigError(f"benchmark spec: {_problems(exc, 'data.synth.')}") from None
+                raise ConfigError(f"benchmark spec: {problems(exc, 'data.synth.')}") from None
             folder = data_paths(spec, out, d)[kind].parent
             written = folder / "synth_config.json"
             if (folder / "manifest.csv").exists() and written.exists():
@@ -276,8 +167,42 @@ def cell_done(spec: BenchmarkSpec, out: Path, cell: Cell) -> bool:
     return results.exists() and report.exists() and report.stat().st_mtime_ns >= results.stat().st_mtime_ns
 
 
-def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, float]:
+class _Children:
+    """The cells' running processes, so that an interrupt reaches them (each checkpoints and
+    stops) and no further process starts."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: list[str], log: TextIO, env: dict[str, str]) -> int:
+        with self.lock:
+            if self.stopping:
+                return INTERRUPTED
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+
+
+INTERRUPTED = 130
+"""Exit status of a cell stopped by an interrupt (as a shell reports SIGINT)."""
+
+
+def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell, children: _Children | None = None) -> tuple[Cell, int, float]:
     """Run (or finish) one cell in subprocesses; its output goes to ``OUT/logs/<cell>.log``."""
+    children = children or _Children()
     t0 = time.perf_counter()
     folder = cell.folder(out)
     cmds = commands(spec, out, cell)
@@ -300,7 +225,7 @@ def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell) -> tuple[Cell, int, fl
         for cmd in cmds:
             fh.write("$ " + " ".join(cmd[2:]) + "\n")
             fh.flush()
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False).returncode
+            rc = children.run(cmd, fh, env)
             if rc != 0:
                 return cell, rc, time.perf_counter() - t0
     return cell, 0, time.perf_counter() - t0
@@ -387,11 +312,20 @@ def run_benchmark(
     posthoc = [c for c in todo if spec.recipes[c.recipe].from_ is not None]
     failed: list[tuple[Cell, int]] = []
     t0, done = time.perf_counter(), 0
+    children = _Children()
     for batch in (trained, posthoc):
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            pending = {pool.submit(_run_cell, spec, out, c): c for c in batch}
+            pending = {pool.submit(_run_cell, spec, out, c, children): c for c in batch}
             while pending:
-                finished, _ = wait(pending, timeout=heartbeat_s, return_when=FIRST_COMPLETED)
+                try:
+                    finished, _ = wait(pending, timeout=heartbeat_s, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:  # stop: the running cells checkpoint, no new one starts
+                    children.stop()
+                    for fut in pending:
+                        fut.cancel()
+                    wait(pending)
+                    console.print(f"interrupted: {done} of {len(todo)} cells finished; run the same command again to resume")
+                    raise
                 if not finished:
                     console.print("running: " + "; ".join(esc(_progress(out, c)) for c in pending.values() if _started(out, c)))
                 for fut in finished:
@@ -405,3 +339,6 @@ def run_benchmark(
                     if rc != 0:
                         failed.append((cell, rc))
     return failed
+
+
+__all__ = ["DEFAULT_SPEC", "BenchmarkSpec", "Cell", "cells", "load_spec", "run_benchmark"]
