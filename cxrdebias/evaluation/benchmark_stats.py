@@ -115,6 +115,6 @@ def gap_closed(
         if ratio.size:
             alpha = (1.0 - level) / 2.0
             out["ci"] = [float(np.quantile(ratio, alpha)), float(np.quantile(ratio, 1.0 - alpha))]
-    if not gap["significant"]:
+    if gap["n"] >= 2 and not gap["significant"]:  # (one cell: no interval at all, nothing to flag)
         out["note"] = "the reference − vanilla gap is not significant: the ratio is not interpretable"
     return out
