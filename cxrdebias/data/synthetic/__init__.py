@@ -36,6 +36,11 @@ coordinates ``u`` (left→right) and ``v`` (top→bottom), both in ``[-1, 1]``:
    text label in site-specific corners, the share of AP (bedside) views, and the DICOM
    encoding (bit depth, MONOCHROME1/2, rescale slope/intercept, window).
 
+Optionally (:attr:`SynthConfig.cue`, off by default) a **local cue** correlated with the *label*
+— a burned-in tag, text or lead marker, or ECG electrodes or a tube — is drawn into a share of
+each label's images (:mod:`.cues`): devices into the attenuation after stage 3, burned-in
+annotations onto the display image after stage 4.
+
 Why a vanilla model takes the shortcut
 --------------------------------------
 The site signature is *global and deterministic*: a frame, text and grey-level curve present in
@@ -56,12 +61,15 @@ Outputs of :func:`synthesize` (in ``out_dir``)
 - ``manifest.csv`` — ``path,label,site,patient_id,view,sex,age,split`` (``path`` relative to the
   manifest; every image of a patient shares its site, label and split),
 - ``synth_config.json`` — the generator config, seed, generator version, resolved site styles,
-  counts and SHA-256 hashes of the manifest and of the pixel data.
+  counts and SHA-256 hashes of the manifest and of the pixel data,
+- ``cues.csv`` — only with a cue: ``path,cue,kind,x0,y0,x1,y1`` per image (cue 0/1 and its box
+  in native pixels, ``x1``/``y1`` exclusive; the manifest keeps its columns).
 
 Everything is a function of ``(config, seed, GENERATOR_VERSION)``: the same inputs give
 byte-identical files. The package does not import torch.
 
-Modules: :mod:`.config` (options, summary, file names), :mod:`.styles` (site styles),
+Modules: :mod:`.config` (options, summary, file names), :mod:`.styles` (site styles), :mod:`.cues`
+(local cues),
 :mod:`.numeric` (float32 helpers), :mod:`.anatomy` (stages 1–3), :mod:`.signature` (stage 4),
 :mod:`.dicom` (encoding and writing one image), :mod:`.writer` (study design,
 :func:`synthesize`, :func:`preview`).

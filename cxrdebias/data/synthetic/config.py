@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal, get_args
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -11,6 +13,16 @@ GENERATOR_VERSION = "1.0.0"
 MANIFEST_NAME = "manifest.csv"
 CONFIG_NAME = "synth_config.json"
 IMAGES_DIR = "images"
+#: ground truth of the local cues (written only when :attr:`SynthConfig.cue` is set)
+CUES_NAME = "cues.csv"
+#: the local shortcut cues :attr:`SynthConfig.cue` can draw (:mod:`.cues`)
+CueKind = Literal["tag", "text", "marker", "electrodes", "tube"]
+CUE_KINDS: tuple[str, ...] = get_args(CueKind)
+#: the options of the cue; recorded in synth_config.json only when a cue is drawn
+CUE_FIELDS = (
+    "cue", "cue_positive_rate", "cue_negative_rate", "cue_test_positive_rate", "cue_test_negative_rate",
+    "cue_size", "cue_jitter",
+)  # fmt: skip
 #: the (min, max) options of :class:`SynthConfig` and the limits they must lie within
 _RANGE_LIMITS = {"images_per_patient": (1, 20), "severity_range": (0, 1)}
 
@@ -98,6 +110,45 @@ class SynthConfig(BaseModel):
         "0 = identical appearance (the DICOM encodings still differ)",
     )
 
+    cue: CueKind | None = Field(
+        None,
+        description="a local shortcut drawn into the images, correlated with the label (not the site): "
+        "tag (a small bright square), text (burned-in 'PORTABLE'), marker (a boxed lead marker 'L'/'R'), "
+        "electrodes (three ECG electrodes on the chest) or tube (a nasogastric tube down the chest); "
+        "None = no cue (the default set). Combine with bias_strength=0 for hospitals uncorrelated with the label",
+    )
+    cue_positive_rate: float = Field(
+        0.95, ge=0.0, le=1.0, description="share of the positive train/val images of each site that carry the cue"
+    )
+    cue_negative_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="share of the negative train/val images of each site that carry the cue"
+    )
+    cue_test_positive_rate: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of the positive test images of each site that carry the cue"
+    )
+    cue_test_negative_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="share of the negative test images of each site that carry the cue (0.5 and 0.5: the cue "
+        "is independent of the label in test, and the four label × cue groups are balanced)",
+    )
+    cue_size: float | None = Field(
+        None,
+        gt=0.0,
+        le=0.5,
+        description="size of the cue as a fraction of the image side: the tag's side, the text's and the "
+        "marker box's height, an electrode's diameter, the tube's width; None = the kind's default "
+        "(docs/cxr.md)",
+    )
+    cue_jitter: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.25,
+        description="largest random offset of the cue from its kind's nominal position, in each direction, "
+        "as a fraction of the image side (0 = always the same place)",
+    )
+
     @field_validator("sites")
     @classmethod
     def _check_sites(cls, v: list[str]) -> list[str]:
@@ -154,6 +205,22 @@ class SynthConfig(BaseModel):
             raise ValueError(f"site name(s) {clash} are reserved for the external sites")
         return self
 
+    @model_validator(mode="after")
+    def _check_cue_options(self) -> SynthConfig:
+        if self.cue is None:
+            unused = [f for f in CUE_FIELDS[1:] if getattr(self, f) != type(self).model_fields[f].default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} given but no cue is drawn: choose a cue kind (cue / --cue)")
+        return self
+
+    def record(self) -> dict[str, Any]:
+        """The options as synth_config.json records them: external_sites only when used and the
+        cue options only when a cue is drawn, so that a default set's file stays as it was."""
+        unused = set() if self.external_sites else {"external_sites"}
+        if self.cue is None:
+            unused |= set(CUE_FIELDS)
+        return self.model_dump(mode="json", exclude=unused or None)
+
     def external_site_names(self) -> list[str]:
         """Names of the :attr:`external_sites` (test-only sites): ``external_1`` … ``external_K``."""
         return [f"external_{k + 1}" for k in range(self.external_sites)]
@@ -180,6 +247,15 @@ class SplitSiteCount(BaseModel):
     prevalence: float
 
 
+class CueCount(BaseModel):
+    """How many images of one (split, label) carry the cue."""
+
+    split: str
+    label: int
+    images: int
+    with_cue: int
+
+
 class SynthSummary(BaseModel):
     """What :func:`synthesize` wrote."""
 
@@ -193,6 +269,8 @@ class SynthSummary(BaseModel):
     images_per_second: float
     manifest_sha256: str
     pixel_sha256: str
+    cues_file: str | None = None
+    cue_counts: list[CueCount] = Field(default_factory=list)
 
     def table(self) -> str:
         """The counts as a small Markdown table."""
@@ -205,6 +283,11 @@ class SynthSummary(BaseModel):
                 f"| {c.split} | {c.site} | {c.patients} | {c.images} | {c.positive_images} "
                 f"| {c.prevalence:.3f} |"
             )
+        if self.cue_counts:
+            lines += ["", "| split | label | images | with the cue | share |", "|---|---:|---:|---:|---:|"]
+            for q in self.cue_counts:
+                share = q.with_cue / q.images if q.images else 0.0
+                lines.append(f"| {q.split} | {q.label} | {q.images} | {q.with_cue} | {share:.3f} |")
         return "\n".join(lines)
 
 

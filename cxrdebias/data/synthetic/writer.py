@@ -26,12 +26,22 @@ from cxrdebias.data.synthetic.anatomy import (
 )
 from cxrdebias.data.synthetic.config import (
     CONFIG_NAME,
+    CUES_NAME,
     GENERATOR_VERSION,
     IMAGES_DIR,
     MANIFEST_NAME,
+    CueCount,
     SplitSiteCount,
     SynthConfig,
     SynthSummary,
+)
+from cxrdebias.data.synthetic.cues import (
+    PHYSICAL,
+    REGION,
+    assign_cues,
+    cue_size_px,
+    draw_cue,
+    draw_rng,
 )
 from cxrdebias.data.synthetic.dicom import encode, write_image
 from cxrdebias.data.synthetic.signature import apply_site
@@ -53,6 +63,10 @@ class _Patient:
 
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+#: the columns of cues.csv: the image (as in the manifest), whether it carries the cue (0/1),
+#: the cue's kind and its box in native pixels (x1, y1 exclusive; empty without the cue)
+CUE_BOX = ("x0", "y0", "x1", "y1")
+CUE_COLUMNS = ("path", "cue", "kind", *CUE_BOX)
 
 
 def _plan(cfg: SynthConfig) -> list[_Patient]:
@@ -100,8 +114,26 @@ def _identify(patients: list[_Patient], rng: np.random.Generator, first: int) ->
         p.age = int(np.clip(np.rint(rng.normal(58, 16)), 18, 95))
 
 
-def _render_patient(cfg: SynthConfig, p: _Patient, style: SiteStyle) -> list[tuple[np.ndarray, str]]:
-    """Display images (``n×n`` float32 in [0, 1]) and view of every image of one patient."""
+def _cue_flags(cfg: SynthConfig, patients: list[_Patient]) -> list[list[bool]]:
+    """Whether each image of each patient carries the cue (all False without a cue)."""
+    if cfg.cue is None:
+        return [[False] * p.n_images for p in patients]
+    pos, neg = cfg.cue_positive_rate, cfg.cue_negative_rate
+    rates = {("train", 1): pos, ("val", 1): pos, ("train", 0): neg, ("val", 0): neg,
+             ("test", 1): cfg.cue_test_positive_rate, ("test", 0): cfg.cue_test_negative_rate}  # fmt: skip
+    images = [(p.site, p.split, p.label) for p in patients for _ in range(p.n_images)]
+    flat = iter(assign_cues(cfg.seed, images, rates).tolist())
+    return [[next(flat) for _ in range(p.n_images)] for p in patients]
+
+
+Box = tuple[int, int, int, int]
+
+
+def _render_patient(
+    cfg: SynthConfig, p: _Patient, style: SiteStyle, cues: list[bool] | None = None
+) -> list[tuple[np.ndarray, str, Box | None]]:
+    """Display images (``n×n`` float32 in [0, 1]), view and cue box (None: no cue) of every
+    image of one patient; ``cues[k]``: whether image ``k`` carries :attr:`SynthConfig.cue`."""
     key = [cfg.seed, 1, p.site, _SPLIT_CODE[p.split], p.index]
     prng = np.random.default_rng(key)
     lo, hi = cfg.severity_range
@@ -113,8 +145,15 @@ def _render_patient(cfg: SynthConfig, p: _Patient, style: SiteStyle) -> list[tup
         view = "AP" if irng.random() < style.ap_fraction else "PA"
         pose = sample_pose(irng, ap=view == "AP")
         A = render_attenuation(anatomy, pose, cfg.image_size)
+        cue = None
+        if cues and cues[k] and cfg.cue is not None:
+            cue = draw_cue(cfg.cue, cfg.image_size, cfg.cue_size, cfg.cue_jitter, draw_rng(cfg.seed, p.site, p.split, p.index, k))
+            if cue.physical:
+                cue.add_to_attenuation(A)  # a device: seen through the site's processing
         d = apply_site(detector(A, pose), style, cfg.site_style_strength, cfg.all_sites()[p.site], view, irng)
-        out.append((d, view))
+        if cue is not None and not cue.physical:
+            cue.stamp(d)  # burned in after the site's processing, like its own marker and label
+        out.append((d, view, None if cue is None else cue.box))
     return out
 
 
@@ -149,7 +188,7 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
                 f"{out_dir} has an '{IMAGES_DIR}' folder but no {CONFIG_NAME}: it does not look "
                 "like a synthetic data set, refusing to delete it even with force=True"
             )
-        for name in (MANIFEST_NAME, CONFIG_NAME):
+        for name in (MANIFEST_NAME, CONFIG_NAME, CUES_NAME):
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,14 +200,17 @@ def _generate(
     patients: list[_Patient],
     styles: list[SiteStyle],
     rows: list[dict],
+    cue_rows: list[dict],
     pixel_hash,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Render, encode and write every image; append manifest rows; hash the pixel data."""
+    """Render, encode and write every image; append manifest rows (and, with a cue, cues.csv
+    rows); hash the pixel data."""
+    flags = _cue_flags(cfg, patients)
     for i, p in enumerate(patients):
         style = styles[p.site]
         site = cfg.all_sites()[p.site]
-        for k, (d, view) in enumerate(_render_patient(cfg, p, style)):
+        for k, (d, view, box) in enumerate(_render_patient(cfg, p, style, flags[i])):
             stored = encode(d, style)
             pixel_hash.update(stored.tobytes())
             rel = f"{IMAGES_DIR}/{site}/{p.patient_id}_{k}.dcm"
@@ -179,6 +221,9 @@ def _generate(
             )  # fmt: skip
             values = (rel, p.label, site, p.patient_id, view, p.sex, p.age, p.split)
             rows.append(dict(zip(MANIFEST.columns, values, strict=True)))  # path, label, …, split
+            if cfg.cue is not None:
+                corners = dict(zip(CUE_BOX, box or ("",) * 4, strict=True))
+                cue_rows.append({"path": rel, "cue": int(box is not None), "kind": cfg.cue, **corners})
         if progress is not None:
             progress(i + 1, len(patients))
 
@@ -193,7 +238,7 @@ def synthesize(
     """Generate the synthetic multi-site chest X-ray set in ``out_dir``.
 
     Writes the DICOM images, ``manifest.csv`` (last, atomically: its presence means the set is
-    complete) and ``synth_config.json``. Refuses a non-empty ``out_dir`` unless ``force`` (which
+    complete), ``synth_config.json`` and, with a cue, ``cues.csv``. Refuses a non-empty ``out_dir`` unless ``force`` (which
     replaces a previous synthetic set there). ``progress(done, total)`` is called per patient.
     """
     cfg = cfg or SynthConfig()
@@ -206,15 +251,12 @@ def synthesize(
         (out / IMAGES_DIR / name).mkdir(parents=True, exist_ok=True)
 
     rows: list[dict] = []
+    cue_rows: list[dict] = []
     pixel_hash = hashlib.sha256()
     with _single_threaded_blas():
-        _generate(cfg, out, patients, styles, rows, pixel_hash, progress)
+        _generate(cfg, out, patients, styles, rows, cue_rows, pixel_hash, progress)
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(MANIFEST.columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    manifest_bytes = buf.getvalue().encode()
+    manifest_bytes = _csv_bytes(rows, MANIFEST.columns)
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
 
     counts = []
@@ -238,8 +280,9 @@ def synthesize(
         "generator_version": GENERATOR_VERSION,
         "package_version": __version__,
         "seed": cfg.seed,
-        # external_sites is recorded only when used: the default set's file stays as it was
-        "config": cfg.model_dump(mode="json", exclude=None if cfg.external_sites else {"external_sites"}),
+        # external_sites and the cue options are recorded only when used: the default set's
+        # file stays as it was
+        "config": cfg.record(),
         "pool_prevalence": cfg.pool_prevalence(),
         "site_styles": {name: asdict(st) for name, st in zip(cfg.all_sites(), styles, strict=True)},
         **({"external_sites": cfg.external_site_names()} if cfg.external_sites else {}),
@@ -249,6 +292,12 @@ def synthesize(
         "manifest_sha256": manifest_sha,
         "pixel_sha256": pixel_hash.hexdigest(),
     }
+    cue_counts: list[CueCount] = []
+    if cfg.cue is not None:
+        cues_bytes = _csv_bytes(cue_rows, CUE_COLUMNS)
+        cue_counts = _cue_counts(rows, cue_rows)
+        record["cues"] = _cue_record(cfg, cue_counts, hashlib.sha256(cues_bytes).hexdigest())
+        write_bytes_atomic(out / CUES_NAME, cues_bytes)
     write_bytes_atomic(out / CONFIG_NAME, (json.dumps(record, indent=2) + "\n").encode())
     write_bytes_atomic(out / MANIFEST_NAME, manifest_bytes)
     seconds = time.perf_counter() - t0
@@ -263,7 +312,45 @@ def synthesize(
         images_per_second=round(len(rows) / max(seconds, 1e-9), 1),
         manifest_sha256=manifest_sha,
         pixel_sha256=pixel_hash.hexdigest(),
+        cues_file=str(out / CUES_NAME) if cfg.cue is not None else None,
+        cue_counts=cue_counts,
     )
+
+
+def _csv_bytes(rows: list[dict], columns) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _cue_counts(rows: list[dict], cue_rows: list[dict]) -> list[CueCount]:
+    """Images and images with the cue per (split, label)."""
+    counts = []
+    for split in MANIFEST.splits:
+        for label in (1, 0):
+            sel = [c for r, c in zip(rows, cue_rows, strict=True) if r[MANIFEST.split] == split and r[MANIFEST.label] == label]
+            if sel:
+                counts.append(CueCount(split=split, label=label, images=len(sel), with_cue=sum(c["cue"] for c in sel)))
+    return counts
+
+
+def _cue_record(cfg: SynthConfig, counts: list[CueCount], sha256: str) -> dict:
+    """The "cues" entry of synth_config.json: what was drawn, where, and how often."""
+    assert cfg.cue is not None
+    return {
+        "kind": cfg.cue,
+        "file": CUES_NAME,
+        "placement": "physical device: added to the attenuation after the anatomy, before the site signature"
+        if cfg.cue in PHYSICAL
+        else "burned in: stamped on the display image after the site signature",
+        "size_px": cue_size_px(cfg.cue, cfg.cue_size, cfg.image_size),
+        "jitter_px": int(round(cfg.cue_jitter * cfg.image_size)),
+        "region": REGION[cfg.cue],
+        "counts": [c.model_dump() for c in counts],
+        "cues_sha256": sha256,
+    }
 
 
 def preview(
@@ -274,7 +361,8 @@ def preview(
     tile: int = 128,
     split: str | None = "test",
 ) -> Path:
-    """Write a contact sheet: one row per (site, label), ``per_group`` images of each.
+    """Write a contact sheet: one row per (site, label), ``per_group`` images of each; in a set
+    with a cue (``cues.csv``), one row per (site, label, cue present or not).
 
     Images come from ``split`` (all splits when ``None`` or when the split has too few), the
     first ones in manifest order, one per patient. Returns the PNG path.
@@ -287,21 +375,31 @@ def preview(
         raise DataError(f"{manifest} not found: run synthesize() first")
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
+    cue_of: dict[str, str] = {}
+    kind = ""
+    if (root / CUES_NAME).is_file():
+        with open(root / CUES_NAME, newline="") as f:
+            cue_rows = list(csv.DictReader(f))
+        cue_of = {r["path"]: r["cue"] for r in cue_rows}
+        kind = cue_rows[0]["kind"] if cue_rows else ""
     m = MANIFEST
     sites = list(dict.fromkeys(r[m.site] for r in rows))
     groups: list[tuple[str, list[dict]]] = []
     for site in sites:
         for label in ("0", "1"):
-            chosen: list[dict] = []
-            seen: set[str] = set()
-            pools = [r for r in rows if split is None or r[m.split] == split] + rows
-            for r in pools:
-                if r[m.site] == site and r[m.label] == label and r[m.patient_id] not in seen:
-                    chosen.append(r)
-                    seen.add(r[m.patient_id])
-                if len(chosen) == per_group:
-                    break
-            groups.append((f"{site} {'COVID+' if label == '1' else 'negative'}", chosen))
+            for cue in ("1", "0") if cue_of else ("",):
+                chosen: list[dict] = []
+                seen: set[str] = set()
+                pools = [r for r in rows if split is None or r[m.split] == split] + rows
+                for r in pools:
+                    if (r[m.site] == site and r[m.label] == label and r[m.patient_id] not in seen
+                            and cue_of.get(r[m.path], "") == cue):  # fmt: skip
+                        chosen.append(r)
+                        seen.add(r[m.patient_id])
+                    if len(chosen) == per_group:
+                        break
+                title = f"{site} {'COVID+' if label == '1' else 'negative'}"
+                groups.append((title + {"": "", "1": f", with {kind}", "0": f", no {kind}"}[cue], chosen))
     font = ImageFont.load_default_imagefont()
     label_w, gap = 16, 4
     sheet = Image.new("L", (label_w + per_group * (tile + gap) + gap, len(groups) * (tile + 16 + gap)), 40)
