@@ -5,12 +5,20 @@ synthetic chest X-rays (``data synth --cue …``) and the class-correlated patch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pydicom
 import pytest
+from PIL import Image
+from pydantic import ValidationError
 
 from cxrdebias.data.biased_mnist import BiasedMNISTConfig, build_biased_mnist
 from cxrdebias.data.synthetic import SynthConfig, synthesize
-from tests.conftest import make_fake_mnist
+from cxrdebias.data.synthetic.config import CUE_KINDS
+from cxrdebias.data.synthetic.cues import PHYSICAL, draw_cue
+from tests.conftest import make_fake_mnist, run_cli
 
 TINY = {"image_size": 48, "n_train_patients_per_site": 6, "n_val_patients_per_site": 4, "n_test_patients_per_site": 4}
 
@@ -60,3 +68,182 @@ def test_default_biased_mnist_is_unchanged(tmp_path):
     root = make_fake_mnist(tmp_path / "m", n_train=60, n_test=30)
     data = build_biased_mnist(BiasedMNISTConfig(root=str(root), rho=0.9), seed=3)
     assert data.data_hash() == "4dc98cc8b3d78a4c6398dd42e208c325c027b54b75f253a3175495b561721afe"
+
+
+# -- the cue of data synth ---------------------------------------------------------------------
+def _cues(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "cues.csv", dtype={"kind": str})
+
+
+def _stored(path: Path) -> np.ndarray:
+    """The stored pixel values of one DICOM image."""
+    return pydicom.dcmread(path).pixel_array.astype(np.int64)
+
+
+def test_cue_off_by_default_and_its_options_need_a_cue():
+    assert SynthConfig().cue is None
+    with pytest.raises(ValidationError, match="cue_positive_rate given but no cue is drawn"):
+        SynthConfig(cue_positive_rate=0.9)
+    with pytest.raises(ValidationError, match="Input should be 'tag', 'text', 'marker', 'electrodes' or 'tube'"):
+        SynthConfig(cue="badge")
+    assert set(CUE_KINDS) == {"tag", "text", "marker", "electrodes", "tube"}
+
+
+def test_same_seed_same_files_with_a_cue(tmp_path):
+    cfg = SynthConfig(seed=3, cue="electrodes", bias_strength=0.0, **TINY)
+    synthesize(tmp_path / "a", cfg)
+    synthesize(tmp_path / "b", cfg)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert Path("cues.csv") in files and len(files) > 40
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_the_cue_changes_only_the_images_that_carry_it(tmp_path):
+    """Its own random streams: the manifest is the same, an image without the cue is byte for byte
+    the image of the set without cues, an image with it differs."""
+    synthesize(tmp_path / "plain", SynthConfig(seed=4, bias_strength=0.0, **TINY))
+    synthesize(tmp_path / "cue", SynthConfig(seed=4, bias_strength=0.0, cue="tag", **TINY))
+    plain = pd.read_csv(tmp_path / "plain" / "manifest.csv", dtype=str)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cue" / "manifest.csv", dtype=str), plain)
+    cues = _cues(tmp_path / "cue")
+    assert list(cues.columns) == ["path", "cue", "kind", "x0", "y0", "x1", "y1"]
+    assert cues["path"].tolist() == plain["path"].tolist() and set(cues["kind"]) == {"tag"}
+    assert cues.loc[cues["cue"] == 0, ["x0", "y0", "x1", "y1"]].isna().all().all()  # no box without the cue
+    for path, cue in zip(cues["path"], cues["cue"], strict=True):
+        same = (tmp_path / "plain" / path).read_bytes() == (tmp_path / "cue" / path).read_bytes()
+        assert same == (cue == 0), path
+    record = json.loads((tmp_path / "cue" / "synth_config.json").read_text())
+    assert record["config"]["cue"] == "tag" and record["config"]["cue_positive_rate"] == 0.95
+    assert record["cues"]["file"] == "cues.csv" and record["cues"]["size_px"] == 3  # 0.06 × 48
+    assert "burned in" in record["cues"]["placement"]
+    assert SynthConfig(**record["config"]) == SynthConfig(seed=4, bias_strength=0.0, cue="tag", **TINY)
+
+
+def test_cue_rates_give_exact_counts_per_site_split_and_label(tmp_path):
+    rates = {"cue_positive_rate": 0.8, "cue_negative_rate": 0.25, "cue_test_positive_rate": 0.3, "cue_test_negative_rate": 0.6}
+    cfg = SynthConfig(seed=5, cue="text", external_sites=1, image_size=32, n_train_patients_per_site=20,
+                      n_val_patients_per_site=10, n_test_patients_per_site=10, **rates)  # fmt: skip
+    summary = synthesize(tmp_path, cfg)
+    m = pd.read_csv(tmp_path / "manifest.csv").merge(_cues(tmp_path), on="path")
+    for (site, split, label), g in m.groupby(["site", "split", "label"]):
+        test = "test_" if split == "test" else ""
+        rate = rates[f"cue_{test}{'positive' if label == 1 else 'negative'}_rate"]
+        assert g["cue"].sum() == int(round(rate * len(g))), (site, split, label)
+    # the summary and synth_config.json count the same, per (split, label)
+    for c in summary.cue_counts:
+        g = m[(m["split"] == c.split) & (m["label"] == c.label)]
+        assert (c.images, c.with_cue) == (len(g), g["cue"].sum())
+    assert json.loads((tmp_path / "synth_config.json").read_text())["cues"]["counts"] == [c.model_dump() for c in summary.cue_counts]
+
+
+def test_issue_example_tag_on_95_percent_of_positives(tmp_path):
+    """The case of issue 23: a tag on 95% of positive and 5% of negative training images,
+    hospitals uncorrelated with the label, the test set balanced in label × tag."""
+    cfg = SynthConfig(seed=6, cue="tag", bias_strength=0.0, image_size=32, n_train_patients_per_site=40,
+                      n_val_patients_per_site=0, n_test_patients_per_site=20)  # fmt: skip
+    synthesize(tmp_path, cfg)
+    m = pd.read_csv(tmp_path / "manifest.csv").merge(_cues(tmp_path), on="path")
+    train, test = m[m["split"] == "train"], m[m["split"] == "test"]
+    share = train.groupby("label")["cue"].mean()
+    assert share[1] == pytest.approx(0.95, abs=0.02) and share[0] == pytest.approx(0.05, abs=0.02)
+    assert train.groupby("site")["label"].mean().to_dict() == pytest.approx({"hospital_a": 0.5, "hospital_b": 0.5}, abs=0.1)
+    groups = test.groupby(["site", "label", "cue"]).size().unstack("label")
+    assert groups.shape == (4, 2) and (groups[0] == groups[1]).all()  # per site and tag: as many positives as negatives
+    assert (groups.groupby("site").max() - groups.groupby("site").min()).max().max() <= 1  # about half tagged (rounding)
+
+
+@pytest.mark.parametrize("kind", CUE_KINDS)
+def test_each_cue_lies_inside_its_box(tmp_path, kind):
+    """Against the same images without the cue: a burned-in cue changes pixels inside its box
+    only; a device also changes the neighbourhood that the site's edge enhancement reaches (3σ,
+    σ = 4 px at 256 px). Without the site's own annotations (site_style_strength 0; at 64 px its
+    marker covers a third of the image), the box is tight: the cue reaches each of its edges."""
+    n = 64
+    every = {"cue_positive_rate": 1.0, "cue_negative_rate": 1.0, "cue_test_positive_rate": 1.0, "cue_test_negative_rate": 1.0}
+    base = {"image_size": n, "n_train_patients_per_site": 3, "n_val_patients_per_site": 0, "n_test_patients_per_site": 2}
+    reach = int(np.ceil(3 * 4 * n / 256)) + 1 if kind in PHYSICAL else 0
+    for strength in (1.0, 0.0):
+        plain, cued = tmp_path / f"plain{strength}", tmp_path / f"cue{strength}"
+        synthesize(plain, SynthConfig(seed=9, site_style_strength=strength, **base))
+        synthesize(cued, SynthConfig(seed=9, site_style_strength=strength, cue=kind, **base, **every))
+        cues = _cues(cued)
+        assert (cues["cue"] == 1).all() and len(cues) >= 10
+        for r in cues.itertuples():
+            diff = _stored(cued / r.path) != _stored(plain / r.path)
+            x0, y0, x1, y1 = int(r.x0), int(r.y0), int(r.x1), int(r.y1)
+            assert 0 <= x0 < x1 <= n and 0 <= y0 < y1 <= n
+            inside = np.zeros_like(diff)
+            inside[max(y0 - reach, 0) : y1 + reach, max(x0 - reach, 0) : x1 + reach] = True
+            assert diff[y0:y1, x0:x1].any() and not (diff & ~inside).any(), r.path
+            if strength == 0.0 and kind not in PHYSICAL:
+                rows, cols = np.flatnonzero(diff.any(1)), np.flatnonzero(diff.any(0))
+                assert (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) == (x0, y0, x1, y1), r.path
+
+
+@pytest.mark.parametrize("kind", CUE_KINDS)
+def test_drawn_cue_mask_fills_its_box(kind):
+    cue = draw_cue(kind, 128, None, 0.05, np.random.default_rng(0))
+    x0, y0, x1, y1 = cue.box
+    assert cue.mask[y0:y1, x0:x1].sum() == pytest.approx(cue.mask.sum())
+    assert cue.mask[y0, x0:x1].any() and cue.mask[y1 - 1, x0:x1].any()
+    assert cue.mask[y0:y1, x0].any() and cue.mask[y0:y1, x1 - 1].any()
+    assert cue.physical == (kind in {"electrodes", "tube"})
+
+
+def test_jitter_moves_the_cue_within_its_range(tmp_path):
+    n, jitter = 64, 0.1
+    sizes = {"image_size": n, "n_train_patients_per_site": 10, "n_val_patients_per_site": 0, "n_test_patients_per_site": 10}
+    synthesize(tmp_path / "j", SynthConfig(seed=2, cue="tag", cue_jitter=jitter, cue_size=0.1, **sizes))
+    synthesize(tmp_path / "fixed", SynthConfig(seed=2, cue="tag", cue_jitter=0.0, cue_size=0.1, **sizes))
+    moved = _cues(tmp_path / "j").dropna()
+    fixed = _cues(tmp_path / "fixed").dropna()
+    assert len(fixed[["x0", "y0"]].drop_duplicates()) == 1 and len(fixed) > 5
+    assert len(moved[["x0", "y0"]].drop_duplicates()) > 5
+    # tag: 6 px square centred at (0.70, 0.16)·64 → top-left (42, 7) without jitter, ±6 px with it
+    assert fixed[["x0", "y0", "x1", "y1"]].iloc[0].tolist() == [42, 7, 48, 13]
+    assert moved["x0"].between(36, 48).all() and moved["y0"].between(1, 13).all()
+    assert (moved["x1"] - moved["x0"] == 6).all() and (moved["y1"] - moved["y0"] == 6).all()
+
+
+def test_force_without_a_cue_removes_the_old_cues_file(tmp_path):
+    synthesize(tmp_path, SynthConfig(seed=1, cue="tube", **TINY))
+    assert (tmp_path / "cues.csv").is_file()
+    synthesize(tmp_path, SynthConfig(seed=1, **TINY), force=True)
+    assert not (tmp_path / "cues.csv").exists()
+
+
+def test_data_synth_cue_options_and_preview(tmp_path, monkeypatch, capsys):
+    args = ["data", "synth", "--out", tmp_path / "d", "--image-size", 32, "--train-patients", 8, "--val-patients", 0,
+            "--test-patients", 4, "--bias-strength", 0, "--cue", "marker", "--cue-positive-rate", 1, "--cue-negative-rate", 0,
+            "--cue-size", 0.25, "--preview", tmp_path / "p.png"]  # fmt: skip
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "cues.csv" in err and "with the cue" in out
+    m = pd.read_csv(tmp_path / "d" / "manifest.csv").merge(_cues(tmp_path / "d"), on="path")
+    train = m[m["split"] == "train"]
+    assert (train["cue"] == train["label"]).all()
+    assert (m["y1"] - m["y0"]).dropna().eq(8).all()  # 0.25 × 32
+    record = json.loads((tmp_path / "d" / "synth_config.json").read_text())
+    assert record["config"]["cue"] == "marker" and record["config"]["cue_size"] == 0.25
+    # the contact sheet: 2 sites × 2 labels × (with, without the marker) rows of 128 + 20 px
+    assert Image.open(tmp_path / "p.png").size[1] == 8 * (128 + 20)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--cue", "badge"], "--cue: Input should be 'tag', 'text', 'marker', 'electrodes' or 'tube'"),
+        (["--cue", "tag", "--cue-positive-rate", 1.5], "--cue-positive-rate: Input should be less than or equal to 1"),
+        (["--cue", "tag", "--cue-negative-rate", -0.1], "--cue-negative-rate: Input should be greater than or equal to 0"),
+        (["--cue", "tag", "--cue-test-positive-rate", 2], "--cue-test-positive-rate: Input should be less than or equal to 1"),
+        (["--cue", "tag", "--cue-test-negative-rate", -1], "--cue-test-negative-rate: Input should be greater than or equal to 0"),
+        (["--cue", "tag", "--cue-size", 0], "--cue-size: Input should be greater than 0"),
+        (["--cue-positive-rate", 0.5], "cue_positive_rate given but no cue is drawn"),
+    ],
+)
+def test_data_synth_refuses_bad_cue_options_in_one_line(tmp_path, monkeypatch, capsys, extra, expected):
+    code, _, err = run_cli(["data", "synth", "--out", tmp_path / "d", *extra], monkeypatch, capsys)
+    assert code != 0 and expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
