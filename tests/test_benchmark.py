@@ -4,6 +4,7 @@ hand-built cells, and one tiny end-to-end run of the command (subprocess per cel
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -458,6 +459,23 @@ def test_build_table_refuses_dirty_cells_unless_allowed(tmp_path):
     assert not (tmp_path / "out" / "benchmark.json").exists()
     table = build_table(spec, tmp_path / "out", allow_dirty=True)
     assert table["summary"]["dirty"] is True and "0123456789 (dirty)" in table["markdown"]
+
+
+@pytest.mark.parametrize("synth", [{}, {"external_sites": 1}, {"cue": "tag", "bias_strength": 0.0}])
+def test_prepare_data_reuses_the_sets_it_wrote(tmp_path, synth):
+    """A rerun finds the synthetic sets its options wrote (synth_config.json records only the
+    options in use: no external_sites without external sites, no cue options without a cue)."""
+    from rich.console import Console
+
+    tiny = {"image_size": 32, "n_train_patients_per_site": 2, "n_val_patients_per_site": 0, "n_test_patients_per_site": 2}
+    spec = load_spec(write_spec(tmp_path, {**SPEC, "data": {"seeds": [0], "synth": {**tiny, **synth}}}))
+    console = Console(file=io.StringIO())
+    bm.prepare_data(spec, tmp_path / "out", console)
+    manifest = tmp_path / "out" / "data" / "seed0" / "biased" / "manifest.csv"
+    written = manifest.stat().st_mtime_ns
+    bm.prepare_data(spec, tmp_path / "out", console)  # nothing to write, nothing refused
+    assert manifest.stat().st_mtime_ns == written
+    assert console.file.getvalue().count("writing the") == 2  # biased + reference, once
 
 
 # -- end to end ----------------------------------------------------------------------------------

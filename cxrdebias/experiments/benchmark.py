@@ -34,7 +34,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -44,6 +44,9 @@ from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.experiments.benchmark_spec import DEFAULT_SPEC, BenchmarkSpec, load_spec, problems
 from cxrdebias.fileio import write_json_atomic
 from cxrdebias.training.provenance import code_version
+
+if TYPE_CHECKING:
+    from cxrdebias.data.synthetic import SynthConfig
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 """The cxrdebias package this process runs; the cells' processes must run the same one."""
@@ -105,11 +108,22 @@ def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
             folder = data_paths(spec, out, d)[kind].parent
             written = folder / "synth_config.json"
             if (folder / "manifest.csv").exists() and written.exists():
-                if json.loads(written.read_text(encoding="utf-8")).get("config") == cfg.model_dump(mode="json"):
+                if _written_synth(written) == cfg:
                     continue
                 raise DataError(f"{folder}: holds a synthetic set with other options than this benchmark's; use another --out")
             console.print(f"data seed {d}: writing the {kind} synthetic set → {esc(folder)}")
             synthesize(folder, cfg, force=folder.exists())
+
+
+def _written_synth(path: Path) -> SynthConfig | None:
+    """The options a synth_config.json was written with, re-validated (it records only the
+    options in use, e.g. no cue options without a cue); None when they are not valid options."""
+    from cxrdebias.data.synthetic import SynthConfig
+
+    try:
+        return SynthConfig(**json.loads(path.read_text(encoding="utf-8")).get("config", {}))
+    except (ValidationError, TypeError, ValueError):
+        return None
 
 
 def _cli() -> list[str]:
