@@ -11,14 +11,25 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from cxrdebias.data.biased_mnist import BiasedMNISTConfig, build_biased_mnist
+from cxrdebias.data.biased_mnist import (
+    COLOURS,
+    PATCH_POSITION_NAMES,
+    BiasedMNISTConfig,
+    assign_colours,
+    build_biased_mnist,
+    patch_anchors,
+    patch_images,
+)
 from cxrdebias.data.synthetic import SynthConfig, synthesize
 from cxrdebias.data.synthetic.config import CUE_KINDS
 from cxrdebias.data.synthetic.cues import PHYSICAL, draw_cue
-from tests.conftest import make_fake_mnist, run_cli
+from cxrdebias.experiments import registry
+from cxrdebias.experiments.config import load_config
+from tests.conftest import REPO, make_fake_mnist, run_cli
 
 TINY = {"image_size": 48, "n_train_patients_per_site": 6, "n_val_patients_per_site": 4, "n_test_patients_per_site": 4}
 
@@ -247,3 +258,79 @@ def test_data_synth_refuses_bad_cue_options_in_one_line(tmp_path, monkeypatch, c
     assert code != 0 and expected in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+# -- Biased MNIST: the class-correlated patch ----------------------------------------------------
+def test_patch_anchors_lie_in_the_margin_around_the_digit():
+    assert patch_anchors(28, 28, 4).tolist() == [
+        [0, 0], [0, 8], [0, 16], [0, 24], [24, 0], [24, 8], [24, 16], [24, 24], [12, 0], [12, 24],
+    ]  # fmt: skip
+    assert len(PATCH_POSITION_NAMES) == 10
+
+
+def test_patch_position_marks_the_bias_label_on_black():
+    digits = torch.zeros(10, 28, 28, dtype=torch.uint8)
+    digits[:, 10:18, 12:16] = 90  # the digit: any non-zero pixel becomes white
+    img = patch_images(digits, torch.arange(10), by="position", size=4, jitter=0, seed=0)
+    assert img.shape == (10, 3, 28, 28) and img.dtype == torch.uint8
+    for b, (y, x) in enumerate(patch_anchors(28, 28, 4).tolist()):
+        white = (img[b] == 255).all(0)
+        expected = torch.zeros(28, 28, dtype=torch.bool)
+        expected[10:18, 12:16] = True
+        expected[y : y + 4, x : x + 4] = True
+        assert torch.equal(white, expected), b
+        assert (img[b][:, ~white] == 0).all()  # the background stays black
+
+
+def test_patch_colour_is_the_bias_colour_near_the_top_left_corner():
+    digits = torch.zeros(10, 28, 28, dtype=torch.uint8)
+    img = patch_images(digits, torch.arange(10), by="colour", size=3, jitter=0, seed=0)
+    for b in range(10):
+        assert img[b, :, 0:3, 0:3].reshape(3, -1).T.tolist() == [list(COLOURS[b])] * 9
+        assert (img[b, :, 3:, :] == 0).all() and (img[b, :, :, 3:] == 0).all()
+
+
+def test_patch_jitter_moves_the_patch_by_at_most_its_range():
+    digits = torch.zeros(200, 28, 28, dtype=torch.uint8)
+    biases = torch.full((200,), 9)  # the right edge's middle: anchor (12, 24)
+    img = patch_images(digits, biases, by="position", size=4, jitter=2, seed=1)
+    corners = set()
+    for im in img:
+        rows, cols = torch.nonzero((im == 255).all(0), as_tuple=True)
+        assert rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3  # a 4×4 square
+        corners.add((int(rows.min()), int(cols.min())))
+    assert {y for y, _ in corners} == set(range(10, 15))  # 12 ± 2
+    assert {x for _, x in corners} == {22, 23, 24}  # 24 − 2 … 24 (kept inside the image)
+    same = patch_images(digits, biases, by="position", size=4, jitter=2, seed=1)
+    assert torch.equal(img, same)
+
+
+def test_biased_mnist_patch_follows_rho_and_the_bias_label(tmp_path):
+    root = make_fake_mnist(tmp_path / "m", n_train=200, n_test=100)
+    cfg = BiasedMNISTConfig(root=str(root), rho=0.9, bias_kind="patch", patch_jitter=0)
+    data = build_biased_mnist(cfg, seed=3)
+    anchors = patch_anchors(28, 28, 4).tolist()
+    for split, rho, seed in ((data.train, 0.9, 3), (data.test_biased, 1.0, 6), (data.test_unbiased, 0.1, 7)):
+        assert torch.equal(split.biases, assign_colours(split.targets, rho, seed))  # the same ρ mechanics
+        assert split.bias_names == PATCH_POSITION_NAMES
+        for image, b in zip(split.images, split.biases.tolist(), strict=True):
+            assert set(image.unique().tolist()) <= {-1.0, 1.0}  # black and white only
+            full = [k for k, (y, x) in enumerate(anchors) if (image[:, y : y + 4, x : x + 4] == 1).all()]
+            assert full == [b]
+    per_class = [(data.train.biases[data.train.targets == c] == c).sum().item() for c in range(10)]
+    assert per_class == [int(0.9 * (data.train.targets == c).sum().item()) for c in range(10)]
+    assert data.train.info["bias_kind"] == "patch"
+
+
+def test_biased_mnist_colour_is_the_default_and_patch_options_need_a_patch(tmp_path):
+    root = make_fake_mnist(tmp_path / "m", n_train=60, n_test=30)
+    explicit = build_biased_mnist(BiasedMNISTConfig(root=str(root), rho=0.9, bias_kind="colour"), seed=3)
+    assert explicit.data_hash() == build_biased_mnist(BiasedMNISTConfig(root=str(root), rho=0.9), seed=3).data_hash()
+    with pytest.raises(ValidationError, match="patch_size given but bias_kind is colour"):
+        BiasedMNISTConfig(patch_size=3)
+    with pytest.raises(ValidationError, match="bias_kind"):
+        BiasedMNISTConfig(bias_kind="texture")
+    cfg = load_config(REPO / "configs/biased_mnist/rho0.997.yaml", ["data.bias_kind=patch", "data.patch_by=colour"])
+    assert (cfg.data.bias_kind, cfg.data.patch_by) == ("patch", "colour")
+    assert registry.get("biased_mnist").run_tag(cfg) == "biased-mnist-rho0.997-patch"
+    assert registry.get("biased_mnist").run_tag(load_config(REPO / "configs/biased_mnist/rho0.997.yaml")) == "biased-mnist-rho0.997"

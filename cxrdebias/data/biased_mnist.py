@@ -6,6 +6,14 @@ training set, digit class ``c`` gets colour ``c`` with correlation ``ρ``: per c
 evenly over the other nine colours. ``ρ = 1.0`` gives the fully *biased* test set; ``ρ = 0.1``
 gives the *unbiased* one (every colour equally likely for every digit).
 
+**Patch variant** (``bias_kind: patch``, the local-shortcut benchmark of issue 23): the digit
+stays white on a *black* background and the bias label ``b`` (the same ρ mechanics,
+:func:`assign_colours`) decides a small square *patch*: with ``patch_by: position`` (default) a
+white patch at anchor ``b`` of :func:`patch_anchors` (ten places in the empty margin around the
+digit: four along the top edge, four along the bottom edge, the middle of the left and of the
+right edge); with ``patch_by: colour`` a patch of colour ``b`` near the top-left corner. Each
+image moves its patch by up to ``patch_jitter`` pixels in each direction (kept inside the image).
+
 Sources (never downloaded):
 
 - the standard torchvision layout: ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
@@ -25,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxrdebias.data.base import TensorSamples
 from cxrdebias.errors import DataError
@@ -45,6 +53,11 @@ COLOURS: tuple[tuple[int, int, int], ...] = (
     (128, 128, 128),
 )
 COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "pink", "purple", "grey"]
+#: the places of the patch of bias labels 0…9 (``patch_by: position``), see :func:`patch_anchors`
+PATCH_POSITION_NAMES = [
+    "top-left", "top-centre-left", "top-centre-right", "top-right",
+    "bottom-left", "bottom-centre-left", "bottom-centre-right", "bottom-right", "left", "right",
+]  # fmt: skip
 NUM_CLASSES = 10
 #: rho of the unbiased test set (every colour equally likely)
 UNBIASED_RHO = 0.1
@@ -72,6 +85,29 @@ class BiasedMNISTConfig(BaseModel):
     )
     limit_train: int | None = Field(None, ge=1, description="use only the first N training digits (tests)")
     limit_test: int | None = Field(None, ge=1, description="use only the first N test digits (tests)")
+    bias_kind: Literal["colour", "patch"] = Field(
+        "colour",
+        description="colour: the published protocol (background colour = bias label); patch: a small "
+        "square patch whose place (or colour, patch_by) is the bias label, on a black background",
+    )
+    patch_by: Literal["position", "colour"] = Field(
+        "position", description="what the bias label decides with bias_kind=patch: the patch's place or its colour"
+    )
+    patch_size: int = Field(4, ge=1, le=9, description="side of the patch in pixels (bias_kind=patch)")
+    patch_jitter: int = Field(
+        1, ge=0, le=4, description="largest random offset of the patch per direction, in pixels (bias_kind=patch)"
+    )
+
+    @model_validator(mode="after")
+    def _check_patch_options(self) -> BiasedMNISTConfig:
+        if self.bias_kind == "colour":
+            unused = [f for f in _PATCH_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} given but bias_kind is colour: set data.bias_kind=patch")
+        return self
+
+
+_PATCH_FIELDS = ("patch_by", "patch_size", "patch_jitter")
 
 
 # -- IDX reading ----------------------------------------------------------------------------
@@ -187,18 +223,65 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0).sub_(0.5).div_(0.5)
 
 
+def patch_anchors(height: int, width: int, size: int) -> np.ndarray:
+    """Top-left corners ``(row, col)`` of the patch of bias labels 0…9 (``patch_by: position``),
+    ``10×2``: four evenly spaced along the top edge, the same four along the bottom edge, then the
+    middle of the left and of the right edge (:data:`PATCH_POSITION_NAMES`)."""
+    cols = [int(round(k * (width - size) / 3)) for k in range(4)]
+    mid = int(round((height - size) / 2))
+    corners = [(0, c) for c in cols] + [(height - size, c) for c in cols] + [(mid, 0), (mid, width - size)]
+    return np.array(corners, dtype=np.int64)
+
+
+def patch_images(
+    digits: torch.Tensor, biases: torch.Tensor, *, by: str, size: int, jitter: int, seed: int
+) -> torch.Tensor:
+    """``N×28×28`` uint8 digits + bias labels → ``N×3×28×28`` uint8 RGB images: white digit on
+    black, plus a ``size``-pixel square patch (white at anchor ``b`` with ``by="position"``, colour
+    ``b`` at the top-left anchor with ``by="colour"``), moved by up to ``jitter`` pixels per
+    direction (seeded by ``[seed, 23]``) and kept inside the image; it covers the digit there."""
+    n, h, w = digits.shape
+    b = biases.numpy()
+    anchors = patch_anchors(h, w, size)
+    corner = anchors[b] if by == "position" else np.repeat(anchors[:1], n, axis=0)
+    offset = np.random.default_rng([seed, 23]).integers(-jitter, jitter + 1, size=(n, 2))
+    yx = torch.from_numpy(np.clip(corner + offset, 0, [h - size, w - size]))
+    rows, cols = torch.arange(h), torch.arange(w)
+    in_rows = (rows >= yx[:, :1]) & (rows < yx[:, :1] + size)  # N×H
+    in_cols = (cols >= yx[:, 1:]) & (cols < yx[:, 1:] + size)  # N×W
+    patch = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # N×1×H×W
+    palette = torch.tensor(COLOURS, dtype=torch.uint8)
+    colour = palette[biases] if by == "colour" else torch.full((n, 3), 255, dtype=torch.uint8)
+    digit = ((digits != 0).to(torch.uint8) * 255).unsqueeze(1).expand(-1, 3, -1, -1)
+    return torch.where(patch, colour.view(n, 3, 1, 1), digit)
+
+
 def make_split(
-    digits: torch.Tensor, labels: torch.Tensor, rho: float, seed: int, name: str
+    digits: torch.Tensor,
+    labels: torch.Tensor,
+    rho: float,
+    seed: int,
+    name: str,
+    cfg: BiasedMNISTConfig | None = None,
 ) -> TensorSamples:
+    """One split: bias labels at correlation ``rho`` (:func:`assign_colours`), drawn as the
+    background colour or, with ``cfg.bias_kind == "patch"``, as a patch."""
     colours = assign_colours(labels, rho, seed)
+    info: dict[str, object] = {"rho": rho, "seed": seed}
+    if cfg is not None and cfg.bias_kind == "patch":
+        images = patch_images(digits, colours, by=cfg.patch_by, size=cfg.patch_size, jitter=cfg.patch_jitter, seed=seed)
+        names = PATCH_POSITION_NAMES if cfg.patch_by == "position" else COLOUR_NAMES
+        info |= {"bias_kind": "patch", "patch_by": cfg.patch_by}
+    else:
+        images, names = colourise(digits, colours), COLOUR_NAMES
     return TensorSamples(
-        images=to_float(colourise(digits, colours)),
+        images=to_float(images),
         targets=labels,
         biases=colours,
         name=name,
-        bias_names=COLOUR_NAMES,
+        bias_names=names,
         class_names=[str(i) for i in range(NUM_CLASSES)],
-        info={"rho": rho, "seed": seed},
+        info=info,
     )
 
 
@@ -236,18 +319,18 @@ def build_biased_mnist(cfg: BiasedMNISTConfig, seed: int) -> BiasedMNIST:
     if cfg.limit_test:
         test_digits, test_labels = test_digits[: cfg.limit_test], test_labels[: cfg.limit_test]
     files = train_files + test_files
-    train = make_split(train_digits, train_labels, rho, seed, "train")
+    train = make_split(train_digits, train_labels, rho, seed, "train", cfg)
     val = None
     if cfg.val_fraction > 0:
         g = torch.Generator().manual_seed(seed + 1)
         n_val = int(cfg.val_fraction * len(train_labels))
         idx = torch.randperm(len(train_labels), generator=g)[:n_val].sort().values
-        val = make_split(train_digits[idx], train_labels[idx], UNBIASED_RHO, seed + 2, "val")
+        val = make_split(train_digits[idx], train_labels[idx], UNBIASED_RHO, seed + 2, "val", cfg)
     return BiasedMNIST(
         train=train,
         val=val,
-        test_biased=make_split(test_digits, test_labels, 1.0, seed + 3, "test_biased"),
-        test_unbiased=make_split(test_digits, test_labels, UNBIASED_RHO, seed + 4, "test_unbiased"),
+        test_biased=make_split(test_digits, test_labels, 1.0, seed + 3, "test_biased", cfg),
+        test_unbiased=make_split(test_digits, test_labels, UNBIASED_RHO, seed + 4, "test_unbiased", cfg),
         source_sha256=sha256_files(files),
         source_files=[str(p) for p in files],
     )

@@ -3,7 +3,8 @@
 Train at colour–digit correlation ρ; validation = a ρ=0.1 re-colouring of 30% of the training
 digits; tests: biased (ρ=1) and unbiased (ρ=0.1) colourings of the MNIST test digits
 (:mod:`cxrdebias.data.biased_mnist`). Reports the biased/unbiased test accuracy of the last (or
-best-validation) epoch.
+best-validation) epoch. With ``data.bias_kind: patch`` the bias label is a small patch instead
+of the background colour (the local-shortcut variant; run tag ``…-patch``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from cxrdebias.experiments.registry import Protocol, protocol
 EVAL_BATCH = 1000
 
 
-@protocol("biased_mnist", BiasedMNISTConfig, run_tag=lambda cfg: f"biased-mnist-rho{cfg.data.rho}", command="cxrdebias reproduce biased-mnist")
+def _run_tag(cfg: Any) -> str:
+    return f"biased-mnist-rho{cfg.data.rho}" + ("-patch" if cfg.data.bias_kind == "patch" else "")
+
+
+@protocol("biased_mnist", BiasedMNISTConfig, run_tag=_run_tag, command="cxrdebias reproduce biased-mnist")
 def build(cfg: Any, method: Any = None, run: Any = None, console: Any = None) -> Protocol:
     data = build_biased_mnist(cfg.data, cfg.seed)
+    patch = cfg.data.bias_kind == "patch"
 
     def summarise(tests: dict[str, dict[str, Any]], last: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -34,7 +40,7 @@ def build(cfg: Any, method: Any = None, run: Any = None, console: Any = None) ->
     return accuracy_protocol(
         cfg,
         experiment="biased_mnist",
-        title=f"[bold]Biased MNIST[/] ρ={cfg.data.rho}",
+        title=f"[bold]Biased MNIST[/] ρ={cfg.data.rho}" + (f" (patch by {cfg.data.patch_by})" if patch else ""),
         train=data.train,
         val=data.val,
         tests={"biased": data.test_biased, "unbiased": data.test_unbiased},
@@ -45,6 +51,6 @@ def build(cfg: Any, method: Any = None, run: Any = None, console: Any = None) ->
         val_metrics=("accuracy", "conflicting_accuracy"),
         summarise=summarise,
         headline=("biased_accuracy", "unbiased_accuracy"),
-        params={"rho": cfg.data.rho},
+        params={"rho": cfg.data.rho, **({"bias_kind": "patch", "patch_by": cfg.data.patch_by} if patch else {})},
     )
 
