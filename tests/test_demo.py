@@ -21,3 +21,25 @@ def test_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     assert text.startswith("# cxrdebias demo")
     assert "gap closed" in text and "Site probe per layer" in text and "Paired differences" in text
     assert "external_1" in text  # the external hospital is evaluated
+
+
+def test_demo_spec_records_the_generator_options_as_before(tmp_path, monkeypatch):
+    """The demo's spec.json lists the generator options as it always did (the cue options only
+    when a cue is drawn), so a demo folder written before they existed can be rerun."""
+    from cxrdebias.experiments import demo
+
+    seen = {}
+
+    def stop(spec, out, **kwargs):
+        seen["synth"] = spec.data.synth
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_benchmark", stop)
+    for synth, cue_keys in ((SynthConfig(external_sites=1), False), (SynthConfig(cue="tube", bias_strength=0.0), True)):
+        try:
+            run_demo(tmp_path / "demo", synth=synth)
+        except KeyboardInterrupt:
+            pass
+        assert ("cue" in seen["synth"]) == cue_keys
+        assert "external_sites" in seen["synth"] and "seed" not in seen["synth"]
+        assert SynthConfig(**seen["synth"]) == synth

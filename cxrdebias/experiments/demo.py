@@ -25,6 +25,7 @@ from rich.console import Console
 
 from cxrdebias.console import esc, make_console
 from cxrdebias.data.synthetic import SynthConfig
+from cxrdebias.data.synthetic.config import CUE_FIELDS
 from cxrdebias.errors import ConfigError
 from cxrdebias.experiments.benchmark import DEFAULT_SPEC, Cell, load_spec, run_benchmark
 from cxrdebias.experiments.benchmark_table import build_table
@@ -61,8 +62,10 @@ def run_demo(
     names = [full.baseline, full.reference, full.default]
     the_spec = load_spec(spec, data_seeds=[DATA_SEED], train_seeds=[TRAIN_SEED], recipes=names, set=overrides)
     if synth is not None:
+        unused = CUE_FIELDS if synth.cue is None else ()
         the_spec = the_spec.model_copy(
-            update={"data": the_spec.data.model_copy(update={"synth": synth.model_dump(mode="json", exclude={"seed"})})}
+            # the cue options only when a cue is drawn: the spec.json of an earlier demo folder stays the same
+            update={"data": the_spec.data.model_copy(update={"synth": synth.model_dump(mode="json", exclude={"seed", *unused})})}
         )
     console.rule(f"[bold]cxrdebias demo: {esc(', '.join(names))} on synthetic data seed {DATA_SEED}")
     # the demo is not a reported benchmark: a checkout with local changes may run it (the table says so)
