@@ -646,3 +646,13 @@ def test_an_interrupt_reaches_the_running_cells_and_starts_no_more(tmp_path):
     finally:
         subprocess.Popen = real_popen
     assert started == []
+
+
+def test_the_reference_set_also_removes_a_label_correlated_cue(tmp_path):
+    """With a cue in data.synth, the reference set is shortcut-free: no site–label correlation and
+    the cue at its (uncorrelated) test rates in train/val too; its test images equal the biased set's."""
+    from cxrdebias.experiments.benchmark import reference_options
+
+    assert reference_options({"external_sites": 1}) == {}
+    opts = {"cue": "tag", "cue_positive_rate": 0.95, "cue_negative_rate": 0.05, "image_size": 48}
+    assert reference_options(opts) == {"cue_positive_rate": 0.5, "cue_negative_rate": 0.5}

@@ -100,7 +100,7 @@ def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
                 continue
             options = {**spec.data.synth, "seed": d}
             if strength is not None:
-                options["bias_strength"] = strength
+                options |= reference_options(options) | {"bias_strength": strength}
             try:
                 cfg = SynthConfig(**options)
             except ValidationError as exc:
@@ -113,6 +113,18 @@ def prepare_data(spec: BenchmarkSpec, out: Path, console: Console) -> None:
                 raise DataError(f"{folder}: holds a synthetic set with other options than this benchmark's; use another --out")
             console.print(f"data seed {d}: writing the {kind} synthetic set → {esc(folder)}")
             synthesize(folder, cfg, force=folder.exists())
+
+
+def reference_options(options: dict[str, Any]) -> dict[str, Any]:
+    """What the reference set changes besides ``bias_strength: 0`` (no site–label correlation):
+    with a label-correlated cue, its train/val rates become the test rates (the cue no longer
+    predicts the label, and the test images are the same as the biased set's)."""
+    from cxrdebias.data.synthetic import SynthConfig
+
+    if options.get("cue") is None:
+        return {}
+    test = SynthConfig(**{k: v for k, v in options.items() if k != "bias_strength"})
+    return {"cue_positive_rate": test.cue_test_positive_rate, "cue_negative_rate": test.cue_test_negative_rate}
 
 
 def _written_synth(path: Path) -> SynthConfig | None:
