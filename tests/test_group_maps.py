@@ -16,7 +16,9 @@ from cxrdebias.debias.unsupervised import (
     collect_group_moments,
     epsilon_squared,
     map_mass_in_box,
+    map_mass_in_region,
     mass_by_region,
+    union_coverage,
 )
 from cxrdebias.errors import DataError
 
@@ -91,6 +93,11 @@ def test_a_class_with_one_group_is_left_out_of_the_map():
     diff, used = _moments(x, targets, groups).difference_map()
     assert used == [1] and diff.shape == (2, 2)
     assert _moments(x, targets, torch.zeros(20, dtype=torch.long)).difference_map() == (None, [])
+    # samples of unknown group (< 0) are left out: the same map as without them
+    unknown = torch.cat([groups, torch.tensor([-1, -1])])
+    x2 = torch.cat([x, 100 * torch.ones(2, 1, 2, 2)])
+    m2 = _moments(x2, torch.cat([targets, torch.tensor([1, 1])]), unknown)
+    assert torch.allclose(m2.difference_map()[0], diff) and m2.n.sum() == 20
 
 
 # -- map mass in a box ---------------------------------------------------------------------------
@@ -108,6 +115,20 @@ def test_box_coverage_and_map_mass_in_box_by_hand():
     assert map_mass_in_box(m, [], (8, 8))["mass_in_box"] is None
     assert map_mass_in_box(-np.ones((4, 4)), [(0, 0, 2, 2)], (8, 8))["mass_in_box"] is None  # no positive mass
     assert mass_by_region(np.zeros((3, 3))) is None
+
+
+def test_mass_in_the_union_of_the_boxes_by_hand():
+    # two overlapping boxes over an 8×8 image, a 4×4 map: union = pixels x 2–5, y 2–3 plus x 2–3, y 4–5
+    boxes = [(2, 2, 6, 4), (2, 2, 4, 6)]
+    cov = union_coverage(boxes, (4, 4), (8, 8))
+    expected = np.zeros((4, 4))
+    expected[1, 1] = expected[1, 2] = expected[2, 1] = 1.0
+    assert np.array_equal(cov, expected)
+    assert union_coverage([(1, 1, 2, 2)], (4, 4), (8, 8))[0, 0] == 0.25  # a pixel is a quarter of a cell
+    m = np.zeros((4, 4))
+    m[1, 2], m[3, 3] = 3.0, 1.0
+    assert map_mass_in_region(m, boxes, (8, 8)) == {"mass_in_region": 0.75, "region_area_share": 3 / 16}
+    assert map_mass_in_region(m, [], (8, 8))["mass_in_region"] is None
 
 
 def test_a_cue_box_follows_the_preprocessing_into_the_model_input():
@@ -171,3 +192,157 @@ def test_collect_group_moments_reads_the_layer_and_the_input_in_one_pass():
         collect_group_moments(net, loader, targets, groups, "nope")
     with pytest.raises(ValueError, match="expected N×C×H×W"):
         collect_group_moments(net, loader, targets, groups, "head")
+
+
+def test_grouped_by_the_tag_the_maps_point_at_the_tag(tmp_path, torch_one_thread):
+    """The chain from ``cues.csv`` to the scores on a real synthetic set: group the validation
+    images by the tag itself (a fixed place, no jitter) — the input map's mass sits in the tag's
+    boxes, far above a uniform map's, and the early layer of a (random) DenseNet points there too."""
+    import os
+    from types import SimpleNamespace
+
+    from cxrdebias.config import ModelConfig
+    from cxrdebias.data.cxr.config import CXRDataConfig
+    from cxrdebias.data.cxr.dataset import build_cxr
+    from cxrdebias.data.synthetic import SynthConfig, synthesize
+    from cxrdebias.experiments.bias_views import Grouping, cue_report, group_map_report
+    from cxrdebias.models import build_model
+
+    synthesize(tmp_path, SynthConfig(seed=1, image_size=64, n_train_patients_per_site=2, n_val_patients_per_site=30,
+                                     n_test_patients_per_site=2, bias_strength=0.0, cue="tag", cue_jitter=0.0))  # fmt: skip
+    data_cfg = CXRDataConfig.model_validate({"manifest": str(tmp_path / "manifest.csv"), "split_protocol": "manifest",
+                                             "preprocess": {"image_size": 32}, "workers": 1})  # fmt: skip
+    val = build_cxr(data_cfg).val.to_tensor_samples(workers=1)
+    truth = read_cues(tmp_path / "cues.csv")
+    tag = np.array([truth[os.path.normpath(p)].cue for p in val.info["paths"]])
+    grouping = Grouping(tag, {0: "no tag", 1: "tag"}, "true", "the tag")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.model_validate({"arch": "densenet121", "hidden_dim": 8, "pretrained": None}), 2, in_channels=1)
+    targets = val.targets.numpy()
+    maps = group_map_report(model, val, targets, grouping, "early", ["negative", "positive"])
+    cue, boxes = cue_report(SimpleNamespace(data=data_cfg), val, targets, grouping, maps)
+    assert cue["n_with_cue"] == len(boxes) == int(tag.sum()) > 10 and cue["agreement"]["nmi"] == pytest.approx(1.0)
+    # the tag: 0.06 × 64 = 4 native px, 2 × 2 px of the 32 px input, always at the same place
+    assert cue["box_area_share"] == pytest.approx(4 / 32**2) == cue["cue_region_area_share"]
+    assert cue["input_map_mass_in_box"] > 0.5
+    # DenseNet's first block: stride 4, so the 2 px tag is at most a cell of its 8×8 map and its
+    # receptive field spreads it over the neighbours; still many times a uniform map's share
+    assert cue["map_mass_in_box"] > 5 * cue["box_area_share"]
+    assert maps["json"]["layer_map"]["strongest_region"] == maps["json"]["input_map"]["strongest_region"] == "top right"
+
+
+# -- end to end: analyze-bias on a tiny synthetic run with a burned-in tag ------------------------
+def _cli(*args) -> None:
+    import sys
+
+    from cxrdebias.cli import main
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", ["cxrdebias", *map(str, args)])
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code, f"cxrdebias {' '.join(map(str, args))} exited {e.code}"
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tag_run(tmp_path_factory):
+    """``data synth --cue tag --bias-strength 0`` (64 px, a few patients), then a 1-epoch
+    ``--bias auto`` EnD run at 32 px: (run folder, data folder)."""
+    from tests.conftest import single_torch_thread
+
+    root = tmp_path_factory.mktemp("tag")
+    data = root / "data"
+    _cli("data", "synth", "--out", data, "--image-size", 64, "--train-patients", 10, "--val-patients", 8, "--test-patients", 4,
+         "--bias-strength", 0, "--cue", "tag", "--cue-size", 0.15)  # fmt: skip
+    with single_torch_thread():
+        _cli("train", "--data", data / "manifest.csv", "--method", "end", "--bias", "auto", "--epochs", 1, "--image-size", 32,
+             "--out", root / "run", "--set", "model.hidden_dim=8", "--set", "train.progress=false", "--set", "train.batch_size=16",
+             "--set", "data.workers=1")  # fmt: skip
+    return root / "run", data
+
+
+def _val_cues(run, data) -> tuple[int, int]:
+    """(the run's val images cues.csv lists, of them with the tag), from the run's splits.csv."""
+    import pandas as pd
+
+    m = pd.read_csv(run / "splits.csv").merge(pd.read_csv(data / "cues.csv"), on="path")
+    val = m[m["split"] == "val"]
+    return len(val), int(val["cue"].sum())
+
+
+def test_analyze_bias_shows_the_groups_and_where_they_differ(tag_run, monkeypatch, capsys, torch_one_thread):
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    run, data = tag_run
+    code, stdout, err = run_cli(["analyze-bias", run], monkeypatch, capsys)
+    assert code == 0, err
+    out = run / "analysis"
+    for name in ("groups.png", "group_map.png", "bottleneck.png", "agreement.json", "agreement.md"):
+        assert str(out / name) in err  # listed in the command's output
+    assert Image.open(out / "groups.png").size[0] >= 8 * 32 and Image.open(out / "group_map.png").format == "PNG"
+    report = json.loads((out / "agreement.json").read_text())
+    # a --bias auto run shows its own labeller's pseudo groups; every val image is in one group of its class
+    groups = report["groups"]
+    assert groups["kind"] == "pseudo" and "the run's attractor labeller" in groups["source"]
+    assert sum(e["n"] for e in groups["counts"]) == report["split_agreement"]["n"]
+    assert {e["class"] for e in groups["counts"]} <= {"negative", "positive"} and all(e["name"].startswith("p") for e in groups["counts"])
+    # the map: DenseNet's first block (stride 4: 8×8 at 32 px) and the input pixels (32×32)
+    m = report["map"]
+    assert m["statistic"] == "epsilon_squared" and m["layer"] == "features.pool0"
+    if "reason" not in m:  # the labeller may put a whole class in one group after one epoch
+        assert m["layer_map"]["grid"] == [8, 8] and m["input_map"]["grid"] == [32, 32]
+        assert sum(m["layer_map"]["mass_by_region"].values()) == pytest.approx(1.0, abs=1e-3)
+    # scored against cues.csv
+    cue = report["cue"]
+    n_known, n_tag = _val_cues(run, data)
+    assert cue["kind"] == "tag" and (cue["n_known"], cue["n_with_cue"]) == (n_known, n_tag) and n_tag > 0
+    assert cue["agreement"]["n"] == n_known and 0 <= cue["agreement"]["nmi"] <= 1 and 0 <= cue["agreement"]["matched_accuracy"] <= 1
+    for key in ("map_mass_in_box", "input_map_mass_in_box", "map_mass_in_cue_region", "input_map_mass_in_cue_region"):
+        assert key in cue and (cue[key] is None or 0 <= cue[key] <= 1)
+    assert cue["box_area_share"] <= cue["cue_region_area_share"] < 1
+    # a tag of 0.15 × 64 = 10 native px is 5 × 5 px of the 32 px input (up to jitter at the border)
+    assert cue["box_area_share"] == pytest.approx(25 / 32**2, rel=0.25)
+    md = (out / "agreement.md").read_text()
+    assert "## What the groups are" in md and "| mass in each image's cue box |" in md and "groups vs cue NMI" in md
+    assert "## What the groups are" in stdout
+
+    # the true groups of the same run (the hospital): said so
+    code, stdout, err = run_cli(["analyze-bias", run, "--groups", "true", "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((out / "agreement.json").read_text())
+    assert report["groups"]["kind"] == "true" and "hospital_a" in report["groups"]["source"]
+    assert {e["name"] for e in report["groups"]["counts"]} == {"hospital_a", "hospital_b"}
+    assert "true bias labels" in stdout
+
+
+def test_analyze_bias_without_cues_csv_says_why(tag_run, tmp_path, monkeypatch, capsys, torch_one_thread):
+    import json
+    import shutil
+
+    from tests.conftest import run_cli
+
+    run, data = tag_run
+    cues = data / "cues.csv"
+    saved = tmp_path / "cues.csv"
+    shutil.move(cues, saved)
+    try:
+        code, stdout, err = run_cli(["analyze-bias", run, "--out", tmp_path / "an", "--per-group", 2], monkeypatch, capsys)
+    finally:
+        shutil.move(saved, cues)
+    assert code == 0, err
+    report = json.loads((tmp_path / "an" / "agreement.json").read_text())
+    assert set(report["cue"]) == {"reason"} and "no cues.csv beside the manifest" in report["cue"]["reason"]
+    assert (tmp_path / "an" / "groups.png").is_file() and (tmp_path / "an" / "group_map.png").is_file()
+    assert "Cue: not scored (no cues.csv" in stdout
+    # bad options: one line each
+    for args, words in ((["--groups", "site"], "--groups 'site': expected one of auto, pseudo, true"),
+                        (["--per-group", 0], "--per-group 0"), (["--map-layer", "nope"], "--map-layer='nope'")):
+        code, _, err = run_cli(["analyze-bias", run, "--out", tmp_path / "bad", "--force", *args], monkeypatch, capsys)
+        assert code == 2 and words in err and "Traceback" not in err

@@ -66,7 +66,9 @@ from cxrdebias.debias.unsupervised.group_maps import (
     collect_group_moments,
     epsilon_squared,
     map_mass_in_box,
+    map_mass_in_region,
     mass_by_region,
+    union_coverage,
 )
 from cxrdebias.debias.unsupervised.labellers import (
     LABELLER_CLASSES,
@@ -102,7 +104,9 @@ __all__ = [
     "epsilon_squared",
     "label_agreement",
     "map_mass_in_box",
+    "map_mass_in_region",
     "mass_by_region",
     "resolve_layer",
     "spherical_kmeans",
+    "union_coverage",
 ]

@@ -21,8 +21,10 @@ class (they do, for a shortcut).
 :class:`GroupMoments` accumulates count, sum and sum of squares per (class, group) batch by
 batch (float64), so a split of any size fits in memory; :func:`collect_group_moments` runs a
 model once over a loader and fills one for a layer and one for the input.
-:func:`map_mass_in_box` scores a map against boxes (e.g. the cue boxes of ``cues.csv``),
-:func:`mass_by_region` says where its mass lies in words.
+:func:`map_mass_in_box` scores a map against boxes, one per image (e.g. the cue boxes of
+``cues.csv``), :func:`map_mass_in_region` against the union of the boxes (where the cue is in
+any image: fairer to a coarse map and a jittered cue), :func:`mass_by_region` says where its
+mass lies in words.
 """
 
 from __future__ import annotations
@@ -63,13 +65,15 @@ def epsilon_squared(n: torch.Tensor, sums: torch.Tensor, sumsq: torch.Tensor, *,
 class GroupMoments:
     """Count, sum and sum of squares (float64, CPU) of per-sample ``C×H×W`` maps in every
     (class, group) cell. The cells come from the full label arrays (``targets``, ``groups``, one
-    entry per dataset sample); :meth:`add` takes a batch of maps with their dataset indices."""
+    entry per dataset sample; a group ``< 0`` is unknown and the sample is left out);
+    :meth:`add` takes a batch of maps with their dataset indices."""
 
     def __init__(self, targets: torch.Tensor, groups: torch.Tensor):
         t, g = torch.as_tensor(targets).long().cpu(), torch.as_tensor(groups).long().cpu()
         if t.shape != g.shape or t.dim() != 1:
             raise ValueError(f"targets {tuple(t.shape)} and groups {tuple(g.shape)} must be one entry per sample")
         self.cells, self.cell_of = torch.unique(torch.stack([t, g], dim=1), dim=0, return_inverse=True)
+        self.cell_of = torch.where(g >= 0, self.cell_of, torch.full_like(self.cell_of, -1))
         self.n = torch.zeros(len(self.cells), dtype=torch.float64)
         self.sums: torch.Tensor | None = None
         self.sumsq: torch.Tensor | None = None
@@ -79,6 +83,7 @@ class GroupMoments:
         if x.dim() == 3:  # N×H×W: one channel
             x = x.unsqueeze(1)
         cell = self.cell_of[torch.as_tensor(index).long().cpu()]
+        x, cell = x[cell >= 0], cell[cell >= 0]
         if self.sums is None:
             self.sums = torch.zeros((len(self.cells), *x.shape[1:]), dtype=torch.float64)
             self.sumsq = torch.zeros_like(self.sums)
@@ -179,6 +184,34 @@ def map_mass_in_box(values: np.ndarray, boxes: Sequence[Sequence[float]], size: 
     return {"mass_in_box": mass, "box_area_share": float(np.mean([c.mean() for c in covs])), "n_boxes": len(covs)}
 
 
+def union_coverage(boxes: Sequence[Sequence[float]], grid: tuple[int, int], size: tuple[int, int], supersample: int = 4) -> np.ndarray:
+    """Share of each cell of an ``h×w`` grid over an image of ``(height, width)`` pixels that lies
+    inside the *union* of ``boxes`` (where the cue is in any image): the boxes are drawn on a
+    mask ``supersample`` times finer than the pixels (edges rounded to that step), then
+    area-averaged onto the grid."""
+    from PIL import Image
+
+    (h, w), (height, width) = grid, size
+    k = supersample
+    mask = np.zeros((int(height) * k, int(width) * k), dtype=np.float32)
+    for x0, y0, x1, y1 in boxes:
+        mask[int(round(y0 * k)) : int(round(y1 * k)), int(round(x0 * k)) : int(round(x1 * k))] = 1.0
+    cov = Image.fromarray(mask).resize((w, h), Image.Resampling.BOX)
+    return np.clip(np.asarray(cov, dtype=np.float64), 0.0, 1.0)
+
+
+def map_mass_in_region(values: np.ndarray, boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> dict[str, float | None]:
+    """The share of a map's positive mass inside the union of ``boxes`` (:func:`union_coverage`),
+    ``mass_in_region`` (``None`` without positive mass or boxes), and the union's share of the
+    image, ``region_area_share`` (what a uniform map scores)."""
+    m = np.clip(np.asarray(values, dtype=np.float64), 0.0, None)
+    if not boxes:
+        return {"mass_in_region": None, "region_area_share": None}
+    cov = union_coverage(boxes, m.shape, size)
+    total = float(m.sum())
+    return {"mass_in_region": float((m * cov).sum() / total) if total > 0 else None, "region_area_share": float(cov.mean())}
+
+
 def mass_by_region(values: np.ndarray) -> dict[str, float] | None:
     """Share of a map's positive mass in each ninth of the image (``"top left"`` …
     ``"bottom right"``; the middle one is ``"middle centre"``); ``None`` without positive mass."""
@@ -201,5 +234,7 @@ __all__ = [
     "collect_group_moments",
     "epsilon_squared",
     "map_mass_in_box",
+    "map_mass_in_region",
     "mass_by_region",
+    "union_coverage",
 ]
