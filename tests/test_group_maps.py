@@ -317,7 +317,7 @@ def test_analyze_bias_shows_the_groups_and_where_they_differ(tag_run, monkeypatc
     code, stdout, err = run_cli(["analyze-bias", run, "--groups", "true", "--force"], monkeypatch, capsys)
     assert code == 0, err
     report = json.loads((out / "agreement.json").read_text())
-    assert report["groups"]["kind"] == "true" and "hospital_a" in report["groups"]["source"]
+    assert report["groups"]["kind"] == "true" and report["groups"]["source"] == "true bias labels (site: hospital_a, hospital_b)"
     assert {e["name"] for e in report["groups"]["counts"]} == {"hospital_a", "hospital_b"}
     assert "true bias labels" in stdout
 

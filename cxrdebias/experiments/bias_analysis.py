@@ -171,6 +171,7 @@ def analyze_run(
     grouping = choose_groups(
         groups, auto_run=isinstance(method, UnsupervisedBias), pseudo=pseudo, pseudo_source=pseudo_source, biases=p.biases,
         bias_names=getattr(samples, "bias_names", None), class_names=class_names, num_labels=labeller.num_labels,
+        bias_what=_bias_what(cfg),
     )
     targets = p.targets.numpy()
     counts = group_counts(targets, grouping, class_names)
@@ -208,6 +209,15 @@ def analyze_run(
     report["markdown"] = md
     report["views"] = views
     return report
+
+
+def _bias_what(cfg) -> str | None:
+    """What the data's true bias label is, in a word (``site``, ``colour``, ``patch`` …)."""
+    for key in ("bias", "bias_kind"):
+        value = getattr(cfg.data, key, None)
+        if isinstance(value, str) and value not in ("none", "auto"):
+            return value
+    return None
 
 
 def _num(v: Any) -> str:

@@ -56,11 +56,12 @@ class Grouping:
 
 def choose_groups(
     mode: str, *, auto_run: bool, pseudo: torch.Tensor, pseudo_source: str, biases: torch.Tensor,
-    bias_names: list[str] | None, class_names: list[str], num_labels: int,
+    bias_names: list[str] | None, class_names: list[str], num_labels: int, bias_what: str | None = None,
 ) -> Grouping:
     """``mode`` ``auto``: a ``--bias auto`` run's own pseudo groups; another run's true bias groups
     when the split has them, else the fitted attractor's pseudo groups. ``pseudo`` / ``true``
-    force one (``true`` on a split without bias labels: :class:`ConfigError`)."""
+    force one (``true`` on a split without bias labels: :class:`ConfigError`). ``bias_what``
+    names the true bias in the description (e.g. ``site``)."""
     if mode not in GROUP_MODES:
         raise ConfigError(f"--groups {mode!r}: expected one of {', '.join(GROUP_MODES)}")
     known = bool((biases >= 0).any())
@@ -69,7 +70,10 @@ def choose_groups(
     if mode == "true" or (mode == "auto" and not auto_run and known):
         labels = biases.numpy().astype(np.int64)
         names = {int(k): (bias_names[k] if bias_names and 0 <= k < len(bias_names) else f"bias {k}") for k in np.unique(labels[labels >= 0])}
-        return Grouping(labels, names, "true", "true bias labels" + (f" ({', '.join(bias_names)})" if bias_names else ""))
+        inside = ", ".join(bias_names) if bias_names else ""
+        if bias_what:
+            inside = f"{bias_what}: {inside}" if inside else bias_what
+        return Grouping(labels, names, "true", "true bias labels" + (f" ({inside})" if inside else ""))
     labels = pseudo.numpy().astype(np.int64)
     c = len(class_names)
     stride = max(1, num_labels // c)
@@ -214,6 +218,7 @@ def write_map_png(maps: dict[str, Any], path: Path, *, boxes: list[tuple[float, 
     s = mean.shape[-1]
     img = mean[0] if mean.shape[0] == 1 else np.moveaxis(mean[:3], 0, -1)
     img = (img - img.min()) / (np.ptp(img) or 1.0)
+    gray = img if img.ndim == 2 else img.mean(axis=-1)  # under a heat map: colour would mix with it
     info = maps["json"]
     panels = [("mean input (as the model sees it)", None)]
     grid = "×".join(map(str, info["layer_map"].get("grid", [])))
@@ -221,7 +226,8 @@ def write_map_png(maps: dict[str, Any], path: Path, *, boxes: list[tuple[float, 
     panels.append(("ε² of the input pixels between groups", maps["input"]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
     for ax, (label, values) in zip(axes, panels, strict=True):
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, s, s, 0))
+        base = img if label == panels[0][0] else gray
+        ax.imshow(base, cmap="gray" if base.ndim == 2 else None, extent=(0, s, s, 0))
         if values is not None:
             pos = np.clip(values, 0, None)
             shown = ax.imshow(pos, cmap="inferno", alpha=0.6, extent=(0, s, s, 0), interpolation="bilinear", vmin=0, vmax=max(float(pos.max()), 1e-12))
