@@ -205,14 +205,22 @@ def test_grouped_by_the_tag_the_maps_point_at_the_tag(tmp_path, torch_one_thread
     from cxrdebias.data.cxr.config import CXRDataConfig
     from cxrdebias.data.cxr.dataset import build_cxr
     from cxrdebias.data.synthetic import SynthConfig, synthesize
-    from cxrdebias.experiments.bias_views import Grouping, cue_report, group_map_report
+    from cxrdebias.experiments.bias_views import (
+        Grouping,
+        cue_report,
+        group_map_report,
+        sample_paths,
+    )
     from cxrdebias.models import build_model
 
     synthesize(tmp_path, SynthConfig(seed=1, image_size=64, n_train_patients_per_site=2, n_val_patients_per_site=30,
                                      n_test_patients_per_site=2, bias_strength=0.0, cue="tag", cue_jitter=0.0))  # fmt: skip
     data_cfg = CXRDataConfig.model_validate({"manifest": str(tmp_path / "manifest.csv"), "split_protocol": "manifest",
                                              "preprocess": {"image_size": 32}, "workers": 1})  # fmt: skip
-    val = build_cxr(data_cfg).val.to_tensor_samples(workers=1)
+    streaming = build_cxr(data_cfg).val
+    val = streaming.to_tensor_samples(workers=1)
+    # in memory or streamed (data.cache false), the samples name their images as the manifest does
+    assert sample_paths(val) == sample_paths(streaming) and sample_paths(val)[0][0].startswith("images/")
     truth = read_cues(tmp_path / "cues.csv")
     tag = np.array([truth[os.path.normpath(p)].cue for p in val.info["paths"]])
     grouping = Grouping(tag, {0: "no tag", 1: "tag"}, "true", "the tag")

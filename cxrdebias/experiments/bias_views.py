@@ -249,7 +249,9 @@ def write_map_png(maps: dict[str, Any], path: Path, *, boxes: list[tuple[float, 
 # -- the cue ground truth ---------------------------------------------------------------------------
 
 
-def _sample_paths(samples) -> tuple[list[str], list[str]] | None:
+def sample_paths(samples) -> tuple[list[str], list[str]] | None:
+    """The analysed images' paths as the manifest writes them and as files (CXR samples, in
+    memory or streamed), or ``None`` for samples without image files."""
     info = getattr(samples, "info", None) or {}
     if info.get("paths") and info.get("abs_paths"):
         return list(info["paths"]), list(info["abs_paths"])
@@ -277,7 +279,7 @@ def cue_report(cfg, samples, targets: np.ndarray, grouping: Grouping, maps: dict
     if not file.is_file():
         return {"reason": f"no {CUES_NAME} beside the manifest in {file.parent} (cxrdebias data synth --cue writes one)"}, []
     truth = read_cues(file)
-    paths = _sample_paths(samples)
+    paths = sample_paths(samples)
     if paths is None:
         return {"reason": "the analysed samples carry no image paths to look up in " + CUES_NAME}, []
     rel, absolute = paths
@@ -311,4 +313,14 @@ def cue_report(cfg, samples, targets: np.ndarray, grouping: Grouping, maps: dict
     return out, boxes
 
 
-__all__ = ["GROUP_MODES", "Grouping", "choose_groups", "cue_report", "group_counts", "group_map_report", "write_contact_sheet", "write_map_png"]
+__all__ = [
+    "GROUP_MODES",
+    "Grouping",
+    "choose_groups",
+    "cue_report",
+    "group_counts",
+    "group_map_report",
+    "sample_paths",
+    "write_contact_sheet",
+    "write_map_png",
+]
