@@ -385,13 +385,19 @@ def analyze_bias_cmd(
     checkpoint: Annotated[str, typer.Option(help="Checkpoint: last or best.")] = "last",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/analysis).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing analysis.")] = False,
+    groups: Annotated[str, typer.Option(help="Groups shown: auto (a --bias auto run's pseudo groups, else the true bias groups when "
+                                        "known), pseudo or true.")] = "auto",
+    per_group: Annotated[int, typer.Option(help="Example images per group on the contact sheet (groups.png).")] = 8,
+    map_layer: Annotated[str, typer.Option(help="Layer whose output the group map reads: early (the model's first block) or a module name.")] = "early",
 ) -> None:
-    """Bottleneck (2-D PCA) coloured by target, marked by true and pseudo-bias; per-epoch agreement table."""
+    """Bottleneck (2-D PCA) coloured by target, marked by true and pseudo-bias; per-epoch agreement table; what the
+    groups are: example images of each group (groups.png) and where they differ (group_map.png), scored against
+    cues.csv when the data has one."""
     from cxrdebias.experiments.bias_analysis import analyze_run, format_report
 
-    report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force)
+    report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force, groups=groups, per_group=per_group, map_layer=map_layer)
     out.print(format_report(report), markup=False, highlight=False)
-    err.print(f"wrote {esc(report['plot'])} and agreement.json / agreement.md beside it")
+    err.print("wrote " + ", ".join(esc(f) for f in report["files"]))
 
 
 @app.command("demo")

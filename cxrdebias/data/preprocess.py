@@ -100,6 +100,20 @@ class ResizeGeometry:
     source_box: tuple[float, float, float, float]
     target_box: tuple[int, int, int, int]
 
+    def map_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A box ``(x0, y0, x1, y1)`` of the source image (pixel edges, ``x1``/``y1`` exclusive) in
+        model-input pixels (float edges), clipped to the part of the input the source fills."""
+        sl, st, sr, sb = self.source_box
+        tl, tt, tr, tb = self.target_box
+        fx, fy = (tr - tl) / (sr - sl), (tb - tt) / (sb - st)
+        x0, y0, x1, y1 = box
+        return (
+            min(max(tl + (x0 - sl) * fx, tl), tr),
+            min(max(tt + (y0 - st) * fy, tt), tb),
+            min(max(tl + (x1 - sl) * fx, tl), tr),
+            min(max(tt + (y1 - st) * fy, tt), tb),
+        )
+
 
 def resize_geometry(source_shape: tuple[int, int], spec: PreprocessSpec) -> ResizeGeometry:
     """The crop/placement :func:`preprocess` uses for an image of ``(height, width)`` pixels."""

@@ -8,8 +8,15 @@ labels agree with the true bias.
    ``--bias auto``), else an attractor labeller fitted on the features (nearest class mean);
 4. write ``bottleneck.png``: a 2-D PCA projection, colour = target, marker = true bias (left,
    when known) and pseudo-bias (right), class centroids drawn as stars;
-5. write ``agreement.json`` / ``agreement.md``: the per-epoch agreement logged during training
-   (``metrics.jsonl``, ``pseudo_bias``) and the agreement on the analysed split.
+5. show *what* the groups are (:mod:`cxrdebias.experiments.bias_views`): the groups (a
+   ``--bias auto`` run's pseudo groups; another run's true bias groups, or the fitted attractor's
+   pseudo groups when the split has no bias labels; ``--groups`` forces one), ``groups.png``
+   (example images of every group of every class, as the model sees them) and
+   ``group_map.png`` (where the groups differ: the within-class ε² map of the model's early
+   layer and of the input pixels, over the mean image); with a ``cues.csv`` beside a CXR run's
+   manifest, the maps' mass inside the cue boxes and the groups' agreement with the cue;
+6. write ``agreement.json`` / ``agreement.md``: the per-epoch agreement logged during training
+   (``metrics.jsonl``, ``pseudo_bias``), the agreement on the analysed split, and (5).
 """
 
 from __future__ import annotations
@@ -32,9 +39,17 @@ from cxrdebias.debias.unsupervised import (
     UnsupervisedBias,
     label_agreement,
 )
-from cxrdebias.errors import CheckpointError, RunExistsError
+from cxrdebias.errors import CheckpointError, ConfigError, RunExistsError
 from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.experiments import protocols
+from cxrdebias.experiments.bias_views import (
+    choose_groups,
+    cue_report,
+    group_counts,
+    group_map_report,
+    write_contact_sheet,
+    write_map_png,
+)
 from cxrdebias.experiments.config import load_config
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
 from cxrdebias.models import build_model
@@ -42,7 +57,7 @@ from cxrdebias.training.inference import predict
 from cxrdebias.training.runs import RunDir, torch_load_checked
 
 AGREEMENT_COLUMNS = ("nmi", "ari", "matched_accuracy", "minority_matched_accuracy")
-OUTPUT_FILES = ("bottleneck.png", "agreement.json", "agreement.md")
+OUTPUT_FILES = ("bottleneck.png", "groups.png", "group_map.png", "agreement.json", "agreement.md")
 MARKERS = "os^vD<>pPX*h"
 
 
@@ -73,10 +88,11 @@ def agreement_markdown(rows: list[dict[str, Any]], split: dict[str, Any] | None 
 
 
 def _run_data(cfg, method, run: RunDir, split: str):
-    """(samples, num_classes, in_channels) of ``split`` of the run's data (its protocol rebuilt
-    from the saved config; a CXR run reads its saved splits)."""
+    """(samples, num_classes, in_channels, class names) of ``split`` of the run's data (its
+    protocol rebuilt from the saved config; a CXR run reads its saved splits)."""
     proto = protocols.get(cfg.data.kind).build(cfg, method, run, make_console(stderr=True))
-    return proto.split(split), proto.num_classes, proto.in_channels
+    names = list(proto.class_names) or [f"class {c}" for c in range(proto.num_classes)]
+    return proto.split(split), proto.num_classes, proto.in_channels, names
 
 
 def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +110,13 @@ def analyze_run(
     out: str | Path | None = None,
     force: bool = False,
     max_points: int = 3000,
+    groups: str = "auto",
+    per_group: int = 8,
+    map_layer: str = "early",
 ) -> dict[str, Any]:
-    """Bottleneck plot and pseudo-bias agreement of a run folder (module doc)."""
+    """Bottleneck plot, pseudo-bias agreement and what the groups are, of a run folder (module doc)."""
+    if per_group < 1:
+        raise ConfigError(f"--per-group {per_group}: expected at least 1 image per group")
     run = RunDir(run_path)
     if not run.path.is_dir():
         raise CheckpointError(f"{run.path}: run folder not found")
@@ -107,7 +128,7 @@ def analyze_run(
     ckpt_file = run.checkpoint_dir / f"{checkpoint}.pt"
     state = torch_load_checked(ckpt_file)
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)
-    samples, num_classes, in_channels = _run_data(cfg, method, run, split)
+    samples, num_classes, in_channels, class_names = _run_data(cfg, method, run, split)
     model_cfg = ModelConfig.model_validate({**cfg.model.model_dump(), "pretrained": None})  # weights from the checkpoint
     model = build_model(model_cfg, num_classes, in_channels=in_channels, feature_activation=method.feature_activation)
     try:
@@ -146,6 +167,23 @@ def analyze_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "bottleneck.png"
     _plot(feats, p.targets, p.biases, pseudo, num_classes, png, max_points=max_points, title=f"{run.path.name} — {split}")
+    # what the groups are: example images, where they differ, and the cue's ground truth
+    grouping = choose_groups(
+        groups, auto_run=isinstance(method, UnsupervisedBias), pseudo=pseudo, pseudo_source=pseudo_source, biases=p.biases,
+        bias_names=getattr(samples, "bias_names", None), class_names=class_names, num_labels=labeller.num_labels,
+        bias_what=_bias_what(cfg),
+    )
+    targets = p.targets.numpy()
+    counts = group_counts(targets, grouping, class_names)
+    sheet = out_dir / "groups.png"
+    write_contact_sheet(samples, targets, grouping, counts, sheet, per_group=per_group,
+                        title=f"{run.path.name}, {split}: {grouping.source}")
+    maps = group_map_report(model, samples, targets, grouping, map_layer, class_names)
+    cue, boxes = cue_report(cfg, samples, targets, grouping, maps)
+    files = [png, sheet]
+    if maps["mean_image"] is not None:
+        write_map_png(maps, out_dir / "group_map.png", boxes=boxes, title=f"{run.path.name}, {split}: where the groups differ ({grouping.source})")
+        files.append(out_dir / "group_map.png")
     rows = agreement_table(run.read_metrics())
     report = {
         "run": str(run.path),
@@ -155,12 +193,88 @@ def analyze_run(
         "per_epoch": rows,
         "split_agreement": split_agreement,
         "plot": str(png),
+        "groups": {"kind": grouping.kind, "source": grouping.source, "counts": counts, "sheet": str(sheet)},
+        "map": {**maps["json"], "png": str(out_dir / "group_map.png") if len(files) > 2 else None},
+        "cue": cue,
     }
+    files += [out_dir / "agreement.json", out_dir / "agreement.md"]
+    report["files"] = [str(f) for f in files]
     write_json_atomic(out_dir / "agreement.json", report)
     md = agreement_markdown(rows, split_agreement, split)
-    write_text_atomic(out_dir / "agreement.md", f"# Pseudo-bias agreement — {run.path.name}\n\nPseudo labels on `{split}`: {pseudo_source}.\n\n{md}")
+    views = views_markdown(report)
+    write_text_atomic(
+        out_dir / "agreement.md",
+        f"# Pseudo-bias agreement — {run.path.name}\n\nPseudo labels on `{split}`: {pseudo_source}.\n\n{md}\n{views}",
+    )
     report["markdown"] = md
+    report["views"] = views
     return report
+
+
+def _bias_what(cfg) -> str | None:
+    """What the data's true bias label is, in a word (``site``, ``colour``, ``patch`` …)."""
+    for key in ("bias", "bias_kind"):
+        value = getattr(cfg.data, key, None)
+        if isinstance(value, str) and value not in ("none", "auto"):
+            return value
+    return None
+
+
+def _num(v: Any) -> str:
+    return format_value(v, missing="–", nan="nan")
+
+
+def _where(described: dict[str, Any]) -> str:
+    """Where a map's positive mass lies, in words: its strongest ninth of the image, or "spread"
+    when no ninth holds twice its area's share (a global difference: contrast, noise, colour)."""
+    region = described.get("strongest_region")
+    if region is None:
+        return "nowhere (no positive mass)"
+    share = described["mass_by_region"][region]
+    if share < 2 / 9:
+        return f"spread over the whole image (largest ninth: {region}, {share:.2f} of the mass)"
+    return f"most in the **{region}** ninth of the image ({share:.2f} of the mass, {share * 9:.1f}× its area's share)"
+
+
+def views_markdown(report: dict[str, Any]) -> str:
+    """The "what the groups are" part of ``agreement.md`` and of the command's output."""
+    g, m, cue = report["groups"], report["map"], report["cue"]
+    lines = [f"## What the groups are\n\nGroups shown: {g['source']} (`groups.png`).\n", "| class | group | images | on the sheet |", "|---|---|---:|---|"]
+    lines += [f"| {e['class']} | {e['name']} | {e['n']} | yes |" for e in g["counts"] if e.get("shown")]
+    hidden: dict[str, list[int]] = {}
+    for e in g["counts"]:
+        if not e.get("shown"):
+            hidden.setdefault(e["class"], []).append(e["n"])
+    lines += [f"| {c} | {len(ns)} smaller group{'s' * (len(ns) > 1)} | {sum(ns)} | no |" for c, ns in hidden.items()]
+    lm = m.get("layer_map", {})
+    if m.get("reason"):
+        lines.append(f"\nWhere they differ: not mapped ({m['reason']}).")
+    else:
+        lines.append(
+            f"\nWhere they differ (`group_map.png`, within-class ε² of `{m['layer']}`, {'×'.join(map(str, lm.get('grid', [])))}): "
+            f"{_where(lm)}; in the input pixels: {_where(m.get('input_map', {}))}."
+        )
+    if "agreement" in cue:
+        a = cue["agreement"]
+        minority = _num(a.get("minority_matched_accuracy")) if a.get("n_minority") else "– (none)"
+        lines.append(
+            f"\nCue ({cue.get('kind')}, `{Path(cue['file']).name}`: {cue['n_with_cue']} of {cue['n_known']} images carry it): "
+            f"groups vs cue NMI {_num(a.get('nmi'))}, matched accuracy {_num(a.get('matched_accuracy'))}, on the images whose "
+            f"cue is not their class's usual one {minority}."
+        )
+        if "map_mass_in_box" in cue:
+            lines += [
+                "\n| map | mass in each image's cue box | mass where the cue lies in any image |",
+                "|---|---:|---:|",
+                f"| {m['layer']} | {_num(cue['map_mass_in_box'])} | {_num(cue['map_mass_in_cue_region'])} |",
+                f"| input pixels | {_num(cue['input_map_mass_in_box'])} | {_num(cue['input_map_mass_in_cue_region'])} |",
+                f"| a uniform map | {_num(cue['box_area_share'])} | {_num(cue['cue_region_area_share'])} |",
+            ]
+        if cue.get("reason"):
+            lines.append(f"\n({cue['reason']}.)")
+    else:
+        lines.append(f"\nCue: not scored ({cue.get('reason')}).")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(feats, targets, biases, pseudo, num_classes, path: Path, *, max_points: int, title: str) -> None:
@@ -201,6 +315,8 @@ def _plot(feats, targets, biases, pseudo, num_classes, path: Path, *, max_points
 
 
 def format_report(report: dict[str, Any]) -> str:
-    return f"pseudo labels: {report['pseudo_labels_from']}\n\n{report['markdown']}\n" + json.dumps(
-        {k: v for k, v in report["split_agreement"].items()}, indent=None
+    return (
+        f"pseudo labels: {report['pseudo_labels_from']}\n\n{report['markdown']}\n"
+        + json.dumps({k: v for k, v in report["split_agreement"].items()}, indent=None)
+        + f"\n\n{report['views']}"
     )

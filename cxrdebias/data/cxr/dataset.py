@@ -167,7 +167,11 @@ class CXRDataset(torch.utils.data.Dataset):
             name=self.name,
             bias_names=self.bias_names,
             class_names=list(CLASS_NAMES),
-            info={"rows": self.table["row"].tolist() if "row" in self.table.columns else None},
+            info={
+                "rows": self.table["row"].tolist() if "row" in self.table.columns else None,
+                "paths": [str(p) for p in self.table[MANIFEST.path]],  # as written in the manifest
+                "abs_paths": [str(p) for p in self.paths],
+            },
         )
 
 

@@ -29,18 +29,27 @@ label]``), so the cue is independent of the site given the label. How each cue i
 letter, electrode positions): stream ``[seed, 5, site, split, patient, image]``. Neither touches
 the generator's other streams, so an image without the cue is byte for byte the image of the
 same set without cues.
+
+Ground truth
+------------
+The writer records every image's cue and box in ``cues.csv`` (:data:`CUE_COLUMNS`);
+:func:`read_cues` reads it back (``cxrdebias analyze-bias`` scores its groups and map with it).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cxrdebias.data.csv_records import read_csv_records
 from cxrdebias.data.synthetic.numeric import segment_distance
+from cxrdebias.errors import DataError
 
 #: kinds drawn into the attenuation (physical devices); the others are burned in
 PHYSICAL = frozenset({"electrodes", "tube"})
@@ -67,6 +76,10 @@ TEXT = "PORTABLE"
 #: attenuation added by a device (arbitrary units of :func:`~.anatomy.render_attenuation`)
 _DEVICE_ATTENUATION = {"electrodes": 0.7, "tube": 0.5}
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+#: the columns of cues.csv: the image (as in the manifest), whether it carries the cue (0/1),
+#: the cue's kind and its box in native pixels (x1, y1 exclusive; empty without the cue)
+CUE_BOX = ("x0", "y0", "x1", "y1")
+CUE_COLUMNS = ("path", "cue", "kind", *CUE_BOX)
 
 
 def cue_size_px(kind: str, size: float | None, n: int) -> int:
@@ -232,3 +245,50 @@ def draw_cue(kind: str, n: int, size: float | None, jitter: float, rng: np.rando
         raise ValueError(f"unknown cue kind {kind!r}")
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return Cue(kind, mask, (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+
+
+@dataclass(frozen=True)
+class CueTruth:
+    """One row of ``cues.csv``: whether the image carries the cue, its kind and its box
+    ``(x0, y0, x1, y1)`` in native pixels (``x1``/``y1`` exclusive; ``None`` without the cue)."""
+
+    cue: int
+    kind: str
+    box: tuple[int, int, int, int] | None
+
+
+def read_cues(path: str | os.PathLike) -> dict[str, CueTruth]:
+    """The ground truth of a set with a cue: ``cues.csv`` as ``{normalised manifest path: CueTruth}``.
+
+    Raises:
+        DataError: unreadable file, a missing column, or a row whose ``cue`` is not 0/1, whose box
+            is not four integers with ``x0 < x1`` and ``y0 < y1`` (when ``cue`` is 1) or whose path
+            is repeated — one line naming the file, the line and the field.
+    """
+    path = Path(path)
+    header, records = read_csv_records(path, columns=CUE_COLUMNS, what="cues file")
+    missing = [c for c in CUE_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CUE_COLUMNS)}")
+    col = {name: header.index(name) for name in CUE_COLUMNS}
+    out: dict[str, CueTruth] = {}
+    for line, fields in records:
+        if len(fields) != len(header):
+            raise DataError(f"{path}: line {line}: {len(fields)} fields, expected {len(header)}")
+        get = {name: fields[i].strip() for name, i in col.items()}
+        if get["cue"] not in ("0", "1"):
+            raise DataError(f"{path}: line {line}: cue={get['cue']!r}, expected 0 or 1")
+        box = None
+        if get["cue"] == "1":
+            try:
+                x0, y0, x1, y1 = (int(get[k]) for k in CUE_BOX)
+            except ValueError:
+                raise DataError(f"{path}: line {line}: the box {','.join(get[k] for k in CUE_BOX)!r} is not four integers x0,y0,x1,y1") from None
+            if not (0 <= x0 < x1 and 0 <= y0 < y1):
+                raise DataError(f"{path}: line {line}: the box ({x0}, {y0}, {x1}, {y1}) needs 0 <= x0 < x1 and 0 <= y0 < y1")
+            box = (x0, y0, x1, y1)
+        key = os.path.normpath(get["path"])
+        if key in out:
+            raise DataError(f"{path}: line {line}: path {get['path']!r} is listed twice")
+        out[key] = CueTruth(int(get["cue"]), get["kind"], box)
+    return out

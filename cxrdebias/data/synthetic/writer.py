@@ -36,6 +36,8 @@ from cxrdebias.data.synthetic.config import (
     SynthSummary,
 )
 from cxrdebias.data.synthetic.cues import (
+    CUE_BOX,
+    CUE_COLUMNS,
     PHYSICAL,
     REGION,
     assign_cues,
@@ -63,10 +65,6 @@ class _Patient:
 
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
-#: the columns of cues.csv: the image (as in the manifest), whether it carries the cue (0/1),
-#: the cue's kind and its box in native pixels (x1, y1 exclusive; empty without the cue)
-CUE_BOX = ("x0", "y0", "x1", "y1")
-CUE_COLUMNS = ("path", "cue", "kind", *CUE_BOX)
 
 
 def _plan(cfg: SynthConfig) -> list[_Patient]:

@@ -51,13 +51,25 @@ resume keep it.
 Modules: :mod:`~cxrdebias.debias.unsupervised.options` (:class:`PseudoBiasOptions`, free of
 torch: the config imports it), :mod:`~cxrdebias.debias.unsupervised.labellers`,
 :mod:`~cxrdebias.debias.unsupervised.taps` (:class:`FeatureTap`),
-:mod:`~cxrdebias.debias.unsupervised.agreement` (:func:`label_agreement`) and
+:mod:`~cxrdebias.debias.unsupervised.agreement` (:func:`label_agreement`),
+:mod:`~cxrdebias.debias.unsupervised.group_maps` (where groups differ: the ε² map of an early
+layer, its mass inside boxes; read by ``cxrdebias analyze-bias``) and
 :mod:`~cxrdebias.debias.unsupervised.wrapper` (:class:`UnsupervisedBias`).
 """
 
 from __future__ import annotations
 
 from cxrdebias.debias.unsupervised.agreement import label_agreement
+from cxrdebias.debias.unsupervised.group_maps import (
+    GroupMoments,
+    box_coverage,
+    collect_group_moments,
+    epsilon_squared,
+    map_mass_in_box,
+    map_mass_in_region,
+    mass_by_region,
+    union_coverage,
+)
 from cxrdebias.debias.unsupervised.labellers import (
     LABELLER_CLASSES,
     AttractorLabeller,
@@ -69,7 +81,7 @@ from cxrdebias.debias.unsupervised.labellers import (
     spherical_kmeans,
 )
 from cxrdebias.debias.unsupervised.options import LABELLERS, SOURCES, PseudoBiasOptions
-from cxrdebias.debias.unsupervised.taps import FeatureTap
+from cxrdebias.debias.unsupervised.taps import FeatureTap, resolve_layer
 from cxrdebias.debias.unsupervised.wrapper import UnsupervisedBias, check_wrappable
 
 __all__ = [
@@ -80,12 +92,21 @@ __all__ = [
     "ClusterLabeller",
     "FeatureTap",
     "GCEHeadLabeller",
+    "GroupMoments",
     "PseudoBiasLabeller",
     "PseudoBiasOptions",
     "UnsupervisedBias",
+    "box_coverage",
     "build_labeller",
     "check_wrappable",
+    "collect_group_moments",
     "cosine_silhouette",
+    "epsilon_squared",
     "label_agreement",
+    "map_mass_in_box",
+    "map_mass_in_region",
+    "mass_by_region",
+    "resolve_layer",
     "spherical_kmeans",
+    "union_coverage",
 ]

@@ -17,6 +17,22 @@ def _width(module: nn.Module) -> int | None:
     return None
 
 
+def resolve_layer(model: nn.Module, name: str, option: str = "unsupervised.layer") -> str:
+    """The module path ``name`` stands for: ``"early"`` is the model's first block
+    (``model.early_layer``), anything else must be a module of ``model`` (:class:`ConfigError`
+    naming ``option`` otherwise)."""
+    if name == "early":  # the model's own choice of its first block
+        early = getattr(model, "early_layer", None)
+        if not isinstance(early, str):
+            raise ConfigError(f"{option}='early': {type(model).__name__} does not name an early layer; give a module name")
+        name = early
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        some = ", ".join(n for n in list(modules)[1:12])
+        raise ConfigError(f"{option}={name!r}: the model has no module of that name (its first modules: {some}, …)")
+    return name
+
+
 class FeatureTap:
     """The output of one named module of a model, averaged over its spatial axes, at every forward.
 
@@ -29,15 +45,8 @@ class FeatureTap:
     """
 
     def __init__(self, model: nn.Module, name: str):
-        if name == "early":  # the model's own choice of its first block
-            early = getattr(model, "early_layer", None)
-            if not isinstance(early, str):
-                raise ConfigError(f"unsupervised.layer='early': {type(model).__name__} does not name an early layer; give a module name")
-            name = early
+        name = resolve_layer(model, name)
         modules = dict(model.named_modules())
-        if name not in modules or not name:
-            some = ", ".join(n for n in list(modules)[1:12])
-            raise ConfigError(f"unsupervised.layer={name!r}: the model has no module of that name (its first modules: {some}, …)")
         self.name = name
         width = _width(modules[name])
         if width is None:  # an activation or pooling: the width of what comes before it
@@ -70,4 +79,4 @@ class FeatureTap:
         self._handle.remove()
 
 
-__all__ = ["FeatureTap"]
+__all__ = ["FeatureTap", "resolve_layer"]
