@@ -88,7 +88,13 @@ class UnsupervisedBias(Method):
             context.device,
             context.make_optimizer,
         )
-        self.inner.setup(model, dataclasses.replace(context, num_biases=self.labeller.num_labels))
+        # a fixed grid of num_classes × num_labels groups whose members change between steps
+        self.inner.setup(
+            model,
+            dataclasses.replace(
+                context, num_biases=self.labeller.num_labels, bias_groups=self.labeller.possible_groups(), bias_changes=True
+            ),
+        )
 
     def _label(self, batch: Batch, output, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
