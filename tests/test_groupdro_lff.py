@@ -192,6 +192,63 @@ def test_groupdro_uses_context_group_counts():
         GroupDRO().setup(None, ctx)
 
 
+def test_groupdro_keeps_its_weights_on_the_groups_that_can_occur():
+    """--bias auto with the cluster labeller (k = 2): labels are class·2 + cluster, so of the 2 × 4
+    grid only (0, 0), (0, 1), (1, 2), (1, 3) can occur; q starts uniform over those and the other
+    cells keep weight 0 (today's q over all 8 cells would leave half the mass on groups that never
+    occur, halving the loss)."""
+    ctx = _ctx(num_classes=2, num_biases=4)
+    ctx.bias_groups = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    m = GroupDRO(GroupDROOptions(eta=0.5))
+    m.setup(None, ctx)
+    assert m.q.tolist() == [0.25, 0.25, 0, 0, 0, 0, 0.25, 0.25]
+    assert "allowed" not in m.state_dict()  # from the context, not state: older checkpoints still load
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.0]])
+    batch = {"target": torch.tensor([0, 0, 1, 1]), "bias": torch.tensor([0, 1, 2, 3]), "index": torch.arange(4)}
+    loss, _ = m.compute_loss(None, batch, ModelOutput(logits, logits))
+    ce = F.cross_entropy(logits, batch["target"], reduction="none")
+    q = torch.softmax(0.5 * ce, 0)  # all four reachable groups present: one softmax step from uniform
+    assert m.q[[0, 1, 6, 7]].tolist() == pytest.approx(q.tolist(), rel=1e-6)
+    assert m.q[[2, 3, 4, 5]].tolist() == [0, 0, 0, 0] and m.q.sum().item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(float((q * ce).sum()), rel=1e-6)  # the full mass on the reachable groups
+    batch["bias"] = torch.tensor([0, 2, 2, 3])  # (0, 2) cannot occur
+    with pytest.raises(ValueError, match="outside TrainContext.bias_groups"):
+        m.compute_loss(None, batch, ModelOutput(logits, logits))
+    ctx.bias_groups = torch.zeros(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bias_groups"):
+        GroupDRO().setup(None, ctx)
+
+
+def test_groupdro_recounts_group_sizes_every_epoch_when_labels_change():
+    """Pseudo labels (TrainContext.bias_changes): n_g of epoch e are the counts of epoch e − 1,
+    not those of the first epoch forever."""
+    c = 2.0
+    ctx = _ctx(num_samples=6, num_classes=2, num_biases=2)
+    ctx.bias_changes = True
+    m = GroupDRO(GroupDROOptions(generalization_adjustment=c))
+    m.setup(None, ctx)
+    logits = torch.zeros(6, 2)
+    target = torch.tensor([0, 0, 0, 0, 1, 1])
+    first = {"target": target, "bias": torch.tensor([0, 0, 0, 1, 1, 1]), "index": torch.arange(6)}
+    second = {"target": target, "bias": torch.tensor([0, 1, 1, 1, 0, 1]), "index": torch.arange(6)}  # labels moved
+    m.compute_loss(None, first, ModelOutput(logits, logits))
+    assert m.group_sizes().tolist() == [3, 1, 0, 2]  # epoch 1: its running counts
+    m.on_epoch_end(1)
+    m.compute_loss(None, second, ModelOutput(logits, logits))
+    assert m.group_sizes().tolist() == [3, 1, 0, 2]  # epoch 2 uses epoch 1's counts …
+    m.on_epoch_end(2)
+    assert m.group_sizes().tolist() == [1, 3, 1, 1]  # … and epoch 3 epoch 2's
+    saved = m.state_dict()
+    assert {"epoch_counts", "epoch_seen"} <= set(saved)
+    # fixed (true) labels: counted once, in the first epoch, as before (no new state)
+    fixed = GroupDRO(GroupDROOptions(generalization_adjustment=c))
+    fixed.setup(None, _ctx(num_samples=6, num_classes=2, num_biases=2))
+    for e, batch in enumerate((first, second), start=1):
+        fixed.compute_loss(None, batch, ModelOutput(logits, logits))
+        fixed.on_epoch_end(e)
+    assert fixed.group_sizes().tolist() == [3, 1, 0, 2] and "epoch_counts" not in fixed.state_dict()
+
+
 def test_groupdro_refuses_bad_setups_and_labels():
     with pytest.raises(ValueError, match="num_biases"):
         GroupDRO().setup(None, _ctx(num_biases=None))

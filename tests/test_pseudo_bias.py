@@ -385,7 +385,38 @@ def test_wrapper_answers_the_ddp_question_for_its_method():
 def test_groupdro_sees_pseudo_bias_groups():
     m, model, opt = _wrapped(method="groupdro", labeller="cluster", k=2, warmup_steps=0, bank_size=64)
     assert m.inner.num_biases == m.labeller.num_labels == 4
+    # class-specific cluster labels: q lives on the 4 reachable (target, label) cells of the 2 × 4 grid
+    assert torch.equal(m.inner.allowed.view(2, 4), m.labeller.possible_groups())
+    assert m.inner.q.view(2, 4)[~m.labeller.possible_groups()].sum() == 0
+    seen = _spy_bias(m)
     m.update(model, _batch(), opt, AUTOCAST)
+    assert len(seen) == 1 and bool((seen[0] // 2 == _batch()["target"]).all())  # class·k + cluster
+    assert float(m.inner.q.sum()) == pytest.approx(1.0) and m.inner.q.view(2, 4)[~m.labeller.possible_groups()].sum() == 0
+
+
+def test_groupdro_with_bias_auto_gets_the_pseudo_labels_not_the_true_ones():
+    """--bias auto --method groupdro: the groups are (target, pseudo bias); the true labels, given
+    in the batch, never reach GroupDRO, and its q follows the pseudo groups' losses."""
+    m = build_method("groupdro", {"eta": 1.0}, _opts(warmup_steps=0, min_aligned=0.0))
+    model = TinyNet(6)
+    m.setup(model, _ctx(num_samples=16, num_biases=5))  # the dataset's count is replaced by the labeller's
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert m.inner.num_biases == m.labeller.num_labels == 2 and m.inner.q.numel() == 4
+    seen = _spy_bias(m)
+    made = []
+
+    def pseudo(f, lg, t, step=0, index=None):  # hand-made: every 4th sample "conflicting", unlike the true bias
+        made.append(torch.where(index % 4 == 0, 1 - t, t))
+        return made[-1]
+
+    m.labeller.assign = pseudo
+    for s in range(3):
+        b = _batch(seed=s)
+        logs = m.update(model, b, opt, AUTOCAST)
+        assert torch.equal(seen[-1], made[-1]) and not torch.equal(seen[-1], b["bias"])
+        assert float(logs["pseudo_active"]) == 1 and "worst_group_loss" in logs
+    # q moved on the pseudo groups only: all four (target, pseudo) cells are present in every batch
+    assert not torch.allclose(m.inner.q, torch.full((4,), 0.25)) and float(m.inner.q.sum()) == pytest.approx(1.0)
 
 
 class TwoStageNet(torch.nn.Module):

@@ -173,17 +173,12 @@ def synth_manifest(tmp_path_factory):
     return root / "manifest.csv"
 
 
-@pytest.mark.parametrize(
-    "bias,method,message",
-    [
-        ("none", "vanilla", "train.sampling=group_balanced needs bias labels; this run has none; use --bias site"),
-        ("auto", "end", "train.sampling=group_balanced needs the true bias labels; with --bias auto"),
-    ],
-)
-def test_group_balanced_without_true_bias_labels_is_refused(synth_manifest, tmp_path, monkeypatch, capsys, bias, method, message):
+def test_group_balanced_without_bias_labels_is_refused(synth_manifest, tmp_path, monkeypatch, capsys):
+    """--bias none: no labels to balance (--bias auto balances its pseudo labels: tests/test_pseudo_sampling.py)."""
+    message = "train.sampling=group_balanced needs bias labels; this run has none; use --bias site"
     out = tmp_path / "run"
     args = [
-        "train", "--data", synth_manifest, "--config", REPO / "configs" / "cxr" / "synthetic.yaml", "--bias", bias, "--method", method,
+        "train", "--data", synth_manifest, "--config", REPO / "configs" / "cxr" / "synthetic.yaml", "--bias", "none", "--method", "vanilla",
         "--out", out, "--epochs", "1", "--image-size", "32", "--set", "train.sampling=group_balanced",
         "--set", "train.progress=false",
     ]
@@ -238,3 +233,33 @@ def test_weighted_loss_weights_the_classes_as_drawn():
     share = torch.bincount(drawn, minlength=2).double() / drawn.numel()
     assert share.tolist() == pytest.approx([2 / 3, 1 / 3], abs=0.02)
     assert (share * weights.double()).tolist() == pytest.approx([0.5, 0.5], abs=0.02)  # equal class mass in the loss
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_weights_function_is_asked_once_per_epoch_and_none_means_the_unweighted_order(streaming):
+    """--bias auto's sampling gives the loader a function (its labels change every epoch): an
+    epoch it answers None is exactly the unweighted loader's, one it answers weights is exactly
+    the fixed-weights loader's."""
+    data = _samples({(0, 0): 16, (0, 1): 3, (1, 0): 2, (1, 1): 11})
+    weights = group_balanced_weights(data.targets, data.biases)
+    answers = iter([None, weights])
+    asked = []
+
+    def fn():
+        asked.append(1)
+        return next(answers)
+
+    def make(w):
+        if streaming:
+            return EpochDataLoader(data, 8, shuffle=True, seed=3, collate_fn=collate, weights=w)
+        return TensorBatchLoader(data, 8, shuffle=True, seed=3, weights=w)
+
+    dynamic = make(fn)
+    for epoch, reference in ((1, make(None)), (2, make(weights))):
+        dynamic.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        assert torch.equal(_drawn(dynamic), _drawn(reference))
+        assert len(asked) == epoch
+    with pytest.raises(ValueError, match="finite non-negative"):
+        bad = make(lambda: torch.zeros(len(data)))
+        _drawn(bad)

@@ -13,7 +13,7 @@ method consumes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -82,6 +82,11 @@ class _EpochSeededLoader:
     non-negative weight per sample, e.g. :func:`cxrdebias.data.sampling.group_balanced_weights`)
     an epoch is instead ``n`` indices drawn *with replacement*, sample ``i`` with probability
     ∝ ``weights[i]``, from the same ``(seed, e)`` generator (``shuffle`` is then irrelevant).
+    ``weights`` may also be a function, asked once at the start of every epoch (before its first
+    batch) for that epoch's weights; when it returns ``None`` the epoch is the unweighted one.
+    Group-balanced sampling on ``--bias auto``'s pseudo labels uses it: the weights come from the
+    labels of the epochs before (the caller keeps them in its checkpoints, so a resumed run draws
+    the same epoch).
     """
 
     def __init__(
@@ -94,20 +99,17 @@ class _EpochSeededLoader:
         drop_last: bool,
         rank: int = 0,
         world_size: int = 1,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
     ):
-        if weights is not None:
-            weights = torch.as_tensor(weights, dtype=torch.float64)
-            if weights.shape != (n,) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-                raise ValueError(f"weights must be {n} finite non-negative values, not all 0")
-        self.weights = weights
+        self._n = n
+        self.weights_fn = weights if callable(weights) else None
+        self.weights = None if weights is None or callable(weights) else self._checked(weights)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size % world_size:
             raise ValueError(f"the global batch_size {batch_size} must be divisible by world_size {world_size}")
-        self._n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -115,6 +117,21 @@ class _EpochSeededLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+
+    def _checked(self, weights: torch.Tensor) -> torch.Tensor:
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        n = self._n
+        if weights.shape != (n,) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {n} finite non-negative values, not all 0")
+        return weights
+
+    def epoch_weights(self) -> torch.Tensor | None:
+        """This epoch's sampling weights (``None``: unweighted): the fixed ones, or what the
+        weights function answers now. Asked once per epoch, when its iteration starts."""
+        if self.weights_fn is None:
+            return self.weights
+        w = self.weights_fn()
+        return None if w is None else self._checked(w)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -131,22 +148,24 @@ class _EpochSeededLoader:
         n = self._n_total
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def order(self) -> torch.Tensor:
+    def order(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """This epoch's sample order (same on every rank): a permutation, or with ``weights``
-        ``n`` weighted draws with replacement."""
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self._n, replacement=True, generator=self.generator())
+        (default: the fixed ones) ``n`` weighted draws with replacement."""
+        weights = self.weights if weights is None else weights
+        if weights is not None:
+            order = torch.multinomial(weights, self._n, replacement=True, generator=self.generator())
         else:
             order = torch.randperm(self._n, generator=self.generator()) if self.shuffle else torch.arange(self._n)
         pad = self._n_total - self._n
         return torch.cat([order, order[:pad]]) if pad else order  # DistributedSampler's padding
 
-    def batch_indices(self) -> Iterator[torch.Tensor]:
+    def batch_indices(self, weights: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """This rank's indices of each batch: the contiguous ``rank``-th share of every global
         batch of ``batch_size`` (the whole batch in a single process), so the ranks' batches
         concatenated in rank order are the one-process batch. With ``world_size > 1`` the
-        epoch is padded by repeating its first samples until it divides evenly."""
-        order = self.order()
+        epoch is padded by repeating its first samples until it divides evenly. ``weights``:
+        this epoch's (:meth:`epoch_weights`; default: the fixed ones)."""
+        order = self.order(weights)
         for b in range(len(self)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             per_rank = batch.shape[0] // self.world_size
@@ -166,7 +185,7 @@ class TensorBatchLoader(_EpochSeededLoader):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
     ):
         super().__init__(
             len(samples), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
@@ -175,7 +194,7 @@ class TensorBatchLoader(_EpochSeededLoader):
         self.samples = samples
 
     def __iter__(self) -> Iterator[Batch]:
-        for index in self.batch_indices():
+        for index in self.batch_indices(self.epoch_weights()):
             yield self.samples.batch(index)
 
 
@@ -195,7 +214,7 @@ class EpochDataLoader(_EpochSeededLoader):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
     ):
         super().__init__(
             len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
@@ -207,10 +226,11 @@ class EpochDataLoader(_EpochSeededLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         # weighted draws, or this rank's share of each global batch: the batches of batch_indices
-        if self.world_size > 1 or self.weights is not None:
+        weights = self.epoch_weights()
+        if self.world_size > 1 or weights is not None:
             yield from torch.utils.data.DataLoader(
                 self.dataset,
-                batch_sampler=[b.tolist() for b in self.batch_indices()],
+                batch_sampler=[b.tolist() for b in self.batch_indices(weights)],
                 num_workers=self.num_workers,
                 collate_fn=self.collate_fn,
                 generator=self.generator(),
@@ -247,7 +267,7 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    weights: torch.Tensor | None = None,
+    weights: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
 ) -> TensorBatchLoader | EpochDataLoader:
     """The loader that fits ``samples``: tensor indexing for an in-memory
     :class:`TensorSamples`, a streaming :class:`EpochDataLoader` (``num_workers`` processes,
@@ -255,7 +275,8 @@ def make_loader(
 
     Under data-parallel training (``world_size > 1``) ``batch_size`` is the global batch and
     the loader yields rank ``rank``'s contiguous share of each one. ``weights``: draw each epoch
-    with replacement by these per-sample weights instead of shuffling (:class:`_EpochSeededLoader`)."""
+    with replacement by these per-sample weights instead of shuffling, or a function that gives
+    each epoch's weights (``None``: shuffle) at its start (:class:`_EpochSeededLoader`)."""
     if isinstance(samples, TensorSamples):
         return TensorBatchLoader(
             samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,

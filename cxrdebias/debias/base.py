@@ -41,6 +41,12 @@ class TrainContext:
     (overrides change its config, e.g. ``kernel_size=1`` for ReBias's biased network);
     ``make_optimizer``/``make_scheduler`` give the run's optimiser and LR schedule for the
     method's own networks.
+
+    ``bias_groups`` (``num_classes × num_biases`` bool, ``None`` = all) are the (target, bias)
+    pairs that can occur at all, and ``bias_changes`` says that a sample's bias label may change
+    from one step to the next: both describe online pseudo-bias labels (``--bias auto``; the
+    cluster labeller's labels are class-specific, ``class·k + cluster``), which GroupDRO uses to
+    keep its group weights on the reachable groups and to recount its group sizes every epoch.
     """
 
     num_samples: int
@@ -50,6 +56,8 @@ class TrainContext:
     make_scheduler: Callable[[torch.optim.Optimizer], Any]
     build_model: Callable[..., nn.Module] | None = None
     device: torch.device = torch.device("cpu")
+    bias_groups: torch.Tensor | None = None
+    bias_changes: bool = False
 
 
 class MethodOptions(BaseModel):

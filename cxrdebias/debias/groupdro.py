@@ -27,6 +27,15 @@ weight shrinks whenever another group's loss is positive; here they keep their w
 every group present the two are identical). ``n_g`` comes from the dataset up front there; here
 it comes from the optional context field ``group_counts`` or is counted from the batches of
 the first epoch (see :class:`GroupDRO`).
+
+With online pseudo-bias labels (``--bias auto``, :mod:`cxrdebias.debias.unsupervised`) the grid
+of groups stays fixed — ``num_classes × num_labels`` of the labeller — while a sample's group
+may change from step to step: ``q`` is a weight per *cell of that grid*, so a group keeps its
+weight while samples move in and out of it. Cells that can never occur (the cluster labeller's
+labels are class-specific, ``TrainContext.bias_groups``) start with ``q = 0`` and stay there,
+so the mass sits on the reachable groups; and the group sizes of the adjustment are recounted
+every epoch (``TrainContext.bias_changes``: the counts of epoch ``e − 1`` are ``n_g`` in epoch
+``e``; during the first epoch, its running counts).
 """
 
 from __future__ import annotations
@@ -95,9 +104,11 @@ class GroupDROOptions(MethodOptions):
 class GroupDRO(Method):
     r"""Online Group DRO (Sagawa et al., ICLR 2020, Algorithm 1) over ``(target, bias)`` groups.
 
-    Buffers (checkpointed with ``state_dict``): ``q`` (the group weights, uniform at start),
-    and for the generalisation adjustment ``group_counts`` / ``samples_counted`` /
-    ``counting`` (see below).
+    Buffers (checkpointed with ``state_dict``): ``q`` (the group weights, uniform at start over
+    the groups that can occur, ``TrainContext.bias_groups``), and for the generalisation
+    adjustment ``group_counts`` / ``samples_counted`` / ``counting`` (see below), plus
+    ``epoch_counts`` / ``epoch_seen`` when the labels change between steps
+    (``TrainContext.bias_changes``: ``n_g`` is then recounted every epoch, module doc).
 
     Group sizes ``n_g`` for the adjustment ``C/√n_g`` (eq. 5): if the context has a
     ``group_counts`` attribute (a length-``|G|`` sequence of training counts) it is used;
@@ -126,7 +137,18 @@ class GroupDRO(Method):
         self.num_groups = self.num_classes * self.num_biases
         self.num_samples = int(context.num_samples)
         dev = context.device
-        self.register_buffer("q", torch.full((self.num_groups,), 1.0 / self.num_groups, device=dev))
+        allowed = torch.ones(self.num_classes, self.num_biases, dtype=torch.bool, device=dev)
+        if context.bias_groups is not None:
+            given = torch.as_tensor(context.bias_groups, dtype=torch.bool, device=dev)
+            if given.shape != allowed.shape or not bool(given.any()):
+                raise ValueError(
+                    f"TrainContext.bias_groups must be a {self.num_classes}×{self.num_biases} bool grid "
+                    f"(num_classes × num_biases) with at least one True, got shape {tuple(given.shape)}"
+                )
+            allowed = given
+        # derived from the context at every setup, not state (a checkpoint of old code still loads)
+        self.register_buffer("allowed", allowed.flatten(), persistent=False)
+        self.register_buffer("q", self.allowed.float() / self.allowed.sum())
         counts = getattr(context, "group_counts", None)
         if counts is not None:
             counts = torch.as_tensor(counts, dtype=torch.float32, device=dev).flatten()
@@ -140,6 +162,11 @@ class GroupDRO(Method):
         )
         self.register_buffer("samples_counted", torch.zeros((), dtype=torch.float32, device=dev))
         self.register_buffer("counting", torch.tensor(counts is None, device=dev))
+        # pseudo labels change between steps: n_g of epoch e = the counts of epoch e − 1
+        self.recount = bool(context.bias_changes) and counts is None and self.options.generalization_adjustment > 0
+        if self.recount:
+            self.register_buffer("epoch_counts", torch.zeros(self.num_groups, device=dev))
+            self.register_buffer("epoch_seen", torch.zeros((), dtype=torch.float32, device=dev))
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_labels(self, target: torch.Tensor, bias: torch.Tensor) -> None:
@@ -149,6 +176,8 @@ class GroupDRO(Method):
                 f"GroupDRO: target must be in [0, {self.num_classes}) and bias in "
                 f"[0, {self.num_biases}); the batch has labels outside"
             )
+        if not bool(self.allowed[group_ids(target, bias, self.num_biases)].all()):
+            raise ValueError("GroupDRO: the batch has a (target, bias) pair outside TrainContext.bias_groups")
 
     def group_sizes(self) -> torch.Tensor:
         """``n_g`` of the generalisation adjustment.
@@ -176,10 +205,15 @@ class GroupDRO(Method):
         present = stats.count > 0
         adjusted = stats.loss
         if self.options.generalization_adjustment > 0:
-            if bool(self.counting) and self.training:
+            if self.training:
                 with torch.no_grad():
-                    self.group_counts += stats.count.detach().to(self.group_counts.dtype)
-                    self.samples_counted += target_all.shape[0]
+                    batch_counts = stats.count.detach().to(self.group_counts.dtype)
+                    if bool(self.counting):
+                        self.group_counts += batch_counts
+                        self.samples_counted += target_all.shape[0]
+                    if self.recount:
+                        self.epoch_counts += batch_counts
+                        self.epoch_seen += target_all.shape[0]
             n_g = self.group_sizes().clamp(min=1)
             adjusted = adjusted + self.options.generalization_adjustment / n_g.sqrt()
         if self.training:
@@ -194,6 +228,11 @@ class GroupDRO(Method):
     def on_epoch_end(self, epoch: int) -> None:
         if bool(self.counting) and float(self.samples_counted) > 0:
             self.counting.fill_(False)
+        if self.recount and float(self.epoch_seen) > 0:  # this epoch's counts are n_g of the next
+            self.group_counts.copy_(self.epoch_counts)
+            self.samples_counted.copy_(self.epoch_seen)
+            self.epoch_counts.zero_()
+            self.epoch_seen.zero_()
 
     def describe(self):
         return {**super().describe(), "num_groups": getattr(self, "num_groups", None)}

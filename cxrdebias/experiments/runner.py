@@ -17,6 +17,7 @@ run, validates, tests and writes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,18 @@ def _check_selection(cfg: ExperimentConfig, proto: Protocol) -> None:
 
 def sampling_cells(cfg: ExperimentConfig, proto: Protocol) -> Cells | None:
     """The training split's (target, bias) cells for ``train.sampling=group_balanced`` (None for
-    ``none``); a :class:`ConfigError` when the run has no true bias labels to balance (``data.bias=none``,
-    ``--bias auto``) or the protocol does not provide them. Works under data parallelism: every
-    rank draws the same epoch and takes its share of each global batch."""
+    ``none``, and for ``--bias auto``, whose cells come from the pseudo labels every epoch:
+    :func:`pseudo_label_weights`); a :class:`ConfigError` when the run has no bias labels to
+    balance (``data.bias=none`` without ``--bias auto``) or the protocol does not provide the
+    training labels. Works under data parallelism: every rank draws the same epoch and takes its
+    share of each global batch."""
     if cfg.train.sampling == "none":
         return None
     what = "train.sampling=group_balanced"
-    if cfg.unsupervised.enabled:
-        raise ConfigError(f"{what} needs the true bias labels; with --bias auto the method gets pseudo labels (use --bias site or train.sampling=none)")
+    if cfg.unsupervised.enabled:  # pseudo labels: only the targets are needed here
+        if proto.train_targets is None:
+            raise ConfigError(f"{what} with --bias auto: not supported for data.kind={cfg.data.kind!r}")
+        return None
     if proto.num_biases is None:
         hint = "; use --bias site" if getattr(cfg.data, "bias", None) == "none" else ""
         raise ConfigError(f"{what} needs bias labels; this run has none{hint}")
@@ -85,6 +90,28 @@ def sampling_cells(cfg: ExperimentConfig, proto: Protocol) -> Cells | None:
         return cells(proto.train_targets, proto.train_biases)
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
+
+
+def pseudo_label_weights(
+    method: Any, targets: torch.Tensor, on_cells: Callable[[Cells | None], None] | None = None
+) -> Callable[[], torch.Tensor | None]:
+    """The loader's weights function for ``train.sampling=group_balanced`` with ``--bias auto``.
+
+    Asked at the start of every epoch (:class:`~cxrdebias.data.base._EpochSeededLoader`): the
+    (target, pseudo-bias) cells of the labels the labeller gave during the previous epochs
+    (``method.sampling_cells``, :class:`~cxrdebias.debias.unsupervised.UnsupervisedBias`) and
+    their group-balanced weights, or ``None`` — the natural order — in epoch 1, during the
+    warm-up and while the shortcut gate is closed. ``on_cells(cells or None)`` is told every
+    epoch's choice (the runner re-weights the loss's classes as drawn). The labels are in the
+    method's checkpoints, so a resumed run draws what the uninterrupted one would."""
+
+    def weights() -> torch.Tensor | None:
+        found = method.sampling_cells(targets)
+        if on_cells is not None:
+            on_cells(found)
+        return None if found is None else found.weights()
+
+    return weights
 
 
 def class_weights(targets: torch.Tensor, class_names: tuple[str, ...]) -> torch.Tensor:
@@ -116,12 +143,15 @@ def run_experiment(
         release_lock(out)  # a no-op where this process holds no lock (other ranks, a refused folder)
 
 
-def _sampling_record(group: Cells, method: Any) -> dict[str, Any]:
-    """``results["train"]["sampling"]`` of a group-balanced run: the cells and the loss's class weights."""
+def _sampling_record(group: Cells | None, method: Any, pseudo: bool = False) -> dict[str, Any]:
+    """``results["train"]["sampling"]`` of a group-balanced run: the cells and the loss's class
+    weights (``--bias auto``: ``labels: pseudo``, the cells of the last epoch's draw — ``None``
+    for the natural order — and per epoch in ``metrics.jsonl`` → ``pseudo_bias.sampled_cells``)."""
     weights = getattr(method, "class_weights", None)
     return {
         "method": "group_balanced",
-        "cells": group.describe(),
+        **({"labels": "pseudo (the labeller's, of the previous epoch)"} if pseudo else {}),
+        "cells": None if group is None else group.describe(),
         "loss_class_weights": None if weights is None else [float(w) for w in weights],
     }
 
@@ -166,13 +196,25 @@ def _run_experiment(
     seed_everything(cfg.seed)
     activation = method.feature_activation
     model = build_model(cfg.model, proto.num_classes, in_channels=proto.in_channels, feature_activation=activation)
-    if cfg.train.class_balance == "weighted_loss":
+    weighted = cfg.train.class_balance == "weighted_loss"
+    if weighted:
         if proto.train_targets is None:
             raise ConfigError(f"train.class_balance=weighted_loss: not supported for data.kind={cfg.data.kind!r}")
         names = proto.class_names or tuple(f"class {i}" for i in range(proto.num_classes))
         # group-balanced sampling draws each cell equally often: weight the classes as drawn
         # (one entry per cell; uniform when every class has as many cells), not a second time
         method.set_class_weights(class_weights(proto.train_targets if group is None else group.keys[:, 0], names))
+    weights: Any = None if group is None else group.weights()
+    pseudo = group is None and cfg.train.sampling == "group_balanced"  # --bias auto: cells of the pseudo labels
+    drawn: list[Cells | None] = [None]
+    if pseudo:
+
+        def on_cells(found: Cells | None) -> None:  # every epoch: the classes as this epoch draws them
+            drawn[0] = found
+            if weighted:
+                method.set_class_weights(class_weights(proto.train_targets if found is None else found.keys[:, 0], names))
+
+        weights = pseudo_label_weights(method, proto.train_targets, on_cells)
 
     def loader(split: Any) -> Any:  # evaluation: rank 0, the whole split, in order
         return make_loader(split, proto.eval_batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers)
@@ -188,7 +230,7 @@ def _run_experiment(
         make_loader(
             proto.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
             num_workers=cfg.train.num_workers, drop_last=cfg.train.drop_last,
-            rank=world.rank, world_size=world.world_size, weights=None if group is None else group.weights(),
+            rank=world.rank, world_size=world.world_size, weights=weights,
         ),
         cfg.train,
         run=run,
@@ -205,9 +247,14 @@ def _run_experiment(
         build_model=model_factory(cfg.model, proto.num_classes, in_channels=proto.in_channels, feature_activation=activation),
     )
     console.print(f"{proto.banner(method, trainer.precision)} → {esc(run.path)}")
+    as_drawn = "; the weighted loss weights the classes as drawn" if weighted else ""
     if group is not None:
-        weighted = "; the weighted loss weights the classes as drawn" if cfg.train.class_balance == "weighted_loss" else ""
-        console.print(f"group-balanced sampling: {len(group.counts)} (target, bias) cells, each drawn equally often{weighted}")
+        console.print(f"group-balanced sampling: {len(group.counts)} (target, bias) cells, each drawn equally often{as_drawn}")
+    elif pseudo:
+        console.print(
+            "group-balanced sampling on pseudo labels: each epoch's (target, pseudo-bias) cells from the labeller's "
+            f"labels of the previous epoch, each drawn equally often (epoch 1, warm-up, gate closed: natural order){as_drawn}"
+        )
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     train_time = time.perf_counter() - t0
@@ -229,7 +276,7 @@ def _run_experiment(
             "time_s": sum(h["train"]["time_s"] + h.get("eval_time_s", 0.0) for h in result.history),
             "time_s_this_invocation": train_time,
             **proto.train_info,
-            **({} if group is None else {"sampling": _sampling_record(group, method)}),
+            **({"sampling": _sampling_record(drawn[0] if pseudo else group, method, pseudo)} if group is not None or pseudo else {}),
             "img_per_s_last_epoch": last["train"]["img_per_s"],
             "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": world.world_size,

@@ -175,6 +175,11 @@ class PseudoBiasLabeller(nn.Module):
         """Samples the labeller believes bias-conflicting (class-space labels: ``label ≠ target``)."""
         return labels != targets
 
+    def possible_groups(self) -> torch.Tensor:
+        """``num_classes × num_labels`` bool: the (target, label) pairs this labeller can produce
+        (class-space labels: all of them)."""
+        return torch.ones(self.num_classes, self.num_labels, dtype=torch.bool)
+
     def summary(self) -> dict[str, Any]:
         """Small per-epoch facts worth logging (e.g. the chosen k per class)."""
         return {}
@@ -285,6 +290,10 @@ class ClusterLabeller(PseudoBiasLabeller):
 
     def fallback(self, targets):
         return targets.long() * self.k
+
+    def possible_groups(self) -> torch.Tensor:
+        """Labels are class-specific: class ``c`` only ever gets ``c·k … c·k + k − 1``."""
+        return torch.arange(self.num_labels)[None, :] // self.k == torch.arange(self.num_classes)[:, None]
 
     def conflicting(self, labels, targets):
         c = labels // self.k

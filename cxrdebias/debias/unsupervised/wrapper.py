@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cxrdebias.data.base import Batch
+from cxrdebias.data.sampling import Cells, cells
 from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.debias.unsupervised.agreement import label_agreement
 from cxrdebias.debias.unsupervised.labellers import build_labeller
@@ -69,6 +70,10 @@ class UnsupervisedBias(Method):
         self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
         self._epoch: dict[str, list[torch.Tensor]] = {}
         self._tap: FeatureTap | None = None  # built by setup (a hook on the model, not state)
+        # every training sample's latest pseudo label (-1: not labelled yet), for group-balanced
+        # sampling on pseudo labels; in extra_state (checkpoints) — see sampling_cells
+        self._sample_labels: torch.Tensor | None = None
+        self._drawn: dict[str, int] | None | bool = False  # what this epoch's draw used (False: not asked)
 
     def needs_unused_parameter_search(self) -> bool:
         return self.inner.needs_unused_parameter_search()
@@ -88,7 +93,15 @@ class UnsupervisedBias(Method):
             context.device,
             context.make_optimizer,
         )
-        self.inner.setup(model, dataclasses.replace(context, num_biases=self.labeller.num_labels))
+        if context.num_samples > 0:
+            self._sample_labels = torch.full((context.num_samples,), -1, dtype=torch.long, device=context.device)
+        # a fixed grid of num_classes × num_labels groups whose members change between steps
+        self.inner.setup(
+            model,
+            dataclasses.replace(
+                context, num_biases=self.labeller.num_labels, bias_groups=self.labeller.possible_groups(), bias_changes=True
+            ),
+        )
 
     def _label(self, batch: Batch, output, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the labeller with this forward pass; (pseudo labels, likely conflicting)."""
@@ -102,7 +115,46 @@ class UnsupervisedBias(Method):
         share = 1.0 - conflicting.float().mean()
         m = self.unsupervised.gate_momentum
         self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
+        self._remember(index, pseudo_all)
         return pseudo_all[own], conflicting[own]
+
+    @torch.no_grad()
+    def _remember(self, index: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep each sample's latest label (a sample drawn twice in the step: its last row, on any device)."""
+        table = self._sample_labels
+        if table is None:
+            return
+        index, labels = index.to(table.device).long(), labels.to(table.device)
+        order = torch.argsort(index, stable=True)
+        index, labels = index[order], labels[order]
+        last = torch.ones_like(index, dtype=torch.bool)
+        last[:-1] = index[1:] != index[:-1]
+        table[index[last]] = labels[last]
+
+    def sampling_cells(self, targets: torch.Tensor) -> Cells | None:
+        """The (target, pseudo-bias) cells the coming epoch's group-balanced draw uses
+        (``train.sampling=group_balanced`` with ``--bias auto``), or ``None``: the natural order.
+
+        Asked by the loader at the start of each epoch, before its first step, so the labels are
+        those the labeller gave during the *previous* epochs — each sample's latest one (a sample
+        the draws left out keeps an older label; one never labelled gets the labeller's
+        ``fallback``, "bias-aligned"). ``None`` (natural order) before any label exists (epoch 1),
+        while the warm-up lasts, and while the shortcut gate is closed — the same evidence the
+        method needs before it gets pseudo labels. ``targets``: the training split's, in index order.
+        """
+        table = self._sample_labels
+        targets = torch.as_tensor(targets).long().reshape(-1).cpu()
+        if table is None or targets.numel() != table.numel():
+            raise ValueError(f"sampling on pseudo labels: {targets.numel()} targets for {0 if table is None else table.numel()} samples")
+        ready = int(self.step) >= max(1, self.unsupervised.warmup_steps) and self.gate_open() and bool((table >= 0).any())
+        if not ready:
+            self._drawn = None
+            return None
+        labels = table.cpu()
+        labels = torch.where(labels >= 0, labels, self.labeller.fallback(targets).cpu())
+        found = cells(targets, labels)
+        self._drawn = found.describe()
+        return found
 
     def gate_open(self) -> bool:
         """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``.
@@ -214,17 +266,26 @@ class UnsupervisedBias(Method):
             **self.labeller.summary(),
             **label_agreement(cat["true"], cat["pseudo"], cat["target"]),
         }
+        if self._drawn is not False:  # group-balanced sampling on pseudo labels: this epoch's cells (None: natural order)
+            out["sampled_cells"] = self._drawn
+            self._drawn = False
         return {"pseudo_bias": out}
 
     def on_epoch_end(self, epoch: int) -> None:
         self.inner.on_epoch_end(epoch)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"inner": self.inner.extra_state(), "labeller": self.labeller.extra_state()}
+        out = {"inner": self.inner.extra_state(), "labeller": self.labeller.extra_state()}
+        if self._sample_labels is not None:
+            out["sample_labels"] = self._sample_labels.cpu().clone()
+        return out
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.inner.load_extra_state(state.get("inner", {}))
         self.labeller.load_extra_state(state.get("labeller", {}))
+        saved = state.get("sample_labels")  # absent in checkpoints of older versions: nothing labelled yet
+        if saved is not None and self._sample_labels is not None and saved.shape == self._sample_labels.shape:
+            self._sample_labels.copy_(saved.to(self._sample_labels.device))
 
     def describe(self) -> dict[str, Any]:
         u = self.unsupervised.model_dump(exclude={"enabled"})
