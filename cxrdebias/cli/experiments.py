@@ -308,10 +308,10 @@ def train_cmd(
             "data.preprocess.image_size": image_size,
             "model.pretrained": pretrained,
             "train.epochs": epochs,
-            # the shipped recipe balances site × label cells: with --bias auto the cells of the pseudo
-            # labels (docs/unsupervised.md); with --bias none there are none, so the natural order (an
-            # explicit --set train.sampling wins, and is refused)
-            "train.sampling": "none" if bias == "none" and not _is_set(set_, "train.sampling") else None,
+            # the shipped recipe balances site × label cells, which needs the true sites: with --bias none
+            # or auto the natural order (as --bias auto was measured); an explicit --set train.sampling
+            # wins (auto: balances the pseudo labels' cells, docs/unsupervised.md; none: refused)
+            "train.sampling": "none" if bias in ("auto", "none") and not _is_set(set_, "train.sampling") else None,
             "seed": seed,
         },
         overrides=set_,
