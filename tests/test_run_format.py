@@ -31,9 +31,9 @@ CXR_RESULTS_KEYS = [
     "stopped_early", "threshold", "val_metrics", "train", "config", "data", "code_version", "environment", "finished",
 ]
 CXR_TRAIN_KEYS = [
-    "precision", "device", "time_s", "time_s_this_invocation", "image_load_time_s", "img_per_s_last_epoch",
+    "precision", "device", "time_s", "time_s_this_invocation", "image_load_time_s", "sampling", "img_per_s_last_epoch",
     "resumed_from_epoch", "world_size",
-]
+]  # "sampling" (the cells and class weights of train.sampling=group_balanced): the CXR configs' default since issue 21
 MODEL_FILE_KEYS = [
     "format", "arch", "model_config", "feature_activation", "num_classes", "class_names", "in_channels",
     "state_dict", "preprocess", "threshold", "threshold_method", "site_to_index", "site_source", "bias", "method",
