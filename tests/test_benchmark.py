@@ -656,3 +656,11 @@ def test_the_reference_set_also_removes_a_label_correlated_cue(tmp_path):
     assert reference_options({"external_sites": 1}) == {}
     opts = {"cue": "tag", "cue_positive_rate": 0.95, "cue_negative_rate": 0.05, "image_size": 48}
     assert reference_options(opts) == {"cue_positive_rate": 0.5, "cue_negative_rate": 0.5}
+
+
+def test_recipes_filter_keeps_the_default_and_the_spec_order():
+    """--recipes naming neither the default nor the baseline keeps both (a spec whose default was
+    filtered out was refused: 'default … is not a recipe'), in the spec's order."""
+    spec = load_spec(None, recipes=["auto", "end"])
+    assert list(spec.recipes) == [r for r in load_spec().recipes if r in {"vanilla", "reference", spec.default, "end", "auto"}]
+    assert list(spec.recipes)[0] == "vanilla" and spec.default in spec.recipes

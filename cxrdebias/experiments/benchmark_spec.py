@@ -110,14 +110,11 @@ def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
         unknown = [r for r in changes["recipes"] if r not in known]
         if unknown:
             raise ConfigError(f"--recipes: {', '.join(unknown)} not in {path} (known: {', '.join(known)})")
-        keep = list(dict.fromkeys(changes["recipes"]))
-        for need in (tree.get("baseline", "vanilla"), tree.get("reference", "reference")):
-            if need and need in known and need not in keep:
-                keep.insert(0, need)
-        for r in list(keep):
-            src = (known[r] or {}).get("from")
-            if src and src not in keep:
-                keep.insert(0, src)
+        # the named recipes, the baseline, the reference, the default and the sources of post-hoc
+        # ones, in the spec's order
+        wanted = {*changes["recipes"], *(tree.get(k, d) for k, d in (("baseline", "vanilla"), ("reference", "reference"), ("default", None)))}
+        wanted |= {(known[r] or {}).get("from") for r in list(wanted) if r in known}
+        keep = [r for r in known if r in wanted]
         tree["recipes"] = {k: known[k] for k in keep}
     try:
         return BenchmarkSpec.model_validate(tree)
