@@ -45,10 +45,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from cxrdebias.data.csv_records import read_csv_records
 from cxrdebias.data.synthetic.numeric import segment_distance
+from cxrdebias.data.synthetic.signature import rendered_text
 from cxrdebias.errors import DataError
 
 #: kinds drawn into the attenuation (physical devices); the others are burned in
@@ -117,11 +118,7 @@ def draw_rng(seed: int, site: int, split: str, patient: int, image: int) -> np.r
 @lru_cache(maxsize=16)
 def _glyphs(text: str, height: int) -> np.ndarray:
     """Tight binary mask of ``text`` (PIL's bitmap font), resized to ``height`` rows (nearest)."""
-    font = ImageFont.load_default_imagefont()
-    left, top, right, bottom = font.getbbox(text)
-    img = Image.new("L", (right + 2, bottom + 2), 0)
-    ImageDraw.Draw(img).text((1, 1), text, font=font, fill=255)
-    m = np.asarray(img) > 0
+    m = rendered_text(text)[0] > 0
     rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
     m = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     width = max(1, int(round(m.shape[1] * height / m.shape[0])))

@@ -12,14 +12,22 @@ from cxrdebias.data.synthetic.numeric import blur, grain_bank, sigmoid
 from cxrdebias.data.synthetic.styles import Corner, SiteStyle
 
 
-@lru_cache(maxsize=64)
-def _text_mask(text: str, scale: int) -> np.ndarray:
-    """Binary mask of ``text`` in PIL's built-in bitmap font, magnified by ``scale``."""
+def rendered_text(text: str) -> tuple[np.ndarray, int]:
+    """``text`` drawn in PIL's built-in bitmap font at (1, 1) on a black canvas one pixel wider
+    and taller than its box (uint8, 255 = ink), and the font box's top; what the site labels and
+    the burned-in text cues (:mod:`cxrdebias.data.synthetic.cues`) are cut from."""
     font = ImageFont.load_default_imagefont()
     left, top, right, bottom = font.getbbox(text)
     img = Image.new("L", (right + 2, bottom + 2), 0)
     ImageDraw.Draw(img).text((1, 1), text, font=font, fill=255)
-    m = np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img), top
+
+
+@lru_cache(maxsize=64)
+def _text_mask(text: str, scale: int) -> np.ndarray:
+    """Binary mask of ``text`` in PIL's built-in bitmap font, magnified by ``scale``."""
+    ink, top = rendered_text(text)
+    m = ink.astype(np.float32) / 255.0
     m = m[max(top, 0) :, :]
     rows, cols = np.nonzero(m > 0)
     m = m[: rows.max() + 2, : cols.max() + 2] if rows.size else m
