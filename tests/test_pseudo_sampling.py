@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from cxrdebias.data.base import TensorBatchLoader, TensorSamples
@@ -20,28 +19,19 @@ from cxrdebias.data.sampling import cells
 from cxrdebias.debias import build_method
 from cxrdebias.debias.unsupervised import PseudoBiasOptions
 from cxrdebias.experiments.runner import class_weights, pseudo_label_weights
-from cxrdebias.models.base import ModelOutput
 from tests.conftest import REPO, adam_context, assert_same_tensors, resume_after_interrupt, run_cli
+from tests.test_pseudo_bias import TinyNet
 
 AUTOCAST = contextlib.nullcontext
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-class TinyNet(torch.nn.Module):
-    def __init__(self, dim=6, num_classes=2):
-        super().__init__()
-        self.fc = torch.nn.Linear(dim, num_classes)
-        self.feature_dim = dim
-
-    def forward(self, x):
-        f = F.normalize(x.flatten(1), dim=1)
-        return ModelOutput(self.fc(f), f)
 
 
 def _auto(n: int, method: str = "vanilla", **kw):
     """A --bias auto method on :class:`TinyNet` (attractor on the bottleneck, no warm-up, gate off unless told)."""
     m = build_method(method, {}, PseudoBiasOptions(enabled=True, **{"layer": None, "warmup_steps": 0, "min_aligned": 0.0, **kw}))
-    model = TinyNet()
+    model = TinyNet(6)
     m.setup(model, adam_context(n, 2, None, lr=1e-2))
     return m, model, torch.optim.SGD(model.parameters(), lr=0.1)
 
