@@ -36,7 +36,7 @@ SEED_TABLE_METHODS = ("vanilla", "end")
 
 
 def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None) -> str:
-    """``rho0.997-end-paper-s42``; ``epochs`` (another schedule than the config's) adds ``-20ep``."""
+    """``rho0.997-end-partner_mean-s42``; ``epochs`` (another schedule than the config's) adds ``-20ep``."""
     return f"rho{rho:.3f}-{method}{'-' + form if form else ''}{f'-{epochs}ep' if epochs else ''}-s{seed}"
 
 
