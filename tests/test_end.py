@@ -327,3 +327,29 @@ def test_bad_shapes_raise():
         end_regularizer(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="form"):
         end_regularizer(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), form="nope")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_method_trains_with_every_form_and_logs_that_forms_terms(form):
+    from cxrdebias.debias import build_method
+    from cxrdebias.models import SimpleConvNet
+
+    torch.manual_seed(0)
+    model = SimpleConvNet(2, kernel_size=3, last_activation="tanh")
+    method = build_method("end", {"alpha": 0.5, "beta": 2.0, "form": form})
+    batch = {"image": torch.randn(6, 3, 8, 8), "target": torch.tensor([0, 0, 0, 1, 1, 1]), "bias": torch.tensor([0, 1, 0, 0, 0, 0])}
+    output = model(batch["image"])
+    loss, logs = method.compute_loss(model, batch, output)
+    terms = end_regularizer(output.features.detach(), batch["target"], batch["bias"], 0.5, 2.0, form=form, return_terms=True)
+    assert logs["R_perp"].item() == pytest.approx(terms.disentangle.item())
+    assert logs["R_par"].item() == pytest.approx(terms.entangle.item())
+    assert loss.item() == pytest.approx(logs["ce"].item() + terms.total.item(), rel=1e-6)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_an_unknown_form_in_a_config_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="partner_mean"):
+        EnDOptions(form="ours")
