@@ -440,3 +440,25 @@ def test_capture_pooled_needs_a_bottleneck_module():
     with pytest.raises(ValueError, match="Linear has no 'bottleneck'"):
         with capture_pooled(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_a_model_without_a_bottleneck_module_gives_its_features_to_hsic():
+    from cxrdebias.models import ModelOutput
+
+    class Plain(torch.nn.Module):  # a user's model: no `bottleneck` module to read raw features from
+        def __init__(self, **_overrides):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 3)
+
+        def forward(self, x):
+            f = x.flatten(1)
+            return ModelOutput(self.fc(f), f)
+
+    torch.manual_seed(0)
+    model = Plain()
+    method = ReBias(ReBiasOptions(update_g=False, lambda_=0.0))
+    method.setup(model, adam_context(32, 3, None, lr=1e-3, weight_decay=1e-4, lr_step=None, gamma=0.1, build_model=Plain))
+    x = _batch()["image"]
+    expected = hsic(x.flatten(1), x.flatten(1)).item()  # F and G both see the flattened image
+    logs = method.update(model, _batch(), torch.optim.Adam(model.parameters()), nullcontext)
+    assert logs["hsic"].item() == pytest.approx(expected, rel=1e-5)

@@ -23,7 +23,8 @@ HSIC sees, by default (``hsic_features="raw"``), the **raw pooled features** of 
 as the reference does (its SimpleConvNet has no normalisation): when the model L2-normalises its
 bottleneck in the forward path (``model.normalize_features``, EnD's information bottleneck), the
 features *before* that normalisation (``cxrdebias.models.capture_pooled``). With
-``hsic_features="bottleneck"`` HSIC sees the model's bottleneck output instead (normalised when
+``hsic_features="bottleneck"`` — and for a model without a ``bottleneck`` module (not built by
+this package) — HSIC sees the model's ``features`` output instead (normalised when
 the model normalises; every distance then lies in ``[0, 2]``, so ``σ = 1`` is another kernel
 scale than the reference's) — the behaviour before issue 25, kept as an option.
 
@@ -126,8 +127,8 @@ class ReBias(Method):
 
     def _forward(self, net: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """``(output, the features HSIC sees)``: raw pooled features or the bottleneck output."""
-        if self.options.hsic_features == "bottleneck":
-            out = net(x)
+        if self.options.hsic_features == "bottleneck" or not hasattr(getattr(net, "module", net), "bottleneck"):
+            out = net(x)  # a model of its own without a bottleneck module: its features as they are
             return out, out.features
         with capture_pooled(net) as seen:
             out = net(x)
