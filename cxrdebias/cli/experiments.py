@@ -177,7 +177,7 @@ reproduce_command(
     "Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy.",
     [
         _option("rho", Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")]),
-        _option("form", Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")]),
+        _option("form", Annotated[str | None, typer.Option(help="EnD: 'partner_mean' (default, this project's normalisation), 'paper' (eqs. 7/10 as written) or 'reference' (the authors' code).")]),
         _option("bias", Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")]),
         _option("labeller", LabellerOpt),
     ],
