@@ -288,17 +288,7 @@ def export_run(
     write_bytes_atomic(targets[0], final)
     write_text_atomic(targets[1], model_card(meta, targets[0].name))
     write_json_atomic(targets[2], monai_metadata(meta))
-    _shareable(targets)
     return ExportResult(targets[0], targets[1], targets[2], meta, parity, len(final))
-
-
-def _shareable(paths: Iterable[Path]) -> None:
-    """Give the written files the permissions of a normal new file (the atomic writer's
-    temporary files are private, 0600): a deployed model is meant to be read by others."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in paths:
-        os.chmod(path, 0o666 & ~mask)
 
 
 __all__ = [

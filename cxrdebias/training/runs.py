@@ -206,7 +206,9 @@ def staging_folder(final: str | Path) -> Path:
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        os.chmod(staging, fileio.new_folder_mode())  # mkdtemp's folder is private (0700)
+        return staging
     except OSError as exc:
         raise output_error(final, exc) from None
 
