@@ -3,14 +3,20 @@ progress of long steps, TensorBoard curves."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from cxrdebias import fileio
-from cxrdebias.training.runs import staging_folder
+from cxrdebias.console import make_console
+from cxrdebias.training.runs import RunDir, staging_folder
+from tests.conftest import single_torch_thread, tiny_synthetic_cxr_run
 
 
 @pytest.fixture
@@ -43,3 +49,62 @@ def test_file_modes_follow_the_umask(tmp_path):
         assert _mode(tmp_path / "private.txt") == 0o600
     finally:
         os.umask(old)
+
+
+# -- a run folder moved with its data, used from another folder --------------------------------
+
+TRAVEL_SYNTH = dict(seed=3, image_size=32, n_train_patients_per_site=8, n_val_patients_per_site=6,
+                    n_test_patients_per_site=4, images_per_patient=(1, 1))
+
+
+@pytest.fixture(scope="module")
+def travelled_run(tmp_path_factory):
+    """A tiny run trained with a manifest path relative to the folder it was trained in, then
+    moved (run and data together) elsewhere; returns (the moved run, what training printed on stderr)."""
+    from cxrdebias.data.synthetic import SynthConfig
+
+    base = tmp_path_factory.mktemp("travel")
+    root = base / "project"
+    root.mkdir()
+    err = io.StringIO()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.chdir(root)  # the manifest is given relative to this folder, as a user would
+        with single_torch_thread(), contextlib.redirect_stderr(err):
+            run = tiny_synthetic_cxr_run(root, SynthConfig(**TRAVEL_SYNTH), "data.manifest=data/manifest.csv")
+    finally:
+        mp.undo()
+    assert run == root / "run"
+    moved = base / "elsewhere" / "moved-project"
+    moved.parent.mkdir()
+    shutil.move(str(root), str(moved))
+    return moved / "run", err.getvalue()
+
+
+def test_the_run_records_where_its_manifest_lies(travelled_run):
+    run, _ = travelled_run
+    info = json.loads((run / "run.json").read_text())["data"]["manifest_location"]
+    assert info["relative_to_run"] == os.path.join("..", "data", "manifest.csv")
+    assert Path(info["absolute"]).is_absolute() and not Path(info["absolute"]).exists()  # moved away
+    assert RunDir(run).locate_manifest("data/manifest.csv") == run / ".." / "data" / "manifest.csv"
+
+
+def test_evaluate_export_compare_work_after_moving_from_another_folder(travelled_run, tmp_path, monkeypatch):
+    from cxrdebias.deploy.export import validation_images
+    from cxrdebias.experiments.evaluate import compare_runs, evaluate_run
+
+    run, _ = travelled_run
+    monkeypatch.chdir(tmp_path)  # neither the training folder (gone) nor the run's
+    with single_torch_thread():
+        report = evaluate_run(run, n_boot=10, console=make_console(stderr=True))
+    assert report["overall"]["n"] == 2 * TRAVEL_SYNTH["n_test_patients_per_site"]
+    assert (run / "eval" / "report.md").is_file()
+    images, source = validation_images(run, RunDir(run).read_config_located())
+    assert images is not None and len(images) == 2 * TRAVEL_SYNTH["n_val_patients_per_site"], source
+    assert "# run (end) vs run (end)" in compare_runs(run, run, n_boot=0)
+
+
+def test_a_threshold_chosen_on_few_validation_images_is_warned_about(travelled_run):
+    _, printed = travelled_run  # 12 validation images
+    warnings = [line for line in printed.splitlines() if "decision threshold was chosen on only" in line]
+    assert len(warnings) == 1 and "12 validation images" in warnings[0]

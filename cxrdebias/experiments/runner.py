@@ -38,7 +38,13 @@ from cxrdebias.models import build_model, model_factory
 from cxrdebias.training.device import seed_everything
 from cxrdebias.training.folders import release_lock
 from cxrdebias.training.provenance import code_version, environment, run_info
-from cxrdebias.training.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
+from cxrdebias.training.runs import (
+    MANIFEST_LOCATION,
+    RESULTS_FILE,
+    RUN_INFO_FILE,
+    RunDir,
+    manifest_location,
+)
 from cxrdebias.training.trainer import Trainer
 
 
@@ -186,7 +192,10 @@ def _run_experiment(
         def create_run() -> RunDir:
             new = RunDir.create(out, force=force, protected=input_paths(cfg))
             new.write_config(resolved)
-            new.write_json(RUN_INFO_FILE, run_info(proto.data_info()))
+            data = proto.data_info()
+            if isinstance(manifest := getattr(cfg.data, "manifest", None), str) and manifest:
+                data[MANIFEST_LOCATION] = manifest_location(manifest, new.path)
+            new.write_json(RUN_INFO_FILE, run_info(data))
             if proto.on_created is not None:
                 proto.on_created(new)
             return new
