@@ -104,9 +104,9 @@ def view_cmd(
     allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Open the viewer (Streamlit, onnxruntime only): study table, image + Grad-CAM, model panel."""
-    import subprocess
+    import os
 
-    from cxrdebias.errors import DataError
+    from cxrdebias.errors import ConfigError, DataError
 
     if not model.is_file():
         from cxrdebias.errors import CheckpointError
@@ -117,4 +117,9 @@ def view_cmd(
             raise DataError(f"{d}: file or folder not found")
     cmd = viewer_command(model, list(data or []), port, allow_outside=allow_outside)
     err.print(f"viewer on http://127.0.0.1:{port} (Ctrl+C stops it); NOT FOR CLINICAL USE")
-    sys.exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:  # Streamlit replaces this process: a signal to it (Ctrl+C, kill, a service manager) stops the server
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        raise ConfigError(f"{cmd[0]}: cannot start Streamlit ({exc.strerror or exc})") from None
