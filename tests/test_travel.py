@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from cxrdebias import fileio
-from cxrdebias.console import make_console
+from cxrdebias.console import make_console, progress
 from cxrdebias.training.runs import RunDir, staging_folder
-from tests.conftest import single_torch_thread, tiny_synthetic_cxr_run
+from tests.conftest import run_cli, single_torch_thread, tiny_synthetic_cxr_run
 
 
 @pytest.fixture
@@ -108,3 +108,41 @@ def test_a_threshold_chosen_on_few_validation_images_is_warned_about(travelled_r
     _, printed = travelled_run  # 12 validation images
     warnings = [line for line in printed.splitlines() if "decision threshold was chosen on only" in line]
     assert len(warnings) == 1 and "12 validation images" in warnings[0]
+
+
+# -- progress of long steps ---------------------------------------------------------------------
+
+
+def _terminal() -> tuple[io.StringIO, object]:
+    buf = io.StringIO()
+    return buf, make_console(stderr=True, file=buf, force_terminal=True, width=200, color_system=None)
+
+
+def test_progress_draws_a_counted_bar_on_a_terminal_only():
+    buf, console = _terminal()
+    with progress(console, "writing [x]", total=5) as update:
+        update(completed=3)
+    text = buf.getvalue()
+    assert "writing" in text and "3/5" in text
+    quiet = io.StringIO()
+    with progress(make_console(file=quiet), "writing", total=5) as update:  # a log file: nothing drawn
+        update(completed=5)
+    assert quiet.getvalue() == ""
+
+
+def test_synth_and_evaluate_show_progress(travelled_run, tmp_path, monkeypatch, capsys):
+    import cxrdebias.cli.data as cli_data
+    import cxrdebias.cli.experiments as cli_experiments
+
+    buf, console = _terminal()
+    monkeypatch.setattr(cli_data, "err", console)
+    monkeypatch.setattr(cli_experiments, "err", console)
+    code, _, _ = run_cli(["data", "synth", "--out", tmp_path / "d", "--image-size", 32, "--train-patients", 2,
+                          "--val-patients", 1, "--test-patients", 2], monkeypatch, capsys)
+    assert code == 0
+    text = buf.getvalue()
+    assert "writing the synthetic set" in text and "10/10" in text  # 2 sites × 5 patients, per patient
+    run, _ = travelled_run
+    with single_torch_thread():
+        code, _, _ = run_cli(["evaluate", run, "--out", tmp_path / "eval", "--n-boot", 5], monkeypatch, capsys)
+    assert code == 0 and f"evaluating {run}" in buf.getvalue().replace("\n", "")

@@ -10,7 +10,7 @@ import typer
 
 import cxrdebias
 from cxrdebias.cli.app import AllowOutsideOpt, app, err, out
-from cxrdebias.console import esc
+from cxrdebias.console import esc, progress
 
 
 @app.command("export")
@@ -28,7 +28,8 @@ def export_cmd(
     """ONNX model with probabilities + in-graph Grad-CAM, verified against torch and MONAI before writing."""
     from cxrdebias.deploy.export import export_run
 
-    res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force)
+    with progress(err, f"exporting {esc(run)}: ONNX graph, checks against torch and MONAI"):
+        res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force)
     c = res.parity
     err.print(
         f"verified on {esc(c.images)}: probabilities max |Δ| {c.probability_max_abs_diff:.2e} ({c.n_probability_images} images), "
