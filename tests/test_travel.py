@@ -146,3 +146,43 @@ def test_synth_and_evaluate_show_progress(travelled_run, tmp_path, monkeypatch, 
     with single_torch_thread():
         code, _, _ = run_cli(["evaluate", run, "--out", tmp_path / "eval", "--n-boot", 5], monkeypatch, capsys)
     assert code == 0 and f"evaluating {run}" in buf.getvalue().replace("\n", "")
+
+
+# -- TensorBoard curves -------------------------------------------------------------------------
+
+
+def test_tensorboard_scalars_are_the_epoch_records_numbers():
+    from cxrdebias.training.curves import scalars
+
+    record = {"epoch": 3, "lr": 0.001, "train": {"loss": 0.5, "img_per_s": 10, "ok": True}, "val": {"auroc": float("nan"), "ba": 0.7}}
+    assert dict(scalars(record)) == {"lr": 0.001, "train/loss": 0.5, "train/img_per_s": 10.0, "val/ba": 0.7}
+
+
+def test_tensorboard_logging_writes_event_files(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard", reason="TensorBoard is not installed (pip install 'cxrdebias[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_train import _trainer
+
+    run = RunDir.create(tmp_path / "run")
+    with single_torch_thread():
+        _trainer(run, epochs=2, tensorboard="true").fit()
+    events = list((run.path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and _mode(events[0]) & 0o044
+    acc = EventAccumulator(str(run.path / "tensorboard"))
+    acc.Reload()
+    logged = run.read_metrics()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["train"]["loss"] for r in logged], rel=1e-6)
+    assert [e.value for e in acc.Scalars("val/accuracy")] == pytest.approx([r["val"]["accuracy"] for r in logged], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    code, _, err = run_cli(["train", "--data", tmp_path / "manifest.csv", "--out", tmp_path / "run",
+                            "--set", "train.tensorboard=true"], monkeypatch, capsys)
+    assert code == 2 and "TensorBoard is not installed" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

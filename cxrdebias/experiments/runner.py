@@ -35,6 +35,7 @@ from cxrdebias.experiments import protocols
 from cxrdebias.experiments.config import ExperimentConfig, check_resumable, config_to_dict
 from cxrdebias.experiments.registry import Finished, Protocol
 from cxrdebias.models import build_model, model_factory
+from cxrdebias.training.curves import require_tensorboard
 from cxrdebias.training.device import seed_everything
 from cxrdebias.training.folders import release_lock
 from cxrdebias.training.provenance import code_version, environment, run_info
@@ -174,6 +175,8 @@ def _run_experiment(
     spec = protocols.get(cfg.data.kind)
     resolved = config_to_dict(cfg)
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)  # validates before touching disk
+    if cfg.train.tensorboard:
+        require_tensorboard()  # a one-line error now, not after the data are read
     world = dist_utils.world()  # under torchrun: rank 0 writes, every rank trains on its share
     dist_utils.check_batch_size(cfg.train.batch_size, world.world_size)
 
