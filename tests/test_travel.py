@@ -53,7 +53,7 @@ def test_file_modes_follow_the_umask(tmp_path):
 
 # -- a run folder moved with its data, used from another folder --------------------------------
 
-TRAVEL_SYNTH = dict(seed=3, image_size=32, n_train_patients_per_site=8, n_val_patients_per_site=6,
+TRAVEL_SYNTH = dict(seed=3, image_size=32, n_train_patients_per_site=8, n_val_patients_per_site=15,
                     n_test_patients_per_site=4, images_per_patient=(1, 1))
 
 
@@ -104,10 +104,25 @@ def test_evaluate_export_compare_work_after_moving_from_another_folder(travelled
     assert "# run (end) vs run (end)" in compare_runs(run, run, n_boot=0)
 
 
+def _threshold_warnings(printed: str) -> list[str]:
+    return [line for line in printed.splitlines() if "decision threshold was chosen on only" in line]
+
+
 def test_a_threshold_chosen_on_few_validation_images_is_warned_about(travelled_run):
-    _, printed = travelled_run  # 12 validation images
-    warnings = [line for line in printed.splitlines() if "decision threshold was chosen on only" in line]
-    assert len(warnings) == 1 and "12 validation images" in warnings[0]
+    _, printed = travelled_run  # 2 sites × 15 validation patients, one image each
+    (warning,) = _threshold_warnings(printed)
+    assert "30 validation images" in warning
+
+
+def test_no_threshold_warning_for_200_validation_images(tmp_path):
+    from cxrdebias.data.synthetic import SynthConfig
+
+    synth = SynthConfig(**(TRAVEL_SYNTH | {"n_train_patients_per_site": 4, "n_val_patients_per_site": 100, "n_test_patients_per_site": 2}))
+    err = io.StringIO()
+    with single_torch_thread(), contextlib.redirect_stderr(err):
+        run = tiny_synthetic_cxr_run(tmp_path, synth)
+    assert json.loads((run / "run.json").read_text())["data"]["splits"]["val"] == 200
+    assert "CXR method=end" in err.getvalue() and _threshold_warnings(err.getvalue()) == []
 
 
 # -- progress of long steps ---------------------------------------------------------------------
