@@ -58,6 +58,15 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it where the system tells it (Linux), since
+    setting it is process-wide and a file another thread creates meanwhile would get mode 0666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
