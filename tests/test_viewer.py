@@ -299,11 +299,13 @@ def test_save_upload_names_the_upload(tmp_path):
 # -- cxrdebias view -----------------------------------------------------------------------------
 def test_cli_view_launches_streamlit_on_localhost(model_file, study_data, monkeypatch, capsys):
     manifest, folder = study_data
-    calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    calls = []  # `view` replaces its own process by Streamlit's (exec): stopping it stops the server
+    monkeypatch.setattr(os, "execvp", lambda file, args: calls.append((file, args)))
+    monkeypatch.setattr(subprocess, "call", lambda cmd: pytest.fail("view must exec Streamlit, not run it as a child"))
     code, _, err = run_cli(["view", "--model", model_file, "--data", manifest, "--data", folder, "--port", "8765"], monkeypatch, capsys)
     assert code == 0, err
-    (cmd,) = calls
+    ((file, cmd),) = calls
+    assert file == cmd[0] == sys.executable
     assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and cmd[4] == str(VIEWER) and VIEWER.is_file()
     head = cmd[: cmd.index("--")]
     assert head[head.index("--server.address") + 1] == "127.0.0.1" and head[head.index("--server.headless") + 1] == "true"
@@ -312,6 +314,13 @@ def test_cli_view_launches_streamlit_on_localhost(model_file, study_data, monkey
     assert "NOT FOR CLINICAL USE" in err
     code, _, err = run_cli(["view", "--model", model_file.parent / "missing.onnx"], monkeypatch, capsys)
     assert code == 2 and "not found" in err and len(calls) == 1
+
+    def cannot_exec(file, args):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "execvp", cannot_exec)
+    code, _, err = run_cli(["view", "--model", model_file], monkeypatch, capsys)
+    assert code == 2 and "cannot start Streamlit (No such file or directory)" in err and "Traceback" not in err
 
 
 # -- a real browser -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from cxrdebias.cli.app import (
     out,
     reproduce_app,
 )
-from cxrdebias.console import esc
+from cxrdebias.console import esc, progress
 
 
 def _run(cfg, out_dir: Path | None, *, kind: str, force: bool, resume: bool) -> tuple[dict | None, Path]:
@@ -355,10 +355,11 @@ def evaluate_cmd(
     from cxrdebias.evaluation.report import to_markdown
     from cxrdebias.experiments.evaluate import EVAL_DIR, SITE_THRESHOLDS_DIR, evaluate_run
 
-    report = evaluate_run(
-        run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
-        site_source=site_source, site_thresholds=site_thresholds,
-    )
+    with progress(err, f"evaluating {esc(run)}"):
+        report = evaluate_run(
+            run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
+            site_source=site_source, site_thresholds=site_thresholds,
+        )
     if per_institution:
         out.print(report["markdown"], markup=False, highlight=False)
     else:
@@ -396,7 +397,8 @@ def analyze_bias_cmd(
     cues.csv when the data has one."""
     from cxrdebias.experiments.bias_analysis import analyze_run, format_report
 
-    report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force, groups=groups, per_group=per_group, map_layer=map_layer)
+    with progress(err, f"analysing {esc(run)}: bottleneck, pseudo labels, group sheets and maps"):
+        report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force, groups=groups, per_group=per_group, map_layer=map_layer)
     out.print(format_report(report), markup=False, highlight=False)
     err.print("wrote " + ", ".join(esc(f) for f in report["files"]))
 

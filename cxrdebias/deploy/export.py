@@ -146,8 +146,9 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | None, str]:
     """The run's validation images (``runtime.InputImage`` with site/label/patient fields) and
-    where they came from, or ``(None, why not)``. The manifest path is the one the run was
-    trained with (relative paths: relative to the current folder, as for ``evaluate``); its
+    where they came from, or ``(None, why not)``. The manifest path is the config's (pass
+    :meth:`~cxrdebias.training.runs.RunDir.read_config_located`: found from any folder and
+    after the run moved with its data, as for ``evaluate``); its
     symbolic links may lead out of the manifest's folder when the run allowed it
     (``data.allow_links_outside``)."""
     from cxrdebias.deploy.runtime import InputImage
@@ -249,7 +250,7 @@ def export_run(
         images, source, is_val = collect_inputs(check_images), f"{len(check_images)} user-given input(s)", False
     else:
         try:
-            config = RunDir(run_path).read_config()
+            config = RunDir(run_path).read_config_located()
         except CxrDebiasError as exc:
             raise ExportError(f"{run_path}: cannot find the validation images to verify the export ({exc})") from None
         images, source = validation_images(run_path, config)
@@ -288,17 +289,7 @@ def export_run(
     write_bytes_atomic(targets[0], final)
     write_text_atomic(targets[1], model_card(meta, targets[0].name))
     write_json_atomic(targets[2], monai_metadata(meta))
-    _shareable(targets)
     return ExportResult(targets[0], targets[1], targets[2], meta, parity, len(final))
-
-
-def _shareable(paths: Iterable[Path]) -> None:
-    """Give the written files the permissions of a normal new file (the atomic writer's
-    temporary files are private, 0600): a deployed model is meant to be read by others."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in paths:
-        os.chmod(path, 0o666 & ~mask)
 
 
 __all__ = [

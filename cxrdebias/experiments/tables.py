@@ -45,7 +45,7 @@ CONFIGS = CONFIGS_DIR
 DEFAULT_RUNS = Path("runs") / "tables"
 
 #: train options that change how fast a run goes, not what it computes
-_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last", "keep_freed_memory"}
+_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last", "keep_freed_memory", "tensorboard"}
 
 
 @dataclass(frozen=True)
