@@ -100,12 +100,19 @@ def cached_analysis(model_key: str, name: str, stamp: float, _model: CXRModel, _
     return analyse_with_source(_model, _image)
 
 
-def full_height(table: pd.DataFrame) -> int:
-    """Pixel height at which ``st.dataframe`` shows every row of ``table`` (no inner scrolling)."""
-    return 38 + 35 * len(table)
+#: the sidebar's starting width (px): wide enough for the per-site tables' columns
+SIDEBAR_WIDTH = 560
+#: the page's warnings (a Material icon: the emoji fonts of a workstation may lack 🚫)
+STOP_ICON = ":material/block:"
 
 
-st.set_page_config(page_title="cxrdebias viewer", layout="wide")
+def full_table(table: pd.DataFrame, key: str) -> None:
+    """``table`` in the sidebar, every row and column visible (no inner scrolling)."""
+    narrow = {c: st.column_config.Column(width="small") for c in table.columns if c != "site"}
+    st.dataframe(table, hide_index=True, key=key, height=38 + 35 * len(table), width="stretch", column_config=narrow)
+
+
+st.set_page_config(page_title="cxrdebias viewer", layout="wide", initial_sidebar_state=SIDEBAR_WIDTH)
 st.title("cxrdebias viewer")
 st.warning(NOT_FOR_CLINICAL_USE, icon="⚠️")
 
@@ -144,7 +151,7 @@ with st.sidebar:  # the model's metadata as plain text (st.text, st.dataframe): 
     st.text(f"Threshold: {panel['threshold']:.4f} ({panel['threshold_method']})")
     st.markdown("**Per-site validation** (exported model, validation split; optimistic: the threshold was chosen on it)")
     if panel["per_site"] is not None:
-        st.dataframe(panel["per_site"], hide_index=True, key="per_site", height=full_height(panel["per_site"]))
+        full_table(panel["per_site"], "per_site")
     else:
         st.info(f"No per-site validation metrics in this model ({markdown_text(panel['validation_note'])}).")
 
@@ -198,7 +205,7 @@ if not tables or sum(len(t) for t in tables) == 0:
 
 full = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
 for message in study_banners(full, training_sites(meta)):  # study-wide warnings first
-    st.error(markdown_text(message), icon="🚫")
+    st.error(markdown_text(message), icon=STOP_ICON)
 summary = summary_metrics(full, meta.positive_label)
 if summary is not None:
     cols = st.columns(6)
@@ -226,7 +233,7 @@ with st.sidebar:
     site_table = per_site_study_table(full, meta.positive_label)
     if site_table is not None:
         st.markdown("**Per site, this study** (images with ground truth, at the model's threshold)")
-        st.dataframe(site_table, hide_index=True, key="study_per_site", height=full_height(site_table))
+        full_table(site_table, "study_per_site")
 
 shown = sort_worklist(filter_table(full, sites=chosen_sites, disagreement=disagreement), sort_by, meta.threshold, reverse=reverse)
 st.download_button("Download predictions CSV", predictions_csv(full, meta.threshold), "predictions.csv", "text/csv", key="csv", on_click="ignore")
@@ -249,7 +256,7 @@ def study_panel(shown: pd.DataFrame, n_total: int, images: dict[str, InputImage]
     files = list(shown["file"])
     current = st.session_state.get("current")
     current = current if current in files else None
-    left, right = st.columns([2, 3])
+    left, right = st.columns([5, 6])
     with left:
         st.subheader(f"Worklist: {len(files)} of {n_total} images")
         b1, b2 = st.columns(2)
@@ -281,7 +288,7 @@ def image_view(selected: str, image: InputImage, row: dict, model: CXRModel, mod
         st.error(f"Cannot show {markdown_text(selected)}: {markdown_text(exc)}")
         return
     if is_flagged(row):
-        st.error(f"**{OOD_BADGE}**: this image is unlike the model's training images (OOD score {float(row['ood_score']):.3g}).", icon="🚫")
+        st.error(f"**{OOD_BADGE}**: this image is unlike the model's training images (OOD score {float(row['ood_score']):.3g}).", icon=STOP_ICON)
     c1, c2, c3, c4 = st.columns(4)
     c1.metric(f"P({markdown_text(result.positive_label)})", f"{result.probability:.3f}")  # labels and values are Markdown
     c2.metric("Threshold", f"{result.threshold:.3f}")

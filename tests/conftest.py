@@ -229,9 +229,10 @@ def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def viewer_server(model: Path, data: list[Path], log_dir: Path):
+def viewer_server(model: Path, data: list[Path], log_dir: Path, script: Path | None = None):
     """`cxrdebias view`'s Streamlit server on a free local port, up and healthy; yields the port
-    and stops the server (its whole process group) afterwards."""
+    and stops the server (its whole process group) afterwards. ``script``: serve this page
+    instead of ``apps/viewer.py`` (with the same command line)."""
     import os
     import signal
     import socket
@@ -246,7 +247,10 @@ def viewer_server(model: Path, data: list[Path], log_dir: Path):
         port = s.getsockname()[1]
     log_file = log_dir / "server.log"
     log = log_file.open("w")
-    server = subprocess.Popen(viewer_command(model, data, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = viewer_command(model, data, port)
+    if script is not None:
+        cmd[cmd.index("run") + 1] = str(script)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -149,21 +149,21 @@ def short_names(files: Sequence[str]) -> list[str]:
 
 
 def worklist_view(table: pd.DataFrame) -> pd.DataFrame:
-    """The worklist's columns: ``name`` (:func:`short_names`), ``patient``, ``site``,
-    ``probability``, ``prediction``, ``truth`` and, with OOD scores, ``OOD`` (the badge on a
-    flagged image, else empty) and ``ood_score``; same rows and order as ``table``."""
+    """The worklist's columns: ``name`` (:func:`short_names`), ``probability``, ``prediction``,
+    ``truth``, with OOD scores ``OOD`` (``do not trust`` on a flagged image, else empty), then
+    ``site``, ``patient`` and, with OOD scores, ``ood_score``; same rows and order as ``table``."""
     view = pd.DataFrame(
         {
             "name": short_names(list(table["file"])),
-            "patient": list(table["patient"]),
-            "site": list(table["site"]),
             "probability": list(table["probability"]),
             "prediction": list(table["predicted_label"]),
             "truth": list(table["ground_truth"]),
         }
     )
     if has_ood(table):
-        view["OOD"] = np.where(ood_flags(table).to_numpy(), "⚠ do not trust", "")
+        view["OOD"] = np.where(ood_flags(table).to_numpy(), "do not trust", "")
+    view["site"], view["patient"] = list(table["site"]), list(table["patient"])
+    if has_ood(table):
         view["ood_score"] = list(table["ood_score"])
     return view
 
