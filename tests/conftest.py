@@ -228,6 +228,18 @@ def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
         return export_run(tiny_cxr_run, tmp_path_factory.mktemp("exported") / "model.onnx", n_cam_images=8)
 
 
+def worklist(at):
+    """The viewer page's worklist (an ``st.dataframe`` whose key starts with ``worklist:``) in an AppTest."""
+    return next(d for d in at.dataframe if d.key and d.key.startswith("worklist:"))
+
+
+def open_row(at, name: str):
+    """Click the viewer's worklist row of ``name`` (its short name) in an AppTest, as the browser does."""
+    rows = list(worklist(at).value["name"])
+    at.session_state[worklist(at).key] = {"selection": {"rows": [rows.index(name)], "columns": [], "cells": []}}
+    return at.run()
+
+
 @contextlib.contextmanager
 def viewer_server(model: Path, data: list[Path], log_dir: Path, script: Path | None = None):
     """`cxrdebias view`'s Streamlit server on a free local port, up and healthy; yields the port

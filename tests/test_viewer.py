@@ -31,7 +31,7 @@ from cxrdebias.deploy.viewer_state import (
     sort_table,
 )
 from cxrdebias.errors import DataError
-from tests.conftest import REPO, run_cli, viewer_server
+from tests.conftest import REPO, open_row, run_cli, viewer_server, worklist
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -75,19 +75,8 @@ def app(model_file, study_data, monkeypatch):
     return at
 
 
-def _worklist(at):
-    return next(d for d in at.dataframe if d.key and d.key.startswith("worklist:"))
-
-
 def _table(at):
-    return _worklist(at).value
-
-
-def open_row(at, name: str):
-    """Click the worklist row of ``name`` (its short name), as the browser does."""
-    rows = list(_table(at)["name"])
-    at.session_state[_worklist(at).key] = {"selection": {"rows": [rows.index(name)], "columns": [], "cells": []}}
-    return at.run()
+    return worklist(at).value
 
 
 def _captions(at):
@@ -160,7 +149,7 @@ def test_open_a_row_shows_prediction_threshold_and_overlay(app, model_file):
     assert {b.label for b in app.get("download_button")} == {"Download predictions CSV", "Download one-page report (PNG)"}
 
 
-def test_next_and_previous_walk_the_worklist(app):
+def test_next_and_previous_walk_theworklist(app):
     names = list(_table(app)["name"])
 
     def shown():
@@ -175,9 +164,9 @@ def test_next_and_previous_walk_the_worklist(app):
     open_row(app, names[-1])
     app.button(key="next").click().run()  # the last row stays
     assert shown() == names[-1]
-    key = _worklist(app).key
+    key = worklist(app).key
     app.button(key="previous").click().run()  # a new table (key), made with the open row selected
-    assert _worklist(app).key != key and shown() == names[-2]
+    assert worklist(app).key != key and shown() == names[-2]
     assert {b.proto.shortcut.upper() for b in app.button if b.key in ("next", "previous")} == {"N", "P"}
 
 
