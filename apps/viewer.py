@@ -215,6 +215,7 @@ if summary is not None:
     st.caption(
         f"On the {summary['n']} loaded images with ground truth ({summary['n_positive']} {markdown_text(meta.positive_label)}), "
         f"at the model's threshold {meta.threshold:.3f}; a small study gives wide uncertainty. Per site: sidebar."
+        + (f" {summary['n_flagged']} of {summary['n_images']} images are out of distribution." if "n_flagged" in summary else "")
     )
 
 with st.sidebar:
