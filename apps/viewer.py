@@ -101,14 +101,16 @@ def cached_analysis(model_key: str, name: str, stamp: float, _model: CXRModel, _
 
 
 #: the sidebar's starting width (px): wide enough for the per-site tables' columns
-SIDEBAR_WIDTH = 560
+SIDEBAR_WIDTH = 500
+#: short headers of the sidebar's per-site tables (the full name is the column's tooltip)
+SHORT_HEADERS = {"images": "n", "positive": "pos.", "labelled": "lab.", "balanced accuracy": "bal. acc.", "OOD flagged": "OOD"}
 #: the page's warnings (a Material icon: the emoji fonts of a workstation may lack 🚫)
 STOP_ICON = ":material/block:"
 
 
 def full_table(table: pd.DataFrame, key: str) -> None:
     """``table`` in the sidebar, every row and column visible (no inner scrolling)."""
-    narrow = {c: st.column_config.Column(width="small") for c in table.columns if c != "site"}
+    narrow = {c: st.column_config.Column(SHORT_HEADERS.get(c, c), help=c, width=90 if c == "site" else 50) for c in table.columns}
     st.dataframe(table, hide_index=True, key=key, height=38 + 35 * len(table), width="stretch", column_config=narrow)
 
 
@@ -257,7 +259,7 @@ def study_panel(shown: pd.DataFrame, n_total: int, images: dict[str, InputImage]
     files = list(shown["file"])
     current = st.session_state.get("current")
     current = current if current in files else None
-    left, right = st.columns([5, 6])
+    left, right = st.columns([4, 5])
     with left:
         st.subheader(f"Worklist: {len(files)} of {n_total} images")
         b1, b2 = st.columns(2)
@@ -290,7 +292,7 @@ def image_view(selected: str, image: InputImage, row: dict, model: CXRModel, mod
         return
     if is_flagged(row):
         st.error(f"**{OOD_BADGE}**: this image is unlike the model's training images (OOD score {float(row['ood_score']):.3g}).", icon=STOP_ICON)
-    c1, c2, c3, c4 = st.columns(4)
+    (c1, c2), (c3, c4) = st.columns(2), st.columns(2)
     c1.metric(f"P({markdown_text(result.positive_label)})", f"{result.probability:.3f}")  # labels and values are Markdown
     c2.metric("Threshold", f"{result.threshold:.3f}")
     c3.metric("Prediction", markdown_text(result.predicted_label))
