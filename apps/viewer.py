@@ -319,7 +319,7 @@ def image_view(selected: str, image: InputImage, row: dict, model: CXRModel, mod
         st.image(shown_cam, caption=overlay_caption, width="stretch", output_format="JPEG")
 
     st.download_button(  # rendered only when clicked (Streamlit's deferred download)
-        "Download one-page report (PNG)", lambda: report_png(result, gray, cam, model.metadata, row=row),
+        "Download one-page report (PNG)", lambda: report_png(result, gray, shown_cam, model.metadata, row=row),
         f"{Path(selected).stem}_report.png", "image/png", key="report", on_click="ignore",
     )
 
