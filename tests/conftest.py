@@ -228,6 +228,36 @@ def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
         return export_run(tiny_cxr_run, tmp_path_factory.mktemp("exported") / "model.onnx", n_cam_images=8)
 
 
+@pytest.fixture(scope="module")
+def model_file(exported_cxr_model):
+    """The exported tiny CXR model (the viewer's tests)."""
+    return exported_cxr_model.model
+
+
+@pytest.fixture(scope="module")
+def study_data(cxr_manifest, real_pngs, tmp_path_factory):
+    """A manifest of the four real radiographs (links) and a folder with one DICOM made from one
+    of them (site and patient only in its tags): the viewer's study."""
+    import shutil
+
+    from PIL import Image
+
+    from cxrdebias.data.images import write_dicom
+
+    root = tmp_path_factory.mktemp("viewer-data")
+    man = root / "manifest"
+    man.mkdir()
+    lines = ["path,label,site,patient_id"]
+    for i, r in enumerate(real_pngs):
+        shutil.copy(cxr_manifest.parent / r["path"], man / f"img{i}.png")  # links may not leave the folder
+        lines.append(f"img{i}.png,{r['label']},{r['site']},{r['patient_id']}")
+    (man / "manifest.csv").write_text("\n".join(lines) + "\n")
+    folder = root / "dicom"
+    gray = np.asarray(Image.open(cxr_manifest.parent / real_pngs[0]["path"]).convert("L"))
+    write_dicom(folder / "a.dcm", gray, institution_name="tag-site", patient_id="tag-patient")
+    return man / "manifest.csv", folder
+
+
 def worklist(at):
     """The viewer page's worklist (an ``st.dataframe`` whose key starts with ``worklist:``) in an AppTest."""
     return next(d for d in at.dataframe if d.key and d.key.startswith("worklist:"))
