@@ -82,12 +82,14 @@ VIEWER_HOSTS = ("127.0.0.1", "localhost")
 def viewer_command(model: Path, data: list[Path], port: int, *, allow_outside: bool = False) -> list[str]:
     """The ``streamlit run`` command line of ``cxrdebias view``: local (127.0.0.1 only),
     headless, XSRF protection and CORS (same origin only) on, Host header checked against
-    :data:`VIEWER_HOSTS` (docs/robustness.md); ``allow_outside``: a manifest's symbolic links
+    :data:`VIEWER_HOSTS` (docs/robustness.md), the toolbar without developer options (no
+    *Deploy* button); ``allow_outside``: a manifest's symbolic links
     may lead out of its folder."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(viewer_script()),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
         "--server.enableXsrfProtection", "true", "--server.enableCORS", "true",
+        "--client.toolbarMode", "viewer",  # no Deploy / Rerun / Clear cache for the page's readers
     ]
     for host in VIEWER_HOSTS:
         cmd += ["--server.allowedHosts", host]
