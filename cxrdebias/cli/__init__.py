@@ -3,7 +3,7 @@
 Importing this package registers every command on :data:`app`.
 """
 
-from cxrdebias.cli import benchmark, data, deploy, experiments  # noqa: F401  (registers the commands)
+from cxrdebias.cli import benchmark, data, deploy, experiments, sweep  # noqa: F401  (registers the commands)
 from cxrdebias.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,32 @@ INTERRUPTED = 130
 """Exit status of a cell stopped by an interrupt (as a shell reports SIGINT)."""
 
 
+def resume_option(train: list[str], folder: Path) -> list[list[str]]:
+    """The training command for a run folder: none when it is finished (``results.json``), with
+    ``--resume`` when it has a checkpoint, with ``--force`` when a start left no checkpoint."""
+    if (folder / "results.json").exists():
+        return []
+    if folder.exists():
+        has_ckpt = any((folder / "checkpoints").glob("*")) if (folder / "checkpoints").is_dir() else False
+        return [[*train, "--resume" if has_ckpt else "--force"]]
+    return [train]
+
+
+def run_logged(cmds: list[list[str]], log: Path, children: _Children) -> int:
+    """Run ``cmds`` one after the other (``cxrdebias`` commands, :func:`child_env`), their output
+    appended to ``log``; the first non-zero exit status, or 0."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = child_env()
+    with log.open("a", encoding="utf-8") as fh:
+        for cmd in cmds:
+            fh.write("$ " + " ".join(cmd[2:]) + "\n")
+            fh.flush()
+            rc = children.run(cmd, fh, env)
+            if rc != 0:
+                return rc
+    return 0
+
+
 def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell, children: _Children | None = None) -> tuple[Cell, int, float]:
     """Run (or finish) one cell in subprocesses; its output goes to ``OUT/logs/<cell>.log``."""
     children = children or _Children()
@@ -237,43 +264,26 @@ def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell, children: _Children | 
         raise ConfigError(f"{record}: this cell was started with other commands; use another --out")
     write_json_atomic(record, {"cell": cell.__dict__, "commands": cmds})
     if spec.recipes[cell.recipe].from_ is None:
-        if (folder / "results.json").exists():
-            cmds = cmds[1:]  # trained; evaluate only
-        elif folder.exists():
-            has_ckpt = any((folder / "checkpoints").glob("*")) if (folder / "checkpoints").is_dir() else False
-            cmds = [[*cmds[0], "--resume" if has_ckpt else "--force"], *cmds[1:]]
+        cmds = [*resume_option(cmds[0], folder), *cmds[1:]]
     else:
         folder.mkdir(parents=True, exist_ok=True)
-    log = out / "logs" / f"{cell.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = child_env()
-    with log.open("a", encoding="utf-8") as fh:
-        for cmd in cmds:
-            fh.write("$ " + " ".join(cmd[2:]) + "\n")
-            fh.flush()
-            rc = children.run(cmd, fh, env)
-            if rc != 0:
-                return cell, rc, time.perf_counter() - t0
-    return cell, 0, time.perf_counter() - t0
+    rc = run_logged(cmds, out / "logs" / f"{cell.name}.log", children)
+    return cell, rc, time.perf_counter() - t0
 
 
 _EPOCH = re.compile(r"^epoch\s+(\d+)")
 
 
-def _started(out: Path, cell: Cell) -> bool:
-    return (out / "logs" / f"{cell.name}.log").exists()
-
-
-def _progress(out: Path, cell: Cell) -> str:
-    """``<cell> epoch N`` from the last epoch line of the cell's log (``starting`` before the first)."""
+def _progress(log: Path, name: str) -> str:
+    """``<name> epoch N`` from the last epoch line of a cell's log (``starting`` before the first)."""
     try:
-        lines = (out / "logs" / f"{cell.name}.log").read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return f"{cell.name} starting"
+        return f"{name} starting"
     epochs = [m.group(1) for m in map(_EPOCH.match, lines) if m]
     if any(line.startswith("$ evaluate") for line in lines):
-        return f"{cell.name} evaluating"
-    return f"{cell.name} epoch {epochs[-1]} done" if epochs else f"{cell.name} starting"
+        return f"{name} evaluating"
+    return f"{name} epoch {epochs[-1]} done" if epochs else f"{name} starting"
 
 
 def check_clean(allow_dirty: bool) -> dict[str, Any]:
@@ -281,7 +291,7 @@ def check_clean(allow_dirty: bool) -> dict[str, Any]:
     version = code_version()
     if version.get("git_dirty") and not allow_dirty:
         raise ConfigError(
-            "the cxrdebias checkout has uncommitted changes: benchmark numbers must come from a commit "
+            "the cxrdebias checkout has uncommitted changes: benchmark and sweep numbers must come from a commit "
             "(commit, or run from a `git worktree` of one); --allow-dirty runs anyway and marks the table"
         )
     return version
@@ -336,34 +346,67 @@ def run_benchmark(
     console.print(f"benchmark → {esc(out)}: {total} cells, {total - len(todo)} done, {len(todo)} to run, {jobs} at a time")
     trained = [c for c in todo if spec.recipes[c.recipe].from_ is None]
     posthoc = [c for c in todo if spec.recipes[c.recipe].from_ is not None]
-    failed: list[tuple[Cell, int]] = []
-    t0, done = time.perf_counter(), 0
     children = _Children()
+    failed: list[tuple[Cell, int]] = []
+    progress = Progress(len(todo), console)
     for batch in (trained, posthoc):
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            pending = {pool.submit(_run_cell, spec, out, c, children): c for c in batch}
-            while pending:
-                try:
-                    finished, _ = wait(pending, timeout=heartbeat_s, return_when=FIRST_COMPLETED)
-                except KeyboardInterrupt:  # stop: the running cells checkpoint, no new one starts
-                    children.stop()
-                    for fut in pending:
-                        fut.cancel()
-                    wait(pending)
-                    console.print(f"interrupted: {done} of {len(todo)} cells finished; run the same command again to resume")
-                    raise
-                if not finished:
-                    console.print("running: " + "; ".join(esc(_progress(out, c)) for c in pending.values() if _started(out, c)))
-                for fut in finished:
-                    pending.pop(fut)
-                    cell, rc, seconds = fut.result()
-                    done += 1
-                    elapsed = time.perf_counter() - t0
-                    eta = elapsed / done * (len(todo) - done)
-                    status = "[green]done[/]" if rc == 0 else f"[red]failed (exit {rc})[/], see {esc(out / 'logs' / (cell.name + '.log'))}"
-                    console.print(f"[{done}/{len(todo)}] {esc(cell.name)} {status} in {seconds / 60:.1f} min; about {eta / 60:.0f} min left")
-                    if rc != 0:
-                        failed.append((cell, rc))
+        failed += run_jobs(
+            batch, lambda c: _run_cell(spec, out, c, children), jobs=jobs, children=children, progress=progress,
+            name=lambda c: c.name, log=lambda c: out / "logs" / f"{c.name}.log", heartbeat_s=heartbeat_s,
+        )  # fmt: skip
+    return failed
+
+
+class Progress:
+    """Counts finished jobs over several :func:`run_jobs` calls, for the "[done/total] … min left" lines."""
+
+    def __init__(self, total: int, console: Console) -> None:
+        self.total, self.done, self.t0, self.console = total, 0, time.perf_counter(), console
+
+    def finished(self, name: str, rc: int, seconds: float, log: Path) -> None:
+        self.done += 1
+        eta = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        status = "[green]done[/]" if rc == 0 else f"[red]failed (exit {rc})[/], see {esc(log)}"
+        self.console.print(f"[{self.done}/{self.total}] {esc(name)} {status} in {seconds / 60:.1f} min; about {eta / 60:.0f} min left")
+
+
+def run_jobs(
+    todo: list[Any],
+    run_one: Callable[[Any], tuple[Any, int, float]],
+    *,
+    jobs: int,
+    children: _Children,
+    progress: Progress,
+    name: Callable[[Any], str],
+    log: Callable[[Any], Path],
+    heartbeat_s: float = 60.0,
+) -> list[tuple[Any, int]]:
+    """Run ``run_one(job)`` → ``(job, exit status, seconds)`` for every job, ``jobs`` at a time
+    (their subprocesses started through ``children``), a progress line per finished job and a
+    heartbeat of the running ones; the failed jobs with their exit status. On an interrupt the
+    running jobs checkpoint and stop, no new one starts, and the interrupt is re-raised."""
+    failed: list[tuple[Any, int]] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = {pool.submit(run_one, job): job for job in todo}
+        while pending:
+            try:
+                finished, _ = wait(pending, timeout=heartbeat_s, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:  # stop: the running cells checkpoint, no new one starts
+                children.stop()
+                for fut in pending:
+                    fut.cancel()
+                wait(pending)
+                progress.console.print(f"interrupted: {progress.done} of {progress.total} finished; run the same command again to resume")
+                raise
+            if not finished:
+                running = [_progress(log(j), name(j)) for j in pending.values() if log(j).exists()]
+                progress.console.print("running: " + "; ".join(esc(r) for r in running))
+            for fut in finished:
+                pending.pop(fut)
+                job, rc, seconds = fut.result()
+                progress.finished(name(job), rc, seconds, log(job))
+                if rc != 0:
+                    failed.append((job, rc))
     return failed
 
 

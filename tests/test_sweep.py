@@ -1,0 +1,175 @@
+"""``cxrdebias sweep``: the grid, the validation value of a run, the pick, resuming, dirty trees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cxrdebias.experiments.benchmark as bm
+from cxrdebias.errors import ConfigError
+from cxrdebias.experiments.benchmark import resume_option
+from cxrdebias.experiments.sweep import (
+    SweepSpec,
+    collect,
+    parse_grid,
+    point_name,
+    read_grid_file,
+    to_markdown,
+    validation_value,
+)
+from tests.conftest import run_cli, write_idx
+
+CLEAN = {"package": "0", "git_commit": "0123456789abcdef", "git_dirty": False}
+DIRTY = {**CLEAN, "git_dirty": True}
+
+
+def test_grid_from_options_and_file(tmp_path):
+    assert parse_grid(["end.alpha=0.1,1,5", "method.beta=0.5"], "end") == {"method.alpha": ["0.1", "1", "5"], "method.beta": ["0.5"]}
+    for bad in ("alpha", "method.alpha=", "=1,2"):
+        with pytest.raises(ConfigError, match="KEY=VALUE1,VALUE2"):
+            parse_grid([bad], "end")
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_grid(["end.alpha=1", "method.alpha=2"], "end")
+    f = tmp_path / "grid.yaml"
+    f.write_text("end.alpha: [0.1, 5]\ntrain.precision: [fp32]\nmodel.normalize_features: [true, false]\n")
+    assert read_grid_file(f, "end") == {"method.alpha": ["0.1", "5"], "train.precision": ["fp32"], "model.normalize_features": ["true", "false"]}
+    f.write_text("end.alpha: 0.1\n")
+    with pytest.raises(ConfigError, match="non-empty lists"):
+        read_grid_file(f, "end")
+
+
+def test_points_in_grid_order_with_safe_names():
+    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["0.1", "5"], "method.beta": ["0.5", "1"]})
+    assert spec.points() == [
+        {"method.alpha": "0.1", "method.beta": "0.5"}, {"method.alpha": "0.1", "method.beta": "1"},
+        {"method.alpha": "5", "method.beta": "0.5"}, {"method.alpha": "5", "method.beta": "1"},
+    ]  # fmt: skip
+    assert point_name(3, spec.points()[3]) == "p03-alpha=5-beta=1"
+    assert point_name(0, {"data.root": "../a b/c"}) == "p00-root=.._a_b_c"
+
+
+def _metrics(run: Path, vals: list[dict | None]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [{"epoch": e, "train": {"loss": 1.0}, **({"val": v} if v is not None else {})} for e, v in enumerate(vals, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_validation_value_is_the_reported_epochs(tmp_path):
+    _metrics(tmp_path, [{"accuracy": 0.2, "loss": 3.0}, None, {"accuracy": 0.6, "loss": 1.0}, {"accuracy": 0.5, "loss": 2.0}])
+    assert validation_value(tmp_path, "accuracy", None, "max") == {"value": 0.5, "epoch": 4}  # last epoch
+    assert validation_value(tmp_path, "accuracy", "accuracy", "max") == {"value": 0.6, "epoch": 3}  # the selected epoch
+    assert validation_value(tmp_path, "accuracy", "loss", "min") == {"value": 0.6, "epoch": 3}
+    assert validation_value(tmp_path, "loss", "loss", "max") == {"value": 3.0, "epoch": 1}
+    with pytest.raises(ConfigError, match="not a validation metric.*accuracy, loss"):
+        validation_value(tmp_path, "auroc", None, "max")
+
+
+def _fake_run(out: Path, name: str, seed: int, val: float, test: float, version=CLEAN) -> None:
+    """A finished run whose validation and test rank the points in opposite orders."""
+    run = out / "runs" / name / f"seed{seed}"
+    _metrics(run, [{"accuracy": val}])
+    (run / "run.json").write_text(json.dumps({"code_version": version}))
+    (run / "config.yaml").write_text("train: {select_metric: null}\n")
+    (run / "results.json").write_text(json.dumps({"metrics": {"unbiased_accuracy": test, "val_accuracy": val}}))
+
+
+def test_collect_picks_by_validation_mean_never_by_test(tmp_path):
+    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["0.1", "1", "5"]}, train_seeds=[1, 2])
+    names = [point_name(i, p) for i, p in enumerate(spec.points())]
+    _fake_run(tmp_path, names[0], 1, 0.40, 0.99)
+    _fake_run(tmp_path, names[0], 2, 0.50, 0.99)  # mean 0.45, the best test
+    _fake_run(tmp_path, names[1], 1, 0.60, 0.10)
+    _fake_run(tmp_path, names[1], 2, 0.40, 0.10)  # mean 0.50: the best validation
+    _fake_run(tmp_path, names[2], 1, 0.90, 0.50)  # best single value, but seed 2 missing: not picked
+    record = collect(spec, tmp_path, CLEAN)
+    assert record["best"] == names[1] and record["best_point"] == {"method.alpha": "1"}
+    assert [p["mean"] for p in record["points"]] == pytest.approx([0.45, 0.50, 0.90])
+    assert [p["complete"] for p in record["points"]] == [True, True, False]
+    text = json.dumps(record)
+    assert "0.99" not in text and "unbiased" not in text and "0.1," not in text  # no test number anywhere
+    assert record["dirty"] is False
+    md = to_markdown(record)
+    assert f"| **{names[1]}** | **1** | **0.6000** | **0.4000** | **0.5000** |" in md
+    assert f"| {names[2]} | 5 | 0.9000 | – | 0.9000 |" in md
+    lower = collect(spec.model_copy(update={"mode": "min"}), tmp_path, CLEAN)
+    assert lower["best"] == names[0]
+
+
+def test_collect_marks_a_run_from_a_dirty_tree(tmp_path):
+    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1"]}, train_seeds=[0])
+    _fake_run(tmp_path, point_name(0, spec.points()[0]), 0, 0.5, 0.5, version=DIRTY)
+    record = collect(spec, tmp_path, CLEAN)
+    assert record["dirty"] is True and "(dirty: uncommitted changes)" in to_markdown(record)
+
+
+def test_resume_option(tmp_path):
+    train = ["python", "-m", "train"]
+    assert resume_option(train, tmp_path / "new") == [train]
+    (tmp_path / "started").mkdir()
+    assert resume_option(train, tmp_path / "started") == [[*train, "--force"]]
+    (tmp_path / "started" / "checkpoints").mkdir()
+    (tmp_path / "started" / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert resume_option(train, tmp_path / "started") == [[*train, "--resume"]]
+    (tmp_path / "started" / "results.json").write_text("{}")
+    assert resume_option(train, tmp_path / "started") == []
+
+
+def _squares(root: Path) -> Path:
+    """MNIST-layout digits a small CNN separates in one epoch: class c is a centred white square
+    of side 2c + 4 (its area survives global pooling)."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    for prefix, n in (("train", 300), ("t10k", 100)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = np.zeros((n, 28, 28), np.uint8)
+        for i, c in enumerate(labels):
+            side = 2 * int(c) + 4
+            o = (28 - side) // 2
+            images[i, o : o + side, o : o + side] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp_path, monkeypatch, capsys):
+    """Two points, one epoch: lr 1e-9 leaves the network at its initialisation (validation at
+    chance, 0.1 on the balanced ρ = 0.1 validation set), lr 3e-3 learns the square sizes (no
+    colour shortcut at ρ = 0.1). The sweep must pick the second."""
+    root = _squares(tmp_path / "mnist")
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        f"name: tiny\nseed: 0\ndata: {{kind: biased_mnist, root: {root}, rho: 0.1, val_fraction: 0.3}}\n"
+        "model: {arch: simple_conv, kernel_size: 3}\nmethod: {name: vanilla}\n"
+        "train: {epochs: 1, batch_size: 10, lr: 0.001, eval_every: 1, precision: fp32}\n"
+    )
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", base, "--method", "vanilla", "--grid", "train.lr=1e-9,0.003", "--seeds", "0", "--out", out, "--jobs", "2"]
+    monkeypatch.setattr(bm, "code_version", lambda: DIRTY)
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "uncommitted changes" in err and "--allow-dirty" in err and not (out / "runs").exists()
+
+    monkeypatch.setattr(bm, "code_version", lambda: CLEAN)
+    code, stdout, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    record = json.loads((out / "sweep.json").read_text())
+    vals = {p["name"]: p["seeds"]["0"]["value"] for p in record["points"]}
+    assert vals["p00-lr=1e-9"] == pytest.approx(0.1)
+    assert vals["p01-lr=0.003"] > 0.15
+    assert record["best"] == "p01-lr=0.003" and record["best_point"] == {"train.lr": "0.003"}
+    assert record["code_version"] == CLEAN
+    for p in record["points"]:  # the value is the run's own last validation line
+        last = json.loads((out / "runs" / p["name"] / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert p["seeds"]["0"]["value"] == last["val"]["accuracy"]
+    assert "unbiased" not in (out / "sweep.json").read_text() and "**p01-lr=0.003**" in stdout
+
+    finished = {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals}
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0 and "2 done, 0 to run" in err
+    assert {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals} == finished
+
+    code, _, err = run_cli([*args[:6], "train.lr=1e-9,0.01", *args[7:]], monkeypatch, capsys)
+    assert code == 2 and "other settings (grid differ)" in err
