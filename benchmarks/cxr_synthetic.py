@@ -21,8 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import DOCS, REPO
 from cxrdebias.data.synthetic import SynthConfig, synthesize
+from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
+from cxrdebias.experiments.benchmark import check_clean
 from cxrdebias.experiments.config import load_config
+from cxrdebias.experiments.dirty import check_dirty, is_dirty, legend, mark
 from cxrdebias.experiments.evaluate import evaluate_run
 from cxrdebias.experiments.runner import run_experiment
 from cxrdebias.experiments.tables import update_markdown
@@ -76,11 +79,17 @@ def _ms(vals: list[float]) -> str:
     return format_mean_std([v for v in vals if v is not None], 3)
 
 
-def build_table() -> str:
+def build_table(allow_dirty: bool = False) -> str:
+    """The per-site and worst-site tables; results produced with uncommitted changes are refused
+    unless ``allow_dirty``, then the method's rows are marked ◇."""
     cells: dict[str, list[dict]] = {m: [] for m in VARIANTS}
+    named = {}
     for p in sorted(RESULTS.glob("*.json")):
         d = json.loads(p.read_text())
         cells[d.get("variant", d["results"]["method"]["name"])].append(d)
+        named[p.stem] = d
+    dirty_files = check_dirty(named, allow_dirty=allow_dirty, where=str(RESULTS))
+    dirty = {m for m, ds in cells.items() if any(is_dirty(d) for d in ds)} if dirty_files else set()
     sites = sorted({s for ds in cells.values() for d in ds for s in d["report"]["by_group"]})
     lines = [
         "| method | seeds | site | TPR | TNR | balanced accuracy | AUROC |",
@@ -94,7 +103,7 @@ def build_table() -> str:
         for s in sites:
             g = [d["report"]["by_group"][s] for d in ds]
             lines.append(
-                f"| {m} | {seeds} | {s} | {_ms([x['tpr'] for x in g])} | {_ms([x['tnr'] for x in g])} "
+                f"| {mark(m, [m], dirty)} | {seeds} | {s} | {_ms([x['tpr'] for x in g])} | {_ms([x['tnr'] for x in g])} "
                 f"| {_ms([x['balanced_accuracy'] for x in g])} | {_ms([x['auroc'] for x in g])} |"
             )
     lines += ["", "| method | worst-site BA (mean ± std) | per seed: worst-site BA [95% CI] | equalized-odds difference |", "|---|---|---|---|"]
@@ -109,13 +118,17 @@ def build_table() -> str:
             for d in ds
         )
         eod = [d["report"]["equalized_odds_difference"]["value"] for d in ds]
-        lines.append(f"| {m} | {_ms(worst)} | {per_seed} | {_ms(eod)} |")
-    return "\n".join(lines)
+        lines.append(f"| {mark(m, [m], dirty)} | {_ms(worst)} | {per_seed} | {_ms(eod)} |")
+    return "\n".join(lines + ([""] + legend(dirty) if dirty else []))
 
 
-def write_table() -> None:
-    update_markdown(TABLE, "cxr", build_table())
-    print(build_table())
+def write_table(allow_dirty: bool = False) -> None:
+    try:
+        table = build_table(allow_dirty)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    update_markdown(TABLE, "cxr", table)
+    print(table)
 
 
 def main() -> None:
@@ -126,7 +139,13 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(VARIANTS), help="rows to run (end-auto-*: issue 5, no site labels)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--allow-dirty", action="store_true", help="run and tabulate with uncommitted changes (marked ◇)")
     args = ap.parse_args()
+    if not args.table_only:
+        try:
+            check_clean(args.allow_dirty)
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
     if not args.table_only:
         data = args.runs / f"data-s{args.data_seed}"
         if not (data / "manifest.csv").exists():
@@ -134,8 +153,8 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 run_cell(method, seed, data, args.runs, args.overrides)
-                write_table()
-    write_table()
+                write_table(args.allow_dirty)
+    write_table(args.allow_dirty)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import DOCS, REPO
 from cxrdebias.debias.end import DEFAULT_FORM
+from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
+from cxrdebias.experiments.benchmark import check_clean
+from cxrdebias.experiments.dirty import check_dirty, legend, mark
 from cxrdebias.experiments.tables import PUBLISHED_BIASED_MNIST, update_markdown
 
 RESULTS = DOCS / "results" / "biased_mnist"
@@ -94,28 +97,33 @@ def run_cell(rho: float, method: str, seed: int, args) -> None:
     shutil.copyfile(out / "results.json", dest)
 
 
-def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TABLE_METHODS) -> str:
-    """One row per (ρ, method, options, schedule) with every seed's results under it, for
-    ``methods`` only; the precision column lists what the seeds ran in (bf16 autocast or fp32, ``train.precision``)."""
-    rows: dict[tuple, list[dict]] = {}
+def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TABLE_METHODS, allow_dirty: bool = False) -> str:
+    """One row per (ρ, method, options, schedule, precision) with every seed's results under it,
+    for ``methods`` only: seeds run in bf16 autocast and in fp32 (``train.precision``) are separate
+    rows, never averaged together. Results produced with uncommitted changes are refused unless
+    ``allow_dirty``, then marked (:mod:`cxrdebias.experiments.dirty`)."""
+    rows: dict[tuple, list[tuple[str, dict]]] = {}
     for p in sorted(results_dir.glob("*.json")):
         r = json.loads(p.read_text())
         m = r["method"]
         if m["name"] not in methods:
             continue
-        key = (r["rho"], m["name"], m.get("form"), m.get("alpha"), m.get("beta"), r["epochs"], r["config"]["train"].get("lr_step"))
-        rows.setdefault(key, []).append(r)
+        precision = str((r.get("train") or {}).get("precision", "?"))
+        key = (r["rho"], m["name"], m.get("form"), m.get("alpha"), m.get("beta"), r["epochs"], r["config"]["train"].get("lr_step"), precision)
+        rows.setdefault(key, []).append((p.stem, r))
+    dirty = check_dirty({n: r for rs in rows.values() for n, r in rs}, allow_dirty=allow_dirty, where=str(results_dir))
     lines = [
         "| ρ | method | α | β | form | epochs (LR step) | seeds | precision | biased acc (%) | unbiased acc (%) | paper unbiased (%) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(rows, key=lambda k: (-k[0], methods.index(k[1]), str(k[2]), k[3] or 0, k[4] or 0, k[5], k[6] or 0)):
-        rho, method, form, alpha, beta, epochs, step = key
-        rs = sorted(rows[key], key=lambda r: r["seed"])
+    for key in sorted(rows, key=lambda k: (-k[0], methods.index(k[1]), str(k[2]), k[3] or 0, k[4] or 0, k[5], k[6] or 0, k[7])):
+        rho, method, form, alpha, beta, epochs, step, precision = key
+        named = sorted(rows[key], key=lambda nr: nr[1]["seed"])
+        rs = [r for _, r in named]
         paper = PUBLISHED_BIASED_MNIST.get(method, {}).get(round(rho, 3))
-        precision = ", ".join(sorted({str((r.get("train") or {}).get("precision", "?")) for r in rs}))
         biased, unbiased = (
-            format_mean_std([r["metrics"][k] for r in rs], scale=100, show_n=True) for k in ("biased_accuracy", "unbiased_accuracy")
+            mark(format_mean_std([r["metrics"][k] for r in rs], scale=100, show_n=True), [n for n, _ in named], dirty)
+            for k in ("biased_accuracy", "unbiased_accuracy")
         )
         lines.append(
             f"| {rho} | {method} | {alpha if alpha is not None else '–'} | {beta if beta is not None else '–'} | {form or '–'} "
@@ -123,11 +131,14 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TAB
             f"| {biased} | {unbiased} "
             f"| {paper if paper is not None else '–'} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + legend(dirty) if dirty else []))
 
 
-def write_table(methods: tuple[str, ...] = SEED_TABLE_METHODS) -> None:
-    table = build_table(methods=methods)
+def write_table(methods: tuple[str, ...] = SEED_TABLE_METHODS, allow_dirty: bool = False) -> None:
+    try:
+        table = build_table(methods=methods, allow_dirty=allow_dirty)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     update_markdown(TABLE, "biased_mnist", table)
     print(table)
 
@@ -145,16 +156,22 @@ def main() -> None:
     ap.add_argument("--lr-step", type=int, help="epoch of the LR x0.1 step (with --epochs)")
     ap.add_argument("--runs", default=str(REPO / "runs" / "repro"))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--allow-dirty", action="store_true", help="tabulate results produced with uncommitted changes, marked ◇")
     args = ap.parse_args()
     schedule_overrides(args.epochs, args.lr_step)  # fail before any run
+    if not args.table_only:
+        try:
+            check_clean(args.allow_dirty)  # new cells from a commit only
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
     methods = tuple(dict.fromkeys([*SEED_TABLE_METHODS, *args.methods]))
     if not args.table_only:
         for seed in args.seeds:
             for rho in args.rhos:
                 for method in args.methods:
                     run_cell(rho, method, seed, args)
-                    write_table(methods)
-    write_table(methods)
+                    write_table(methods, args.allow_dirty)
+    write_table(methods, args.allow_dirty)
 
 
 if __name__ == "__main__":

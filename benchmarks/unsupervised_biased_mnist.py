@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -23,12 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS
+from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
+from cxrdebias.experiments.dirty import check_dirty, legend, mark
 from cxrdebias.experiments.tables import update_markdown
 
 RESULTS = DOCS / "results" / "unsupervised" / "biased_mnist"
 SUPERVISED = DOCS / "results" / "biased_mnist"
 TABLE = DOCS / "unsupervised.md"
+OTHER_SCHEDULE = re.compile(r"-\d+ep-")
+"""The cell names of runs on another schedule than the shipped configs' (``rho0.997-end-paper-20ep-s42``)."""
 
 
 def label(results: dict) -> str:
@@ -74,35 +79,47 @@ def _ms(vals: list[float]) -> str:
     return format_mean_std(vals)
 
 
-def _supervised_means() -> dict[tuple[str, float], float]:
-    """3-seed unbiased accuracy (%) of vanilla and partner_mean-form EnD (the shipped default) per ρ (docs/results/biased_mnist)."""
+def _supervised_means() -> tuple[dict[tuple[str, float], float], dict[tuple[str, float], list[tuple[str, dict]]]]:
+    """3-seed unbiased accuracy (%) of vanilla and partner_mean-form EnD (the shipped default) per ρ on the shipped schedule
+    (docs/results/biased_mnist; the ``-<N>ep-`` files of other schedules are left out), and the
+    results files behind each mean."""
     acc: dict[tuple[str, float], list[float]] = {}
+    files: dict[tuple[str, float], list[tuple[str, dict]]] = {}
     for p in SUPERVISED.glob("rho*-*-s*.json"):
+        if OTHER_SCHEDULE.search(p.stem):
+            continue
         r = json.loads(p.read_text())
         r = r.get("results", r)
         key = r["method"]["name"]
         if key not in ("vanilla", "end") or (key == "end" and r["method"].get("form") != "partner_mean"):
             continue
         acc.setdefault((key, float(r["rho"])), []).append(100 * r["metrics"]["unbiased_accuracy"])
-    return {k: statistics.fmean(v) for k, v in acc.items()}
+        files.setdefault((key, float(r["rho"])), []).append((f"biased_mnist/{p.stem}", r))
+    return {k: statistics.fmean(v) for k, v in acc.items()}, files
 
 
-def build_table() -> str:
-    groups: dict[tuple[float, str], list[dict]] = {}
+def build_table(allow_dirty: bool = False) -> str:
+    """The acceptance table; results produced with uncommitted changes (the runs' or the
+    supervised means') are refused unless ``allow_dirty``, then marked ◇."""
+    groups: dict[tuple[float, str], list[tuple[str, dict]]] = {}
     for p in sorted(RESULTS.glob("*.json")):
         d = json.loads(p.read_text())
-        groups.setdefault((float(d["results"]["rho"]), d["label"]), []).append(d)
-    sup = _supervised_means()
+        groups.setdefault((float(d["results"]["rho"]), d["label"]), []).append((p.stem, d))
+    sup, sup_files = _supervised_means()
+    named = {n: d for ds in groups.values() for n, d in ds} | {n: r for fs in sup_files.values() for n, r in fs}
+    dirty = check_dirty(named, allow_dirty=allow_dirty, where=f"{RESULTS} and {SUPERVISED}")
     lines = [
         "| ρ | configuration | seeds | biased acc (%) | unbiased acc (%) | share of EnD's gain | pseudo-bias NMI / minority acc. (last epoch) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (rho, name), ds in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
-        ds.sort(key=lambda d: d["results"]["seed"])
+    for (rho, name), named_ds in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        named_ds.sort(key=lambda nd: nd[1]["results"]["seed"])
+        ds, names = [d for _, d in named_ds], [n for n, _ in named_ds]
         unb = [100 * d["results"]["metrics"]["unbiased_accuracy"] for d in ds]
         bia = [100 * d["results"]["metrics"]["biased_accuracy"] for d in ds]
         v, e = sup.get(("vanilla", rho)), sup.get(("end", rho))
         share = f"{(statistics.fmean(unb) - v) / (e - v):.0%}" if v is not None and e is not None and e > v else "–"
+        refs = [n for k in (("vanilla", rho), ("end", rho)) for n, _ in sup_files.get(k, [])]
         last = [d["pseudo_bias_per_epoch"][-1] for d in ds if d["pseudo_bias_per_epoch"]]
         agree = (
             f"{statistics.fmean(x['nmi'] for x in last):.3f} / {statistics.fmean(x['minority_matched_accuracy'] for x in last):.3f}"
@@ -110,14 +127,18 @@ def build_table() -> str:
             else "–"
         )
         seeds = ", ".join(str(d["results"]["seed"]) for d in ds)
-        lines.append(f"| {rho:g} | {name} | {seeds} | {_ms(bia)} | {_ms(unb)} | {share} | {agree} |")
-    refs = "; ".join(f"{k} ρ {rho:g}: {val:.2f}" for (k, rho), val in sorted(sup.items(), key=lambda kv: (-kv[0][1], kv[0][0])))
-    lines += ["", f"Reference 3-seed means of unbiased accuracy (docs/reproduction.md): {refs}."]
+        share = mark(share, names + refs, dirty) if share != "–" else share
+        lines.append(f"| {rho:g} | {name} | {seeds} | {mark(_ms(bia), names, dirty)} | {mark(_ms(unb), names, dirty)} | {share} | {agree} |")
+    refs = "; ".join(
+        f"{k} ρ {rho:g}: {mark(f'{val:.2f}', [n for n, _ in sup_files[(k, rho)]], dirty)}"
+        for (k, rho), val in sorted(sup.items(), key=lambda kv: (-kv[0][1], kv[0][0]))
+    )
+    lines += ["", f"Reference 3-seed means of unbiased accuracy (docs/reproduction.md): {refs}.", *([""] + legend(dirty) if dirty else [])]
     return "\n".join(lines)
 
 
-def write_table() -> str:
-    table = build_table()
+def write_table(allow_dirty: bool = False) -> str:
+    table = build_table(allow_dirty)
     update_markdown(TABLE, "unsupervised", table)
     return table
 
@@ -125,10 +146,14 @@ def write_table() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--collect", type=Path, nargs="*", default=[], help="run folders' parents to copy finished runs from")
+    ap.add_argument("--allow-dirty", action="store_true", help="tabulate results produced with uncommitted changes, marked ◇")
     args = ap.parse_args()
     if args.collect:
         print(f"collected {collect(args.collect)} runs into {RESULTS}")
-    print(write_table())
+    try:
+        print(write_table(args.allow_dirty))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -454,11 +454,17 @@ def test_build_table_refuses_dirty_cells_unless_allowed(tmp_path):
     spec = load_spec(write_spec(tmp_path, SPEC))
     _fill(tmp_path / "out", spec, dirty={"seed1-end-train0"})
     # the post-hoc cell evaluated that run: it counts too
-    with pytest.raises(ConfigError, match=r"2 cell\(s\) were trained with uncommitted changes \(e.g. seed1-end-train0\)"):
+    with pytest.raises(ConfigError, match=r"2 result\(s\) were produced with uncommitted changes \(.*seed1-end-train0.*--allow-dirty"):
         build_table(spec, tmp_path / "out")
     assert not (tmp_path / "out" / "benchmark.json").exists()
     table = build_table(spec, tmp_path / "out", allow_dirty=True)
     assert table["summary"]["dirty"] is True and "0123456789 (dirty)" in table["markdown"]
+    # the dirty recipes' rows are marked, the clean ones not, and the legend says what the mark means
+    rows = [line for line in table["markdown"].splitlines() if line.startswith("| ")]
+    assert table["summary"]["dirty_recipes"] == ["end", "posthoc"]
+    assert any(line.startswith("| EnD ◇ |") for line in rows) and any(line.startswith("| posthoc ◇ |") for line in rows)
+    assert not any("◇" in line for line in rows if line.startswith(("| vanilla", "| lnl", "| reference")))
+    assert "◇ from a dirty tree" in table["markdown"]
 
 
 @pytest.mark.parametrize("synth", [{}, {"external_sites": 1}, {"cue": "tag", "bias_strength": 0.0}])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cxrdebias.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -73,13 +75,15 @@ def test_table_has_a_row_per_schedule_with_mean_std_and_the_precisions(tmp_path)
     _store(tmp_path, "rho0.990-end-paper-s42", _result(0.99, "end", 42, 0.95, 0.70))
     _store(tmp_path, "rho0.997-lnl-s42", _result(0.997, "lnl", 42, 1.0, 0.1))  # a Table 1 cell: not in this table
     lines = rbm.build_table(tmp_path).splitlines()
-    assert "precision" in lines[0] and len(lines) == 2 + 4
+    assert "precision" in lines[0] and len(lines) == 2 + 5
     # ρ descending, vanilla first, then the shipped schedule before the longer one
     assert lines[2].startswith("| 0.997 | vanilla | – | – | – | 10 (7) | 42 | bf16 | 100.00 (n=1) | 10.00 (n=1) | 33.4 |")
     # mean ± sample std by hand: (96, 98) → 97 ± 1.41; (50, 60) → 55 ± 7.07
     assert lines[3] == "| 0.997 | end | 5.0 | 0.5 | paper | 10 (7) | 42, 43 | bf16 | 97.00 ± 1.41 (n=2) | 55.00 ± 7.07 (n=2) | 83.7 |"
-    assert lines[4] == "| 0.997 | end | 5.0 | 0.5 | paper | 20 (10) | 42, 43 | bf16, fp32 | 98.50 ± 0.71 (n=2) | 56.00 ± 1.41 (n=2) | 83.7 |"
-    assert lines[5].startswith("| 0.99 | end | 5.0 | 0.5 | paper | 10 (7) | 42 | bf16 | 95.00 (n=1) | 70.00 (n=1) | 96.02 |")
+    # seeds run in bf16 and in fp32 are separate rows, never one mean
+    assert lines[4] == "| 0.997 | end | 5.0 | 0.5 | paper | 20 (10) | 42 | bf16 | 99.00 (n=1) | 57.00 (n=1) | 83.7 |"
+    assert lines[5] == "| 0.997 | end | 5.0 | 0.5 | paper | 20 (10) | 43 | fp32 | 98.00 (n=1) | 55.00 (n=1) | 83.7 |"
+    assert lines[6].startswith("| 0.99 | end | 5.0 | 0.5 | paper | 10 (7) | 42 | bf16 | 95.00 (n=1) | 70.00 (n=1) | 96.02 |")
     assert not any("lnl" in line for line in lines)
     assert any("| lnl |" in line for line in rbm.build_table(tmp_path, methods=("vanilla", "end", "lnl")).splitlines())
 
@@ -87,4 +91,17 @@ def test_table_has_a_row_per_schedule_with_mean_std_and_the_precisions(tmp_path)
 def test_the_committed_table_is_the_one_the_results_give():
     text = rbm.TABLE.read_text()
     block = text.split("<!-- table:biased_mnist:start -->\n", 1)[1].split("\n<!-- table:biased_mnist:end -->", 1)[0]
-    assert block == rbm.build_table()
+    assert block == rbm.build_table(allow_dirty=True)  # the committed results include runs from dirty trees: marked
+
+
+def test_results_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_path):
+    clean, dirty = ({"code_version": {"git_commit": "abc", "git_dirty": d}} for d in (False, True))
+    _store(tmp_path, "rho0.997-vanilla-s42", _result(0.997, "vanilla", 42, 1.0, 0.1) | clean)
+    _store(tmp_path, "rho0.997-end-paper-s42", _result(0.997, "end", 42, 0.96, 0.50) | clean)
+    _store(tmp_path, "rho0.997-end-paper-s43", _result(0.997, "end", 43, 0.98, 0.60) | dirty)
+    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(rho0.997-end-paper-s43\)"):
+        rbm.build_table(tmp_path)
+    lines = rbm.build_table(tmp_path, allow_dirty=True).splitlines()
+    assert lines[2].endswith("| 100.00 (n=1) | 10.00 (n=1) | 33.4 |")  # clean row: no mark
+    assert lines[3].endswith("| 97.00 ± 1.41 (n=2) ◇ | 55.00 ± 7.07 (n=2) ◇ | 83.7 |")
+    assert lines[-1].startswith("- ◇ from a dirty tree")

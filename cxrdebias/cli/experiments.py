@@ -242,17 +242,22 @@ def reproduce_table(
     update_docs: Annotated[bool, typer.Option(help="Rewrite the table's block in docs/reproduction.md.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads per run (does not change results).")] = None,
     set_: SetOpt = None,
+    allow_dirty: Annotated[bool, typer.Option("--allow-dirty", help="Tabulate cells run with uncommitted changes (marked ◇) instead of refusing.")] = False,
 ) -> None:
     """Regenerate one of the EnD paper's tables: our mean ± std over seeds beside the published numbers."""
+    from cxrdebias.experiments.benchmark import check_clean
     from cxrdebias.experiments.tables import build_table, get_table, update_markdown
 
+    if run:
+        check_clean(allow_dirty)  # new cells from a commit only
     docs = Path(cxrdebias.__file__).resolve().parents[1] / "docs"  # the source checkout's docs/
 
     spec = get_table(
         table, seeds=seeds or None, methods=methods or None, rhos=rhos or None, rho=(rhos or [None])[0], overrides=set_ or []
     )
     runtime = ["train.progress=false"] + ([f"train.num_threads={threads}"] if threads else [])
-    result = build_table(spec, results_dir=results_dir or docs / "results", runs_dir=runs_dir, run=run, runtime_overrides=runtime, console=err)
+    result = build_table(spec, results_dir=results_dir or docs / "results", runs_dir=runs_dir, run=run, runtime_overrides=runtime, console=err,
+                         allow_dirty=allow_dirty)
     out.print(result.markdown, markup=False, highlight=False)
     if md_out is not None:
         md_out.write_text(result.markdown + "\n")

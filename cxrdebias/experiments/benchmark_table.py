@@ -30,6 +30,7 @@ from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.evaluation.benchmark_stats import gap_closed, mean_ci, paired_difference
 from cxrdebias.evaluation.report import nan_to_none
 from cxrdebias.experiments.benchmark import BenchmarkSpec, Cell, cells
+from cxrdebias.experiments.dirty import check_dirty, legend, mark
 from cxrdebias.fileio import (
     replace_marked_block,
     write_bytes_atomic,
@@ -149,6 +150,7 @@ def summarise(spec: BenchmarkSpec, rows: list[dict[str, Any]]) -> dict[str, Any]
         "best_by_validation": _best(candidates, rows),
         "code_versions": [json.loads(v) for v in versions],
         "dirty": any(r["code_version"].get("git_dirty") for r in rows),
+        "dirty_recipes": sorted({r["recipe"] for r in rows if r["code_version"].get("git_dirty")}),
         "select_metrics": sorted({str(r["select_metric"]) for r in rows}),
     }
 
@@ -236,7 +238,8 @@ def target_checks(spec: BenchmarkSpec, summary: dict[str, Any]) -> list[dict[str
 
 def to_markdown(spec: BenchmarkSpec, summary: dict[str, Any], n_expected: int, title: str) -> str:
     """The benchmark's tables (headline, fairness/leakage, per-layer probe) with their legend."""
-    recipes = summary["recipes"]
+    dirty = set(summary.get("dirty_recipes", []))
+    recipes = {n: {**e, "label": mark(e["label"], [n], dirty)} for n, e in summary["recipes"].items()}  # ◇: a dirty cell
     n_found = sum(e["n_cells"] for e in recipes.values())
     lines = [f"# {title}", ""]
     data = f"manifest `{spec.data.manifest}` (split seeds" if spec.data.manifest else "synthetic data (data seeds"
@@ -292,6 +295,7 @@ def to_markdown(spec: BenchmarkSpec, summary: dict[str, Any], n_expected: int, t
         "significant, so the ratio is not interpretable.",
         "- Test metrics are over the training sites; external sites (never trained on) only in their own columns. "
         "Intervals treat cells as independent: with few data seeds they describe new training seeds better than new data sets.",
+        *legend(dirty),
     ]
     return "\n".join(lines) + "\n"
 
@@ -346,9 +350,7 @@ def build_table(spec: BenchmarkSpec, out: str | Path, *, allow_dirty: bool = Fal
     rows = collect(spec, out)
     if not rows:
         raise DataError(f"{out}: no finished cell to tabulate yet")
-    dirty = [f"seed{r['data_seed']}-{r['recipe']}-train{r['train_seed']}" for r in rows if r["code_version"].get("git_dirty")]
-    if dirty and not allow_dirty:
-        raise ConfigError(f"{len(dirty)} cell(s) were trained with uncommitted changes (e.g. {dirty[0]}); rerun them from a commit or pass --allow-dirty")
+    check_dirty({f"seed{r['data_seed']}-{r['recipe']}-train{r['train_seed']}": r for r in rows}, allow_dirty=allow_dirty, where=str(out))
     summary = summarise(spec, rows)
     summary["checks"] = target_checks(spec, summary)
     n_expected = len(cells(spec))

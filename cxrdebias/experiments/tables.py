@@ -38,6 +38,7 @@ from cxrdebias.debias.end import DEFAULT_FORM
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
+from cxrdebias.experiments.dirty import check_dirty, legend, mark
 from cxrdebias.fileio import replace_marked_block, write_json_atomic, write_text_atomic
 
 #: the shipped configs the cells start from (``configs/`` of the source checkout)
@@ -356,8 +357,11 @@ def build_table(
     run: bool = False,
     runtime_overrides: Iterable[str] = (),
     console: Console | None = None,
+    allow_dirty: bool = False,
 ) -> TableResult:
-    """Collect finished cells (running the missing ones when ``run``) and render Markdown."""
+    """Collect finished cells (running the missing ones when ``run``) and render Markdown.
+    Cells whose JSON records uncommitted changes are refused unless ``allow_dirty``, then marked
+    (:mod:`cxrdebias.experiments.dirty`)."""
     console = console or make_console(stderr=True, soft_wrap=False)
     store = results_dir / table.results_subdir
     found: dict[str, dict[str, Any]] = {}
@@ -375,10 +379,11 @@ def build_table(
         check_cell_result(cell, results, runs_dir / cell.name / "results.json")
         write_json_atomic(path, results)
         found[cell.name] = results
-    return TableResult(render(table, found), sorted(found), missing)
+    dirty = check_dirty(found, allow_dirty=allow_dirty, where=f"table {table.name} ({store})")
+    return TableResult(render(table, found, dirty), sorted(found), missing)
 
 
-def render(table: Table, found: dict[str, dict[str, Any]]) -> str:
+def render(table: Table, found: dict[str, dict[str, Any]], dirty: set[str] = frozenset()) -> str:
     """Markdown: one line per row, our mean ± std over the finished seeds beside the paper."""
     rows: dict[tuple[str, ...], list[Cell]] = {}
     for cell in table.cells:
@@ -392,12 +397,13 @@ def render(table: Table, found: dict[str, dict[str, Any]]) -> str:
         done = [found[c.name] for c in cells if c.name in found]
         seeds = ", ".join(str(r["seed"]) for r in done) or "not run"
         values = [format_mean_std([v for r in done if (v := m.get(r)) is not None], scale=100) for m in table.metrics]
+        values = [mark(v, (c.name for c in cells), dirty) for v in values]
         line = [*row, seeds, *values]
         published = table.published.get(row, [None] * len(table.metrics))
         line += [f"{published[i]:.2f}" if published[i] is not None else "–" for i in with_paper]
         lines.append("| " + " | ".join(line) + " |")
-    if table.notes:
-        lines += [""] + [f"- {n}" for n in table.notes]
+    if table.notes or dirty:
+        lines += [""] + [f"- {n}" for n in table.notes] + legend(dirty)
     n_done = sum(1 for c in table.cells if c.name in found)
     lines += ["", f"{n_done} of {len(table.cells)} cells finished; mean ± std over seeds where more than one."]
     return "\n".join(lines)
