@@ -518,7 +518,10 @@ def test_benchmark_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert {n: (e["label"], e["n_cells"]) for n, e in saved["recipes"].items()} == {"vanilla": ("vanilla", 1), "reference": ("no correlation", 1)}
     assert [(c["recipe"], c["data_seed"], c["train_seed"]) for c in saved["cells"]] == [("vanilla", 0, 0), ("reference", 0, 0)]
     assert saved["layers"][-1] == "bottleneck" and all(c["select_metric"] for c in saved["cells"])
-    assert "2 of 2 cells finished" in stdout and "| no correlation (reference, 100%) | 1 |" in stdout
+    # run with --allow-dirty: from a checkout with local changes the rows are marked ◇ with the legend
+    mark = " ◇" if saved["dirty"] else ""
+    assert "2 of 2 cells finished" in stdout and f"| no correlation{mark} (reference, 100%) | 1 |" in stdout
+    assert ("◇ from a dirty tree" in stdout) == saved["dirty"]
     # the reference set: same generator and seed without the correlation; the same test images
     data = out / "data" / "seed0"
     biased, reference = _test_rows(data / "biased" / "manifest.csv"), _test_rows(data / "reference" / "manifest.csv")

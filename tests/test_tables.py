@@ -22,6 +22,18 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def clean_tree(monkeypatch):
+    """Runs record a clean checkout (the tests also run from trees with local changes)."""
+    import cxrdebias.experiments.benchmark as bm
+    import cxrdebias.experiments.runner as runner
+
+    clean = {"package": "0", "git_commit": "0123456789abcdef", "git_dirty": False}
+    monkeypatch.setattr(runner, "code_version", lambda: clean)
+    monkeypatch.setattr(bm, "code_version", lambda: clean)
+    return bm
+
+
 def _fake_result(cell, biased: float, unbiased: float) -> dict:
     return {
         "seed": cell.seed,
@@ -98,7 +110,7 @@ def test_unsupervised_options_matter_only_when_bias_auto_is_on(tmp_path):
         build_table(t, results_dir=tmp_path)
 
 
-def test_run_missing_cells_then_skip_them(fake_mnist, tmp_path):
+def test_run_missing_cells_then_skip_them(fake_mnist, tmp_path, clean_tree):
     overrides = [*TINY, f"data.root={fake_mnist}"]
     t = biased_mnist_table(rhos=[0.99], methods=["vanilla", "end"], seeds=[0], overrides=overrides)
     results, runs = tmp_path / "results", tmp_path / "runs"
@@ -143,7 +155,7 @@ def test_update_markdown_replaces_only_the_block(tmp_path):
         update_markdown(doc, "x", "t")
 
 
-def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch, capsys):
+def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch, capsys, clean_tree):
     from tests.test_cli import run_cli
 
     md = tmp_path / "t.md"
@@ -151,6 +163,11 @@ def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch,
             "--results", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"), "--set", f"data.root={fake_mnist}"]
     for o in TINY:
         base += ["--set", o]
+    # --run from a checkout with local changes is refused before anything runs
+    monkeypatch.setattr(clean_tree, "code_version", lambda: {"package": "0", "git_commit": "abc", "git_dirty": True})
+    code, _, err = run_cli([*base, "--seed", "0", "--run"], monkeypatch, capsys)
+    assert code == 2 and "uncommitted changes" in err and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(clean_tree, "code_version", lambda: {"package": "0", "git_commit": "abc", "git_dirty": False})
     code, stdout, err = run_cli([*base, "--seed", "0", "--run", "--markdown", str(md)], monkeypatch, capsys)
     assert code == 0, err
     assert "| vanilla | 0.990 | 0 |" in stdout and "| 89.10 |" in stdout

@@ -30,7 +30,8 @@ from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.evaluation.benchmark_stats import gap_closed, mean_ci, paired_difference
 from cxrdebias.evaluation.report import nan_to_none
 from cxrdebias.experiments.benchmark import BenchmarkSpec, Cell, cells
-from cxrdebias.experiments.dirty import check_dirty, legend, mark
+from cxrdebias.experiments.dirty import check_dirty, legend
+from cxrdebias.experiments.dirty import mark as dirty_mark
 from cxrdebias.fileio import (
     replace_marked_block,
     write_bytes_atomic,
@@ -239,7 +240,7 @@ def target_checks(spec: BenchmarkSpec, summary: dict[str, Any]) -> list[dict[str
 def to_markdown(spec: BenchmarkSpec, summary: dict[str, Any], n_expected: int, title: str) -> str:
     """The benchmark's tables (headline, fairness/leakage, per-layer probe) with their legend."""
     dirty = set(summary.get("dirty_recipes", []))
-    recipes = {n: {**e, "label": mark(e["label"], [n], dirty)} for n, e in summary["recipes"].items()}  # ◇: a dirty cell
+    recipes = {n: {**e, "label": dirty_mark(e["label"], [n], dirty)} for n, e in summary["recipes"].items()}  # ◇: a dirty cell
     n_found = sum(e["n_cells"] for e in recipes.values())
     lines = [f"# {title}", ""]
     data = f"manifest `{spec.data.manifest}` (split seeds" if spec.data.manifest else "synthetic data (data seeds"
