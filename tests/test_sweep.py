@@ -20,6 +20,7 @@ from cxrdebias.experiments.sweep import (
     to_markdown,
     validation_value,
 )
+from cxrdebias.training.provenance import code_version
 from tests.conftest import run_cli, write_idx
 
 CLEAN = {"package": "0", "git_commit": "0123456789abcdef", "git_dirty": False}
@@ -98,11 +99,18 @@ def test_collect_picks_by_validation_mean_never_by_test(tmp_path):
     assert lower["best"] == names[0]
 
 
-def test_collect_marks_a_run_from_a_dirty_tree(tmp_path):
-    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1"]}, train_seeds=[0])
-    _fake_run(tmp_path, point_name(0, spec.points()[0]), 0, 0.5, 0.5, version=DIRTY)
-    record = collect(spec, tmp_path, CLEAN)
-    assert record["dirty"] is True and "(dirty: uncommitted changes)" in to_markdown(record)
+def test_collect_refuses_a_run_from_a_dirty_tree_unless_allowed_then_marks_it(tmp_path):
+    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1", "2"]}, train_seeds=[0])
+    names = [point_name(i, p) for i, p in enumerate(spec.points())]
+    _fake_run(tmp_path, names[0], 0, 0.5, 0.5, version=DIRTY)
+    _fake_run(tmp_path, names[1], 0, 0.4, 0.5)
+    with pytest.raises(ConfigError, match=rf"1 result\(s\) were produced with uncommitted changes \({names[0]}-seed0\).*--allow-dirty"):
+        collect(spec, tmp_path, CLEAN)
+    record = collect(spec, tmp_path, CLEAN, allow_dirty=True)
+    md = to_markdown(record)
+    assert record["dirty"] is True and [p["dirty"] for p in record["points"]] == [True, False]
+    assert "(dirty: uncommitted changes)" in md and f"| **{names[0]} ◇** |" in md and f"| {names[1]} |" in md
+    assert "◇ from a dirty tree" in md
 
 
 def test_resume_option(tmp_path):
@@ -152,6 +160,10 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and "uncommitted changes" in err and "--allow-dirty" in err and not (out / "runs").exists()
 
+    # the runs are subprocesses: they record this checkout's real state; from a tree with local
+    # changes (development) their results are dirty and the table needs --allow-dirty to show them
+    real_dirty = bool(code_version()["git_dirty"])
+    args += ["--allow-dirty"] if real_dirty else []
     monkeypatch.setattr(bm, "code_version", lambda: CLEAN)
     code, stdout, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
@@ -164,7 +176,9 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
     for p in record["points"]:  # the value is the run's own last validation line
         last = json.loads((out / "runs" / p["name"] / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
         assert p["seeds"]["0"]["value"] == last["val"]["accuracy"]
-    assert "unbiased" not in (out / "sweep.json").read_text() and "**p01-lr=0.003**" in stdout
+    mark = " ◇" if real_dirty else ""
+    assert record["dirty"] is real_dirty and all(p["dirty"] is real_dirty for p in record["points"])
+    assert "unbiased" not in (out / "sweep.json").read_text() and f"**p01-lr=0.003{mark}**" in stdout
 
     finished = {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals}
     code, _, err = run_cli(args, monkeypatch, capsys)

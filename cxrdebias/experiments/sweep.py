@@ -48,6 +48,7 @@ from cxrdebias.experiments.benchmark import (
     run_logged,
 )
 from cxrdebias.experiments.benchmark_spec import problems
+from cxrdebias.experiments.dirty import DIRTY_MARK, check_dirty, is_dirty, legend
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -204,7 +205,7 @@ def run_sweep(
         todo, run_one, jobs=jobs, children=children, progress=Progress(len(todo), console),
         name=_name, log=lambda r: _log(out, r), heartbeat_s=heartbeat_s,
     )  # fmt: skip
-    record = collect(spec, out, version)
+    record = collect(spec, out, version, allow_dirty=allow_dirty)
     write_json_atomic(out / "sweep.json", record)
     write_text_atomic(out / "sweep.md", to_markdown(record))
     return record, failed
@@ -248,10 +249,11 @@ def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
 
 
-def collect(spec: SweepSpec, out: Path, version: dict[str, Any]) -> dict[str, Any]:
+def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty: bool = False) -> dict[str, Any]:
     """The sweep record: every point with its per-seed validation values and their mean, and the
     best point by the mean (``mode``; the first in grid order on a tie). Points missing a seed are
-    listed but not picked. No test metric is read."""
+    listed but not picked. No test metric is read. Runs recorded with uncommitted changes are
+    refused unless ``allow_dirty`` (then their points are marked, :mod:`cxrdebias.experiments.dirty`)."""
     points = []
     for i, point in enumerate(spec.points()):
         name, seeds = point_name(i, point), {}
@@ -266,11 +268,13 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any]) -> dict[str, An
         values = [s["value"] for s in seeds.values() if s["value"] is not None]
         complete = len(values) == len(spec.train_seeds)
         points.append({"name": name, "point": point, "seeds": seeds, "complete": complete,
-                       "mean": sum(values) / len(values) if values else None})  # fmt: skip
+                       "mean": sum(values) / len(values) if values else None,
+                       "dirty": any(is_dirty(s) for s in seeds.values())})  # fmt: skip
+    check_dirty({f"{p['name']}-seed{k}": s for p in points for k, s in p["seeds"].items()}, allow_dirty=allow_dirty, where=str(out))
     candidates = [p for p in points if p["complete"]]
     sign = -1.0 if spec.mode == "min" else 1.0
     best = max(candidates, key=lambda p: sign * p["mean"])["name"] if candidates else None
-    dirty = bool(version.get("git_dirty")) or any(s["code_version"].get("git_dirty") for p in points for s in p["seeds"].values())
+    dirty = bool(version.get("git_dirty")) or any(p["dirty"] for p in points)
     return {
         "spec": spec.model_dump(mode="json"),
         "selection": f"validation {spec.metric} ({spec.mode}), mean over training seeds {', '.join(map(str, spec.train_seeds))}; test metrics not read",
@@ -318,12 +322,13 @@ def to_markdown(record: dict[str, Any]) -> str:
     ]
     for p in record["points"]:
         vals = [_fmt(p["seeds"].get(s, {}).get("value")) for s in seeds]
-        row = [p["name"], *(p["point"][k] for k in keys), *vals, _fmt(p["mean"])]
+        row = [f"{p['name']} {DIRTY_MARK}" if p["dirty"] else p["name"], *(p["point"][k] for k in keys), *vals, _fmt(p["mean"])]
         if p["name"] == record["best"]:
             row = [f"**{c}**" for c in row]
         lines.append("| " + " | ".join(row) + " |")
     pick = f"**{record['best']}** ({', '.join(f'{k}={v}' for k, v in record['best_point'].items())})" if record["best"] else "none yet (no point has every seed)"
     lines += ["", f"Best by validation: {pick}. Values: the validation metric at the epoch each run reports; `–`: not run yet."]
+    lines += legend({p["name"] for p in record["points"] if p["dirty"]})
     return "\n".join(lines) + "\n"
 
 
