@@ -632,9 +632,9 @@ def test_an_interrupt_reaches_the_running_cells_and_starts_no_more(tmp_path):
     import threading
     import time
 
-    from cxrdebias.experiments.benchmark import INTERRUPTED, _Children
+    from cxrdebias.experiments.benchmark import INTERRUPTED, Children
 
-    children = _Children()
+    children = Children()
     codes = []
     log = (tmp_path / "log").open("w")
     sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]

@@ -11,7 +11,7 @@ from cxrdebias.cli.app import app, err, out
 from cxrdebias.console import esc
 
 
-def _ints(text: str | None, option: str) -> list[int] | None:
+def int_list(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -45,8 +45,8 @@ def benchmark_cmd(
 
     the_spec = load_spec(
         spec,
-        data_seeds=_ints(data_seeds, "--data-seeds"),
-        train_seeds=_ints(train_seeds, "--train-seeds"),
+        data_seeds=int_list(data_seeds, "--data-seeds"),
+        train_seeds=int_list(train_seeds, "--train-seeds"),
         recipes=[r.strip() for r in recipes.split(",") if r.strip()] if recipes else None,
         manifest=data,
         set=set_,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cxrdebias.cli.app import SetOpt, app, err, out
-from cxrdebias.cli.benchmark import _ints
+from cxrdebias.cli.benchmark import int_list
 from cxrdebias.console import esc
 
 
@@ -41,7 +41,7 @@ def sweep_cmd(
         the_grid[key] = values
     if not the_grid:
         raise ConfigError("no grid: give --grid KEY=V1,V2 or --grid-file")
-    spec = make_spec(config=str(config), method=method, grid=the_grid, train_seeds=_ints(seeds, "--seeds"), data_seed=data_seed,
+    spec = make_spec(config=str(config), method=method, grid=the_grid, train_seeds=int_list(seeds, "--seeds"), data_seed=data_seed,
                      metric=metric, mode=mode, set=set_ or [])  # fmt: skip
     record, failed = run_sweep(spec, out_dir, jobs=jobs, allow_dirty=allow_dirty, console=err)
     out.print((out_dir / "sweep.md").read_text(encoding="utf-8"), markup=False, highlight=False)

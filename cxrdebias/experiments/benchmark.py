@@ -139,7 +139,8 @@ def _written_synth(path: Path) -> SynthConfig | None:
         return None
 
 
-def _cli() -> list[str]:
+def cli_command() -> list[str]:
+    """``python -m cxrdebias.cli`` with this interpreter (the cells' processes run it, :func:`child_env`)."""
     return [sys.executable, "-m", "cxrdebias.cli"]
 
 
@@ -171,10 +172,10 @@ def commands(spec: BenchmarkSpec, out: Path, cell: Cell) -> list[list[str]]:
     evaluate = ["evaluate", "--per-institution", "--force", "--n-boot", str(spec.n_boot), *recipe.evaluate]
     if recipe.from_ is not None:
         source = Cell(recipe.from_, cell.data_seed, cell.train_seed).folder(out)
-        return [[*_cli(), *evaluate, str(source), "--out", str(folder / "eval")]]
+        return [[*cli_command(), *evaluate, str(source), "--out", str(folder / "eval")]]
     manifest = data_paths(spec, out, cell.data_seed)[recipe.data]
     train = [
-        *_cli(), "train", "--data", str(manifest), "--config", str(spec.config_path()), "--method", recipe.method,
+        *cli_command(), "train", "--data", str(manifest), "--config", str(spec.config_path()), "--method", recipe.method,
         "--bias", recipe.bias, "--seed", str(cell.train_seed), "--out", str(folder),
         "--set", "train.num_threads=1", "--set", "train.progress=false",
     ]  # fmt: skip
@@ -182,7 +183,7 @@ def commands(spec: BenchmarkSpec, out: Path, cell: Cell) -> list[list[str]]:
         train += ["--set", f"data.seed={cell.data_seed}"]
     for item in [*spec.set, *recipe.set]:
         train += ["--set", item]
-    return [train, [*_cli(), *evaluate, str(folder)]]
+    return [train, [*cli_command(), *evaluate, str(folder)]]
 
 
 def cell_done(spec: BenchmarkSpec, out: Path, cell: Cell) -> bool:
@@ -194,7 +195,7 @@ def cell_done(spec: BenchmarkSpec, out: Path, cell: Cell) -> bool:
     return results.exists() and report.exists() and report.stat().st_mtime_ns >= results.stat().st_mtime_ns
 
 
-class _Children:
+class Children:
     """The cells' running processes, so that an interrupt reaches them (each checkpoints and
     stops) and no further process starts."""
 
@@ -238,7 +239,7 @@ def resume_option(train: list[str], folder: Path) -> list[list[str]]:
     return [train]
 
 
-def run_logged(cmds: list[list[str]], log: Path, children: _Children) -> int:
+def run_logged(cmds: list[list[str]], log: Path, children: Children) -> int:
     """Run ``cmds`` one after the other (``cxrdebias`` commands, :func:`child_env`), their output
     appended to ``log``; the first non-zero exit status, or 0."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -253,9 +254,9 @@ def run_logged(cmds: list[list[str]], log: Path, children: _Children) -> int:
     return 0
 
 
-def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell, children: _Children | None = None) -> tuple[Cell, int, float]:
+def _run_cell(spec: BenchmarkSpec, out: Path, cell: Cell, children: Children | None = None) -> tuple[Cell, int, float]:
     """Run (or finish) one cell in subprocesses; its output goes to ``OUT/logs/<cell>.log``."""
-    children = children or _Children()
+    children = children or Children()
     t0 = time.perf_counter()
     folder = cell.folder(out)
     cmds = commands(spec, out, cell)
@@ -346,7 +347,7 @@ def run_benchmark(
     console.print(f"benchmark → {esc(out)}: {total} cells, {total - len(todo)} done, {len(todo)} to run, {jobs} at a time")
     trained = [c for c in todo if spec.recipes[c.recipe].from_ is None]
     posthoc = [c for c in todo if spec.recipes[c.recipe].from_ is not None]
-    children = _Children()
+    children = Children()
     failed: list[tuple[Cell, int]] = []
     progress = Progress(len(todo), console)
     for batch in (trained, posthoc):
@@ -375,7 +376,7 @@ def run_jobs(
     run_one: Callable[[Any], tuple[Any, int, float]],
     *,
     jobs: int,
-    children: _Children,
+    children: Children,
     progress: Progress,
     name: Callable[[Any], str],
     log: Callable[[Any], Path],

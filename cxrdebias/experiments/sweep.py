@@ -38,11 +38,11 @@ from cxrdebias.config import StrictConfig
 from cxrdebias.console import esc, make_console
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.experiments.benchmark import (
+    Children,
     Progress,
-    _Children,
-    _cli,
     check_clean,
     check_cwd_package,
+    cli_command,
     resume_option,
     run_jobs,
     run_logged,
@@ -162,7 +162,7 @@ def check_spec_folder(spec: SweepSpec, out: Path) -> SweepSpec:
 
 
 def _train_command(spec: SweepSpec, command: str, point: dict[str, str], seed: int, folder: Path) -> list[str]:
-    cmd = [*_cli(), *command.split(), "--config", spec.config, "--method", spec.method, "--seed", str(seed), "--out", str(folder),
+    cmd = [*cli_command(), *command.split(), "--config", spec.config, "--method", spec.method, "--seed", str(seed), "--out", str(folder),
            "--set", "train.num_threads=1", "--set", "train.progress=false"]  # fmt: skip
     if spec.data_seed is not None:
         cmd += ["--set", f"data.seed={spec.data_seed}"]
@@ -194,7 +194,7 @@ def run_sweep(
     total = len(runs(spec))
     console.print(f"sweep → {esc(out)}: {len(spec.points())} points × {len(spec.train_seeds)} seeds, {total - len(todo)} done, "
                   f"{len(todo)} to run, {jobs} at a time")  # fmt: skip
-    children = _Children()
+    children = Children()
 
     def run_one(r: tuple[str, dict[str, str], int]) -> tuple[Any, int, float]:
         t0 = time.perf_counter()
