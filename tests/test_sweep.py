@@ -187,3 +187,8 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
 
     code, _, err = run_cli([*args[:6], "train.lr=1e-9,0.01", *args[7:]], monkeypatch, capsys)
     assert code == 2 and "other settings (grid differ)" in err
+    # another validation metric re-reads the same runs (nothing trains), and a wrong one is named
+    code, stdout, err = run_cli([*args, "--metric", "conflicting_accuracy"], monkeypatch, capsys)
+    assert code == 0 and "2 done, 0 to run" in err and "val conflicting_accuracy s0" in stdout
+    code, _, err = run_cli([*args, "--metric", "auroc"], monkeypatch, capsys)
+    assert code == 2 and "--metric 'auroc': not a validation metric" in err and "conflicting_accuracy" in err

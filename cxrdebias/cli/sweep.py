@@ -19,7 +19,7 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder (runs, logs, sweep.json, sweep.md); rerun to resume.")],
     grid: Annotated[list[str] | None, typer.Option("--grid", help="KEY=V1,V2,… (repeatable; every combination is a point), "
                                                    "e.g. method.alpha=0.1,1,5 (or end.alpha=…).")] = None,
-    grid_file: Annotated[Path | None, typer.Option(help="YAML grid: KEY: [values] per line (instead of or with --grid).")] = None,
+    grid_file: Annotated[Path | None, typer.Option(help="YAML grid file: a mapping of config keys to lists of values, e.g. method.alpha: (0.1, 1, 5) as a YAML list (instead of or with --grid).")] = None,
     seeds: Annotated[str, typer.Option(help="Training seeds, e.g. 42 or 42,43,44 (the value picked is their mean).")] = "42",
     data_seed: Annotated[int | None, typer.Option(help="data.seed of every run (data kinds with a seed of their own, e.g. the CXR "
                                                   "patient split; Biased MNIST draws its colours from the training seed).")] = None,

@@ -146,13 +146,14 @@ def runs(spec: SweepSpec) -> list[tuple[str, dict[str, str], int]]:
 
 
 def check_spec_folder(spec: SweepSpec, out: Path) -> SweepSpec:
-    """``OUT/spec.json``: a rerun must ask for the same sweep (training seeds may be added); the
-    spec of the folder (seeds merged) is written and returned."""
+    """``OUT/spec.json``: a rerun must ask for the same runs (training seeds may be added; the
+    metric and mode only read the runs, so another one re-tabulates the same runs); the spec of
+    the folder (seeds merged) is written and returned."""
     path = out / "spec.json"
     now = spec.model_dump(mode="json")
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = [k for k in now if k != "train_seeds" and old.get(k) != now[k]]
+        changed = [k for k in now if k not in ("train_seeds", "metric", "mode") and old.get(k) != now[k]]
         if changed:
             raise ConfigError(f"{out}: holds a sweep with other settings ({', '.join(changed)} differ); use another --out")
         now["train_seeds"] = sorted(set(old["train_seeds"]) | set(now["train_seeds"]))
