@@ -181,8 +181,13 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
     assert "unbiased" not in (out / "sweep.json").read_text() and f"**p01-lr=0.003{mark}**" in stdout
 
     finished = {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals}
-    code, _, err = run_cli(args, monkeypatch, capsys)
+    docs = tmp_path / "docs" / "r.md"
+    docs.parent.mkdir()
+    docs.write_text("<!-- sweep:tiny:start -->\n<!-- sweep:tiny:end -->\n")
+    code, _, err = run_cli([*args, "--docs", docs, "--name", "tiny"], monkeypatch, capsys)
     assert code == 0 and "2 done, 0 to run" in err
+    assert json.loads((tmp_path / "docs" / "results" / "sweep" / "tiny.json").read_text())["best"] == "p01-lr=0.003"
+    assert "| train.lr |" in docs.read_text()
     assert {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals} == finished
 
     code, _, err = run_cli([*args[:6], "train.lr=1e-9,0.01", *args[7:]], monkeypatch, capsys)
@@ -192,3 +197,24 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
     assert code == 0 and "2 done, 0 to run" in err and "val conflicting_accuracy s0" in stdout
     code, _, err = run_cli([*args, "--metric", "auroc"], monkeypatch, capsys)
     assert code == 2 and "--metric 'auroc': not a validation metric" in err and "conflicting_accuracy" in err
+
+
+def test_publish_writes_the_sweep_block_and_json_beside_the_docs(tmp_path):
+    from cxrdebias.experiments.benchmark_table import publish
+
+    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["0.1", "1"]}, train_seeds=[0])
+    names = [point_name(i, p) for i, p in enumerate(spec.points())]
+    _fake_run(tmp_path / "sw", names[0], 0, 0.3, 0.9)
+    _fake_run(tmp_path / "sw", names[1], 0, 0.6, 0.1)
+    record = collect(spec, tmp_path / "sw", CLEAN)
+    docs = tmp_path / "docs" / "reproduction.md"
+    docs.parent.mkdir()
+    docs.write_text("# R\n\n<!-- sweep:end-0.997:start -->\nold\n<!-- sweep:end-0.997:end -->\nafter\n")
+    md, js = publish({"markdown": to_markdown(record), "json": record}, docs, "end-0.997", kind="sweep")
+    assert js == tmp_path / "docs" / "results" / "sweep" / "end-0.997.json"
+    assert json.loads(js.read_text())["best"] == names[1]
+    text = docs.read_text()
+    assert "old" not in text and "### Sweep: end" in text and f"| **{names[1]}** |" in text and text.endswith("after\n")
+    assert "Numbers: `results/sweep/end-0.997.json`." in text
+    with pytest.raises(ConfigError, match="sweep:other:start"):
+        publish({"markdown": "x", "json": {}}, docs, "other", kind="sweep")

@@ -28,11 +28,20 @@ def sweep_cmd(
     set_: SetOpt = None,
     jobs: Annotated[int, typer.Option(help="Runs at a time (one thread each).")] = 2,
     allow_dirty: Annotated[bool, typer.Option("--allow-dirty", help="Run from a checkout with uncommitted changes (recorded, marked).")] = False,
+    docs: Annotated[Path | None, typer.Option(help="Also write the table into this Markdown file (between <!-- sweep:NAME:start/end -->) "
+                                               "and the sweep JSON to results/sweep/NAME.json beside it.")] = None,
+    name: Annotated[str | None, typer.Option(help="NAME of the --docs block and JSON (default: the --out folder's name).")] = None,
 ) -> None:
     """Train every point of a grid (× training seeds), write each point's validation metric to
     OUT/sweep.json and OUT/sweep.md and pick the best point by validation only (test metrics are not read)."""
     from cxrdebias.errors import ConfigError
-    from cxrdebias.experiments.sweep import make_spec, parse_grid, read_grid_file, run_sweep
+    from cxrdebias.experiments.sweep import (
+        make_spec,
+        parse_grid,
+        read_grid_file,
+        run_sweep,
+        to_markdown,
+    )
 
     the_grid = read_grid_file(grid_file, method) if grid_file is not None else {}
     for key, values in parse_grid(grid or [], method).items():
@@ -46,6 +55,11 @@ def sweep_cmd(
     record, failed = run_sweep(spec, out_dir, jobs=jobs, allow_dirty=allow_dirty, console=err)
     out.print((out_dir / "sweep.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     err.print(f"wrote {esc(out_dir / 'sweep.json')} and sweep.md")
+    if docs is not None:
+        from cxrdebias.experiments.benchmark_table import publish
+
+        md, js = publish({"markdown": to_markdown(record), "json": record}, docs, name or out_dir.resolve().name, kind="sweep")
+        err.print(f"wrote the table into {esc(md)} and {esc(js)}")
     if failed:
         names = ", ".join(f"{r[0]}-seed{r[2]}" for r, _ in failed)
         err.print(f"[red]{len(failed)} run(s) failed[/]: {esc(names)}; their logs are in {esc(out_dir / 'logs')}; rerun to retry")

@@ -363,16 +363,19 @@ def build_table(spec: BenchmarkSpec, out: str | Path, *, allow_dirty: bool = Fal
     return {"rows": rows, "summary": summary, "markdown": md, "json": nan_to_none(doc)}
 
 
-def publish(table: dict[str, Any], docs: str | Path, name: str, plot: str | Path | None = None) -> tuple[Path, Path]:
-    """Write a built table into ``docs`` (a Markdown file) between ``<!-- benchmark:NAME:start -->``
-    and ``<!-- benchmark:NAME:end -->`` (headings demoted under the file's own), and its JSON to
-    ``<docs folder>/results/benchmark/NAME.json`` (the numbers the block shows), the ``plot`` PNG
-    beside it. Returns the two paths."""
+def publish(
+    table: dict[str, Any], docs: str | Path, name: str, plot: str | Path | None = None, kind: str = "benchmark"
+) -> tuple[Path, Path]:
+    """Write a built table into ``docs`` (a Markdown file) between ``<!-- KIND:NAME:start -->``
+    and ``<!-- KIND:NAME:end -->`` (headings demoted under the file's own), and its JSON to
+    ``<docs folder>/results/KIND/NAME.json`` (the numbers the block shows), the ``plot`` PNG
+    beside it. ``kind``: ``benchmark`` or ``sweep``. Returns the two paths."""
     docs = Path(docs)
-    start, end = f"<!-- benchmark:{name}:start -->", f"<!-- benchmark:{name}:end -->"
+    start, end = f"<!-- {kind}:{name}:start -->", f"<!-- {kind}:{name}:end -->"
     body = "\n".join(("###" + line[1:]) if line.startswith("#") else line for line in table["markdown"].rstrip().splitlines())
-    json_path = docs.parent / "results" / "benchmark" / f"{name}.json"
-    body += f"\n\nNumbers: `{json_path.relative_to(docs.parent).as_posix()}`; plot: `{json_path.with_suffix('.png').relative_to(docs.parent).as_posix()}`."
+    json_path = docs.parent / "results" / kind / f"{name}.json"
+    body += f"\n\nNumbers: `{json_path.relative_to(docs.parent).as_posix()}`"
+    body += f"; plot: `{json_path.with_suffix('.png').relative_to(docs.parent).as_posix()}`." if plot is not None else "."
     try:
         text = replace_marked_block(docs.read_text(encoding="utf-8"), start, end, body, where=str(docs))
     except OSError as exc:
