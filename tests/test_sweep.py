@@ -160,25 +160,26 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and "uncommitted changes" in err and "--allow-dirty" in err and not (out / "runs").exists()
 
-    # the runs are subprocesses: they record this checkout's real state; from a tree with local
-    # changes (development) their results are dirty and the table needs --allow-dirty to show them
-    real_dirty = bool(code_version()["git_dirty"])
-    args += ["--allow-dirty"] if real_dirty else []
-    monkeypatch.setattr(bm, "code_version", lambda: CLEAN)
-    code, stdout, err = run_cli(args, monkeypatch, capsys)
+    # --allow-dirty runs anyway and records the dirty tree
+    code, stdout, err = run_cli([*args, "--allow-dirty"], monkeypatch, capsys)
     assert code == 0, err
     record = json.loads((out / "sweep.json").read_text())
+    assert record["code_version"] == DIRTY and record["dirty"] is True and "(dirty: uncommitted changes)" in stdout
     vals = {p["name"]: p["seeds"]["0"]["value"] for p in record["points"]}
     assert vals["p00-lr=1e-9"] == pytest.approx(0.1)
     assert vals["p01-lr=0.003"] > 0.15
     assert record["best"] == "p01-lr=0.003" and record["best_point"] == {"train.lr": "0.003"}
-    assert record["code_version"] == CLEAN
     for p in record["points"]:  # the value is the run's own last validation line
         last = json.loads((out / "runs" / p["name"] / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
         assert p["seeds"]["0"]["value"] == last["val"]["accuracy"]
+    # the runs are subprocesses: they record this checkout's real state; from a tree with local
+    # changes (development) their results are dirty and a clean sweep needs --allow-dirty to show them
+    real_dirty = bool(code_version()["git_dirty"])
     mark = " ◇" if real_dirty else ""
-    assert record["dirty"] is real_dirty and all(p["dirty"] is real_dirty for p in record["points"])
+    assert all(p["dirty"] is real_dirty for p in record["points"])
     assert "unbiased" not in (out / "sweep.json").read_text() and f"**p01-lr=0.003{mark}**" in stdout
+    args += ["--allow-dirty"] if real_dirty else []
+    monkeypatch.setattr(bm, "code_version", lambda: CLEAN)
 
     finished = {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals}
     docs = tmp_path / "docs" / "r.md"
@@ -186,7 +187,8 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
     docs.write_text("<!-- sweep:tiny:start -->\n<!-- sweep:tiny:end -->\n")
     code, _, err = run_cli([*args, "--docs", docs, "--name", "tiny"], monkeypatch, capsys)
     assert code == 0 and "2 done, 0 to run" in err
-    assert json.loads((tmp_path / "docs" / "results" / "sweep" / "tiny.json").read_text())["best"] == "p01-lr=0.003"
+    record = json.loads((tmp_path / "docs" / "results" / "sweep" / "tiny.json").read_text())
+    assert record["best"] == "p01-lr=0.003" and record["code_version"] == CLEAN and record["dirty"] is real_dirty
     assert "| train.lr |" in docs.read_text()
     assert {p: (out / "runs" / p / "seed0" / "results.json").stat().st_mtime_ns for p in vals} == finished
 
