@@ -74,7 +74,7 @@ def biased_mnist() -> list[str]:
     """Table 1 seed rows (10 epochs; 20 epochs split by precision), the shape ceiling, the ablation."""
     lines = []
     for rho in ("0.997", "0.990"):
-        for m in ("vanilla", "end-paper"):
+        for m in ("vanilla", "end-partner_mean"):
             for key in ("biased_accuracy", "unbiased_accuracy"):
                 vals = [_acc(f"rho{rho}-{m}-s{s}", key) for s in (42, 43, 44)]
                 dirty = sum(d for _, d in vals)
@@ -83,13 +83,13 @@ def biased_mnist() -> list[str]:
             if not seeds:
                 continue
             for key in ("biased_accuracy", "unbiased_accuracy"):
-                vals = [_acc(f"rho{rho}-end-paper-20ep-s{s}", key)[0] for s in seeds]
-                lines.append(f"ρ {rho} end-paper 20 ep {label} seeds {seeds} {key}: {fmt_ci(mean_ci(vals))}")
+                vals = [_acc(f"rho{rho}-end-partner_mean-20ep-s{s}", key)[0] for s in seeds]
+                lines.append(f"ρ {rho} end-partner_mean 20 ep {label} seeds {seeds} {key}: {fmt_ci(mean_ci(vals))}")
     ceiling = _load(RESULTS / "diagnostics" / "rho0.100-vanilla-20ep-s42.json")["metrics"]
     lines.append(f"shape ceiling (vanilla ρ 0.1, 20 ep, seed 42, n = 1): biased {100 * ceiling['biased_accuracy']:.2f}, unbiased {100 * ceiling['unbiased_accuracy']:.2f}")
     for rho, seeds in (("0.997", (42, 43, 44)), ("0.990", (42, 43, 44))):
-        b10 = {s: _acc(f"rho{rho}-end-paper-s{s}", "biased_accuracy")[0] for s in seeds}
-        b20 = {s: _acc(f"rho{rho}-end-paper-20ep-s{s}", "biased_accuracy")[0] for s in seeds}
+        b10 = {s: _acc(f"rho{rho}-end-partner_mean-s{s}", "biased_accuracy")[0] for s in seeds}
+        b20 = {s: _acc(f"rho{rho}-end-partner_mean-20ep-s{s}", "biased_accuracy")[0] for s in seeds}
         lines.append(f"ρ {rho} EnD biased acc 20 ep − 10 ep, paired by seed: {fmt_delta(paired_difference(b10, b20))}")
     return lines
 
@@ -100,7 +100,7 @@ def unsupervised() -> list[str]:
     for rho in ("0.997", "0.990"):
         seeds = (42, 43, 44)
         auto = {s: _acc(f"end-auto-early-{rho}-s{s}", folder="unsupervised/biased_mnist")[0] for s in seeds}
-        end = {s: _acc(f"rho{rho}-end-paper-s{s}")[0] for s in seeds}
+        end = {s: _acc(f"rho{rho}-end-partner_mean-s{s}")[0] for s in seeds}
         van = {s: _acc(f"rho{rho}-vanilla-s{s}")[0] for s in seeds}
         labels = {json.loads((RESULTS / "unsupervised" / "biased_mnist" / f"end-auto-early-{rho}-s{s}.json").read_text())["label"] for s in seeds}
         lines.append(f"ρ {rho} auto unbiased: {fmt_ci(mean_ci(list(auto.values())))}; configurations: {len(labels)}")

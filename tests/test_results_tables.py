@@ -17,7 +17,7 @@ from cxrdebias.errors import ConfigError  # noqa: E402
 
 
 def _sup(folder: Path, name: str, method: str, unbiased: float, dirty: bool = False) -> None:
-    m = {"name": method, **({"form": "paper"} if method == "end" else {})}
+    m = {"name": method, **({"form": "partner_mean"} if method == "end" else {})}
     r = {"rho": 0.997, "method": m, "metrics": {"unbiased_accuracy": unbiased, "biased_accuracy": 1.0},
          "code_version": {"git_commit": "abc", "git_dirty": dirty}}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,9 +30,9 @@ def folders(tmp_path, monkeypatch):
     monkeypatch.setattr(ubm, "SUPERVISED", sup)
     monkeypatch.setattr(ubm, "RESULTS", res)
     _sup(sup, "rho0.997-vanilla-s42", "vanilla", 0.10)
-    _sup(sup, "rho0.997-end-paper-s42", "end", 0.50)
-    _sup(sup, "rho0.997-end-paper-s43", "end", 0.30)
-    _sup(sup, "rho0.997-end-paper-20ep-s42", "end", 0.90)  # another schedule: not in the reference mean
+    _sup(sup, "rho0.997-end-partner_mean-s42", "end", 0.50)
+    _sup(sup, "rho0.997-end-partner_mean-s43", "end", 0.30)
+    _sup(sup, "rho0.997-end-partner_mean-20ep-s42", "end", 0.90)  # another schedule: not in the reference mean
     run = {"rho": 0.997, "seed": 42, "method": {"name": "end"}, "metrics": {"unbiased_accuracy": 0.25, "biased_accuracy": 0.97},
            "code_version": {"git_commit": "abc", "git_dirty": False}}  # fmt: skip
     res.mkdir(parents=True)
@@ -50,8 +50,8 @@ def test_reference_means_leave_other_schedules_out(folders):
 
 def test_dirty_results_are_refused_unless_allowed_then_marked(folders):
     sup, _ = folders
-    _sup(sup, "rho0.997-end-paper-s43", "end", 0.30, dirty=True)  # a reference run: the share depends on it
-    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(biased_mnist/rho0.997-end-paper-s43\)"):
+    _sup(sup, "rho0.997-end-partner_mean-s43", "end", 0.30, dirty=True)  # a reference run: the share depends on it
+    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(biased_mnist/rho0.997-end-partner_mean-s43\)"):
         ubm.build_table()
     table = ubm.build_table(allow_dirty=True)
     row = next(line for line in table.splitlines() if line.startswith("| 0.997 | auto"))

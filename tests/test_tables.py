@@ -212,10 +212,10 @@ def test_every_table_has_its_own_block_in_the_reproduction_docs():
 def test_cells_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_path):
     t = biased_mnist_table(rhos=[0.997], methods=["vanilla", "end"], seeds=[1, 2])
     cells = {c.name: c for c in t.cells}
-    for name, dirty in (("rho0.997-vanilla-s1", False), ("rho0.997-end-paper-s1", False), ("rho0.997-end-paper-s2", True)):
+    for name, dirty in (("rho0.997-vanilla-s1", False), ("rho0.997-end-partner_mean-s1", False), ("rho0.997-end-partner_mean-s2", True)):
         res = _fake_result(cells[name], 0.9, 0.5) | {"code_version": {"git_commit": "abc", "git_dirty": dirty}}
         _store(tmp_path, t, name, res)
-    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(rho0.997-end-paper-s2\).*--allow-dirty"):
+    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(rho0.997-end-partner_mean-s2\).*--allow-dirty"):
         build_table(t, results_dir=tmp_path)
     md = build_table(t, results_dir=tmp_path, allow_dirty=True).markdown
     end = next(line for line in md.splitlines() if line.startswith("| end"))
@@ -223,5 +223,5 @@ def test_cells_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_path
     assert end.count("◇") == 2 and "◇" not in vanilla  # both metric columns of the row with the dirty seed
     assert "◇ from a dirty tree" in md
     # a table with only clean cells has no mark and no legend
-    (tmp_path / t.results_subdir / "rho0.997-end-paper-s2.json").unlink()
+    (tmp_path / t.results_subdir / "rho0.997-end-partner_mean-s2.json").unlink()
     assert "◇" not in build_table(t, results_dir=tmp_path).markdown
