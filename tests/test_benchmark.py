@@ -637,11 +637,15 @@ def test_an_interrupt_reaches_the_running_cells_and_starts_no_more(tmp_path):
     children = Children()
     codes = []
     log = (tmp_path / "log").open("w")
-    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    # the child says when its interpreter runs: a SIGINT that lands between fork and exec is
+    # taken by the parent's handler copy and lost with the exec (under load that window is long)
+    sleeper = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"]
     worker = threading.Thread(target=lambda: codes.append(children.run(sleeper, log, {})))
     worker.start()
-    while not children.running:
+    deadline = time.perf_counter() + 60
+    while "ready" not in (tmp_path / "log").read_text() and time.perf_counter() < deadline:
         time.sleep(0.01)
+    assert children.running
     t0 = time.perf_counter()
     children.stop()
     worker.join(10)
