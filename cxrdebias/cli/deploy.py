@@ -51,7 +51,8 @@ def predict_cmd(
     allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Predict with an exported model (onnxruntime only; the preprocessing comes from the model)."""
-    from cxrdebias.deploy.runtime import load_model, predict_to_csv
+    from cxrdebias.deploy.predict import predict_to_csv
+    from cxrdebias.deploy.runtime import load_model
 
     m = load_model(model, device=device)
     err.print(f"{esc(model)}: {esc(m.metadata.model_version)}, threshold {m.metadata.threshold:.4f}, provider {esc(m.provider)}")
@@ -61,6 +62,18 @@ def predict_cmd(
         + (f", CAM overlays in {esc(s.cam_dir)}" if s.cam_dir else "")
         + f" (provider {esc(s.provider)})"
     )
+    if s.flagged is None:
+        out.print("no out-of-distribution score: the model was exported before the OOD guard (ood_score, in_distribution empty)")
+    else:
+        out.print(
+            f"{s.flagged} of {s.images} images flagged out of distribution (ood_score > {m.metadata.ood_threshold:.4g}, "
+            f"{esc(m.metadata.ood_method or '')}): do not trust their predictions"
+        )
+    if s.site_report is not None and s.site_files is not None:
+        from cxrdebias.evaluation.report import to_markdown
+
+        out.print(esc(to_markdown(s.site_report, run_name="per-site metrics (labelled input)")))
+        out.print(f"per-site metrics → {esc(s.site_files[0])}, {esc(s.site_files[1])}")
 
 
 def viewer_script() -> Path:
