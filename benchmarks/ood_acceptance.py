@@ -11,9 +11,13 @@ and the run it was exported from:
 (b) ``--real-run/--real-model``: trained on the real two-source set; flagged share of the
     synthetic test images of (a) — target ≥ 95% — and of its own real test split — target ≤ 10%.
 
+With ``SYNTHETIC_RUN/eval/report.json`` (``cxrdebias evaluate``), its per-site calibration table
+(ECE and Brier before/after temperature scaling, test split) is copied next to them.
+
 The headline numbers are the deployed ONNX models' (``cxrdebias.deploy.runtime``). For the choice of
-the score, every score of :mod:`cxrdebias.evaluation.ood` is also fitted on the same run (training
-statistics, 99th-percentile threshold on validation; torch features) and scored on the same images.
+the score, every candidate — the Mahalanobis score on the bottleneck and on each probe layer's
+pooled output, and the energy score — is also fitted on the same run (training statistics,
+99th-percentile threshold on validation; torch features) and scored on the same images.
 
     python benchmarks/ood_acceptance.py --synthetic-run R1 --synthetic-model M1.onnx \\
         --real-data ../shared/data/cxr-covid-sources/manifest.csv [--real-run R2 --real-model M2.onnx]
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks._common import DOCS
 from cxrdebias.deploy.artefact import load_model_artefact
 from cxrdebias.deploy.export import CHECK_BATCH, validation_images
-from cxrdebias.deploy.guard import fit_guard, torch_outputs
+from cxrdebias.deploy.guard import BOTTLENECK, fit_guard, torch_outputs
 from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
 from cxrdebias.evaluation.ood import METHODS
 from cxrdebias.training.provenance import code_version
@@ -80,6 +84,7 @@ def scenario(run: Path, model_path: Path, own: list, other: list, other_name: st
         "model": str(model_path),
         "model_version": model.metadata.model_version,
         "ood_method": model.metadata.ood_method,
+        "ood_features": model.metadata.raw["export"]["guard"].get("layer"),
         "ood_threshold": model.metadata.ood_threshold,
         "temperature": model.metadata.temperature,
         "training_sites": list(model.metadata.training_sites or ()),
@@ -99,7 +104,7 @@ def scenario(run: Path, model_path: Path, own: list, other: list, other_name: st
 
     spec = PreprocessSpec.model_validate(art["preprocess"])
 
-    def outputs(images: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def outputs(images: list) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         logits, feats = torch_outputs(torch_model, batches(images, spec))
         labels = np.array([int(x.fields.get("label") or 0) for x in images])
         return logits, feats, labels
@@ -107,9 +112,11 @@ def scenario(run: Path, model_path: Path, own: list, other: list, other_name: st
     train, val = outputs(run_images(run, "train")), outputs(run_images(run, "val"))
     own_out, other_out = outputs(own), outputs(other)
     res["candidates"] = {}
-    for method in METHODS:
-        guard = fit_guard(train, val, method=method)
-        res["candidates"][method] = {
+    candidates = [("mahalanobis", layer) for layer in train[1]] + [(m, BOTTLENECK) for m in METHODS if m != "mahalanobis"]
+    for method, layer in candidates:
+        guard = fit_guard(train, val, method=method, layer=layer)
+        name = f"{method} ({layer})" if method == "mahalanobis" else method
+        res["candidates"][name] = {
             "threshold": guard.threshold,
             "own_test": share(guard.reference_scores(own_out[0], own_out[1]) > guard.threshold),
             other_name: share(guard.reference_scores(other_out[0], other_out[1]) > guard.threshold),
@@ -152,12 +159,25 @@ def table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def calibration_table(results: dict[str, Any]) -> list[str]:
+    """Per-site ECE / Brier before and after temperature scaling of run (a) on its test split
+    (from its ``cxrdebias evaluate`` report, when there is one)."""
+    cal = results.get("synthetic_calibration")
+    if not cal or "by_site" not in cal:
+        return []
+    from cxrdebias.evaluation.calibration import calibration_markdown
+
+    lines = calibration_markdown(cal)
+    lines[0] = f"Calibration of (a) on its synthetic test split (`cxrdebias evaluate`; T = {cal['temperature']:.3f}, {cal['fitted_on']}):"
+    return ["", *lines[:-1], "", lines[-1].removeprefix("- ")]
+
+
 def write_docs(results: dict[str, Any]) -> None:
     cv = results["code_version"]
     stamp = (f"_Written by `python benchmarks/ood_acceptance.py` on {results['measured'][:10]} (cxrdebias {cv.get('package')}, "
              f"commit {(cv.get('git_commit') or 'none')[:12]}{', local changes' if cv.get('git_dirty') else ''}); "
              "raw numbers: `docs/results/ood.json`._")
-    block = "\n".join([START, *table(results), "", stamp, END])
+    block = "\n".join([START, *table(results), *calibration_table(results), "", stamp, END])
     text = DEPLOYMENT_MD.read_text()
     if START in text:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
@@ -179,6 +199,9 @@ def main() -> None:
     real_all = collect_inputs([args.real_data])
     synthetic_test = run_images(args.synthetic_run, "test")
     results: dict[str, Any] = {"measured": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": code_version()}
+    report = args.synthetic_run / "eval" / "report.json"
+    if report.is_file():
+        results["synthetic_calibration"] = json.loads(report.read_text()).get("calibration")
     results["synthetic"] = scenario(args.synthetic_run, args.synthetic_model, synthetic_test, real_all, "real_cxr",
                                     {"other_min": 0.95, "own_test_max": 0.05})
     if args.real_run and args.real_model:
@@ -188,7 +211,7 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_docs:
         write_docs(results)
-    print("\n".join(table(results)))
+    print("\n".join([*table(results), *calibration_table(results)]))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from cxrdebias.deploy.export import to_onnx_bytes, with_metadata
-from cxrdebias.deploy.guard import Guard, GuardedModel
+from cxrdebias.deploy.guard import Guard, GuardedModel, layer_module, torch_outputs
 from cxrdebias.deploy.onnx_metadata import KEYS, LEGACY_OUTPUT_NAMES
 from cxrdebias.deploy.predict import site_files
 from cxrdebias.deploy.runtime import load_model
+from cxrdebias.errors import ExportError
 from cxrdebias.evaluation.calibration import (
     brier_score,
     expected_calibration_error,
@@ -121,18 +122,24 @@ class _Net(torch.nn.Module):
 
 def test_guarded_model_outputs_equal_references():
     net = _Net().eval()
+    net.probe_layers = {"conv": "conv"}  # a probe layer: its pooled output can carry the score
     x = torch.randn(20, 1, 8, 8)
-    with torch.no_grad():
-        out = net(x)
-    stats = fit_mahalanobis(out.features.numpy(), (out.logits[:, 1] > out.logits[:, 0]).long().numpy())
-    for method in ("mahalanobis", "energy"):
-        guard = Guard(2.0, method, 1.0, stats)
+    logits, feats = torch_outputs(net, [x.numpy()])
+    assert set(feats) == {"bottleneck", "conv"} and feats["conv"].shape == (20, 6)
+    labels = (logits[:, 1] > logits[:, 0]).astype(int)
+    for method, layer, module in (("mahalanobis", "bottleneck", None), ("mahalanobis", "conv", "conv"), ("energy", "bottleneck", None)):
+        guard = Guard(2.0, method, 1.0, fit_mahalanobis(feats[layer], labels), layer=layer, module=module)
         with torch.no_grad():
             probs, cam, ood = GuardedModel(net, guard)(x)
-        torch.testing.assert_close(probs, (out.logits / 2.0).softmax(dim=1))
-        ref = guard.reference_scores(out.logits.double().numpy(), out.features.double().numpy())
-        np.testing.assert_allclose(ood.numpy(), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(probs, torch.from_numpy(logits / 2.0).float().softmax(dim=1))
+        np.testing.assert_allclose(ood.numpy(), guard.reference_scores(logits, feats), rtol=1e-4, atol=1e-5)
         assert cam.shape == (20, 8, 8)
+    # the conv layer's features differ from the bottleneck's after the ReLU: the two scores differ
+    a = Guard(1.0, "mahalanobis", 1.0, fit_mahalanobis(feats["conv"], labels), layer="conv", module="conv")
+    b = Guard(1.0, "mahalanobis", 1.0, fit_mahalanobis(feats["bottleneck"], labels))
+    assert not np.allclose(a.reference_scores(logits, feats), b.reference_scores(logits, feats))
+    with pytest.raises(ExportError, match="probe layers"):
+        layer_module(net, "block9")
 
 
 # -- exported models: new, old, labelled manifests ---------------------------------------------

@@ -49,7 +49,14 @@ from cxrdebias.data.csv_records import resolve_relative_path
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import POSITIVE_INDEX, SPLITS_FILE, load_model_artefact
 from cxrdebias.deploy.explain import GradCAMModel
-from cxrdebias.deploy.guard import Guard, GuardedModel, fit_guard, torch_outputs
+from cxrdebias.deploy.guard import (
+    DEFAULT_LAYER,
+    Guard,
+    GuardedModel,
+    fit_guard,
+    layer_module,
+    torch_outputs,
+)
 from cxrdebias.deploy.model_card import (
     INTENDED_USE,
     build_metadata,
@@ -230,6 +237,7 @@ def export_run(
     tolerances: Tolerances = Tolerances(),
     force: bool = False,
     ood_method: str = DEFAULT_METHOD,
+    ood_layer: str = DEFAULT_LAYER,
     ood_percentile: float = DEFAULT_PERCENTILE,
 ) -> ExportResult:
     """Export ``RUN/model.pt`` to a verified single-file ONNX model (see the module doc).
@@ -238,7 +246,8 @@ def export_run(
     split (needed when the training data is not reachable; no per-site validation metrics
     then). ``model_version`` defaults to the run folder's name. The guard (temperature and
     ``ood_score``, :mod:`cxrdebias.deploy.guard`) is fitted on the run's training and validation
-    splits (``ood_method``; threshold: the ``ood_percentile``-th percentile of the validation
+    splits (``ood_method``; ``ood_layer``: the probe layer whose pooled output the Mahalanobis
+    score reads, or ``bottleneck``; threshold: the ``ood_percentile``-th percentile of the validation
     scores); when they are not reachable the model is written without it (two outputs,
     temperature 1) and the metadata say why.
 
@@ -274,7 +283,7 @@ def export_run(
             raise ExportError(f"{run_path}: cannot verify the export on the validation images: {val_source}; pass --check-images FOLDER_OR_MANIFEST")
         images, source, is_val = val_images, val_source, True
     cam_batch = prepare([images[i] for i in spread_over_sites(images, n_cam_images)], spec)[0]
-    guard, guard_note = _fit_guard(model, spec, run_path, config, val_images, val_source, ood_method, ood_percentile)
+    guard, guard_note = _fit_guard(model, spec, run_path, config, val_images, val_source, ood_method, ood_layer, ood_percentile)
 
     graph = to_onnx_bytes(model, spec, class_index=POSITIVE_INDEX, opset=opset, guard=guard)
     bare = load_model_bare(graph)
@@ -321,9 +330,11 @@ def _fit_guard(
     val_images: list | None,
     val_source: str,
     method: str,
+    layer: str,
     percentile: float,
 ) -> tuple[Guard | None, str | None]:
     """The guard fitted on the run's training/validation images, or ``(None, why not)``."""
+    module = layer_module(model, layer) if method == "mahalanobis" else None
     if val_images is None:
         return None, f"no OOD score and no temperature: {val_source}"
     assert config is not None
@@ -331,11 +342,11 @@ def _fit_guard(
     if train_images is None:
         return None, f"no OOD score and no temperature: {train_source}"
 
-    def outputs(images: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def outputs(images: list) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         logits, feats = torch_outputs(model, _prepared_batches(images, spec, CHECK_BATCH))
         return logits, feats, np.array([int(x.fields["label"]) for x in images])
 
-    return fit_guard(outputs(train_images), outputs(val_images), method=method, percentile=percentile), None
+    return fit_guard(outputs(train_images), outputs(val_images), method=method, layer=layer, module=module, percentile=percentile), None
 
 
 def _shareable(paths: Iterable[Path]) -> None:

@@ -336,6 +336,12 @@ def model_card(meta: dict[str, Any], model_file: str) -> str:
         f"mean {checks['cam_mean_correlation']:.5f} on {checks['n_cam_images']} images ({checks['n_cam_constant']} constant maps; "
         f"limit {checks['tolerances']['cam_min_correlation']:g}); max |Δ| {checks['cam_max_abs_diff']:.2e}.",
         f"- Dynamic batch: batch sizes {checks['batch_sizes']} checked.",
+        *(
+            [f"- `{OOD_SCORE}` vs the reference computed outside the graph: max relative |Δ| = {checks['ood_max_rel_diff']:.2e} "
+             f"on {checks['n_ood_images']} images (limit {checks['tolerances']['ood_max_rel_diff']:g})."]
+            if checks.get("ood_max_rel_diff") is not None
+            else []
+        ),
         "",
         "## Limitations",
         "",

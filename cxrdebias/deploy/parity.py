@@ -10,7 +10,7 @@ needed) and compares, on real preprocessed images:
   ≥ :data:`CAM_MIN_CORRELATION` (two constant maps agree when they are equal);
 - with a guard (:mod:`cxrdebias.deploy.guard`): the probabilities are compared with
   ``softmax(logits / T)`` and the ``ood_score`` output with the score computed outside the graph
-  from the torch model's logits and bottleneck (sklearn's Mahalanobis distance, or scipy's
+  from the torch model's logits and pooled features (sklearn's Mahalanobis distance, or scipy's
   ``logsumexp`` for the energy): max ``|Δ| / max(1, |score|)`` ≤ :data:`OOD_TOLERANCE`;
 - the dynamic batch axis: batch 1 gives the same outputs as the full batch (≤ :data:`RELOAD_TOLERANCE`).
 """
@@ -88,13 +88,14 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
 
 def _torch_reference(model: torch.nn.Module, batch: np.ndarray, guard: Guard | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (``softmax(logits / T)``) and, with a guard, the OOD scores of the torch model."""
-    with torch.no_grad():
-        out = model(torch.from_numpy(batch))
-    logits = out.logits.float()
     if guard is None:
-        return logits.softmax(dim=1).numpy(), None
-    probs = (logits / guard.temperature).softmax(dim=1).numpy()
-    return probs, guard.reference_scores(out.logits.double().numpy(), out.features.double().numpy())
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).logits.float().softmax(dim=1).numpy(), None
+    from cxrdebias.deploy.guard import torch_outputs
+
+    logits, feats = torch_outputs(model, [batch])
+    probs = torch.from_numpy(logits).float().div(guard.temperature).softmax(dim=1).numpy()
+    return probs, guard.reference_scores(logits, feats)
 
 
 def check_parity(

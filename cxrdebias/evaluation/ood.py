@@ -1,7 +1,7 @@
 """Out-of-distribution scores of a classifier's images: how far an image lies from the training data.
 
-- ``mahalanobis`` (Lee et al., NeurIPS 2018): class-conditional Gaussians of the bottleneck
-  features with one shared covariance, estimated on the training split —
+- ``mahalanobis`` (Lee et al., NeurIPS 2018): class-conditional Gaussians of a layer's
+  features (the exported guard: a pooled intermediate layer, :mod:`cxrdebias.deploy.guard`) with one shared covariance, estimated on the training split —
   ``μ_k`` = mean feature of class ``k``, ``Σ`` = Ledoit–Wolf estimate (``sklearn.covariance.LedoitWolf``,
   ``assume_centered=True``) of the class-centred features; the score is
   ``min_k sqrt((z − μ_k)ᵀ Σ⁻¹ (z − μ_k))``.
@@ -28,8 +28,8 @@ METHODS = ("mahalanobis", "energy")
 DEFAULT_METHOD = "mahalanobis"
 DEFAULT_PERCENTILE = 99.0
 DESCRIPTIONS = {
-    "mahalanobis": "Mahalanobis distance of the bottleneck features to the nearest class mean of the training split "
-    "(shared Ledoit-Wolf covariance): min_k sqrt((z - mu_k)^T Sigma^-1 (z - mu_k))",
+    "mahalanobis": "Mahalanobis distance of the features to the nearest class mean of the training split "
+    "(shared Ledoit-Wolf covariance): min_k sqrt((f - mu_k)^T Sigma^-1 (f - mu_k))",
     "energy": "energy score -logsumexp(logits) of the unscaled logits",
 }
 
