@@ -1,5 +1,5 @@
 """The OOD guard's acceptance (issue 24): how many images the exported models flag as out of
-distribution, with Wilson 95% intervals — written to docs/results/ood.json and the table of
+distribution, with Wilson 95% intervals (scipy) — written to docs/results/ood.json and the table of
 docs/deployment.md ("Out-of-distribution guard: measured").
 
 Two scenarios, each an exported model (``cxrdebias export``, the guard inside the ONNX graph)
@@ -52,10 +52,13 @@ START, END = "<!-- ood:start -->", "<!-- ood:end -->"
 
 
 def wilson(k: int, n: int) -> list[float]:
-    from statsmodels.stats.proportion import proportion_confint
+    """Wilson score 95% interval of ``k`` of ``n`` (``scipy.stats.binomtest(...).proportion_ci``;
+    the same interval as statsmodels' ``proportion_confint(method="wilson")``, which this
+    environment does not install)."""
+    from scipy.stats import binomtest
 
-    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return [float(lo), float(hi)]
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 def share(flags: np.ndarray) -> dict[str, Any]:
