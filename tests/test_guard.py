@@ -224,3 +224,33 @@ def test_predict_on_labelled_manifest_writes_per_site_metrics(exported_cxr_model
     out2 = tmp_path / "unlabelled.csv"
     code, _, _ = run_cli(["predict", "--model", exported_cxr_model.model, tmp_path / "img", "--out", out2], monkeypatch, capsys)
     assert code == 0 and not any(p.exists() for p in site_files(out2))
+
+
+def test_export_with_energy_score(tiny_cxr_run, tmp_path):
+    from cxrdebias.deploy.export import export_run
+
+    res = export_run(tiny_cxr_run, tmp_path / "e.onnx", n_cam_images=2, ood_method="energy")
+    meta = load_model(res.model).metadata
+    assert meta.ood_method == "energy" and "layer" not in res.metadata["export"]["guard"]
+    assert res.parity.passed and res.parity.ood_max_rel_diff <= 1e-3
+    with pytest.raises(ExportError, match="probe layers"):
+        export_run(tiny_cxr_run, tmp_path / "other" / "x.onnx", n_cam_images=2, ood_layer="block9")
+
+
+def test_export_without_training_images_writes_no_guard(tiny_cxr_run, cxr_manifest, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "moved"
+    run.mkdir()
+    for name in ("model.pt", "splits.csv"):
+        shutil.copy(tiny_cxr_run / name, run / name)
+    config = (tiny_cxr_run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("manifest: ", "manifest: /nonexistent/", 1))
+    pngs = sorted((cxr_manifest.parent / "images").rglob("*.png"))[:2]
+    out = tmp_path / "m.onnx"
+    code, _, err = run_cli(["export", run, "--out", out, "--cam-images", "2", *sum((["--check-images", p] for p in pngs), [])],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    assert "no OOD guard and no temperature" in err
+    model = load_model(out)
+    assert not model.has_ood and model.metadata.temperature == 1.0 and model.metadata.ood_threshold is None
+    assert "not reachable" in model.metadata.raw["export"]["guard"]["absent"]
+    assert model.predict(pngs).in_distribution is None
