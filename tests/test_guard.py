@@ -254,3 +254,30 @@ def test_export_without_training_images_writes_no_guard(tiny_cxr_run, cxr_manife
     assert not model.has_ood and model.metadata.temperature == 1.0 and model.metadata.ood_threshold is None
     assert "not reachable" in model.metadata.raw["export"]["guard"]["absent"]
     assert model.predict(pngs).in_distribution is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"cxrdebias_format": 3}, "reads formats 1, 2"),
+        ({"cxrdebias_format": True}, "reads formats"),
+        ({"temperature": 0}, "'temperature' 0; expected a finite positive number"),
+        ({"temperature": "2"}, "'temperature'"),
+        ({"ood_threshold": True}, "'ood_threshold' True"),
+        ({"ood_method": 3}, "'ood_method' 3"),
+        ({"training_sites": "a,b"}, "'training_sites'"),
+    ],
+)
+def test_metadata_guard_keys_are_checked(changes, message):
+    from cxrdebias.data.preprocess import PreprocessSpec
+    from cxrdebias.deploy.onnx_metadata import ModelMetadata, encode
+    from cxrdebias.errors import CheckpointError
+
+    meta = {"cxrdebias_format": 2, "model_version": "t", "labels": ["negative", "positive"], "positive_label": "positive",
+            "threshold": 0.5, "preprocessing": PreprocessSpec(image_size=32).model_dump(mode="json")}
+    ok = ModelMetadata.from_props(encode({**meta, "temperature": 2.5, "ood_threshold": 7.0, "training_sites": ["a"]}), "m.onnx")
+    assert (ok.temperature, ok.ood_threshold, ok.training_sites) == (2.5, 7.0, ("a",))
+    plain = ModelMetadata.from_props(encode(meta), "m.onnx")
+    assert (plain.temperature, plain.ood_threshold, plain.training_sites) == (1.0, None, None)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
+        ModelMetadata.from_props(encode({**meta, **changes}), "m.onnx")
