@@ -167,7 +167,7 @@ def test_old_two_output_model_still_predicts(exported_cxr_model, cxr_manifest, t
     assert model.metadata.temperature == 1.0 and model.metadata.ood_threshold is None and not model.has_ood
     pngs = sorted((cxr_manifest.parent / "images").rglob("*.png"))[:3]
     res = model.predict(pngs)
-    assert res.ood_scores is None and res.in_distribution is None
+    assert res.ood_score is None and res.in_distribution is None
     code, stdout, err = run_cli(["predict", "--model", old, *pngs, "--out", tmp_path / "p.csv"], monkeypatch, capsys)
     assert code == 0, err
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))

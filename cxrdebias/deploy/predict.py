@@ -107,7 +107,7 @@ def predict_to_csv(
             row += 1
             values = [name, f"{part.positive_probability[i]:.6f}", part.predicted_labels[i], f"{part.threshold:.6f}", part.provider]
             values += [part.fields[i].get(c, "") for c in extra]
-            values += ["", ""] if inside is None else [f"{part.ood_scores[i]:.6f}", "true" if inside[i] else "false"]
+            values += ["", ""] if inside is None else [f"{part.ood_score[i]:.6f}", "true" if inside[i] else "false"]
             if cams is not None:
                 overlay = f"{row:05d}_{Path(name).stem}.png"
                 assert part.images is not None

@@ -168,9 +168,10 @@ class RuntimePredictions:
     ``probabilities``: N×K (columns = ``labels``); ``cams``: N×S×S Grad-CAM of the positive
     class in ``[0, 1]``, in model-input geometry (``geometries[i]`` maps it onto image ``i``,
     see :func:`cxrdebias.deploy.overlay.cam_to_image`). ``images`` holds the ``[0, 1]`` originals
-    only while streaming (:meth:`CXRModel.iter_predict`). ``ood_scores`` (N) and
-    ``ood_threshold``: the out-of-distribution score and its threshold, ``None`` for a model
-    without them (exported before the guard).
+    only while streaming (:meth:`CXRModel.iter_predict`). ``ood_score`` (N float),
+    ``in_distribution`` (N bool: ``ood_score <= ood_threshold``) and ``ood_threshold``: the
+    out-of-distribution score, its verdict and threshold, ``None`` for a model without them
+    (exported before the guard).
     """
 
     names: list[str]
@@ -183,7 +184,8 @@ class RuntimePredictions:
     geometries: list[ResizeGeometry]
     fields: list[dict[str, str]]
     images: list[np.ndarray] | None = None
-    ood_scores: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
+    in_distribution: np.ndarray | None = None
     ood_threshold: float | None = None
 
     @property
@@ -194,13 +196,6 @@ class RuntimePredictions:
     def predicted_positive(self) -> np.ndarray:
         """``positive_probability >= threshold`` (bool, N)."""
         return self.positive_probability >= self.threshold
-
-    @property
-    def in_distribution(self) -> np.ndarray | None:
-        """``ood_score <= ood_threshold`` (bool, N), or ``None`` for a model without the guard."""
-        if self.ood_scores is None or self.ood_threshold is None:
-            return None
-        return self.ood_scores <= self.ood_threshold
 
     @property
     def predicted_labels(self) -> list[str]:
@@ -221,9 +216,15 @@ class RuntimePredictions:
             provider=first.provider,
             geometries=[g for p in parts for g in p.geometries],
             fields=[f for p in parts for f in p.fields],
-            ood_scores=None if first.ood_scores is None else np.concatenate([p.ood_scores for p in parts if p.ood_scores is not None]),
+            ood_score=_joined([p.ood_score for p in parts]),
+            in_distribution=_joined([p.in_distribution for p in parts]),
             ood_threshold=first.ood_threshold,
         )
+
+
+def _joined(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    """The arrays of consecutive batches concatenated; ``None`` when a batch has none."""
+    return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
 
 
 def _providers(device: str) -> list[str]:
@@ -303,7 +304,8 @@ class CXRModel:
                 geometries=[resize_geometry(p.shape, spec) for p in originals],
                 fields=[x.fields for x in chunk],
                 images=originals,
-                ood_scores=ood,
+                ood_score=ood,
+                in_distribution=None if ood is None or meta.ood_threshold is None else ood <= meta.ood_threshold,
                 ood_threshold=meta.ood_threshold,
             )
 
