@@ -22,12 +22,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from cxrdebias.deploy.onnx_metadata import format_metric
 from cxrdebias.deploy.runtime import CXRModel, InputImage, collect_inputs, load_model
-from cxrdebias.deploy.viewer_report import report_png
+from cxrdebias.deploy.viewer_report import report_png, with_colorbar
 from cxrdebias.deploy.viewer_state import (
     DISAGREEMENT,
     NOT_FOR_CLINICAL_USE,
-    TABLE_COLUMNS,
     analyse_with_source,
     apply_window,
     filter_table,
@@ -38,7 +38,20 @@ from cxrdebias.deploy.viewer_state import (
     predict_study,
     predictions_csv,
     save_upload,
-    sort_table,
+)
+from cxrdebias.deploy.viewer_worklist import (
+    OOD_BADGE,
+    SORTS,
+    is_flagged,
+    neighbour,
+    order_digest,
+    per_site_study_table,
+    sort_options,
+    sort_worklist,
+    study_banners,
+    summary_metrics,
+    training_sites,
+    worklist_view,
 )
 from cxrdebias.errors import CxrDebiasError
 
@@ -87,7 +100,21 @@ def cached_analysis(model_key: str, name: str, stamp: float, _model: CXRModel, _
     return analyse_with_source(_model, _image)
 
 
-st.set_page_config(page_title="cxrdebias viewer", layout="wide")
+#: the sidebar's starting width (px): wide enough for the per-site tables' columns
+SIDEBAR_WIDTH = 500
+#: short headers of the sidebar's per-site tables (the full name is the column's tooltip)
+SHORT_HEADERS = {"images": "n", "positive": "pos.", "labelled": "lab.", "balanced accuracy": "bal. acc.", "OOD flagged": "OOD"}
+#: the page's warnings (a Material icon: the emoji fonts of a workstation may lack 🚫)
+STOP_ICON = ":material/block:"
+
+
+def full_table(table: pd.DataFrame, key: str) -> None:
+    """``table`` in the sidebar, every row and column visible (no inner scrolling)."""
+    narrow = {c: st.column_config.Column(SHORT_HEADERS.get(c, c), help=c, width=90 if c == "site" else 50) for c in table.columns}
+    st.dataframe(table, hide_index=True, key=key, height=38 + 35 * len(table), width="stretch", column_config=narrow)
+
+
+st.set_page_config(page_title="cxrdebias viewer", layout="wide", initial_sidebar_state=SIDEBAR_WIDTH)
 st.title("cxrdebias viewer")
 st.warning(NOT_FOR_CLINICAL_USE, icon="⚠️")
 
@@ -126,7 +153,7 @@ with st.sidebar:  # the model's metadata as plain text (st.text, st.dataframe): 
     st.text(f"Threshold: {panel['threshold']:.4f} ({panel['threshold_method']})")
     st.markdown("**Per-site validation** (exported model, validation split; optimistic: the threshold was chosen on it)")
     if panel["per_site"] is not None:
-        st.dataframe(panel["per_site"], hide_index=True, key="per_site")
+        full_table(panel["per_site"], "per_site")
     else:
         st.info(f"No per-site validation metrics in this model ({markdown_text(panel['validation_note'])}).")
 
@@ -151,7 +178,7 @@ def add_predictions(predict, failure: str, skipped: str) -> None:
 if data_inputs:
     add_predictions(lambda: cached_study(model_key, tuple(data_inputs), allow_outside, model), "Cannot read the data", "Skipped")
 
-uploads = st.file_uploader("Upload DICOM, PNG or JPEG images", accept_multiple_files=True, key="uploads")
+uploads = st.sidebar.file_uploader("Add DICOM, PNG or JPEG images", accept_multiple_files=True, key="uploads")
 if uploads:
     folder = st.session_state.setdefault("upload_dir", tempfile.mkdtemp(prefix="cxrdebias-viewer-"))
     saved = st.session_state.setdefault("saved_uploads", {})  # (name, digest) → image or error: checked once
@@ -175,49 +202,97 @@ if uploads:
         add_predictions(lambda: cached_uploads(model_key, tuple(digests), good, model), "Cannot predict the uploads", "Upload")
 
 if not tables or sum(len(t) for t in tables) == 0:
-    st.info("No images yet: launch with `--data FOLDER_OR_MANIFEST` or upload images above.")
+    st.info("No images yet: launch with `--data FOLDER_OR_MANIFEST` or add images in the sidebar.")
     st.stop()
 
-
-
 full = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+for message in study_banners(full, training_sites(meta)):  # study-wide warnings first
+    st.error(markdown_text(message), icon=STOP_ICON)
+summary = summary_metrics(full, meta.positive_label)
+if summary is not None:
+    cols = st.columns(6)
+    cols[0].metric("Images (labelled)", f"{summary['n_images']} ({summary['n']})")
+    for col, (name, key) in zip(cols[1:], (("Accuracy", "accuracy"), ("TPR", "tpr"), ("TNR", "tnr"), ("Balanced accuracy", "balanced_accuracy"), ("AUROC", "auroc")), strict=True):
+        col.metric(name, format_metric(summary[key]))
+    st.caption(
+        f"On the {summary['n']} loaded images with ground truth ({summary['n_positive']} {markdown_text(meta.positive_label)}), "
+        f"at the model's threshold {meta.threshold:.3f}; a small study gives wide uncertainty. Per site: sidebar."
+        + (f" {summary['n_flagged']} of {summary['n_images']} images are out of distribution." if "n_flagged" in summary else "")
+    )
+
 with st.sidebar:
-    st.header("Filter")
+    st.header("Worklist")
     site_options = sorted(s for s in full["site"].unique() if s)
     chosen_sites = st.multiselect("Sites", site_options, key="sites")
     disagreement = st.radio(
         "Prediction vs ground truth", DISAGREEMENT, key="disagreement",
         format_func={"all": "all images", "disagree": "disagrees with ground truth", "agree": "agrees with ground truth"}.get,
     )
-    sort_by = st.selectbox("Sort by", TABLE_COLUMNS, index=TABLE_COLUMNS.index("probability"), key="sort_by")
-    descending = st.checkbox("Descending", value=True, key="descending")
+    sorts = sort_options(full)
+    sort_by = st.selectbox("Sort by", sorts, format_func=SORTS.get, key="sort_by")
+    if "ood" not in sorts:
+        st.caption("Sort by OOD score: not available (this model gives no out-of-distribution score).")
+    reverse = st.checkbox("Reverse order", value=False, key="reverse")
+    site_table = per_site_study_table(full, meta.positive_label)
+    if site_table is not None:
+        st.markdown("**Per site, this study** (images with ground truth, at the model's threshold)")
+        full_table(site_table, "study_per_site")
 
-shown = sort_table(filter_table(full, sites=chosen_sites, disagreement=disagreement), sort_by, descending=descending)
-st.subheader(f"Study: {len(shown)} of {len(full)} images")
-st.dataframe(shown, hide_index=True, width="stretch", key="study_table")
+shown = sort_worklist(filter_table(full, sites=chosen_sites, disagreement=disagreement), sort_by, meta.threshold, reverse=reverse)
 st.download_button("Download predictions CSV", predictions_csv(full, meta.threshold), "predictions.csv", "text/csv", key="csv", on_click="ignore")
 
-# -- one image ----------------------------------------------------------------------------------
-@st.fragment
-def image_panel(files: list[str], images: dict[str, InputImage], full: pd.DataFrame, model: CXRModel, model_key: str) -> None:
-    """The selected image: prediction, window/level, Grad-CAM overlay, report.
 
-    A fragment: choosing an image or moving a slider reruns only this function (with the
-    arguments of the last full run), not the study table, filters or model panel above.
+# -- worklist + one image -----------------------------------------------------------------------
+def step(files: list[str], by: int) -> None:
+    """Previous / Next (keys P / N): open the neighbouring row; a new worklist key shows it selected."""
+    st.session_state["current"] = neighbour(files, st.session_state.get("current"), by)
+    st.session_state["nav"] = st.session_state.get("nav", 0) + 1
+
+
+@st.fragment
+def study_panel(shown: pd.DataFrame, n_total: int, images: dict[str, InputImage], full: pd.DataFrame, model: CXRModel, model_key: str) -> None:
+    """The worklist (click a row, or N / P) and the open image.
+
+    A fragment: opening an image or moving a slider reruns only this function (with the
+    arguments of the last full run), not the filters, summary or model panel.
     """
-    selected = st.selectbox("Image", files, index=None, placeholder="Choose an image…", key="image")
-    if selected is None:
-        return
-    image = images[selected]
+    files = list(shown["file"])
+    current = st.session_state.get("current")
+    current = current if current in files else None
+    left, right = st.columns([4, 5])
+    with left:
+        st.subheader(f"Worklist: {len(files)} of {n_total} images")
+        b1, b2 = st.columns(2)
+        b1.button("Previous", key="previous", shortcut="P", on_click=step, args=(files, -1), width="stretch")
+        b2.button("Next", key="next", shortcut="N", on_click=step, args=(files, 1), width="stretch")
+        # the key changes with the order and with Previous/Next: the new table starts with the open row selected
+        event = st.dataframe(
+            worklist_view(shown), hide_index=True, width="stretch", key=f"worklist:{order_digest(files)}:{st.session_state.get('nav', 0)}",
+            on_select="rerun", selection_mode="single-row",
+            selection_default={"selection": {"rows": [files.index(current)]}} if current else None,
+            column_config={"probability": st.column_config.NumberColumn(format="%.3f"), "ood_score": st.column_config.NumberColumn("OOD score", format="%.3g")},
+        )
+        rows = event.selection.rows
+        if rows and files[rows[0]] != current:  # a click on another row
+            current = st.session_state["current"] = files[rows[0]]
+    with right:
+        if current is None:
+            st.info("Click a row of the worklist to open an image (keys N / P: next / previous).")
+            return
+        image_view(current, images[current], full[full["file"] == current].iloc[0].to_dict(), model, model_key)
+
+
+def image_view(selected: str, image: InputImage, row: dict, model: CXRModel, model_key: str) -> None:
+    """One image: OOD badge, prediction, window/level, Grad-CAM overlay with its colour bar, report."""
     try:
         stamp = image.path.stat().st_mtime if image.path is not None else 0.0
         result, source = cached_analysis(model_key, selected, stamp, model, image)
     except (CxrDebiasError, OSError) as exc:
         st.error(f"Cannot show {markdown_text(selected)}: {markdown_text(exc)}")
         return
-
-    row = full[full["file"] == selected].iloc[0].to_dict()
-    c1, c2, c3, c4 = st.columns(4)
+    if is_flagged(row):
+        st.error(f"**{OOD_BADGE}**: this image is unlike the model's training images (OOD score {float(row['ood_score']):.3g}).", icon=STOP_ICON)
+    (c1, c2), (c3, c4) = st.columns(2), st.columns(2)
     c1.metric(f"P({markdown_text(result.positive_label)})", f"{result.probability:.3f}")  # labels and values are Markdown
     c2.metric("Threshold", f"{result.threshold:.3f}")
     c3.metric("Prediction", markdown_text(result.predicted_label))
@@ -232,20 +307,21 @@ def image_panel(files: list[str], images: dict[str, InputImage], full: pd.DataFr
 
     display = apply_window(source, center, width)
     cam = overlay_image(display, result.heat, opacity)
+    shown_cam = with_colorbar(cam, result.probability, result.threshold, result.positive_label, result.predicted_label)
     gray = gray_image(display)
-    overlay_caption = f"Grad-CAM overlay of '{markdown_text(result.positive_label)}' (opacity {opacity:.2f})"  # captions are Markdown
+    overlay_caption = f"Grad-CAM overlay of '{markdown_text(result.positive_label)}' (opacity {opacity:.2f}), colour bar and probability on the right"  # captions are Markdown
     # JPEG (what st.image picks for these pictures anyway), at display size (long side ≤ 1024)
     if side_by_side:
-        left, right = st.columns(2)
+        left, right = st.columns([1, 1.2])
         left.image(gray, caption=f"{markdown_text(selected)} (level {center:.3g}, width {width:.3g})", width="stretch", output_format="JPEG")
-        right.image(cam, caption=overlay_caption, width="stretch", output_format="JPEG")
+        right.image(shown_cam, caption=overlay_caption, width="stretch", output_format="JPEG")
     else:
-        st.image(cam, caption=overlay_caption, width="stretch", output_format="JPEG")
+        st.image(shown_cam, caption=overlay_caption, width="stretch", output_format="JPEG")
 
     st.download_button(  # rendered only when clicked (Streamlit's deferred download)
-        "Download one-page report (PNG)", lambda: report_png(result, gray, cam, model.metadata, row=row),
+        "Download one-page report (PNG)", lambda: report_png(result, gray, shown_cam, model.metadata, row=row),
         f"{Path(selected).stem}_report.png", "image/png", key="report", on_click="ignore",
     )
 
 
-image_panel(list(shown["file"]), images, full, model, model_key)
+study_panel(shown, len(full), images, full, model, model_key)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks._common import time_call, write_section
 from cxrdebias.debias import build_method
-from cxrdebias.debias.end import end_regularizer
+from cxrdebias.debias.end import FORMS, end_regularizer
 from cxrdebias.models import SimpleConvNet
 from cxrdebias.training.device import make_autocast, resolve_precision
 
@@ -24,7 +24,7 @@ from cxrdebias.training.device import make_autocast, resolve_precision
 def regulariser_times(n: int = 256, d: int = 128, repeats: int = 200) -> dict:
     g = torch.Generator().manual_seed(0)
     out = {}
-    for form in ("paper", "reference"):
+    for form in FORMS:
         f = torch.randn(n, d, generator=g, requires_grad=True)
         t = torch.randint(0, 10, (n,), generator=g)
         b = torch.randint(0, 10, (n,), generator=g)

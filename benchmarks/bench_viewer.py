@@ -4,8 +4,8 @@ target < 0.5 s on a 2-core CPU), measured in-process on the calls ``apps/viewer.
 Steps, as the page runs them after a selection: :func:`cxrdebias.deploy.viewer_state.analyse` (read the
 file, preprocess with the model's spec, one onnxruntime call for probabilities + CAM, CAM mapped
 onto the image at display size), :func:`display_source` + :func:`apply_window` (window/level; DICOM:
-the modality-LUT values are read again), :func:`gray_image` and :func:`overlay_image` (the two
-pictures), then the browser encoding of both pictures (JPEG, what ``st.image`` sends). The
+the modality-LUT values are read again), :func:`gray_image`, :func:`overlay_image` and
+:func:`with_colorbar` (the two pictures, the overlay with its colour bar), then the browser encoding of both pictures (JPEG, what ``st.image`` sends). The
 one-page report (rendered by the page only when its download button is clicked) is timed
 separately.
 
@@ -75,7 +75,7 @@ def bench_images(folder: Path, n_per_site: int, n_dicom: int = 1) -> list[tuple[
 
 
 def time_select(model, image, repeats: int) -> dict[str, float]:
-    from cxrdebias.deploy.viewer_report import report_png
+    from cxrdebias.deploy.viewer_report import report_png, with_colorbar
     from cxrdebias.deploy.viewer_state import (
         analyse_with_source,
         apply_window,
@@ -89,8 +89,9 @@ def time_select(model, image, repeats: int) -> dict[str, float]:
         t1 = time.perf_counter()
         display = apply_window(src, src.center, src.width)
         gray, cam = gray_image(display), overlay_image(display, res.heat, 0.4)
+        shown = with_colorbar(cam, res.probability, res.threshold, res.positive_label, res.predicted_label)
         t2 = time.perf_counter()
-        for pic in (gray, cam):
+        for pic in (gray, shown):
             pic.convert("RGB").save(io.BytesIO(), format="JPEG", quality=90)
         t3 = time.perf_counter()
         report_png(res, gray, cam, model.metadata)
@@ -105,10 +106,10 @@ def time_select(model, image, repeats: int) -> dict[str, float]:
 
 
 def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folder: Path, script: Path | None = None) -> dict[str, list[float]]:
-    """Seconds from clicking an image in the page's *Image* box to its overlay ``<img>`` being
+    """Seconds from clicking an image's row in the page's worklist to its overlay ``<img>`` being
     loaded, in headless Chromium (Debian ``chromium`` + ``chromium-driver``), per image kind.
 
-    Every image is selected once (its prediction is not cached yet); the server is the
+    Every image is opened once (its prediction is not cached yet); the server is the
     ``cxrdebias view`` command line on a free localhost port (``script``: another version of
     ``apps/viewer.py`` instead, e.g. to time the page before a change). The time is taken in the
     page itself (``performance.now()``, checked every 5 ms), not by polling through WebDriver.
@@ -122,10 +123,14 @@ def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folde
     from selenium import webdriver
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from cxrdebias.cli.deploy import viewer_command
+    from cxrdebias.deploy.runtime import collect_inputs, load_model
+    from cxrdebias.deploy.viewer_state import predict_study
+    from cxrdebias.deploy.viewer_worklist import sort_worklist
 
     data = folder / "browser"
     data.mkdir()
@@ -134,6 +139,9 @@ def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folde
         link = data / f"{i:02d}{path.suffix}"
         link.symlink_to(path)
         kinds[str(data.resolve() / link.name)] = kind
+    model = load_model(model_path, device="cpu")
+    table, _, _ = predict_study(model, collect_inputs([data]))
+    order = list(sort_worklist(table, "probability", model.metadata.threshold)["file"])  # the worklist's rows
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -159,9 +167,8 @@ def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folde
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 120, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
 
-        def image_box(d):
-            boxes = [b for b in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"]') if b.text.startswith("Image")]
-            return boxes[0] if boxes else False
+        def worklist(d):
+            return next(iter(d.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"] [data-testid="stDataFrame"]')), False)
 
         overlay_src = """
             for (const im of document.querySelectorAll('[data-testid="stImage"]')) {
@@ -169,7 +176,7 @@ def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folde
                 if (cap && img && cap.textContent.startsWith('Grad-CAM overlay')) return img;
             }
             return null;"""
-        # timed in the page: performance.now() when the option is clicked → first 5 ms tick where the
+        # timed in the page: performance.now() when the row is clicked → first 5 ms tick where the
         # caption names the image and the overlay <img> has a new, decoded src
         watch = "const overlay = () => {" + overlay_src + """};
             const name = arguments[0], old = overlay(), before = old ? old.src : '';
@@ -183,10 +190,10 @@ def browser_select_times(model_path: Path, images: list[tuple[str, Path]], folde
                 }
             }, 5);"""
         for name in kinds:
-            wait.until(image_box).find_element(By.CSS_SELECTOR, "input").click()
-            option = wait.until(lambda d, n=name: next((o for o in d.find_elements(By.CSS_SELECTOR, '[role="option"]') if o.text == n), False))
+            grid = wait.until(worklist)
             driver.execute_script(watch, name)
-            option.click()
+            # the row-selection box left of the image's row (the grid is a canvas: 35 px rows below a 35 px header)
+            ActionChains(driver).move_to_element_with_offset(grid, -grid.size["width"] / 2 + 12, -grid.size["height"] / 2 + 35 * (order.index(name) + 1.5)).click().perform()
             seconds = wait.until(lambda d: d.execute_script("return window.__shown"))
             out.setdefault(kinds[name], []).append(float(seconds))
             print(f"browser {kinds[name]} {name}: {seconds:.3f} s", flush=True)
@@ -206,7 +213,9 @@ def main() -> None:
     ap.add_argument("--per-site", type=int, default=2, help="real PNGs per site")
     ap.add_argument("--dicoms", type=int, default=3, help="2048² DICOMs (each made from another PNG)")
     ap.add_argument("--viewer-script", type=Path, help="time this version of apps/viewer.py in the browser (default: the package's)")
-    ap.add_argument("--browser", action="store_true", help="also time click → overlay shown in headless Chromium (--model's page)")
+    ap.add_argument("--browser", action="store_true", help="also time click on a worklist row → overlay shown in headless Chromium "
+                    "(--model's page, or --browser-size's)")
+    ap.add_argument("--browser-size", type=int, help="time the browser on the random model of this --sizes value instead of --model")
     ap.add_argument("--note", default="", help="a sentence added to the section (e.g. that the CPU was shared)")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -230,13 +239,17 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     browser_md: list[str] = []
-    if args.browser and args.model:
-        times = browser_select_times(args.model, images, folder, args.viewer_script)
+    if args.browser and (args.model or args.browser_size):
+        browser_model = dict(models)[f"random {args.browser_size} px"] if args.browser_size else args.model
+        size = load_model(browser_model, device="cpu").metadata.preprocessing.image_size
+        times = browser_select_times(browser_model, images, folder, args.viewer_script)
         data["browser_select_to_overlay_s"] = times
+        data["browser_model"] = {"name": browser_model.name, "image_size": size}
         browser_md = [
             "",
-            f"End to end in headless Chromium ({args.model.name}, `cxrdebias view`'s server on localhost): click on an image in "
-            "*Image* → its Grad-CAM overlay `<img>` loaded (the image panel is an `st.fragment`, so only it reruns; websocket, "
+            f"End to end in headless Chromium ({browser_model.name}, {size}² input, `cxrdebias view`'s server on localhost): click on "
+            "an image's row in the worklist → its Grad-CAM overlay `<img>` (with the colour bar) loaded (the worklist and image "
+            "panel are an `st.fragment`, so only they rerun; websocket, "
             "image download and decode included; each image selected once, so not cached; timed in the page with "
             "`performance.now()`, checked every 5 ms):",
             "",

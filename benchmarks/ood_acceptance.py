@@ -1,5 +1,5 @@
 """The OOD guard's acceptance (issue 24): how many images the exported models flag as out of
-distribution, with Wilson 95% intervals (scipy) — written to docs/results/ood.json and the table of
+distribution, with Wilson 95% intervals (statsmodels, :func:`cxrdebias.evaluation.proportions.wilson_interval`) — written to docs/results/ood.json and the table of
 docs/deployment.md ("Out-of-distribution guard: measured").
 
 Two scenarios, each an exported model (``cxrdebias export``, the guard inside the ONNX graph)
@@ -43,6 +43,7 @@ from cxrdebias.deploy.export import CHECK_BATCH, validation_images
 from cxrdebias.deploy.guard import BOTTLENECK, fit_guard, torch_outputs
 from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
 from cxrdebias.evaluation.ood import METHODS
+from cxrdebias.evaluation.proportions import wilson_interval
 from cxrdebias.training.provenance import code_version
 from cxrdebias.training.runs import RunDir
 
@@ -51,19 +52,9 @@ DEPLOYMENT_MD = DOCS / "deployment.md"
 START, END = "<!-- ood:start -->", "<!-- ood:end -->"
 
 
-def wilson(k: int, n: int) -> list[float]:
-    """Wilson score 95% interval of ``k`` of ``n`` (``scipy.stats.binomtest(...).proportion_ci``;
-    the same interval as statsmodels' ``proportion_confint(method="wilson")``, which this
-    environment does not install)."""
-    from scipy.stats import binomtest
-
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
-
-
 def share(flags: np.ndarray) -> dict[str, Any]:
     k, n = int(flags.sum()), int(flags.size)
-    return {"flagged": k, "n": n, "share": k / n, "wilson95": wilson(k, n)}
+    return {"flagged": k, "n": n, "share": k / n, "wilson95": wilson_interval(k, n)}
 
 
 def run_images(run: Path, split: str) -> list:

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks._common import DOCS, REPO
+from cxrdebias.debias.end import DEFAULT_FORM
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.tables import PUBLISHED_BIASED_MNIST, update_markdown
 
@@ -35,7 +36,7 @@ SEED_TABLE_METHODS = ("vanilla", "end")
 
 
 def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None) -> str:
-    """``rho0.997-end-paper-s42``; ``epochs`` (another schedule than the config's) adds ``-20ep``."""
+    """``rho0.997-end-partner_mean-s42``; ``epochs`` (another schedule than the config's) adds ``-20ep``."""
     return f"rho{rho:.3f}-{method}{'-' + form if form else ''}{f'-{epochs}ep' if epochs else ''}-s{seed}"
 
 
@@ -136,7 +137,7 @@ def main() -> None:
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.997, 0.990])
     ap.add_argument("--methods", nargs="+", default=list(SEED_TABLE_METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    ap.add_argument("--form", default="paper")
+    ap.add_argument("--form", default=DEFAULT_FORM)
     ap.add_argument("--alpha", type=float)
     ap.add_argument("--beta", type=float)
     ap.add_argument("--threads", type=int)

@@ -75,13 +75,13 @@ def _ms(vals: list[float]) -> str:
 
 
 def _supervised_means() -> dict[tuple[str, float], float]:
-    """3-seed unbiased accuracy (%) of vanilla and paper-form EnD per ρ (docs/results/biased_mnist)."""
+    """3-seed unbiased accuracy (%) of vanilla and partner_mean-form EnD (the shipped default) per ρ (docs/results/biased_mnist)."""
     acc: dict[tuple[str, float], list[float]] = {}
     for p in SUPERVISED.glob("rho*-*-s*.json"):
         r = json.loads(p.read_text())
         r = r.get("results", r)
         key = r["method"]["name"]
-        if key not in ("vanilla", "end") or (key == "end" and r["method"].get("form") != "paper"):
+        if key not in ("vanilla", "end") or (key == "end" and r["method"].get("form") != "partner_mean"):
             continue
         acc.setdefault((key, float(r["rho"])), []).append(100 * r["metrics"]["unbiased_accuracy"])
     return {k: statistics.fmean(v) for k, v in acc.items()}

@@ -77,6 +77,9 @@ class TrainConfig(StrictConfig):
     drop_last: bool = False
     eval_every: int = Field(1, ge=1, description="evaluate the validation set every N epochs")
     progress: bool = True
+    tensorboard: bool = Field(
+        False, description="also write the training curves as TensorBoard scalars to RUN/tensorboard (needs tensorboard)"
+    )
     class_balance: Literal["none", "weighted_loss"] = Field(
         "none",
         description="weighted_loss: cross-entropy weighted by inverse class frequency of the training split "

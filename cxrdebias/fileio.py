@@ -5,7 +5,9 @@ folder, fsync, rename), so a process killed at any moment leaves either the old 
 version of a file, never half of one. A write that fails (a full disk, a folder that became
 read-only) raises :class:`~cxrdebias.errors.OutputError` (:class:`~cxrdebias.errors.DiskFullError`
 for ENOSPC/EDQUOT) naming the file; the temporary file is removed and the previous version of
-the file, if any, is left as it was.
+the file, if any, is left as it was. The file gets the permissions of a plain new file (0666
+less the umask: 0644 under the usual umask 022), not the private 0600 of the temporary file
+(:func:`new_file_mode`; folders: :func:`new_folder_mode`).
 
 A leaf module (no torch import): the torch-free runtime and the data layer write through it too.
 """
@@ -55,6 +57,31 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write ({exc.strerror or exc}); check the output folder")
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where the system tells it (Linux), since
+    setting it is process-wide and a file another thread creates meanwhile would get mode 0666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file: 0666 less the umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def new_folder_mode() -> int:
+    """The permissions ``mkdir`` gives a new folder: 0777 less the umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` through ``write(file)`` atomically (module doc)."""
     path = Path(path)
@@ -62,6 +89,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, new_file_mode())  # mkstemp's file is private (0600)
         with open_for_write(fd, path) as f:
             write(f)
             f.flush()

@@ -228,10 +228,53 @@ def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
         return export_run(tiny_cxr_run, tmp_path_factory.mktemp("exported") / "model.onnx", n_cam_images=8)
 
 
+@pytest.fixture(scope="module")
+def model_file(exported_cxr_model):
+    """The exported tiny CXR model (the viewer's tests)."""
+    return exported_cxr_model.model
+
+
+@pytest.fixture(scope="module")
+def study_data(cxr_manifest, real_pngs, tmp_path_factory):
+    """A manifest of the four real radiographs (links) and a folder with one DICOM made from one
+    of them (site and patient only in its tags): the viewer's study."""
+    import shutil
+
+    from PIL import Image
+
+    from cxrdebias.data.images import write_dicom
+
+    root = tmp_path_factory.mktemp("viewer-data")
+    man = root / "manifest"
+    man.mkdir()
+    lines = ["path,label,site,patient_id"]
+    for i, r in enumerate(real_pngs):
+        shutil.copy(cxr_manifest.parent / r["path"], man / f"img{i}.png")  # links may not leave the folder
+        lines.append(f"img{i}.png,{r['label']},{r['site']},{r['patient_id']}")
+    (man / "manifest.csv").write_text("\n".join(lines) + "\n")
+    folder = root / "dicom"
+    gray = np.asarray(Image.open(cxr_manifest.parent / real_pngs[0]["path"]).convert("L"))
+    write_dicom(folder / "a.dcm", gray, institution_name="tag-site", patient_id="tag-patient")
+    return man / "manifest.csv", folder
+
+
+def worklist(at):
+    """The viewer page's worklist (an ``st.dataframe`` whose key starts with ``worklist:``) in an AppTest."""
+    return next(d for d in at.dataframe if d.key and d.key.startswith("worklist:"))
+
+
+def open_row(at, name: str):
+    """Click the viewer's worklist row of ``name`` (its short name) in an AppTest, as the browser does."""
+    rows = list(worklist(at).value["name"])
+    at.session_state[worklist(at).key] = {"selection": {"rows": [rows.index(name)], "columns": [], "cells": []}}
+    return at.run()
+
+
 @contextlib.contextmanager
-def viewer_server(model: Path, data: list[Path], log_dir: Path):
+def viewer_server(model: Path, data: list[Path], log_dir: Path, script: Path | None = None):
     """`cxrdebias view`'s Streamlit server on a free local port, up and healthy; yields the port
-    and stops the server (its whole process group) afterwards."""
+    and stops the server (its whole process group) afterwards. ``script``: serve this page
+    instead of ``apps/viewer.py`` (with the same command line)."""
     import os
     import signal
     import socket
@@ -246,7 +289,10 @@ def viewer_server(model: Path, data: list[Path], log_dir: Path):
         port = s.getsockname()[1]
     log_file = log_dir / "server.log"
     log = log_file.open("w")
-    server = subprocess.Popen(viewer_command(model, data, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = viewer_command(model, data, port)
+    if script is not None:
+        cmd[cmd.index("run") + 1] = str(script)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:

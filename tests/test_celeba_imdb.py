@@ -332,7 +332,7 @@ def test_csv_problems_are_counted_and_columns_checked(imdb_root):
     with pytest.raises(DataError, match=r"line 2, column age: 'old'.* \(and 1 more problems\)"):
         read_split_csv(path)
     path.write_text("path,gender\nimgs/test_0.jpg,F\n")
-    with pytest.raises(DataError, match=r"test.csv: missing column\(s\) age; expected at least path, age, gender"):
+    with pytest.raises(DataError, match=r"test.csv: missing column\(s\) age; the header has path, gender \(required: path, age, gender\)"):
         read_split_csv(path)
     path.write_text("path,age,gender\n")
     with pytest.raises(DataError, match="test.csv: no rows"):

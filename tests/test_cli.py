@@ -33,7 +33,7 @@ def test_reproduce_end_to_end(fake_mnist, tmp_path, monkeypatch, capsys):
     code, stdout, err = run_cli([*_tiny(fake_mnist, out), "--method", "end", "--alpha", "0.2", "--beta", "0.3"], monkeypatch, capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert res["method"] == {"name": "end", "alpha": 0.2, "beta": 0.3, "form": "paper"}
+    assert res["method"] == {"name": "end", "alpha": 0.2, "beta": 0.3, "form": "partner_mean"}
     assert 0 <= res["metrics"]["unbiased_accuracy"] <= 1 and 0 <= res["metrics"]["biased_accuracy"] <= 1
     assert res["config"]["data"]["rho"] == 0.99
     assert len(res["data"]["source_sha256"]) == 64

@@ -106,7 +106,7 @@ def test_manifest_image_list_for_the_runtime(tmp_path):
     only_paths = write_manifest(tmp_path, ["a.png"], header="path")
     assert read_manifest_images(only_paths) == [(tmp_path / "a.png", {})]
     for header, lines, message in (
-        ("name", ["a.png"], "manifest has no 'path' column (columns: name)"),
+        ("name", ["a.png"], "missing column(s) path; the header has name (required: path)"),
         ("path,site", ["a.png"], "row 2 has 1 fields, the header has 2"),
         ("path", ["missing.png"], "row 2 column 'path': file not found: missing.png"),
         ("path", ["../a.png"], "row 2 column 'path': '../a.png' leaves the manifest folder"),
@@ -423,3 +423,22 @@ def test_fuzz_manifest_parser_raises_only_data_error(tmp_path, text):
     except DataError:
         return
     assert len(df) >= 1 and set(df["label"]) <= {0, 1}
+
+
+def test_every_csv_reader_names_the_missing_required_column_the_same_way(tmp_path):
+    """One check in read_csv_records: a split table, a manifest and a cues file word it alike."""
+    from cxrdebias.data.csv_records import read_csv_records
+    from cxrdebias.data.cxr.splits import load_splits
+
+    table = tmp_path / "splits.csv"
+    table.write_text("path,patient_id,site,label\na.png,p,s,0\n")
+    with pytest.raises(DataError, match=r"splits.csv: missing column\(s\) split; the header has path, patient_id, site, label"):
+        load_splits(table)
+    with pytest.raises(DataError, match=r"missing column\(s\) b, c; the header has a \(required: a, b, c\)"):
+        read_csv_records(_write(tmp_path / "x.csv", "a\n1\n"), columns=("a", "b", "c"))
+    assert read_csv_records(_write(tmp_path / "y.csv", "a,b\n1,2\n"), columns=("b",)) == (["a", "b"], [(2, ["1", "2"])])
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

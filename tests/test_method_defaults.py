@@ -49,13 +49,13 @@ def test_methods_prints_the_cxr_configs_values(monkeypatch, capsys):
 def test_shipped_settings_group_the_configs_of_a_dataset(tmp_path):
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "a.yaml").write_text("method:\n  name: end\n  alpha: 0.5\n")
-    (tmp_path / "toy" / "b.yaml").write_text("method:\n  name: end\n  alpha: 0.5\n  form: paper\n")  # the same, resolved
+    (tmp_path / "toy" / "b.yaml").write_text("method:\n  name: end\n  alpha: 0.5\n  form: partner_mean\n")  # the same, resolved
     (tmp_path / "toy" / "c.yaml").write_text("method:\n  name: end\n  alpha: 2.0\n")
     (tmp_path / "toy" / "d.yaml").write_text("seed: 1\n")  # no method section: vanilla
     (tmp_path / "toy" / "e.yaml").write_text("recipes:\n  vanilla: {method: vanilla}\n")  # a benchmark spec: not a training config
     assert shipped_method_settings(tmp_path) == [
-        ("toy", ["a.yaml", "b.yaml"], "end", {"alpha": 0.5, "beta": 0.1, "form": "paper"}),
-        ("toy", ["c.yaml"], "end", {"alpha": 2.0, "beta": 0.1, "form": "paper"}),
+        ("toy", ["a.yaml", "b.yaml"], "end", {"alpha": 0.5, "beta": 0.1, "form": "partner_mean"}),
+        ("toy", ["c.yaml"], "end", {"alpha": 2.0, "beta": 0.1, "form": "partner_mean"}),
         ("toy", ["d.yaml"], "vanilla", {}),
     ]
     assert shipped_method_settings(tmp_path / "missing") == []

@@ -114,7 +114,8 @@ def test_compare_adds_the_paired_table_for_runs_on_the_same_test_split(tmp_path)
     _evaluated_run(tmp_path, "end", b)
     text = compare_runs(tmp_path / "vanilla", tmp_path / "end", n_boot=200)
     assert "## Paired differences end (end) − vanilla (vanilla) (same test patients)" in text
-    rows = [line for line in text.splitlines() if line.startswith("| overall | 80 |")]
+    n_pos = int(a["label"].sum())
+    rows = [line for line in text.splitlines() if line.startswith(f"| overall | 80 ({n_pos}+ / {80 - n_pos}−) |")]
     assert len(rows) == 1 and rows[0].count("*") >= 1  # a consistent improvement is significant overall
     assert compare_runs(tmp_path / "vanilla", tmp_path / "end", n_boot=200) == text  # seeded: the same intervals
     assert "Paired differences" not in compare_runs(tmp_path / "vanilla", tmp_path / "end", n_boot=0)

@@ -247,9 +247,10 @@ def test_computed_in_float32_under_bf16_autocast():
 def test_options_defaults_and_validation():
     o = ReBiasOptions()
     assert (o.lambda_, o.lambda_g, o.kernel, o.sigma, o.update_g) == (1.0, 1.0, "rbf", 1.0, True)
+    assert o.hsic_features == "raw"  # the reference's: pooled features before any L2 normalisation
     assert o.biased_model == {"kernel_size": 1}
     assert ReBiasOptions(sigma="median").sigma == "median"
-    for bad in ({"sigma": 0}, {"sigma": "mean"}, {"lambda_": -1}, {"kernel": "poly"}, {"alpha": 1}):
+    for bad in ({"sigma": 0}, {"sigma": "mean"}, {"lambda_": -1}, {"kernel": "poly"}, {"alpha": 1}, {"hsic_features": "l2"}):
         with pytest.raises(ValidationError):
             ReBiasOptions(**bad)
     assert ReBias.requires_bias is False and ReBias.name == "rebias"
@@ -321,6 +322,31 @@ def test_frozen_g_and_tiny_batches():
     model, method, optimizer = _setup(lambda_=0.0)
     logs = method.update(model, _batch(), optimizer, nullcontext)
     assert logs["loss"].item() == logs["ce"].item() and logs["hsic"].item() != 0
+
+
+@pytest.mark.parametrize("which", ["raw", "bottleneck"])
+def test_hsic_sees_raw_pooled_features_or_the_bottleneck(which):
+    """Frozen G and λ = 0: the logged HSIC is HSIC₁ of the features F and G had before the step."""
+    model, method, optimizer = _setup(update_g=False, lambda_=0.0, hsic_features=which)
+    x = _batch()["image"]
+    with torch.no_grad():  # train mode: BatchNorm uses the batch statistics, as in the update
+        pooled_f = model.pool(model.extractor(x)).flatten(1)
+        pooled_g = method.biased.pool(method.biased.extractor(x)).flatten(1)
+    normed_f, normed_g = torch.nn.functional.normalize(pooled_f, dim=1), torch.nn.functional.normalize(pooled_g, dim=1)
+    assert not torch.allclose(pooled_f, normed_f)  # the model normalises its bottleneck
+    logs = method.update(model, _batch(), optimizer, nullcontext)
+    raw, bottleneck = hsic(pooled_f, pooled_g).item(), hsic(normed_f, normed_g).item()
+    assert raw != pytest.approx(bottleneck, rel=1e-3)  # the two are different kernels
+    assert logs["hsic"].item() == pytest.approx(raw if which == "raw" else bottleneck, rel=1e-5)
+
+
+def test_raw_hsic_trains_f_through_the_pooled_features():
+    model, method, optimizer = _setup(update_g=False)
+    before = _params(model)
+    logs = method.update(model, _batch(), optimizer, nullcontext)
+    assert logs["hsic"].item() != 0 and _changed(before, model)
+    # the hook is removed after the step: later forward passes are not captured
+    assert not model.bottleneck._forward_hooks
 
 
 def test_update_under_bf16_autocast_has_finite_logs():
@@ -406,3 +432,33 @@ def test_trainer_resume_continues_exactly(tmp_path):
     resumed, _ = resume_after_interrupt(trainer, tmp_path / "run")
     assert_same_tensors(ref.model, resumed.model)
     assert_same_tensors(ref.method, resumed.method)
+
+
+def test_capture_pooled_needs_a_bottleneck_module():
+    from cxrdebias.models import capture_pooled
+
+    with pytest.raises(ValueError, match="Linear has no 'bottleneck'"):
+        with capture_pooled(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_a_model_without_a_bottleneck_module_gives_its_features_to_hsic():
+    from cxrdebias.models import ModelOutput
+
+    class Plain(torch.nn.Module):  # a user's model: no `bottleneck` module to read raw features from
+        def __init__(self, **_overrides):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 3)
+
+        def forward(self, x):
+            f = x.flatten(1)
+            return ModelOutput(self.fc(f), f)
+
+    torch.manual_seed(0)
+    model = Plain()
+    method = ReBias(ReBiasOptions(update_g=False, lambda_=0.0))
+    method.setup(model, adam_context(32, 3, None, lr=1e-3, weight_decay=1e-4, lr_step=None, gamma=0.1, build_model=Plain))
+    x = _batch()["image"]
+    expected = hsic(x.flatten(1), x.flatten(1)).item()  # F and G both see the flattened image
+    logs = method.update(model, _batch(), torch.optim.Adam(model.parameters()), nullcontext)
+    assert logs["hsic"].item() == pytest.approx(expected, rel=1e-5)

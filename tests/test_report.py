@@ -43,15 +43,18 @@ def test_markdown_table_and_summary(report):
     assert "- method: vanilla" in lines
     header = next(line for line in lines if line.startswith("| site"))
     assert header == (
-        "| site | n | prevalence | TPR [95% CI] | TNR [95% CI] | BA [95% CI] | AUROC [95% CI] |"
+        "| site | n (patients) | prevalence (pos/n) [Wilson] | TPR [95% CI] TP/pos | TPR Wilson 95% "
+        "| TNR [95% CI] TN/neg | TNR Wilson 95% | BA [95% CI] | AUROC [95% CI] |"
     )
     rows = [line for line in lines if line.startswith("| ") and line != header]
     assert [r.split(" | ")[0] for r in rows] == ["| A", "| B", "| C", "| **overall**"]
     row_a = rows[0]
     lo, hi = report["by_group"]["A"]["ci"]["tpr"]
-    assert f"0.500 [{lo:.3f}, {hi:.3f}]" in row_a and "| 5 | 0.400 |" in row_a
+    # A: 2 positives (1 found), 3 negatives; Wilson of 1/2 is [0.095, 0.905], of 2/5 [0.118, 0.769]
+    assert f"| 0.500 [{lo:.3f}, {hi:.3f}] 1/2 ‡ | [0.095, 0.905] |" in row_a
+    assert "| 5 (5) | 0.400 (2/5) [0.118, 0.769] ‡ |" in row_a
     row_c = rows[2]
-    assert row_c.count("n/a") == 3  # TPR, BA, AUROC undefined without positives
+    assert row_c.count("n/a") == 4  # TPR (and its Wilson interval), BA, AUROC undefined without positives
     assert "worst site (lowest balanced accuracy): A" in md
     assert "equalized odds difference" in md and "BA gap" in md
     assert "100 image-level bootstrap" in md
@@ -142,8 +145,8 @@ def test_compare_markdown_side_by_side(report):
         assert f" {col} |" in header
     row_a = next(line for line in lines if line.startswith("| A |"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
-    assert cells[:5] == ["A", "5", "0.500", "1.000", "+0.500"]  # TPR: 1/2 → 1
-    assert cells[5:8] == ["0.667", "1.000", "+0.333"]  # TNR: 2/3 → 1
+    assert cells[:5] == ["A", "5 (2+ / 3−)", "0.500 ‡", "1.000 ‡", "+0.500"]  # TPR: 1/2 → 1; 2 positives
+    assert cells[5:8] == ["0.667 ‡", "1.000 ‡", "+0.333"]  # TNR: 2/3 → 1
     row_c = next(line for line in lines if line.startswith("| C |"))
     assert "n/a" in row_c
     assert any(line.startswith("| **overall** |") for line in lines)

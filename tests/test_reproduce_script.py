@@ -35,9 +35,9 @@ def _store(folder: Path, name: str, result: dict) -> None:
 
 
 def test_cell_names_keep_the_shipped_schedule_names_and_mark_another_schedule():
-    assert rbm.cell_name(0.997, "end", 42, "paper") == "rho0.997-end-paper-s42"  # the committed files
+    assert rbm.cell_name(0.997, "end", 42, "partner_mean") == "rho0.997-end-partner_mean-s42"  # the committed files
     assert rbm.cell_name(0.99, "vanilla", 43, None) == "rho0.990-vanilla-s43"
-    assert rbm.cell_name(0.997, "end", 44, "paper", 20) == "rho0.997-end-paper-20ep-s44"
+    assert rbm.cell_name(0.997, "end", 44, "partner_mean", 20) == "rho0.997-end-partner_mean-20ep-s44"
     assert rbm.cell_name(0.99, "vanilla", 42, None, 20) == "rho0.990-vanilla-20ep-s42"
 
 

@@ -58,7 +58,7 @@ def inputs(tmp_path, cxr_manifest, real_pngs):
 def test_runtime_imports_without_torch():
     code = (
         "import sys, cxrdebias.deploy.runtime, cxrdebias.deploy.overlay, cxrdebias.deploy.onnx_metadata, "
-        "cxrdebias.deploy.viewer_state, cxrdebias.deploy.viewer_report; "
+        "cxrdebias.deploy.viewer_state, cxrdebias.deploy.viewer_worklist, cxrdebias.deploy.viewer_report; "
         "bad = sorted(m for m in ('torch', 'torchvision', 'monai', 'timm') if m in sys.modules); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -30,7 +30,7 @@ from cxrdebias.data.images import MIN_IMAGE_SIDE, read_image, write_dicom
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.onnx_metadata import ModelMetadata, encode
 from cxrdebias.errors import CheckpointError, ConfigError, DataError
-from tests.conftest import REPO, run_cli, single_torch_thread
+from tests.conftest import REPO, run_cli, single_torch_thread, worklist
 
 GIB = 1 << 30
 SIDE = 7000  # 49 million pixels: under the default max_pixels, 196 MB as float32, 392 MB as float64
@@ -442,6 +442,6 @@ def test_view_with_allow_outside_shows_a_linked_images_folder(linked_share, tmp_
         at = AppTest.from_file(str(REPO / "apps" / "viewer.py"), default_timeout=120).run()
         assert not at.exception, at.exception
         if rows:
-            assert len(at.dataframe[0].value) == rows
+            assert len(worklist(at).value) == rows
         else:
             assert any(LINK_REFUSED in e.value.replace("\\", "") for e in at.error), [e.value for e in at.error]

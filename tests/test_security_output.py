@@ -34,7 +34,7 @@ from cxrdebias.deploy.onnx_metadata import FORMAT_KEY, FORMAT_VERSION, encode
 from cxrdebias.deploy.predict import predict_to_csv
 from cxrdebias.deploy.runtime import CXRModel, load_model
 from cxrdebias.errors import CheckpointError, DataError, OutputError
-from tests.conftest import REPO, run_cli, viewer_server
+from tests.conftest import REPO, open_row, run_cli, viewer_server, worklist
 
 VIEWER = REPO / "apps" / "viewer.py"
 HOSTILE = "[/x] [v2] :x: ![img](http://127.0.0.1:9/leak.png) <b>b</b>"
@@ -182,7 +182,7 @@ def test_viewer_shows_metadata_as_plain_text(tmp_path, monkeypatch):
     monkeypatch.setenv("CXRDEBIAS_VIEWER_DATA", str(image.parent))
     at = AppTest.from_file(str(VIEWER), default_timeout=120).run()
     assert not at.exception, at.exception
-    at.selectbox(key="image").set_value(str(image)).run()
+    open_row(at, image.name)
     assert not at.exception, at.exception
     assert not any(MARKDOWN_IMAGE in v for v in _markdown_values(at)), _markdown_values(at)
     shown = " ".join(t.value for t in at.sidebar.text)
@@ -346,7 +346,7 @@ def test_viewer_upload_named_dot_dot(tmp_path, monkeypatch):
     at.file_uploader(key="uploads").set_value([("..", data, "image/png"), ("a" * 300 + ".png", data, "image/png")]).run()
     assert not at.exception, at.exception
     assert any("cannot store this upload" in e.value for e in at.error)
-    assert "upload/upload" in set(at.dataframe[-1].value["file"])
+    assert "upload" in set(worklist(at).value["name"])  # stored as upload/upload
 
 
 # -- finding 8: CSV cells and the viewer server -------------------------------------------------------
@@ -415,6 +415,7 @@ def test_viewer_command_closes_the_host_and_xsrf_gaps(tmp_path):
     assert values("--server.address") == ["127.0.0.1"]
     assert values("--server.enableXsrfProtection") == ["true"] and values("--server.enableCORS") == ["true"]
     assert sorted(values("--server.allowedHosts")) == ["127.0.0.1", "localhost"]
+    assert values("--client.toolbarMode") == ["viewer"]  # no Deploy button
 
 
 def test_viewer_websocket_refuses_a_foreign_host(tmp_path):

@@ -41,8 +41,8 @@ def test_cells_cover_methods_rhos_and_seeds_with_stable_names():
     names = [c.name for c in t.cells]
     assert len(names) == len(set(names)) == 2 * 3 * 2
     # the names of the committed docs/results/biased_mnist files
-    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-paper-s43" in names and "rho0.997-lff-s42" in names
-    end = next(c for c in t.cells if c.name == "rho0.997-end-paper-s42")
+    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-partner_mean-s43" in names and "rho0.997-lff-s42" in names
+    end = next(c for c in t.cells if c.name == "rho0.997-end-partner_mean-s42")
     assert end.config.method.options()["alpha"] == 5.0  # the shipped config's EnD options
     lff = next(c for c in t.cells if c.name == "rho0.997-lff-s43")
     assert lff.config.method.name == "lff" and "alpha" not in lff.config.method.options() and lff.config.seed == 43
@@ -53,9 +53,9 @@ def test_render_mean_std_over_seeds_and_published_numbers(tmp_path):
     cells = {c.name: c for c in t.cells}
     _store(tmp_path, t, "rho0.997-vanilla-s1", _fake_result(cells["rho0.997-vanilla-s1"], 1.0, 0.10))
     _store(tmp_path, t, "rho0.997-vanilla-s2", _fake_result(cells["rho0.997-vanilla-s2"], 0.98, 0.12))
-    _store(tmp_path, t, "rho0.997-end-paper-s1", _fake_result(cells["rho0.997-end-paper-s1"], 0.9, 0.5))
+    _store(tmp_path, t, "rho0.997-end-partner_mean-s1", _fake_result(cells["rho0.997-end-partner_mean-s1"], 0.9, 0.5))
     r = build_table(t, results_dir=tmp_path)
-    assert r.missing == ["rho0.997-end-paper-s2"]
+    assert r.missing == ["rho0.997-end-partner_mean-s2"]
     lines = r.markdown.splitlines()
     vanilla = next(line for line in lines if line.startswith("| vanilla"))
     # mean of 100/98 = 99.00, sample std = 1.41; unbiased 11.00 ± 1.41; paper 33.40
@@ -71,7 +71,7 @@ def test_result_from_other_options_is_refused(tmp_path):
     bad = _fake_result(cell, 1.0, 0.5)
     bad["config"]["method"]["alpha"] = 0.1
     _store(tmp_path, t, cell.name, bad)
-    with pytest.raises(ConfigError, match=r"rho0.997-end-paper-s42.json: was produced with other options.*method.alpha"):
+    with pytest.raises(ConfigError, match=r"rho0.997-end-partner_mean-s42.json: was produced with other options.*method.alpha"):
         build_table(t, results_dir=tmp_path)
 
 
@@ -103,8 +103,8 @@ def test_run_missing_cells_then_skip_them(fake_mnist, tmp_path):
     t = biased_mnist_table(rhos=[0.99], methods=["vanilla", "end"], seeds=[0], overrides=overrides)
     results, runs = tmp_path / "results", tmp_path / "runs"
     first = build_table(t, results_dir=results, runs_dir=runs, run=True)
-    assert first.missing == [] and first.done == ["rho0.990-end-paper-s0", "rho0.990-vanilla-s0"]
-    stored = json.loads((results / "biased_mnist" / "rho0.990-end-paper-s0.json").read_text())
+    assert first.missing == [] and first.done == ["rho0.990-end-partner_mean-s0", "rho0.990-vanilla-s0"]
+    stored = json.loads((results / "biased_mnist" / "rho0.990-end-partner_mean-s0.json").read_text())
     assert stored["method"]["name"] == "end" and stored["epochs"] == 1
     # the second call runs nothing: remove the run folders and it still finds every cell
     shutil.rmtree(runs)
@@ -166,19 +166,19 @@ def test_ablation_reads_the_full_end_cell_from_table_1_only_when_it_is_the_same_
     t1 = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42])
     ab = ablation_table(rho=0.997, seeds=[42])
     (end_cell,) = t1.cells
-    both = next(c for c in ab.cells if c.name == "rho0.997-end-paper-a5-b0.5-s42")
-    assert both.same_as == ("biased_mnist/rho0.997-end-paper-s42",)
+    both = next(c for c in ab.cells if c.name == "rho0.997-end-partner_mean-a5-b0.5-s42")
+    assert both.same_as == ("biased_mnist/rho0.997-end-partner_mean-s42",)
     assert all(not c.same_as for c in ab.cells if c is not both)
     _store(tmp_path, t1, end_cell.name, _fake_result(end_cell, 0.96, 0.5))
     r = build_table(ab, results_dir=tmp_path)
-    assert r.done == ["rho0.997-end-paper-a5-b0.5-s42"]
+    assert r.done == ["rho0.997-end-partner_mean-a5-b0.5-s42"]
     assert "| 5 | 0.5 | 42 | 96.00 | 50.00 |" in r.markdown
     # a Table 1 file run with other options does not stand in for the cell (and is no error)
     other = _fake_result(end_cell, 0.96, 0.5)
     other["config"]["method"]["alpha"] = 1.0
     _store(tmp_path, t1, end_cell.name, other)
     r = build_table(ab, results_dir=tmp_path)
-    assert r.done == [] and "rho0.997-end-paper-a5-b0.5-s42" in r.missing
+    assert r.done == [] and "rho0.997-end-partner_mean-a5-b0.5-s42" in r.missing
 
 
 def test_every_table_has_its_own_block_in_the_reproduction_docs():

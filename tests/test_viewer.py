@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -32,34 +31,11 @@ from cxrdebias.deploy.viewer_state import (
     sort_table,
 )
 from cxrdebias.errors import DataError
-from tests.conftest import REPO, run_cli, viewer_server
+from tests.conftest import REPO, open_row, run_cli, worklist
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 VIEWER = REPO / "apps" / "viewer.py"
-
-
-@pytest.fixture(scope="module")
-def model_file(exported_cxr_model):
-    return exported_cxr_model.model
-
-
-@pytest.fixture(scope="module")
-def study_data(cxr_manifest, real_pngs, tmp_path_factory):
-    """A manifest of the four real radiographs (links) and a folder with one DICOM made from one
-    of them (site and patient only in its tags)."""
-    root = tmp_path_factory.mktemp("viewer-data")
-    man = root / "manifest"
-    man.mkdir()
-    lines = ["path,label,site,patient_id"]
-    for i, r in enumerate(real_pngs):
-        shutil.copy(cxr_manifest.parent / r["path"], man / f"img{i}.png")  # links may not leave the folder
-        lines.append(f"img{i}.png,{r['label']},{r['site']},{r['patient_id']}")
-    (man / "manifest.csv").write_text("\n".join(lines) + "\n")
-    folder = root / "dicom"
-    gray = np.asarray(Image.open(cxr_manifest.parent / real_pngs[0]["path"]).convert("L"))
-    write_dicom(folder / "a.dcm", gray, institution_name="tag-site", patient_id="tag-patient")
-    return man / "manifest.csv", folder
 
 
 @pytest.fixture
@@ -77,70 +53,128 @@ def app(model_file, study_data, monkeypatch):
 
 
 def _table(at):
-    return at.dataframe[0].value
+    return worklist(at).value
+
+
+def _captions(at):
+    return [c for im in at.image for c in im.captions]
 
 
 # -- AppTest: the page --------------------------------------------------------------------------
-def test_study_table_rows_columns_sort_and_filters(app, study_data):
+def test_worklist_columns_sort_filters_summary_and_banner(app, model_file):
     df = _table(app)
-    assert list(df.columns) == list(TABLE_COLUMNS)
-    assert len(df) == 5  # four manifest rows + the DICOM of the folder
-    dicom = df[df["file"].str.endswith("a.dcm")].iloc[0]
-    assert dicom["site"] == "tag-site" and dicom["patient"] == "tag-patient" and dicom["ground_truth"] == ""
-    assert pd.isna(dicom["disagrees"])
-    assert (df["probability"].diff().dropna() <= 0).all()  # default: probability, descending
-    known = df[df["ground_truth"] != ""]
-    assert ((known["predicted_label"] != known["ground_truth"]) == known["disagrees"].astype(bool)).all()
+    assert list(df.columns) == ["name", "probability", "prediction", "truth", "site", "patient"]
+    assert len(df) == 5 and set(df["name"]) == {"img0.png", "img1.png", "img2.png", "img3.png", "a.dcm"}  # short names
+    dicom = df[df["name"] == "a.dcm"].iloc[0]
+    assert dicom["site"] == "tag-site" and dicom["patient"] == "tag-patient" and dicom["truth"] == ""
+    assert (df["probability"].diff().dropna() <= 0).all()  # default: probability, highest first
+    known = df[df["truth"] != ""]
+    wrong = int((known["prediction"] != known["truth"]).sum())
+
+    # summary metrics of the labelled images at the top; the per-site table of the study in the sidebar
+    metrics = {m.label: m.value for m in app.main.metric}
+    assert metrics["Images (labelled)"] == "5 (4)" and float(metrics["Accuracy"]) == pytest.approx(1 - wrong / 4, abs=1e-3)
+    per_site = next(d.value for d in app.sidebar.dataframe if "labelled" in d.value.columns)  # this study's
+    assert list(per_site["site"]) == sorted(set(df["site"])) + ["all"] and per_site["labelled"].tolist()[-1] == 4
+    # the DICOM's site (from its tags) is not one the model was trained on: a banner names it
+    assert any("1 of 5 images come from sites the model was not trained on" in e.value and "tag\\-site" in e.value for e in app.error)
 
     site = sorted(s for s in df["site"].unique() if s != "tag-site")[0]
     app.multiselect(key="sites").set_value([site]).run()
     only = _table(app)
     assert len(only) == 2 and set(only["site"]) == {site}
-
     app.multiselect(key="sites").set_value([]).run()
     app.radio(key="disagreement").set_value("disagree").run()
-    dis = _table(app)
-    assert len(dis) == int(known["disagrees"].astype(bool).sum()) and dis["disagrees"].astype(bool).all()
+    assert len(_table(app)) == wrong and (_table(app)["prediction"] != _table(app)["truth"]).all()
     app.radio(key="disagreement").set_value("agree").run()
-    agree = _table(app)
-    assert len(agree) + len(dis) == len(known) and not agree["disagrees"].astype(bool).any()
-
+    assert len(_table(app)) == len(known) - wrong
     app.radio(key="disagreement").set_value("all").run()
+
+    assert app.selectbox(key="sort_by").options == ["probability (highest first)", "uncertainty (closest to the threshold first)", "file name"]
+    assert any("Sort by OOD score: not available" in c.value for c in app.sidebar.caption)  # this model has no OOD output
+    app.selectbox(key="sort_by").set_value("uncertainty").run()
+    threshold = load_model(model_file).metadata.threshold
+    margins = (_table(app)["probability"] - threshold).abs()
+    assert (margins.diff().dropna() >= 0).all()  # closest to the threshold first
     app.selectbox(key="sort_by").set_value("file").run()
-    app.checkbox(key="descending").uncheck().run()
-    assert list(_table(app)["file"]) == sorted(df["file"])
+    assert list(_table(app)["name"]) == ["a.dcm", "img0.png", "img1.png", "img2.png", "img3.png"]  # by full path: folder dicom/ < manifest/
+    app.checkbox(key="reverse").check().run()
+    assert list(_table(app)["name"]) == ["img3.png", "img2.png", "img1.png", "img0.png", "a.dcm"]
     assert not app.exception
 
 
-def test_select_image_shows_prediction_threshold_and_overlay(app, model_file):
+def test_open_a_row_shows_prediction_threshold_and_overlay(app, model_file):
     df = _table(app)
-    name = df["file"].iloc[0]
-    assert not app.image  # nothing selected yet
-    app.selectbox(key="image").set_value(name).run()
-    assert not app.exception and not app.error
+    name = df["name"].iloc[0]
+    assert not app.image and any("Click a row" in i.value for i in app.info)  # nothing open yet
+    open_row(app, name)
+    assert not app.exception
     model = load_model(model_file)
-    expected = model.predict([name]).positive_probability[0]
+    path = app.session_state["current"]
+    assert path.endswith("/" + name)
+    expected = model.predict([path]).positive_probability[0]
     metrics = {m.label: m.value for m in app.metric}
     assert float(metrics["P(positive)"]) == pytest.approx(expected, abs=1e-3)
     assert float(metrics["Threshold"]) == pytest.approx(model.metadata.threshold, abs=1e-3)
     assert metrics["Prediction"] == ("positive" if expected >= model.metadata.threshold else "negative")
-    captions = [c for im in app.image for c in im.captions]
-    assert len(captions) == 2 and any(c.startswith("Grad-CAM overlay") and "opacity 0.40" in c for c in captions)
+    captions = _captions(app)
+    assert len(captions) == 2 and any(c.startswith("Grad-CAM overlay") and "opacity 0.40" in c and "colour bar" in c for c in captions)
     app.slider(key="opacity").set_value(0.8).run()
-    assert any("opacity 0.80" in c for im in app.image for c in im.captions)
+    assert any("opacity 0.80" in c for c in _captions(app))
     app.toggle(key="side_by_side").set_value(False).run()
-    assert [c for im in app.image for c in im.captions] == ["Grad-CAM overlay of 'positive' (opacity 0.80)"]
+    assert len(_captions(app)) == 1 and _captions(app)[0].startswith("Grad-CAM overlay of 'positive' (opacity 0.80)")
     assert {b.label for b in app.get("download_button")} == {"Download predictions CSV", "Download one-page report (PNG)"}
 
 
-def test_notice_and_model_panel(app, model_file):
-    assert any(w.value == NOT_FOR_CLINICAL_USE for w in app.warning)
-    side = " ".join(m.value for m in app.sidebar.text)  # metadata as plain text (issue 22)
-    meta = load_model(model_file).metadata
-    assert "NOT FOR CLINICAL USE" in side and meta.raw["method"]["name"] in side and "site" in side
-    per_site = app.sidebar.dataframe[0].value
-    assert set(meta.raw["sites"]["names"]) | {"all"} == set(per_site["site"])
-    assert list(per_site.columns) == ["site", "images", "positive", "TPR", "TNR", "balanced accuracy", "AUROC"]
+def test_next_and_previous_walk_theworklist(app):
+    names = list(_table(app)["name"])
+
+    def shown():
+        return next(c for c in _captions(app) if not c.startswith("Grad-CAM")).split(" (level")[0].rsplit("/", 1)[1]
+
+    app.button(key="next").click().run()  # nothing open: the first row
+    assert shown() == names[0]
+    app.button(key="next").click().run()
+    assert shown() == names[1]
+    app.button(key="previous").click().run()
+    assert shown() == names[0]
+    open_row(app, names[-1])
+    app.button(key="next").click().run()  # the last row stays
+    assert shown() == names[-1]
+    key = worklist(app).key
+    app.button(key="previous").click().run()  # a new table (key), made with the open row selected
+    assert worklist(app).key != key and shown() == names[-2]
+    assert {b.proto.shortcut.upper() for b in app.button if b.key in ("next", "previous")} == {"N", "P"}
+
+
+def test_ood_badge_sort_and_banner(model_file, study_data, tmp_path, monkeypatch):
+    """Predictions with OOD fields (the model's OOD output): the worklist flags them, sorts by the
+    score, the open image carries the badge, and a study mostly out of distribution a banner."""
+    from streamlit.testing.v1 import AppTest
+
+    from cxrdebias.deploy.runtime import CXRModel
+    from cxrdebias.deploy.viewer_worklist import OOD_BADGE
+    from tests.viewer_ood import with_ood
+
+    manifest, _ = study_data
+    study = tmp_path / "study"  # another path: not the study the other tests cached
+    shutil.copytree(manifest.parent, study)
+    monkeypatch.setattr(CXRModel, "predict", with_ood(CXRModel.predict, ["img1", "img2", "img3"]))
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_MODEL", str(model_file))
+    monkeypatch.setenv("CXRDEBIAS_VIEWER_DATA", str(study / "manifest.csv"))
+    at = AppTest.from_file(str(VIEWER), default_timeout=120).run()
+    assert not at.exception
+    df = _table(at)
+    assert list(df.columns) == ["name", "probability", "prediction", "truth", "OOD", "site", "patient", "ood_score"]
+    assert dict(zip(df["name"], df["OOD"], strict=True)) == {"img0.png": "", "img1.png": "do not trust", "img2.png": "do not trust", "img3.png": "do not trust"}
+    assert any("3 of 4 images" in e.value and "75%" in e.value and "are out of distribution" in e.value for e in at.error)  # > 50%: the banner
+    at.selectbox(key="sort_by").set_value("ood").run()
+    assert list(_table(at)["name"])[-1] == "img0.png"  # highest OOD score first
+    open_row(at, "img2.png")
+    assert any(OOD_BADGE in e.value for e in at.main.error)
+    open_row(at, "img0.png")
+    assert not any(OOD_BADGE in e.value for e in at.main.error)
+    assert not at.exception
 
 
 def test_bad_uploads_are_messages_not_tracebacks(app, real_pngs, cxr_manifest):
@@ -155,14 +189,14 @@ def test_bad_uploads_are_messages_not_tracebacks(app, real_pngs, cxr_manifest):
     assert any("broken.dcm" in e for e in errors), errors
     assert not any("/tmp" in e or "Traceback" in e for e in errors)
     df = _table(app)
-    assert "upload/good.png" in set(df["file"]) and len(df) == 6
-    app.selectbox(key="image").set_value("upload/good.png").run()
+    assert "good.png" in set(df["name"]) and len(df) == 6
+    open_row(app, "good.png")
     assert not app.exception and len(app.image) == 2
 
 
-def test_selecting_an_image_does_not_recompute_the_study(app, real_pngs, cxr_manifest, monkeypatch):
-    """Only the selected image is analysed: the study and the uploads are predicted once, not on
-    every rerun (the image panel is a fragment; uploads are cached by their contents)."""
+def test_opening_an_image_does_not_recompute_the_study(app, real_pngs, cxr_manifest, monkeypatch):
+    """Only the opened image is analysed: the study and the uploads are predicted once, not on
+    every rerun (the worklist + image panel is a fragment; uploads are cached by their contents)."""
     from cxrdebias.deploy import viewer_state as viewer_logic
 
     real = viewer_logic.predict_study
@@ -173,21 +207,30 @@ def test_selecting_an_image_does_not_recompute_the_study(app, real_pngs, cxr_man
     blob = (cxr_manifest.parent / real_pngs[2]["path"]).read_bytes() + b"\0" * 7  # unique bytes: not cached by another test
     app.file_uploader(key="uploads").set_value([("fresh.png", blob, "image/png")]).run()
     assert not app.exception and study_calls == [1]
-    app.selectbox(key="image").set_value("upload/fresh.png").run()
+    open_row(app, "fresh.png")
     app.slider(key="opacity").set_value(0.6).run()
     app.toggle(key="side_by_side").set_value(False).run()
-    first = _table(app)["file"].iloc[0]
-    app.selectbox(key="image").set_value(first).run()
-    app.selectbox(key="image").set_value("upload/fresh.png").run()  # back: cached
+    open_row(app, _table(app)["name"].iloc[0] if _table(app)["name"].iloc[0] != "fresh.png" else _table(app)["name"].iloc[1])
+    open_row(app, "fresh.png")  # back: cached
     assert not app.exception and len(app.image) == 1
     assert study_calls == [1], study_calls
     assert analysed.count("upload/fresh.png") == 1, analysed
 
 
-def test_image_panel_is_a_fragment():
-    """Selecting an image reruns only the image panel in the browser (Streamlit fragment)."""
+def test_worklist_and_image_are_a_fragment():
+    """Opening an image reruns only the worklist + image panel in the browser (Streamlit fragment)."""
     source = VIEWER.read_text()
-    assert "@st.fragment\ndef image_panel(" in source and 'key="image"' in source.split("def image_panel(", 1)[1]
+    assert "@st.fragment\ndef study_panel(" in source and 'key=f"worklist:' in source.split("def study_panel(", 1)[1]
+
+
+def test_notice_and_model_panel(app, model_file):
+    assert any(w.value == NOT_FOR_CLINICAL_USE for w in app.warning)
+    side = " ".join(m.value for m in app.sidebar.text)  # metadata as plain text (issue 22)
+    meta = load_model(model_file).metadata
+    assert "NOT FOR CLINICAL USE" in side and meta.raw["method"]["name"] in side and "site" in side
+    per_site = app.sidebar.dataframe[0].value  # the model's (validation)
+    assert set(meta.raw["sites"]["names"]) | {"all"} == set(per_site["site"])
+    assert list(per_site.columns) == ["site", "images", "positive", "TPR", "TNR", "balanced accuracy", "AUROC"]
 
 
 def test_wrong_model_file_is_a_message(model_file, tmp_path, monkeypatch):
@@ -217,7 +260,9 @@ def test_viewer_page_does_not_import_torch(model_file, study_data):
         f"os.environ['CXRDEBIAS_VIEWER_MODEL'] = {str(model_file)!r}\n"
         f"os.environ['CXRDEBIAS_VIEWER_DATA'] = {str(manifest)!r}\n"
         f"at = AppTest.from_file({str(VIEWER)!r}, default_timeout=120).run()\n"
-        "at.selectbox(key='image').set_value(at.dataframe[0].value['file'].iloc[0]).run()\n"
+        "wl = next(d for d in at.dataframe if d.key and d.key.startswith('worklist:'))\n"
+        "at.session_state[wl.key] = {'selection': {'rows': [0], 'columns': [], 'cells': []}}\n"
+        "at.run()\n"
         "assert not at.exception and len(at.image) == 2, at.exception\n"
         "bad = sorted(m for m in ('torch', 'torchvision', 'monai', 'timm') if m in sys.modules)\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
@@ -299,80 +344,29 @@ def test_save_upload_names_the_upload(tmp_path):
 # -- cxrdebias view -----------------------------------------------------------------------------
 def test_cli_view_launches_streamlit_on_localhost(model_file, study_data, monkeypatch, capsys):
     manifest, folder = study_data
-    calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    calls = []  # `view` replaces its own process by Streamlit's (exec): stopping it stops the server
+    monkeypatch.setattr(os, "execvp", lambda file, args: calls.append((file, args)))
+    monkeypatch.setattr(subprocess, "call", lambda cmd: pytest.fail("view must exec Streamlit, not run it as a child"))
     code, _, err = run_cli(["view", "--model", model_file, "--data", manifest, "--data", folder, "--port", "8765"], monkeypatch, capsys)
     assert code == 0, err
-    (cmd,) = calls
+    ((file, cmd),) = calls
+    assert file == cmd[0] == sys.executable
     assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and cmd[4] == str(VIEWER) and VIEWER.is_file()
     head = cmd[: cmd.index("--")]
     assert head[head.index("--server.address") + 1] == "127.0.0.1" and head[head.index("--server.headless") + 1] == "true"
     assert head[head.index("--server.port") + 1] == "8765"
+    assert head[head.index("--client.toolbarMode") + 1] == "viewer"  # no Deploy button
     assert cmd[cmd.index("--") + 1 :] == ["--model", str(model_file.resolve()), "--data", str(manifest.resolve()), "--data", str(folder.resolve())]
     assert "NOT FOR CLINICAL USE" in err
     code, _, err = run_cli(["view", "--model", model_file.parent / "missing.onnx"], monkeypatch, capsys)
     assert code == 2 and "not found" in err and len(calls) == 1
 
+    def cannot_exec(file, args):
+        raise FileNotFoundError(2, "No such file or directory")
 
-# -- a real browser -----------------------------------------------------------------------------
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def test_viewer_in_headless_chromium(model_file, study_data, tmp_path):
-    """`cxrdebias view`'s command line serves the page; Chromium selects an image and gets the overlay."""
-    import shutil
-    from pathlib import Path
-
-    if not Path(CHROMIUM).is_file() or shutil.which("chromedriver") is None and not Path(CHROMEDRIVER).is_file():
-        pytest.skip(f"needs {CHROMIUM} and chromedriver (Debian: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    manifest, _ = study_data
-    driver = None
-    with viewer_server(model_file, [manifest], tmp_path) as port:
-        try:
-            options = webdriver.ChromeOptions()
-            options.binary_location = CHROMIUM
-            for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1800"):
-                options.add_argument(arg)
-            driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or CHROMEDRIVER), options=options)
-            driver.get(f"http://127.0.0.1:{port}/")
-            wait = WebDriverWait(driver, 120, ignored_exceptions=(StaleElementReferenceException,))
-            wait.until(lambda d: any("NOT FOR CLINICAL USE" in w.text for w in d.find_elements(By.CSS_SELECTOR, '[data-testid="stAlert"]')))
-
-            def image_box(d):
-                boxes = [b for b in d.find_elements(By.CSS_SELECTOR, '[data-testid="stSelectbox"]') if b.text.startswith("Image")]
-                return boxes[0] if boxes else False
-
-            box = wait.until(image_box)
-            assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]')  # nothing selected yet
-            box.find_element(By.CSS_SELECTOR, "input").click()
-            options_ = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[role="option"]'))
-            chosen = options_[0].text
-            assert chosen.endswith(".png")
-            options_[0].click()
-
-            def overlay(d):
-                for im in d.find_elements(By.CSS_SELECTOR, '[data-testid="stImage"]'):
-                    caption = im.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
-                    img = im.find_elements(By.TAG_NAME, "img")
-                    if caption and img and caption[0].text.startswith("Grad-CAM overlay") and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img[0]):
-                        return img[0]
-                return False
-
-            img = wait.until(overlay)
-            assert driver.execute_script("return arguments[0].naturalWidth", img) > 0
-            metrics = [m.text for m in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')]
-            assert any("P(positive)" in m for m in metrics) and any("Threshold" in m for m in metrics)
-            assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-        finally:
-            if driver is not None:
-                driver.quit()
+    monkeypatch.setattr(os, "execvp", cannot_exec)
+    code, _, err = run_cli(["view", "--model", model_file], monkeypatch, capsys)
+    assert code == 2 and "cannot start Streamlit (No such file or directory)" in err and "Traceback" not in err
 
 
 def test_large_images_are_shown_at_display_size(model_file, study_data):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cxrdebias.cli.app import AllowOutsideOpt, data_app, err, out
-from cxrdebias.console import esc
+from cxrdebias.console import esc, progress
 
 
 @data_app.command("synth")
@@ -69,7 +69,8 @@ def data_synth(
         )
     except ValidationError as exc:
         raise ConfigError("; ".join(_problem(e) for e in exc.errors())) from None
-    summary = synthesize(out_dir, cfg, force=force)
+    with progress(err, f"writing the synthetic set to {esc(out_dir)} (patients)", total=0) as update:
+        summary = synthesize(out_dir, cfg, force=force, progress=lambda done, total: update(completed=done, total=total))
     if preview_png:
         preview(out_dir, preview_png)
     out.print(summary.table(), markup=False, highlight=False)

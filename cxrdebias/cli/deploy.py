@@ -10,7 +10,7 @@ import typer
 
 import cxrdebias
 from cxrdebias.cli.app import AllowOutsideOpt, app, err, out
-from cxrdebias.console import esc
+from cxrdebias.console import esc, progress
 
 
 @app.command("export")
@@ -33,8 +33,9 @@ def export_cmd(
     against torch and MONAI before writing."""
     from cxrdebias.deploy.export import export_run
 
-    res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force,
-                     ood_method=ood_method, ood_layer=ood_layer)
+    with progress(err, f"exporting {esc(run)}: OOD statistics, ONNX graph, checks against torch and MONAI"):
+        res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force,
+                         ood_method=ood_method, ood_layer=ood_layer)
     c = res.parity
     err.print(
         f"verified on {esc(c.images)}: probabilities max |Δ| {c.probability_max_abs_diff:.2e} ({c.n_probability_images} images), "
@@ -109,12 +110,14 @@ VIEWER_HOSTS = ("127.0.0.1", "localhost")
 def viewer_command(model: Path, data: list[Path], port: int, *, allow_outside: bool = False) -> list[str]:
     """The ``streamlit run`` command line of ``cxrdebias view``: local (127.0.0.1 only),
     headless, XSRF protection and CORS (same origin only) on, Host header checked against
-    :data:`VIEWER_HOSTS` (docs/robustness.md); ``allow_outside``: a manifest's symbolic links
+    :data:`VIEWER_HOSTS` (docs/robustness.md), the toolbar without developer options (no
+    *Deploy* button); ``allow_outside``: a manifest's symbolic links
     may lead out of its folder."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(viewer_script()),
         "--server.address", "127.0.0.1", "--server.headless", "true", "--server.port", str(port),
         "--server.enableXsrfProtection", "true", "--server.enableCORS", "true",
+        "--client.toolbarMode", "viewer",  # no Deploy / Rerun / Clear cache for the page's readers
     ]
     for host in VIEWER_HOSTS:
         cmd += ["--server.allowedHosts", host]
@@ -132,9 +135,9 @@ def view_cmd(
     allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Open the viewer (Streamlit, onnxruntime only): study table, image + Grad-CAM, model panel."""
-    import subprocess
+    import os
 
-    from cxrdebias.errors import DataError
+    from cxrdebias.errors import ConfigError, DataError
 
     if not model.is_file():
         from cxrdebias.errors import CheckpointError
@@ -145,4 +148,9 @@ def view_cmd(
             raise DataError(f"{d}: file or folder not found")
     cmd = viewer_command(model, list(data or []), port, allow_outside=allow_outside)
     err.print(f"viewer on http://127.0.0.1:{port} (Ctrl+C stops it); NOT FOR CLINICAL USE")
-    sys.exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:  # Streamlit replaces this process: a signal to it (Ctrl+C, kill, a service manager) stops the server
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        raise ConfigError(f"{cmd[0]}: cannot start Streamlit ({exc.strerror or exc})") from None

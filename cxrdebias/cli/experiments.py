@@ -27,7 +27,7 @@ from cxrdebias.cli.app import (
     out,
     reproduce_app,
 )
-from cxrdebias.console import esc
+from cxrdebias.console import esc, progress
 
 
 def _run(cfg, out_dir: Path | None, *, kind: str, force: bool, resume: bool) -> tuple[dict | None, Path]:
@@ -177,7 +177,7 @@ reproduce_command(
     "Biased MNIST (Bahng et al.): train at correlation ρ, report biased/unbiased test accuracy.",
     [
         _option("rho", Annotated[float | None, typer.Option(help="Colour–digit correlation of the training set, in (0, 1].")]),
-        _option("form", Annotated[str | None, typer.Option(help="EnD: 'paper' (default) or 'reference' form.")]),
+        _option("form", Annotated[str | None, typer.Option(help="EnD: 'partner_mean' (default, this project's normalisation), 'paper' (eqs. 7/10 as written) or 'reference' (the authors' code).")]),
         _option("bias", Annotated[str | None, typer.Option(help="'colour' (the true labels, default) or 'auto' (online pseudo-bias labels).")]),
         _option("labeller", LabellerOpt),
     ],
@@ -355,10 +355,11 @@ def evaluate_cmd(
     from cxrdebias.evaluation.report import to_markdown
     from cxrdebias.experiments.evaluate import EVAL_DIR, SITE_THRESHOLDS_DIR, evaluate_run
 
-    report = evaluate_run(
-        run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
-        site_source=site_source, site_thresholds=site_thresholds,
-    )
+    with progress(err, f"evaluating {esc(run)}"):
+        report = evaluate_run(
+            run, manifest=data, split=split, out=out_dir, n_boot=n_boot, force=force, console=err, allow_links_outside=allow_outside,
+            site_source=site_source, site_thresholds=site_thresholds,
+        )
     if per_institution:
         out.print(report["markdown"], markup=False, highlight=False)
     else:
@@ -397,7 +398,8 @@ def analyze_bias_cmd(
     cues.csv when the data has one."""
     from cxrdebias.experiments.bias_analysis import analyze_run, format_report
 
-    report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force, groups=groups, per_group=per_group, map_layer=map_layer)
+    with progress(err, f"analysing {esc(run)}: bottleneck, pseudo labels, group sheets and maps"):
+        report = analyze_run(run, split=split, checkpoint=checkpoint, out=out_dir, force=force, groups=groups, per_group=per_group, map_layer=map_layer)
     out.print(format_report(report), markup=False, highlight=False)
     err.print("wrote " + ", ".join(esc(f) for f in report["files"]))
 

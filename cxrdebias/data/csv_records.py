@@ -24,12 +24,13 @@ Record = tuple[int, list[str]]
 def read_csv_records(path: Path, *, columns: Sequence[str], what: str = "manifest") -> tuple[list[str], list[Record]]:
     """Header and ``(line number, fields)`` records of the UTF-8 CSV file ``path``.
 
-    Blank lines are not records. ``columns`` (the required ones) and ``what`` (how the file is
-    called: ``"manifest"``, ``"split list"``) only word the error messages.
+    Blank lines are not records. ``columns`` are the required columns: the header must hold
+    each of them. ``what`` (how the file is called: ``"manifest"``, ``"split list"``) only words
+    the error messages.
 
     Raises:
         DataError: missing/unreadable file, non-UTF-8 text, malformed CSV, no header, a repeated
-            or empty column name.
+            or empty column name, a required column missing.
     """
     try:
         raw = path.read_bytes()
@@ -69,6 +70,12 @@ def read_csv_records(path: Path, *, columns: Sequence[str], what: str = "manifes
         raise DataError(f"{path}: header repeats column(s) {', '.join(map(repr, dupes))}")
     if "" in header:
         raise DataError(f"{path}: header has an empty column name (column {header.index('') + 1})")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)} "
+            f"(required: {', '.join(columns)})"
+        )
     return header, records
 
 

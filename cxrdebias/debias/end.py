@@ -9,13 +9,21 @@ the Gram matrix of cosine similarities ``G = ỹ ỹᵀ`` (eq. 3), ``g_ij = ỹ_
   but have *different* bias labels, so the class direction is shared across biases;
 * the loss is ``L = CE + α·R⊥ + β·R∥`` (eq. 11).
 
-Two forms are implemented (``docs/methods.md`` has the derivation and a worked example):
+Three forms, named for what they are (``docs/methods.md`` has the derivation, a worked example
+and why the default is ours). ``B`` = bias classes present in the batch, ``N_b`` their number,
+``n_b`` the samples of class ``b``, ``M`` the batch size, ``J_i = {j : t_j = t_i, b_j ≠ b_i}``:
 
-``form="paper"`` (default) — the equations of the paper:
-    ``R⊥ = 1/|B| Σ_b mean_{i≠j: b_i=b_j=b} |g_ij|`` (per-pair magnitude averaged within each
-    bias class, then over the bias classes that have at least one pair);
-    ``R∥ = 1 − 1/|I| Σ_{i∈I} mean_{j: t_j=t_i, b_j≠b_i} g_ij`` with ``I`` the samples that
-    have at least one such partner. ``R⊥ ∈ [0, 1]``, ``R∥ ∈ [0, 2]``.
+``form="partner_mean"`` (default) — **this project's normalisation**, not the paper's:
+    ``R⊥ = 1/|B*| Σ_{b∈B*} mean_{i≠j: b_i=b_j=b} |g_ij|`` over the classes ``B*`` with ≥ 2
+    samples; ``R∥ = 1 − 1/|I*| Σ_{i∈I*} mean_{j∈J_i} g_ij`` over the samples ``I*`` that have
+    a partner (``J_i ≠ ∅``). At high ρ few samples have a partner, and averaging over them
+    only keeps the conflicting pairs' weight from shrinking with the batch's aligned majority.
+
+``form="paper"`` — eq. 7 and eq. 10 as the paper writes them:
+    ``R⊥ = 1/N_b Σ_{b∈B} mean_{i≠j: b_i=b_j=b} |g_ij|`` (a class with one sample has no pair:
+    its mean, 0/0, is read as 0 but the class still counts in ``N_b``);
+    ``R∥ = 1 − 1/M Σ_{i=1..M} mean_{j∈J_i} g_ij`` (a sample without partner contributes 0 and
+    still counts in ``M``; a batch with no partner at all gives the constant 1, zero gradient).
 
 ``form="reference"`` — what the authors' public code computes
 (EIDOSLAB/entangling-disentangling-bias, ``EnD.py``), on the strictly lower triangle of ``G``
@@ -24,12 +32,13 @@ clamped to ``[-1, 1]``:
     and negative similarities cancel; ``M_b`` = number of pairs of class ``b``);
     ``R∥ = mean over pairs (i > j, t_i = t_j, b_i < b_j) of (1 − g_ij)/2`` — the mask is
     asymmetric, so only the pairs whose smaller-bias member has the larger batch index count.
-    ``R⊥ ∈ [0, 1]``, ``R∥ ∈ [0, 1]``.
 
-Both are fully vectorised (no Python loop over classes or pairs), accept any integer target
-and bias labels, and are exactly 0 — with zero gradient, never NaN — when a term has no pair
-(empty group, single-sample batch). The diagonal ``g_ii = 1`` never enters either term, so
-an orthonormal set of same-bias features reaches the minimum ``R⊥ = 0``.
+``R⊥ ∈ [0, 1]`` in every form; ``R∥ ∈ [0, 2]`` (paper, partner_mean) or ``[0, 1]`` (reference).
+All are fully vectorised (no Python loop over classes or pairs), accept any integer target and
+bias labels, and never give NaN in value or gradient. Without any pair a term is exactly 0 —
+except the paper form's ``R∥``, which is then the constant 1 (eq. 10 with every inner mean 0).
+The diagonal ``g_ii = 1`` never enters a term, so an orthonormal set of same-bias features
+reaches the minimum ``R⊥ = 0``.
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ from pydantic import Field
 from cxrdebias.debias.base import Method, MethodOptions
 from cxrdebias.distributed import gather_many
 
-Form = Literal["paper", "reference"]
-FORMS: tuple[str, ...] = ("paper", "reference")
+Form = Literal["partner_mean", "paper", "reference"]
+FORMS: tuple[str, ...] = ("partner_mean", "paper", "reference")
+#: the form used when a config says nothing (this project's normalisation, see the module doc)
+DEFAULT_FORM: Form = "partner_mean"
 
 
 class EnDTerms(NamedTuple):
@@ -89,7 +100,7 @@ def disentangling_term(
     features: torch.Tensor,
     biases: torch.Tensor,
     *,
-    form: Form = "paper",
+    form: Form = DEFAULT_FORM,
     normalize: bool = True,
     gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -106,12 +117,14 @@ def disentangling_term(
     k = int(bias_idx.max()) + 1
     counts = torch.bincount(bias_idx, minlength=k).to(G.dtype)
     same = _same(bias_idx)
-    if form == "paper":
+    if form in ("paper", "partner_mean"):
         off_diagonal = ~torch.eye(n, dtype=torch.bool, device=G.device)
         pair_sums = (G.abs() * (same & off_diagonal)).sum(dim=1)
         class_sums = torch.zeros(k, dtype=G.dtype, device=G.device).index_add(0, bias_idx, pair_sums)
         pairs = counts * (counts - 1)
-        per_class = _safe_ratio(class_sums, pairs)
+        per_class = _safe_ratio(class_sums, pairs)  # mean |g_ij| of each class; 0 without a pair
+        if form == "paper":  # eq. 7: the mean over all N_b bias classes of the batch
+            return per_class.sum() / k
         return _safe_ratio(per_class.sum(), (pairs > 0).sum().to(G.dtype))
     if form == "reference":
         G = G.clamp(-1.0, 1.0)
@@ -128,26 +141,28 @@ def entangling_term(
     targets: torch.Tensor,
     biases: torch.Tensor,
     *,
-    form: Form = "paper",
+    form: Form = DEFAULT_FORM,
     normalize: bool = True,
     gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``R∥`` (paper eqs. 8–10): dissimilarity of same-target samples with different biases.
 
-    0 when those features are identical; the maximum (2 for the paper form, 1 for the
-    reference form) when they are opposite.
+    0 when those features are identical (for the paper form: when every sample has a partner);
+    the maximum (2 for the paper and partner_mean forms, 1 for the reference form) when they
+    are opposite.
     """
     _check(features, targets, biases)
     G = gram_matrix(features, normalize) if gram is None else gram
     n = G.shape[0]
     same_target = _same(targets)
-    if form == "paper":
+    if form in ("paper", "partner_mean"):
         mask = same_target & ~_same(biases)
         partners = mask.sum(dim=1).to(G.dtype)
-        mean_similarity = _safe_ratio((G * mask).sum(dim=1), partners)
-        has_partner = partners > 0
-        n_valid = has_partner.sum().to(G.dtype)
-        mean_over_i = _safe_ratio((mean_similarity * has_partner).sum(), n_valid)
+        mean_similarity = _safe_ratio((G * mask).sum(dim=1), partners)  # 0 without a partner
+        if form == "paper":  # eq. 10: the mean over all M samples of the batch
+            return 1.0 - mean_similarity.sum() / n
+        n_valid = (partners > 0).sum().to(G.dtype)
+        mean_over_i = _safe_ratio(mean_similarity.sum(), n_valid)
         return torch.where(n_valid > 0, 1.0 - mean_over_i, torch.zeros_like(mean_over_i))
     if form == "reference":
         G = G.clamp(-1.0, 1.0)
@@ -164,7 +179,7 @@ def end_regularizer(
     alpha: float = 1.0,
     beta: float = 1.0,
     *,
-    form: Form = "paper",
+    form: Form = DEFAULT_FORM,
     normalize: bool = True,
     return_terms: bool = False,
 ) -> torch.Tensor | EnDTerms:
@@ -176,7 +191,8 @@ def end_regularizer(
         biases: ``N`` integer bias labels (any values: colours, site ids …).
         alpha: weight of the disentangling term ``R⊥``; the term is skipped when 0.
         beta: weight of the entangling term ``R∥``; the term is skipped when 0.
-        form: ``"paper"`` (default) or ``"reference"`` (the authors' code), see module doc.
+        form: ``"partner_mean"`` (default, this project's normalisation), ``"paper"`` (eqs. 7
+            and 10 as written) or ``"reference"`` (the authors' code), see the module doc.
         normalize: L2-normalise the features first (idempotent on normalised features).
         return_terms: return :class:`EnDTerms` (total and both unweighted terms, both always
             computed) instead of the scalar ``R``.
@@ -200,7 +216,11 @@ def end_regularizer(
 class EnDOptions(MethodOptions):
     alpha: float = Field(0.1, ge=0, description="weight of the disentangling term R⊥")
     beta: float = Field(0.1, ge=0, description="weight of the entangling term R∥")
-    form: Form = Field("paper", description="'paper' equations or the authors' 'reference' code")
+    form: Form = Field(
+        DEFAULT_FORM,
+        description="'partner_mean' (this project's normalisation), 'paper' (eqs. 7 and 10 as written) "
+        "or 'reference' (the authors' code)",
+    )
 
 
 class EnD(Method):

@@ -12,9 +12,21 @@ keeps fitting the labels — is solved per player as
                                               the biased family allows)
     F:  min_F  L(F) + λ   · HSIC₁(f, g)      (fit the labels while being independent of that g)
 
-with ``L`` the cross-entropy. As in the paper, the two problems are solved by alternating
-updates on every batch: first one step of ``G`` (``f`` treated as a constant), then one step of
-``F`` against the *updated* ``G`` (``g`` treated as a constant).
+with ``L`` the cross-entropy. The two problems are solved by alternating updates on every
+batch: first one step of ``G`` (``f`` treated as a constant), then one step of ``F`` against the
+*updated* ``G`` (``g`` treated as a constant). This G-then-F order is the reference code's
+(clovaai/rebias ``trainer.py``: ``_train_epoch`` runs ``_update_g`` ``n_g_update`` times, then
+``_update_f``); the paper's Algorithm 1 lists the ``f`` update first. With one step per player
+per batch the two orders differ only in which network meets the other's freshly updated state.
+
+HSIC sees, by default (``hsic_features="raw"``), the **raw pooled features** of both networks,
+as the reference does (its SimpleConvNet has no normalisation): when the model L2-normalises its
+bottleneck in the forward path (``model.normalize_features``, EnD's information bottleneck), the
+features *before* that normalisation (``cxrdebias.models.capture_pooled``). With
+``hsic_features="bottleneck"`` — and for a model without a ``bottleneck`` module (not built by
+this package) — HSIC sees the model's ``features`` output instead (normalised when
+the model normalises; every distance then lies in ``[0, 2]``, so ``σ = 1`` is another kernel
+scale than the reference's) — the behaviour before issue 25, kept as an option.
 
 Implementation (what differs from the reference code, clovaai/rebias ``trainer.py``):
 
@@ -47,6 +59,7 @@ from cxrdebias.debias.base import Method, MethodOptions
 from cxrdebias.debias.hsic import hsic
 from cxrdebias.distributed import gather, gather_many
 from cxrdebias.errors import CheckpointError
+from cxrdebias.models import capture_pooled
 
 MIN_HSIC_BATCH = 4
 
@@ -67,6 +80,11 @@ class ReBiasOptions(MethodOptions):
         "(median pairwise distance of each batch's features, per network)",
     )
     update_g: bool = Field(True, description="train the biased network G (False: G stays as initialised)")
+    hsic_features: Literal["raw", "bottleneck"] = Field(
+        "raw",
+        description="what HSIC sees: 'raw' pooled features before any L2 normalisation (the reference's) "
+        "or the model's 'bottleneck' output (normalised when model.normalize_features)",
+    )
     biased_model: dict[str, Any] = Field(
         default_factory=_default_biased_model,
         description="model-config overrides for the biased network G (default: 1×1 kernels, "
@@ -107,13 +125,23 @@ class ReBias(Method):
             raise RuntimeError("ReBias.setup(model, context) must be called before training")
         return self.biased
 
+    def _forward(self, net: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """``(output, the features HSIC sees)``: raw pooled features or the bottleneck output."""
+        if self.options.hsic_features == "bottleneck" or not hasattr(getattr(net, "module", net), "bottleneck"):
+            out = net(x)  # a model of its own without a bottleneck module: its features as they are
+            return out, out.features
+        with capture_pooled(net) as seen:
+            out = net(x)
+        return out, seen[-1]
+
     def _hsic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """HSIC over the global batch under torchrun (the kernels span every rank's samples)."""
         return hsic(*gather_many(a, b), kernel=self.options.kernel, sigma=self.options.sigma)
 
     # -- training -------------------------------------------------------------------------------
     def update(self, model, batch, optimizer, autocast):
-        """One alternating step (eq. 3): ``G`` first, then ``F`` against the updated ``G``."""
+        """One alternating step (eq. 3): ``G`` first, then ``F`` against the updated ``G`` (the
+        reference code's order; the paper's Algorithm 1 lists ``f`` first)."""
         biased = self._require_setup()
         self.check_batch(batch)
         o = self.options
@@ -121,27 +149,26 @@ class ReBias(Method):
         use_hsic = gather(target).shape[0] >= MIN_HSIC_BATCH  # the global batch
 
         with autocast():
-            out_f = model(x)
-        f_const = out_f.features.detach()
+            out_f, f_feat = self._forward(model, x)
+        f_const = f_feat.detach()
 
         # -- G: min CE_g − λ_g·HSIC₁(g, f), f fixed --------------------------------------------
         if o.update_g:
             with autocast():
-                out_g = biased(x)
+                out_g, g_feat = self._forward(biased, x)
             ce_g = self.classification_loss(out_g.logits, target)
             loss_g = ce_g
             if o.lambda_g > 0 and use_hsic:
-                loss_g = ce_g - o.lambda_g * self._hsic(out_g.features, f_const)
+                loss_g = ce_g - o.lambda_g * self._hsic(g_feat, f_const)
             self.g_optimizer.zero_grad(set_to_none=True)
             loss_g.backward()
             self.g_optimizer.step()
             with torch.no_grad(), autocast():
-                g_const = biased(x).features  # the updated G
+                g_const = self._forward(biased, x)[1]  # the updated G
         else:
             with torch.no_grad(), autocast():
-                out_g = biased(x)
+                out_g, g_const = self._forward(biased, x)
             ce_g = self.classification_loss(out_g.logits, target)
-            g_const = out_g.features
         g_const = g_const.detach()
 
         # -- F: min CE + λ·HSIC₁(f, g), g fixed ---------------------------------------------------
@@ -149,7 +176,7 @@ class ReBias(Method):
         if not use_hsic:
             dependence = ce.new_zeros(())
         elif o.lambda_ > 0:
-            dependence = self._hsic(out_f.features, g_const)
+            dependence = self._hsic(f_feat, g_const)
         else:
             with torch.no_grad():
                 dependence = self._hsic(f_const, g_const)

@@ -163,8 +163,9 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 def validation_images(run_dir: Path, config: dict[str, Any], split: str = "val") -> tuple[list | None, str]:
     """The run's validation images (or those of another ``split``: ``train``) as
     ``runtime.InputImage`` with site/label/patient fields, and where they came from, or
-    ``(None, why not)``. The manifest path is the one the run was
-    trained with (relative paths: relative to the current folder, as for ``evaluate``); its
+    ``(None, why not)``. The manifest path is the config's (pass
+    :meth:`~cxrdebias.training.runs.RunDir.read_config_located`: found from any folder and
+    after the run moved with its data, as for ``evaluate``); its
     symbolic links may lead out of the manifest's folder when the run allowed it
     (``data.allow_links_outside``)."""
     from cxrdebias.deploy.runtime import InputImage
@@ -272,9 +273,9 @@ def export_run(
     model, art = load_model_artefact(run_path)
     spec = PreprocessSpec.model_validate(art["preprocess"])
     try:
-        config: dict[str, Any] | None = RunDir(run_path).read_config()
+        config: dict[str, Any] | None = RunDir(run_path).read_config_located()
     except CxrDebiasError as exc:
-        config, why = None, str(exc)
+        config, why = None, f"cannot find the run's images ({exc})"
     val_images, val_source = validation_images(run_path, config) if config is not None else (None, why)
     if check_images:
         images, source, is_val = collect_inputs(check_images), f"{len(check_images)} user-given input(s)", False
@@ -318,7 +319,6 @@ def export_run(
     write_bytes_atomic(targets[0], final)
     write_text_atomic(targets[1], model_card(meta, targets[0].name))
     write_json_atomic(targets[2], monai_metadata(meta))
-    _shareable(targets)
     return ExportResult(targets[0], targets[1], targets[2], meta, parity, len(final))
 
 
@@ -347,15 +347,6 @@ def _fit_guard(
         return logits, feats, np.array([int(x.fields["label"]) for x in images])
 
     return fit_guard(outputs(train_images), outputs(val_images), method=method, layer=layer, module=module, percentile=percentile), None
-
-
-def _shareable(paths: Iterable[Path]) -> None:
-    """Give the written files the permissions of a normal new file (the atomic writer's
-    temporary files are private, 0600): a deployed model is meant to be read by others."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in paths:
-        os.chmod(path, 0o666 & ~mask)
 
 
 __all__ = [

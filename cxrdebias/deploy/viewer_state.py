@@ -39,6 +39,7 @@ from cxrdebias.data.preprocess import ResizeGeometry
 from cxrdebias.deploy.onnx_metadata import ModelMetadata, format_metric
 from cxrdebias.deploy.overlay import ALPHA, MAX_OVERLAY_SIDE, cam_to_image, overlay
 from cxrdebias.deploy.runtime import CXRModel, InputImage, RuntimePredictions
+from cxrdebias.deploy.viewer_worklist import OOD_COLUMNS, ood_columns
 from cxrdebias.errors import DataError
 from cxrdebias.fileio import spreadsheet_safe
 
@@ -82,9 +83,12 @@ def ground_truth(label: str | None, labels: Sequence[str]) -> str:
     return UNKNOWN
 
 
-def study_table(images: Sequence[InputImage], predictions: RuntimePredictions) -> pd.DataFrame:
+def study_table(images: Sequence[InputImage], predictions: RuntimePredictions, ood_threshold: float | None = None) -> pd.DataFrame:
     """One row per image: ``file, patient, site, probability, predicted_label, ground_truth,
-    disagrees`` (``disagrees`` is ``None`` when the ground truth is unknown).
+    disagrees`` (``disagrees`` is ``None`` when the ground truth is unknown), then
+    ``ood_score, in_distribution`` when the predictions carry OOD scores
+    (:func:`cxrdebias.deploy.viewer_worklist.ood_columns`; ``ood_threshold``: the model's, used
+    when they carry no ``in_distribution``).
 
     Site and patient come from the manifest, else from the DICOM tags (InstitutionName,
     PatientID), else are empty.
@@ -107,7 +111,12 @@ def study_table(images: Sequence[InputImage], predictions: RuntimePredictions) -
                 "disagrees": (predicted != truth) if truth else None,
             }
         )
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    ood = ood_columns(predictions, ood_threshold)
+    if ood is not None:
+        for column in OOD_COLUMNS:
+            table[column] = ood[column]
+    return table
 
 
 def predict_study(model: CXRModel, images: Sequence[InputImage], batch_size: int = 16) -> tuple[pd.DataFrame, list[InputImage], list[str]]:
@@ -116,26 +125,27 @@ def predict_study(model: CXRModel, images: Sequence[InputImage], batch_size: int
     Returns the study table, the images in its rows (same order) and one message per image
     that could not be read.
     """
+    ood_threshold = model.metadata.raw.get("ood_threshold")
     kept: list[InputImage] = []
-    parts: list[RuntimePredictions] = []
+    tables: list[pd.DataFrame] = []
     errors: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
         try:
-            parts.append(model.predict(chunk, batch_size=batch_size))
+            tables.append(study_table(chunk, model.predict(chunk, batch_size=batch_size), ood_threshold))
             kept += chunk
             continue
         except DataError:
             pass
         for image in chunk:  # a bad file in the batch: one at a time, to name it and keep the rest
             try:
-                parts.append(model.predict([image]))
+                tables.append(study_table([image], model.predict([image]), ood_threshold))
                 kept.append(image)
             except DataError as exc:
                 errors.append(str(exc))
-    if not parts:
+    if not tables:
         return pd.DataFrame(columns=list(TABLE_COLUMNS)), [], errors
-    return study_table(kept, RuntimePredictions.concat(parts)), kept, errors
+    return (pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]), kept, errors
 
 
 def filter_table(table: pd.DataFrame, *, sites: Sequence[str] | None = None, disagreement: str = "all") -> pd.DataFrame:

@@ -115,7 +115,7 @@ def paired_differences(
 
 
 def paired_markdown(
-    result: dict[str, dict[str, PairedDelta]], name_a: str, name_b: str, *, n_boot: int, n: dict[str, int] | None = None, digits: int = 3,
+    result: dict[str, dict[str, PairedDelta]], name_a: str, name_b: str, *, n_boot: int, n: dict[str, Any] | None = None, digits: int = 3,
     external: set[str] | frozenset[str] = frozenset(),
 ) -> str:
     """The paired differences as a Markdown table: Δ [95% CI] per site and metric, ``*`` when

@@ -1,5 +1,8 @@
 """Report writers for :func:`cxrdebias.evaluation.site_report.site_report`: Markdown, CSV, JSON and a PNG figure.
 
+Size: over 450 lines — the writers of one report (Markdown, the side-by-side comparison, CSV,
+JSON, PNG) share its row and cell helpers (sites, external marks, intervals, small-cell marks).
+
 Everything here reads the report dict only (plus, for the ROC panel, the raw scores), so a
 report loaded back from ``report.json`` — where undefined values are ``null`` — renders the
 same as the in-memory one, where they are NaN.
@@ -24,6 +27,18 @@ from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.evaluation.formatting import markdown_cell as _cell
 from cxrdebias.evaluation.leakage import probe_compare_markdown, probe_markdown
 from cxrdebias.evaluation.metrics import as_numpy, binary_labels, score_array
+from cxrdebias.evaluation.proportions import (
+    SMALL_CELL,
+    SMALL_LEGEND,
+    SMALL_MARK,
+    WILSON_METRICS,
+    class_sizes_text,
+    fraction,
+    interval_text,
+    mark_small,
+    small_cells,
+    wilson_intervals,
+)
 from cxrdebias.evaluation.site_report import SITE_METRICS
 from cxrdebias.evaluation.thresholds import site_thresholds_markdown
 from cxrdebias.fileio import (
@@ -47,16 +62,14 @@ LABELS = {
     "auroc": "AUROC",
 }
 
+_COUNT_COLUMNS = ("n", "n_patients", "n_positive", "n_negative", "n_patients_positive", "n_patients_negative", "tp", "fp", "tn", "fn")
+
 CSV_COLUMNS: tuple[str, ...] = (
     "site",
-    "n",
-    "n_patients",
-    "n_positive",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
+    *_COUNT_COLUMNS,
     *(f"{m}{suffix}" for m in SITE_METRICS for suffix in ("", "_ci_low", "_ci_high", "_n_valid_boot")),
+    *(f"{m}_wilson_{end}" for m in WILSON_METRICS for end in ("low", "high")),
+    *(f"{m}_small" for m in SITE_METRICS),
     "external",
 )
 """Columns of :func:`to_csv_rows` / ``report.csv``, in order."""
@@ -87,6 +100,27 @@ def _fmt_diff(a: Any, b: Any, digits: int = 3) -> str:
 
 def _row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _wilson(entry: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The Wilson intervals of an entry (computed from its counts for a report written before them)."""
+    return entry.get("wilson") or wilson_intervals(entry)
+
+
+def _site_cells(e: Mapping[str, Any], digits: int) -> list[str]:
+    """The cells of one row of :func:`to_markdown` after the site name: n (patients), prevalence
+    (k/n) [Wilson], then TPR and TNR each as value [bootstrap CI] k/n and its Wilson interval,
+    then BA and AUROC with their bootstrap CI; values on small cells marked."""
+    small, wilson = small_cells(e), _wilson(e)
+    cells = [
+        f"{e['n']} ({e.get('n_patients', 'n/a')})",
+        mark_small(f"{format_value(_num(e['prevalence']), digits)} ({fraction(e, 'prevalence')}) "
+                   f"{interval_text(wilson.get('prevalence'), digits)}", small["prevalence"]),
+    ]
+    for m in ("tpr", "tnr"):
+        cells += [mark_small(f"{_fmt_ci(e[m], e['ci'].get(m), digits)} {fraction(e, m)}", small[m]),
+                  interval_text(wilson.get(m), digits)]
+    return cells + [mark_small(_fmt_ci(e[m], e["ci"].get(m), digits), small[m]) for m in ("balanced_accuracy", "auroc")]
 
 
 def _ci_pct(report: Mapping[str, Any]) -> str:
@@ -145,20 +179,26 @@ def to_markdown(
     if metadata:
         lines += [f"- {_cell(k)}: {_cell(v)}" for k, v in metadata.items()]
         lines.append("")
-    header = ["site", "n", "prevalence"] + [
-        f"{LABELS[m]} [{pct} CI]" for m in ("tpr", "tnr", "balanced_accuracy", "auroc")
+    header = [
+        "site", "n (patients)", "prevalence (pos/n) [Wilson]", f"TPR [{pct} CI] TP/pos", f"TPR Wilson {pct}",
+        f"TNR [{pct} CI] TN/neg", f"TNR Wilson {pct}", f"BA [{pct} CI]", f"AUROC [{pct} CI]",
     ]
     lines.append(_row(header))
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     ext = external_sites(report) & set(report["sites"])
-    for site, e in _rows(report):
-        cells = [site_label(site, ext), str(e["n"]), format_value(_num(e["prevalence"]), digits)] + [
-            _fmt_ci(e[m], e["ci"].get(m), digits) for m in ("tpr", "tnr", "balanced_accuracy", "auroc")
-        ]
+    rows = _rows(report)
+    for site, e in rows:
+        cells = [site_label(site, ext), *_site_cells(e, digits)]
         if site == OVERALL:
             cells = [f"**{c}**" for c in cells]
         lines.append(_row(cells))
     lines.append("")
+    lines.append(
+        f"- pos/neg: the site's positive/negative images; brackets after a value: {pct} patient-level bootstrap "
+        f"interval; Wilson: the Wilson score {pct} interval of the proportion (images as independent trials)"
+    )
+    if any(any(small_cells(e).values()) for _, e in rows):
+        lines.append(f"- {SMALL_LEGEND}")
 
     worst = report["worst_site"]
     gmin = report["group_min"]
@@ -217,7 +257,7 @@ def compare_markdown(
     probe of both side by side (:mod:`cxrdebias.evaluation.leakage`).
     """
     metrics = ("tpr", "tnr", "balanced_accuracy", "auroc")
-    header = ["site", "n"]
+    header = ["site", "n (pos / neg)"]
     for m in metrics:
         header += [f"{LABELS[m]} {name_a}", f"{LABELS[m]} {name_b}", f"Δ{LABELS[m]}"]
     lines = [f"# {name_a} vs {name_b}", "", _row(header)]
@@ -226,19 +266,25 @@ def compare_markdown(
     sites = list(report_a["sites"]) + [s for s in report_b["sites"] if s not in report_a["sites"]]
     ext = external_sites(report_a, report_b)
     empty: dict[str, Any] = {}
+    any_small = False
     for site in [*sites, OVERALL]:
         ea = report_a["overall"] if site == OVERALL else report_a["by_group"].get(site, empty)
         eb = report_b["overall"] if site == OVERALL else report_b["by_group"].get(site, empty)
-        na, nb = ea.get("n"), eb.get("n")
-        n = str(na if na is not None else nb) if na == nb or None in (na, nb) else f"{na} / {nb}"
+        na, nb = (f"{e['n']} ({class_sizes_text(e)})" if e else None for e in (ea, eb))
+        n = str(na if na is not None else nb) if na == nb or None in (na, nb) else f"{na} vs {nb}"
         cells = [site_label(site, ext), n]
+        small_a, small_b = (small_cells(e) if e else {} for e in (ea, eb))
         for m in metrics:
             a, b = ea.get(m), eb.get(m)
-            cells += [format_value(_num(a), digits), format_value(_num(b), digits), _fmt_diff(a, b, digits)]
+            cells += [mark_small(format_value(_num(a), digits), small_a.get(m, False)),
+                      mark_small(format_value(_num(b), digits), small_b.get(m, False)), _fmt_diff(a, b, digits)]
+        any_small = any_small or any(small_a.values()) or any(small_b.values())
         if site == OVERALL:
             cells = [f"**{c}**" for c in cells]
         lines.append(_row(cells))
     lines.append("")
+    if any_small:
+        lines.append(f"- {SMALL_LEGEND}")
     if ext:
         lines.append(f"- external sites (not in training): {_cell(', '.join(sorted(ext)))}; not in the summaries below")
 
@@ -282,14 +328,17 @@ def to_csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for site, e in _rows(report):
         row: dict[str, Any] = {"site": site}
-        for c in ("n", "n_patients", "n_positive", "tp", "fp", "tn", "fn"):
-            row[c] = int(e[c])
+        for c in _COUNT_COLUMNS:  # a report from before the per-class counts: empty cells
+            row[c] = int(e[c]) if e.get(c) is not None else math.nan
         for m in SITE_METRICS:
             lo, hi = e["ci"].get(m, (None, None))
             row[m] = _num(e[m])
             row[f"{m}_ci_low"] = _num(lo)
             row[f"{m}_ci_high"] = _num(hi)
             row[f"{m}_n_valid_boot"] = int(e["n_valid_boot"].get(m, 0))
+        for m, (lo, hi) in _wilson(e).items():
+            row[f"{m}_wilson_low"], row[f"{m}_wilson_high"] = _num(lo), _num(hi)
+        row.update({f"{m}_small": int(v) for m, v in small_cells(e).items()})
         row["external"] = int(bool(e.get("external", False)))
         rows.append(row)
     return rows
@@ -376,6 +425,9 @@ def plot_site_report(
     x = np.arange(len(rows))
     width = 0.38
     for offset, m, color in ((-width / 2, "tpr", "tab:red"), (width / 2, "tnr", "tab:blue")):
+        wilson = np.array([[_num(c) for c in _wilson(e)[m]] for _, e in rows])  # beside the bar
+        ax_bar.vlines(x + offset + 0.3 * width, wilson[:, 0], wilson[:, 1], color="0.25", lw=2,
+                      label="Wilson" if m == "tpr" else None)
         vals = np.array([_num(e[m]) for _, e in rows])
         cis = np.array([[_num(c) for c in e["ci"].get(m, (None, None))] for _, e in rows])
         # error bars only where both the value and its interval are defined
@@ -383,16 +435,20 @@ def plot_site_report(
         err = np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
         bars = ax_bar.bar(x + offset, np.nan_to_num(vals), width, color=color, label=LABELS[m],
                           yerr=err, capsize=3, error_kw={"elinewidth": 1})
-        for bar, (site, _) in zip(bars, rows, strict=True):
+        for bar, (site, e) in zip(bars, rows, strict=True):
             if site in ext:  # external sites: hatched bars
                 bar.set_hatch("//")
                 bar.set_edgecolor("white")
-    ax_bar.set_xticks(x, [site_label(s, ext) for s, _ in rows], rotation=30, ha="right")
+            if small_cells(e)[m]:
+                ax_bar.text(bar.get_x() + bar.get_width() / 2, 1.03, SMALL_MARK, ha="center", fontsize=9)
+    ax_bar.set_xticks(x, [f"{site_label(s, ext)}\n{class_sizes_text(e)}" for s, e in rows], rotation=30, ha="right")
     ax_bar.set_ylim(0, 1.18)
     ax_bar.set_yticks(np.linspace(0, 1, 6))
     ax_bar.set_ylabel("rate")
-    ax_bar.set_title(f"TPR / TNR per site ({_ci_pct(report)} CI)" + ("; hatched: external" if ext else ""))
-    ax_bar.legend(loc="upper center", ncols=2, frameon=False)
+    small = any(any(small_cells(e).values()) for _, e in rows)
+    ax_bar.set_title(f"TPR / TNR per site ({_ci_pct(report)} bootstrap CI, grey: Wilson)" + ("; hatched: external" if ext else "")
+                     + (f"\n{SMALL_MARK}: fewer than {SMALL_CELL} patients" if small else ""), fontsize="medium")
+    ax_bar.legend(loc="upper center", ncols=3, frameon=False)
     ax_bar.grid(axis="y", alpha=0.3)
 
     if with_roc:

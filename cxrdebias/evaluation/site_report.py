@@ -29,6 +29,7 @@ from cxrdebias.evaluation.metrics import (
     safe_divide,
     score_array,
 )
+from cxrdebias.evaluation.proportions import cell_sizes, wilson_intervals
 
 SITE_METRICS: tuple[str, ...] = ("prevalence", "tpr", "tnr", "balanced_accuracy", "auroc")
 """Metrics of a :func:`site_report` entry that carry a bootstrap interval."""
@@ -133,13 +134,11 @@ def _validate(
     if n == 0:
         raise ValueError("site_report: no samples")
     s = score_array(y_score, n)
-    site_arr = as_numpy(sites).reshape(-1)
-    if site_arr.shape[0] != n:
+    if (site_arr := as_numpy(sites).reshape(-1)).shape[0] != n:
         raise ValueError(f"sites: expected {n} site labels, got {site_arr.shape[0]}")
     pid_arr = None
     if patient_ids is not None:
-        pid_arr = as_numpy(patient_ids).reshape(-1)
-        if pid_arr.shape[0] != n:
+        if (pid_arr := as_numpy(patient_ids).reshape(-1)).shape[0] != n:
             raise ValueError(f"patient_ids: expected {n} ids, got {pid_arr.shape[0]}")
     threshold = float(threshold)
     if np.isnan(threshold):
@@ -172,14 +171,16 @@ def split_by_site(
 # -- point estimates -----------------------------------------------------------------------------
 
 
-def point_entry(t: np.ndarray, s: np.ndarray, pred: np.ndarray, n_patients: int) -> dict[str, Any]:
-    """Counts, rates and AUROC of one group of samples (a site, or all of them)."""
+def point_entry(t: np.ndarray, s: np.ndarray, pred: np.ndarray, pid: np.ndarray | None, ci: float = 0.95) -> dict[str, Any]:
+    """Counts, rates, AUROC, cell sizes and Wilson intervals of one group of samples (a site, or
+    all; ``pid``: their patient ids or None) (:mod:`cxrdebias.evaluation.proportions`)."""
     c = binary_counts(t, pred)
     r = binary_rates(*c)
-    return {
+    entry = {
         "n": int(t.size),
-        "n_patients": int(n_patients),
+        "n_patients": int(t.size if pid is None else np.unique(pid).size),
         "n_positive": c.tp + c.fn,
+        **cell_sizes(t, pid),
         "prevalence": float(r["prevalence"]),
         "tp": c.tp,
         "fp": c.fp,
@@ -190,6 +191,7 @@ def point_entry(t: np.ndarray, s: np.ndarray, pred: np.ndarray, n_patients: int)
         "balanced_accuracy": float(r["balanced_accuracy"]),
         "auroc": auroc(t, s),
     }
+    return entry | {"wilson": wilson_intervals(entry, ci)}
 
 
 # -- summaries across sites ----------------------------------------------------------------------
@@ -205,8 +207,7 @@ def _gap(values: np.ndarray, defined: np.ndarray) -> np.ndarray:
 
 def _group_min_max(values: np.ndarray, defined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not defined.any():
-        nan = np.full(values.shape[:-1], np.nan)
-        return nan, nan
+        return np.full(values.shape[:-1], np.nan), np.full(values.shape[:-1], np.nan)
     v = values[..., defined]
     return v.min(axis=-1), v.max(axis=-1)
 
@@ -345,7 +346,8 @@ def site_report(
     :func:`~cxrdebias.evaluation.metrics.youden_threshold`). For every site and for all samples
     together the report gives ``n`` (images), ``n_patients``, ``n_positive``, ``prevalence``,
     ``tp/fp/tn/fn``, ``tpr`` (sensitivity), ``tnr`` (specificity), ``balanced_accuracy``
-    ((TPR + TNR)/2) and ``auroc``; see :func:`~cxrdebias.evaluation.metrics.binary_rates` and
+    ((TPR + TNR)/2), ``auroc``, ``n_negative``, ``n_patients_positive/negative`` and ``wilson``
+    (prevalence, TPR, TNR: :mod:`cxrdebias.evaluation.proportions`); see :func:`~cxrdebias.evaluation.metrics.binary_rates` and
     :func:`~cxrdebias.evaluation.metrics.auroc` for the definitions and when they are NaN.
 
     **Bootstrap (what is resampled).** Stratified by site, clustered by patient: in each of the
@@ -383,17 +385,15 @@ def site_report(
     """
     x = _validate(y_true, y_score, sites, patient_ids, threshold, n_boot, ci)
     t, s, pid_arr = x.t, x.s, x.patient_ids
-    n = t.shape[0]
     pred = s >= x.threshold
     names, members, site_data = split_by_site(t, s, pred, x.sites, pid_arr)
 
     # ---- point estimates ------------------------------------------------------------------
-    n_patients_all = n if pid_arr is None else int(np.unique(pid_arr).size)
-    overall = point_entry(t, s, pred, n_patients_all)
+    overall = point_entry(t, s, pred, pid_arr, ci)
     ext = {str(e) for e in external}
     by_group = {
-        name: point_entry(t[m], s[m], pred[m], sd.n_patients) | {"external": name in ext}
-        for name, m, sd in zip(names, members, site_data, strict=True)
+        name: point_entry(t[m], s[m], pred[m], None if pid_arr is None else pid_arr[m], ci) | {"external": name in ext}
+        for name, m in zip(names, members, strict=True)
     }
     fpr_point = np.array(
         [float(binary_rates(*(by_group[k][c] for c in ("tp", "fp", "tn", "fn")))["fpr"]) for k in names]

@@ -124,7 +124,7 @@ def analyze_run(
     existing = [n for n in OUTPUT_FILES if (out_dir / n).exists()]
     if existing and not force:
         raise RunExistsError(f"{out_dir}: already holds {', '.join(existing)}; pass --force to overwrite")
-    cfg = load_config(None, None, base=run.read_config())
+    cfg = load_config(None, None, base=run.read_config_located())
     ckpt_file = run.checkpoint_dir / f"{checkpoint}.pt"
     state = torch_load_checked(ckpt_file)
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)

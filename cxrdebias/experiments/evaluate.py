@@ -31,6 +31,7 @@ from cxrdebias.evaluation.calibration import (
 )
 from cxrdebias.evaluation.leakage import site_probe, site_probe_by_layer
 from cxrdebias.evaluation.paired import OVERALL, paired_differences, paired_markdown
+from cxrdebias.evaluation.proportions import class_sizes_text
 from cxrdebias.evaluation.report import (
     compare_markdown,
     external_sites,
@@ -97,7 +98,7 @@ def evaluate_run(
         raise ConfigError("--site-thresholds: the thresholds are chosen on the validation split; evaluate another split (--split test)")
     run = RunDir(run_dir)
     console.print(f"evaluating {esc(run.path)} on the {esc(split)} split" + (f" of {esc(manifest)}" if manifest else ""))
-    cfg = load_config(None, None, base=run.read_config())
+    cfg = load_config(None, None, base=run.read_config_located())
     model, art = load_model_artefact(run.path)
     out = Path(out) if out is not None else run.file(SITE_THRESHOLDS_DIR if site_thresholds else EVAL_DIR)
     if out.exists() and not out.is_dir():
@@ -333,7 +334,8 @@ def compare_runs(
         name_a = name_a or f"{Path(run_a).name} ({reports[0]['method']['name']})"
         name_b = name_b or f"{Path(run_b).name} ({reports[1]['method']['name']})"
         table = compare_markdown(reports[0], reports[1], name_a, name_b)
-        counts = {site: entry["n"] for site, entry in reports[0]["by_group"].items()} | {OVERALL: reports[0]["overall"]["n"]}
+        entries = reports[0]["by_group"] | {OVERALL: reports[0]["overall"]}
+        counts = {site: f"{entry['n']} ({class_sizes_text(entry)})" for site, entry in entries.items()}
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
         raise DataError(
             f"{Path(run_a) / EVAL_DIR / 'report.json'} or {Path(run_b) / EVAL_DIR / 'report.json'}: not an evaluation report "

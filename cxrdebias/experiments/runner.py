@@ -35,10 +35,17 @@ from cxrdebias.experiments import protocols
 from cxrdebias.experiments.config import ExperimentConfig, check_resumable, config_to_dict
 from cxrdebias.experiments.registry import Finished, Protocol
 from cxrdebias.models import build_model, model_factory
+from cxrdebias.training.curves import require_tensorboard
 from cxrdebias.training.device import seed_everything
 from cxrdebias.training.folders import release_lock
 from cxrdebias.training.provenance import code_version, environment, run_info
-from cxrdebias.training.runs import RESULTS_FILE, RUN_INFO_FILE, RunDir
+from cxrdebias.training.runs import (
+    MANIFEST_LOCATION,
+    RESULTS_FILE,
+    RUN_INFO_FILE,
+    RunDir,
+    manifest_location,
+)
 from cxrdebias.training.trainer import Trainer
 
 
@@ -168,6 +175,8 @@ def _run_experiment(
     spec = protocols.get(cfg.data.kind)
     resolved = config_to_dict(cfg)
     method = build_method(cfg.method.name, cfg.method.options(), cfg.unsupervised)  # validates before touching disk
+    if cfg.train.tensorboard:
+        require_tensorboard()  # a one-line error now, not after the data are read
     world = dist_utils.world()  # under torchrun: rank 0 writes, every rank trains on its share
     dist_utils.check_batch_size(cfg.train.batch_size, world.world_size)
 
@@ -186,7 +195,10 @@ def _run_experiment(
         def create_run() -> RunDir:
             new = RunDir.create(out, force=force, protected=input_paths(cfg))
             new.write_config(resolved)
-            new.write_json(RUN_INFO_FILE, run_info(proto.data_info()))
+            data = proto.data_info()
+            if isinstance(manifest := getattr(cfg.data, "manifest", None), str) and manifest:
+                data[MANIFEST_LOCATION] = manifest_location(manifest, new.path)
+            new.write_json(RUN_INFO_FILE, run_info(data))
             if proto.on_created is not None:
                 proto.on_created(new)
             return new

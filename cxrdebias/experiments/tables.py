@@ -34,6 +34,7 @@ from rich.console import Console
 
 from cxrdebias.config import CONFIGS_DIR
 from cxrdebias.console import esc, make_console
+from cxrdebias.debias.end import DEFAULT_FORM
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
@@ -44,7 +45,7 @@ CONFIGS = CONFIGS_DIR
 DEFAULT_RUNS = Path("runs") / "tables"
 
 #: train options that change how fast a run goes, not what it computes
-_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last", "keep_freed_memory"}
+_RUNTIME_KEYS = {"num_threads", "progress", "device", "num_workers", "precision", "channels_last", "keep_freed_memory", "tensorboard"}
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
     for a, b in ((0.0, 0.0), (alpha, 0.0), (0.0, beta), (alpha, beta)):
         cfg = _with(base, {**end, "name": "end", "alpha": a, "beta": b})
         for seed in seeds:
-            form = cfg.method.options().get("form", "paper")
+            form = cfg.method.options().get("form", DEFAULT_FORM)
             name = f"rho{rho:.3f}-end-{form}-a{a:g}-b{b:g}-s{seed}"
             same = (f"biased_mnist/{_biased_mnist_cell_name(rho, 'end', form, seed)}",) if (a, b) == (alpha, beta) else ()
             cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), same))

@@ -1,9 +1,9 @@
 """Backbones + heads. Every model returns :class:`ModelOutput` (logits, bottleneck features)."""
 
-from cxrdebias.models.base import L2Normalize, ModelOutput
+from cxrdebias.models.base import L2Normalize, ModelOutput, capture_pooled
 from cxrdebias.models.simple_conv import SimpleConvNet
 
-__all__ = ["L2Normalize", "ModelOutput", "SimpleConvNet"]
+__all__ = ["L2Normalize", "ModelOutput", "SimpleConvNet", "capture_pooled"]
 
 
 def build_model(cfg, num_classes: int, *, in_channels: int = 3, feature_activation: str | None = None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -38,3 +40,21 @@ def activation(name: str) -> nn.Module:
     if name == "tanh":
         return nn.Tanh()
     raise ValueError(f"unknown activation {name!r}; expected 'relu' or 'tanh'")
+
+
+@contextmanager
+def capture_pooled(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the *raw* pooled features (``N×D``, before any L2 normalisation) of each forward
+    pass of ``model`` inside the block: the input of its ``bottleneck`` module, which every model
+    of the package has (``L2Normalize`` or ``Flatten``). A DDP wrapper is looked through. The
+    tensors stay in the autograd graph, so a loss on them trains the network."""
+    inner = getattr(model, "module", model)
+    bottleneck = getattr(inner, "bottleneck", None)
+    if not isinstance(bottleneck, nn.Module):
+        raise ValueError(f"{type(inner).__name__} has no 'bottleneck' module, so its raw pooled features cannot be read")
+    seen: list[torch.Tensor] = []
+    handle = bottleneck.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].flatten(1)))
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -49,6 +49,8 @@ from cxrdebias.training.folders import (
 )
 
 RUN_INFO_FILE = "run.json"
+#: the key of ``run.json`` → ``data`` that records where the manifest lies (:func:`manifest_location`)
+MANIFEST_LOCATION = "manifest_location"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 
@@ -151,6 +153,34 @@ class RunDir:
             raise CheckpointError(f"{path}: expected the run's config (a mapping), got {type(config).__name__}")
         return config
 
+    def read_config_located(self) -> dict[str, Any]:
+        """:meth:`read_config` with ``data.manifest`` replaced by the manifest as found from here
+        (:meth:`locate_manifest`), so a run is evaluated and exported from any folder and after
+        the run folder was moved together with its data."""
+        config = self.read_config()
+        data = config.get("data")
+        if isinstance(data, dict) and isinstance(data.get("manifest"), str) and data["manifest"]:
+            data["manifest"] = str(self.locate_manifest(data["manifest"]))
+        return config
+
+    def locate_manifest(self, configured: str | Path) -> Path:
+        """The run's manifest: the first existing of the path recorded relative to the run folder
+        (``run.json`` → ``data.manifest_location``, :func:`manifest_location`), the absolute path
+        recorded at training and ``configured`` itself (relative to the current folder: runs
+        from before the record); ``configured`` when none exists (the reader names it)."""
+        try:
+            data = self.read_json(RUN_INFO_FILE).get("data") or {}
+            where = data.get(MANIFEST_LOCATION) or {}
+        except (OSError, ValueError, AttributeError):
+            where = {}
+        candidates = []
+        if isinstance(where, dict):
+            if isinstance(rel := where.get("relative_to_run"), str):
+                candidates.append(self.path / rel)
+            if isinstance(absolute := where.get("absolute"), str):
+                candidates.append(Path(absolute))
+        return next((p for p in candidates if p.is_file()), Path(configured))
+
     def write_json(self, name: str, obj: Any) -> None:
         write_json_atomic(self.file(name), obj)
 
@@ -200,13 +230,28 @@ class RunDir:
         write_text_atomic(self.file(METRICS_FILE), "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def manifest_location(manifest: str | Path, run_dir: str | Path) -> dict[str, str | None]:
+    """Where a run's manifest lies, as ``run.json`` records it: ``absolute`` and
+    ``relative_to_run`` (from the run folder; None when there is no relative path, e.g. another
+    drive). Lexical (symbolic links are not followed), so moving the run folder together with
+    its data keeps the relative path true."""
+    absolute = os.path.abspath(manifest)
+    try:
+        relative: str | None = os.path.relpath(absolute, os.path.abspath(run_dir))
+    except ValueError:
+        relative = None
+    return {"absolute": absolute, "relative_to_run": relative}
+
+
 def staging_folder(final: str | Path) -> Path:
     """A new empty hidden folder beside ``final`` to write its files into before
     :func:`replace_folder` puts it in place (so a failure never leaves a half-written ``final``)."""
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        os.chmod(staging, fileio.new_folder_mode())  # mkdtemp's folder is private (0700)
+        return staging
     except OSError as exc:
         raise output_error(final, exc) from None
 

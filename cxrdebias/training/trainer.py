@@ -53,6 +53,7 @@ from cxrdebias.training.checkpoint import (
     set_rng_state,
     training_state,
 )
+from cxrdebias.training.curves import curve_writer
 from cxrdebias.training.device import (
     make_autocast,
     resolve_device,
@@ -359,7 +360,8 @@ class Trainer:
             if self.cfg.progress and self.world.is_main
             else None
         )
-        with progress or contextlib.nullcontext():
+        run_dir = self.run.path if self.writes and self.run is not None else None
+        with progress or contextlib.nullcontext(), curve_writer(run_dir, self.cfg.tensorboard, self.start_epoch) as curves:
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 self._check_stop(epoch - 1, None)  # a signal during the last evaluation/checkpoint
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -378,6 +380,8 @@ class Trainer:
                 self.history.append(record)
                 if self.writes:
                     self.run.append_metrics(record)
+                if curves is not None:  # --set train.tensorboard=true (cxrdebias.training.curves)
+                    curves.log(record)
                 self.save_checkpoint(epoch)
                 if self.run is not None:
                     self._saved_epoch = epoch

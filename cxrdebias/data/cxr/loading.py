@@ -122,14 +122,7 @@ def load_manifest(
     tag = parse_site_source(site_source)
     if label_map is not None and any(v not in (0, 1) for v in label_map.values()):
         raise ConfigError(f"label_map {dict(label_map)}: values must be 0 or 1")
-    header, records = read_csv_records(path, columns=MANIFEST.required)
-    required = MANIFEST.required_for(site_from_dicom=tag is not None)
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(header) or 'nothing'} "
-            f"(required: {', '.join(required)})"
-        )
+    header, records = read_csv_records(path, columns=MANIFEST.required_for(site_from_dicom=tag is not None))
     reserved = [c for c in MANIFEST.added if c in header]
     if reserved:
         raise DataError(f"{path}: column name(s) {', '.join(reserved)} are reserved; rename them")

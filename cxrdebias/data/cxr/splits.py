@@ -208,10 +208,7 @@ def load_splits(path: str | os.PathLike, df: pd.DataFrame | None = None) -> pd.D
         DataError: unreadable table, bad split values, or a table that does not match ``df``.
     """
     path = Path(path)
-    header, records = read_csv_records(path, columns=MANIFEST.required)
-    missing = [c for c in MANIFEST.split_table if c not in header]
-    if missing:
-        raise DataError(f"{path}: split table lacks column(s) {', '.join(missing)}; expected {', '.join(MANIFEST.split_table)}")
+    header, records = read_csv_records(path, columns=MANIFEST.split_table, what="split table")
     for line, fields in records:
         if len(fields) != len(header):
             raise DataError(f"{path}: row {line} has {len(fields)} fields, the header has {len(header)}")

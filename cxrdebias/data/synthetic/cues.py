@@ -264,9 +264,6 @@ def read_cues(path: str | os.PathLike) -> dict[str, CueTruth]:
     """
     path = Path(path)
     header, records = read_csv_records(path, columns=CUE_COLUMNS, what="cues file")
-    missing = [c for c in CUE_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CUE_COLUMNS)}")
     col = {name: header.index(name) for name in CUE_COLUMNS}
     out: dict[str, CueTruth] = {}
     for line, fields in records:

@@ -38,6 +38,7 @@ from cxrdebias.data.cxr import (
 from cxrdebias.deploy.artefact import MODEL_FILE, MODEL_FORMAT, SPLITS_FILE
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.metrics import auroc, balanced_accuracy, youden_threshold
+from cxrdebias.evaluation.proportions import threshold_sample_warning
 from cxrdebias.experiments.registry import Finished, Protocol, protocol
 from cxrdebias.models import build_model
 from cxrdebias.training.inference import Predictions
@@ -150,6 +151,8 @@ def build(cfg: Any, method: Any, run: Any, console: Any) -> Protocol:
         if len(np.unique(y_val)) < 2:
             raise ConfigError("the validation split holds a single class: no decision threshold can be chosen; add patients of both classes")
         threshold = youden_threshold(y_val, s_val)
+        if (warning := threshold_sample_warning(len(y_val))) is not None:
+            console.print(f"[yellow]{esc(warning)}[/]")
         selection = f"validation {cfg.train.select_metric}" if cfg.train.select_metric else "last epoch"
         artefact = {
             "format": MODEL_FORMAT,
