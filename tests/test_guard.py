@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from cxrdebias.deploy.export import to_onnx_bytes, with_metadata
 from cxrdebias.deploy.guard import Guard, GuardedModel, layer_module, torch_outputs
 from cxrdebias.deploy.onnx_metadata import KEYS, LEGACY_OUTPUT_NAMES
 from cxrdebias.deploy.predict import site_files
@@ -143,25 +142,8 @@ def test_guarded_model_outputs_equal_references():
 
 
 # -- exported models: new, old, labelled manifests ---------------------------------------------
-def _legacy_model(exported, tmp_path):
-    """A format-1 model as exported before the guard: two outputs, no temperature/OOD keys."""
-    from cxrdebias.deploy.artefact import load_model_artefact
-    from cxrdebias.deploy.onnx_metadata import PreprocessSpec
-
-    meta = dict(exported.metadata)
-    run = meta["export"]["source_run"]
-    model, art = load_model_artefact(run)
-    graph = to_onnx_bytes(model, PreprocessSpec.model_validate(art["preprocess"]))
-    for key in ("temperature", "ood_threshold", "ood_method", "training_sites"):
-        meta.pop(key)
-    meta["cxrdebias_format"] = 1
-    path = tmp_path / "old.onnx"
-    path.write_bytes(with_metadata(graph, meta))
-    return path
-
-
-def test_old_two_output_model_still_predicts(exported_cxr_model, cxr_manifest, tmp_path, monkeypatch, capsys):
-    old = _legacy_model(exported_cxr_model, tmp_path)
+def test_old_two_output_model_still_predicts(legacy_model_file, cxr_manifest, tmp_path, monkeypatch, capsys):
+    old = legacy_model_file
     model = load_model(old)
     assert [o.name for o in model.session.get_outputs()] == list(LEGACY_OUTPUT_NAMES)
     assert model.metadata.temperature == 1.0 and model.metadata.ood_threshold is None and not model.has_ood
