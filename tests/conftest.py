@@ -234,6 +234,26 @@ def model_file(exported_cxr_model):
     return exported_cxr_model.model
 
 
+@pytest.fixture(scope="session")
+def legacy_model_file(exported_cxr_model, tmp_path_factory):
+    """The tiny model as exported before the OOD guard (metadata format 1): the same weights, two
+    outputs (probabilities, cam), no temperature / OOD / training-site keys."""
+    from cxrdebias.data.preprocess import PreprocessSpec
+    from cxrdebias.deploy.artefact import load_model_artefact
+    from cxrdebias.deploy.export import to_onnx_bytes, with_metadata
+
+    meta = dict(exported_cxr_model.metadata)
+    model, art = load_model_artefact(meta["export"]["source_run"])
+    graph = to_onnx_bytes(model, PreprocessSpec.model_validate(art["preprocess"]))
+    for key in ("temperature", "ood_threshold", "ood_method", "training_sites"):
+        meta.pop(key)
+    meta["cxrdebias_format"] = 1
+    meta["threshold"] = float(art["threshold"])  # the unscaled model's threshold
+    path = tmp_path_factory.mktemp("legacy") / "old.onnx"
+    path.write_bytes(with_metadata(graph, meta))
+    return path
+
+
 @pytest.fixture(scope="module")
 def study_data(cxr_manifest, real_pngs, tmp_path_factory):
     """A manifest of the four real radiographs (links) and a folder with one DICOM made from one

@@ -53,8 +53,28 @@ def test_evaluate_per_institution_report(trained):
         for k in ("tpr", "tnr", "balanced_accuracy", "auroc"):
             assert k in site and k in site["ci"]
     assert rep["split"] == "test" and rep["bootstrap"]["unit"] == "patient"
-    for f in ("report.csv", "report.md", "report.png", "predictions.csv"):
+    for f in ("report.csv", "report.md", "report.png", "predictions.csv", "calibration.png"):
         assert (ev / f).stat().st_size > 0
+
+
+def test_evaluate_reports_calibration_before_and_after_temperature(trained):
+    import pandas as pd
+
+    from cxrdebias.evaluation.calibration import brier_score, expected_calibration_error
+
+    ev = trained["vanilla"] / "eval"
+    cal = json.loads((ev / "report.json").read_text())["calibration"]
+    assert cal["temperature"] > 0 and "10 equal-width bins" in cal["binning"]
+    pred = pd.read_csv(ev / "predictions.csv", dtype={"site": str})
+    assert set(cal["by_site"]) == set(pred["site"]) and cal["overall"]["n"] == len(pred)
+    for site, entry in cal["by_site"].items():  # "before" = the unscaled probabilities evaluate wrote
+        rows = pred[pred["site"] == site]
+        assert entry["n"] == len(rows)
+        assert entry["before"]["ece"] == pytest.approx(expected_calibration_error(rows["label"], rows["probability"]), abs=1e-6)
+        assert entry["before"]["brier"] == pytest.approx(brier_score(rows["label"], rows["probability"]), abs=1e-6)
+        assert 0 <= entry["after"]["ece"] <= 1 and 0 <= entry["after"]["brier"] <= 1
+    md = (ev / "report.md").read_text()
+    assert "## Calibration (temperature T = " in md and "ECE before" in md
 
 
 def test_compare_prints_both_runs(trained, monkeypatch, capsys):

@@ -24,6 +24,7 @@ from cxrdebias.deploy.onnx_metadata import KEYS, ModelMetadata
 from cxrdebias.deploy.parity import Tolerances, check_parity, load_model_bare
 from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
 from cxrdebias.errors import ExportError
+from cxrdebias.evaluation.calibration import threshold_at_temperature
 from cxrdebias.models.base import L2Normalize, ModelOutput, activation
 from cxrdebias.models.densenet import DenseNet121
 from tests.conftest import run_cli
@@ -203,14 +204,19 @@ def test_exported_model_matches_torch_at_batch_1_and_3(exported_cxr_model, tiny_
     deployed = load_model(exported_cxr_model.model, device="cpu")
     images = collect_inputs([cxr_manifest])
     batch = prepare([images[i] for i in spread_over_sites(images, 3)], deployed.metadata.preprocessing)[0]
-    p3, c3 = deployed.run(batch)
-    p1, c1 = deployed.run(batch[:1])
+    p3, c3, o3 = deployed.run_all(batch)
+    p1, c1, o1 = deployed.run_all(batch[:1])
+    t = deployed.metadata.temperature
     with torch.no_grad():
-        ref = model(torch.from_numpy(batch)).logits.softmax(dim=1).numpy()
+        out = model(torch.from_numpy(batch))
+    ref = (out.logits / t).softmax(dim=1).numpy()
+    guard = exported_cxr_model.metadata["export"]["guard"]
+    assert deployed.metadata.ood_method == "mahalanobis" and guard["validation_flagged"] <= 0.05
     ref_cam = monai_gradcam(model, torch.from_numpy(batch)).numpy()
-    assert p3.shape == (3, 2) and c3.shape == (3, 64, 64) and p1.shape == (1, 2)
+    assert p3.shape == (3, 2) and c3.shape == (3, 64, 64) and p1.shape == (1, 2) and o3.shape == (3,)
     assert np.abs(p3 - ref).max() <= 1e-4
     np.testing.assert_allclose(p1, p3[:1], atol=1e-6)
+    np.testing.assert_allclose(o1, o3[:1], rtol=1e-5)
     np.testing.assert_allclose(c1, c3[:1], atol=1e-6)
     for i in range(3):
         assert ref_cam[i].std() > 0
@@ -221,6 +227,7 @@ def test_export_checks_are_recorded(exported_cxr_model):
     checks = exported_cxr_model.parity
     assert checks.passed and not checks.problems
     assert checks.probability_max_abs_diff <= 1e-4
+    assert checks.n_ood_images == checks.n_probability_images and checks.ood_max_rel_diff <= 1e-3
     assert checks.cam_min_correlation >= 0.99
     assert checks.n_cam_images == 8 and checks.n_cam_constant < checks.n_cam_images
     assert checks.n_probability_images > checks.n_cam_images  # every validation image
@@ -238,7 +245,9 @@ def test_metadata_round_trip(exported_cxr_model, tiny_cxr_run):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     meta = ModelMetadata.from_props(props, "model.onnx")
     assert meta.labels == ("negative", "positive") and meta.positive_label == "positive"
-    assert meta.threshold == pytest.approx(art["threshold"])
+    assert meta.threshold == pytest.approx(threshold_at_temperature(art["threshold"], meta.temperature))
+    assert meta.temperature > 0 and meta.ood_threshold is not None and meta.ood_method == "mahalanobis"
+    assert meta.training_sites == ("actualmed", "ieee8023")
     assert meta.preprocessing == PreprocessSpec.model_validate(art["preprocess"])
     raw = meta.raw
     assert raw["method"]["name"] == "end" and raw["bias"] == "site"

@@ -91,7 +91,7 @@ def test_cli_predict_folder_manifest_dicom(model_file, inputs, tmp_path, monkeyp
     assert code == 0, err
     assert f"provider {CPU}" in stdout and "5 images" in stdout and CPU in err
     rows = list(csv.reader(out_csv.open()))
-    assert rows[0] == [*CSV_COLUMNS, "site", "label", "patient_id", "cam"]
+    assert rows[0] == [*CSV_COLUMNS, "site", "label", "patient_id", "ood_score", "in_distribution", "cam"]
     body = [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
     assert len(body) == 5
     meta = load_model(model_file).metadata

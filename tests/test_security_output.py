@@ -31,7 +31,8 @@ from PIL import Image
 
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.onnx_metadata import FORMAT_KEY, FORMAT_VERSION, encode
-from cxrdebias.deploy.runtime import CXRModel, load_model, predict_to_csv
+from cxrdebias.deploy.predict import predict_to_csv
+from cxrdebias.deploy.runtime import CXRModel, load_model
 from cxrdebias.errors import CheckpointError, DataError, OutputError
 from tests.conftest import REPO, open_row, run_cli, viewer_server, worklist
 

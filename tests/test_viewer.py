@@ -63,7 +63,8 @@ def _captions(at):
 # -- AppTest: the page --------------------------------------------------------------------------
 def test_worklist_columns_sort_filters_summary_and_banner(app, model_file):
     df = _table(app)
-    assert list(df.columns) == ["name", "probability", "prediction", "truth", "site", "patient"]
+    # the exported model has the OOD output (issue 24): its flag and score are columns
+    assert list(df.columns) == ["name", "probability", "prediction", "truth", "OOD", "site", "patient", "ood_score"]
     assert len(df) == 5 and set(df["name"]) == {"img0.png", "img1.png", "img2.png", "img3.png", "a.dcm"}  # short names
     dicom = df[df["name"] == "a.dcm"].iloc[0]
     assert dicom["site"] == "tag-site" and dicom["patient"] == "tag-patient" and dicom["truth"] == ""
@@ -90,8 +91,10 @@ def test_worklist_columns_sort_filters_summary_and_banner(app, model_file):
     assert len(_table(app)) == len(known) - wrong
     app.radio(key="disagreement").set_value("all").run()
 
-    assert app.selectbox(key="sort_by").options == ["probability (highest first)", "uncertainty (closest to the threshold first)", "file name"]
-    assert any("Sort by OOD score: not available" in c.value for c in app.sidebar.caption)  # this model has no OOD output
+    assert app.selectbox(key="sort_by").options == [
+        "probability (highest first)", "uncertainty (closest to the threshold first)", "OOD score (furthest from the training data first)", "file name"
+    ]
+    assert not any("Sort by OOD score: not available" in c.value for c in app.sidebar.caption)
     app.selectbox(key="sort_by").set_value("uncertainty").run()
     threshold = load_model(model_file).metadata.threshold
     margins = (_table(app)["probability"] - threshold).abs()
@@ -272,7 +275,7 @@ def test_viewer_page_does_not_import_torch(model_file, study_data):
 
 
 # -- page logic ---------------------------------------------------------------------------------
-def test_predict_study_skips_unreadable_images(model_file, study_data, tmp_path):
+def test_predict_study_skips_unreadable_images(model_file, legacy_model_file, study_data, tmp_path):
     manifest, _ = study_data
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n-- truncated")
@@ -282,7 +285,10 @@ def test_predict_study_skips_unreadable_images(model_file, study_data, tmp_path)
     assert list(filter_table(table, sites=["nowhere"])["file"]) == []
     assert list(sort_table(table, "probability")["probability"]) == sorted(table["probability"])
     rows = list(csv.DictReader(io.StringIO(predictions_csv(table, 0.5).decode())))
-    assert list(rows[0]) == [*TABLE_COLUMNS, "threshold"] and len(rows) == 4
+    assert list(rows[0]) == [*TABLE_COLUMNS, "ood_score", "in_distribution", "threshold"] and len(rows) == 4
+    # a model exported before the OOD guard: no OOD columns
+    old, _, _ = predict_study(load_model(legacy_model_file), images[:4], batch_size=4)
+    assert list(csv.DictReader(io.StringIO(predictions_csv(old, 0.5).decode())))[0].keys() == {*TABLE_COLUMNS, "threshold"}
     with pytest.raises(ValueError, match="disagreement"):
         filter_table(table, disagreement="maybe")
 

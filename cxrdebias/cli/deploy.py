@@ -24,17 +24,32 @@ def export_cmd(
     cam_images: Annotated[int, typer.Option(help="Images of the Grad-CAM check against MONAI.")] = 16,
     model_version: Annotated[str | None, typer.Option(help="Model version stored in the metadata (default: the run folder's name).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing model, MODEL_CARD.md and metadata.json.")] = False,
+    ood_method: Annotated[str, typer.Option(help="Out-of-distribution score: mahalanobis or energy.")] = "mahalanobis",
+    ood_layer: Annotated[
+        str, typer.Option(help="Features of the Mahalanobis score: a probe layer (block1..block4 for DenseNet-121) or bottleneck.")
+    ] = "block3",
 ) -> None:
-    """ONNX model with probabilities + in-graph Grad-CAM, verified against torch and MONAI before writing."""
+    """ONNX model with calibrated probabilities, in-graph Grad-CAM and an out-of-distribution score, verified
+    against torch and MONAI before writing."""
     from cxrdebias.deploy.export import export_run
 
-    with progress(err, f"exporting {esc(run)}: ONNX graph, checks against torch and MONAI"):
-        res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force)
+    with progress(err, f"exporting {esc(run)}: OOD statistics, ONNX graph, checks against torch and MONAI"):
+        res = export_run(run, out_file, check_images=check_images, n_cam_images=cam_images, model_version=model_version, force=force,
+                         ood_method=ood_method, ood_layer=ood_layer)
     c = res.parity
     err.print(
         f"verified on {esc(c.images)}: probabilities max |Δ| {c.probability_max_abs_diff:.2e} ({c.n_probability_images} images), "
         f"Grad-CAM vs MONAI correlation min {c.cam_min_correlation:.5f} ({c.n_cam_images} images), batch sizes {c.batch_sizes}"
     )
+    meta = res.metadata
+    if meta.get("ood_threshold") is None:
+        err.print(f"[yellow]no OOD guard and no temperature:[/] {esc(meta['export']['guard'].get('absent'))}")
+    else:
+        err.print(
+            f"temperature T = {meta['temperature']:.4f}; ood_score ({esc(meta['ood_method'])}, "
+            f"{esc(meta['export']['guard'].get('layer') or 'logits')}) threshold {meta['ood_threshold']:.4g}, "
+            f"max relative |Δ| vs reference {c.ood_max_rel_diff:.2e} ({c.n_ood_images} images)"
+        )
     if c.n_cam_constant == c.n_cam_images:
         err.print("[yellow]warning:[/] every checked Grad-CAM map was constant: the CAM check says little for this model")
     out.print(f"wrote {esc(res.model)} ({res.size_bytes / 1e6:.1f} MB), {esc(res.model_card.name)}, {esc(res.monai_metadata.name)}")
@@ -52,7 +67,8 @@ def predict_cmd(
     allow_outside: AllowOutsideOpt = False,
 ) -> None:
     """Predict with an exported model (onnxruntime only; the preprocessing comes from the model)."""
-    from cxrdebias.deploy.runtime import load_model, predict_to_csv
+    from cxrdebias.deploy.predict import predict_to_csv
+    from cxrdebias.deploy.runtime import load_model
 
     m = load_model(model, device=device)
     err.print(f"{esc(model)}: {esc(m.metadata.model_version)}, threshold {m.metadata.threshold:.4f}, provider {esc(m.provider)}")
@@ -62,6 +78,18 @@ def predict_cmd(
         + (f", CAM overlays in {esc(s.cam_dir)}" if s.cam_dir else "")
         + f" (provider {esc(s.provider)})"
     )
+    if s.flagged is None:
+        out.print("no out-of-distribution score: the model was exported before the OOD guard (ood_score, in_distribution empty)")
+    else:
+        out.print(
+            f"{s.flagged} of {s.images} images flagged out of distribution (ood_score > {m.metadata.ood_threshold:.4g}, "
+            f"{esc(m.metadata.ood_method or '')}): do not trust their predictions"
+        )
+    if s.site_report is not None and s.site_files is not None:
+        from cxrdebias.evaluation.report import to_markdown
+
+        out.print(esc(to_markdown(s.site_report, run_name="per-site metrics (labelled input)")))
+        out.print(f"per-site metrics → {esc(s.site_files[0])}, {esc(s.site_files[1])}")
 
 
 def viewer_script() -> Path:

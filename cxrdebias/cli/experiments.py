@@ -370,7 +370,8 @@ def evaluate_cmd(
     else:
         out.print(to_markdown({**report, "by_group": {}, "sites": []}), markup=False, highlight=False)
     where = out_dir or run / (SITE_THRESHOLDS_DIR if site_thresholds else EVAL_DIR)
-    err.print(f"report written to {esc(where)} (report.json, report.csv, report.md, report.png, predictions.csv)")
+    figures = "report.png, calibration.png" if "temperature" in report.get("calibration", {}) else "report.png"
+    err.print(f"report written to {esc(where)} (report.json, report.csv, report.md, {figures}, predictions.csv)")
 
 
 @app.command("compare")

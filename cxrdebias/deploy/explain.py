@@ -119,20 +119,31 @@ class GradCAMModel(nn.Module):
         bottleneck_forward_and_gradient(model.bottleneck, torch.zeros(1, 1))  # type check only
         self.class_index = class_index
 
-    def raw_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N×K) and Grad-CAM at the feature-map resolution (N×h×w, not normalised)."""
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (N×K), Grad-CAM at the feature-map resolution (N×h×w, not normalised) and the
+        bottleneck features ``z`` (N×D, what the model returns as ``features``)."""
         fmap = self.model.feature_map(x)
         pooled = fmap.mean(dim=(2, 3))
         z, _ = bottleneck_forward_and_gradient(self.model.bottleneck, pooled)
         logits, v = head_forward_and_gradient(self.layers, z, self.class_index)
         _, g = bottleneck_forward_and_gradient(self.model.bottleneck, pooled, v)
         alpha = g / (fmap.shape[2] * fmap.shape[3])  # Eq. 1 with ∂p_k/∂A_kij = 1/(HW)
-        return logits, F.relu(torch.einsum("nk,nkhw->nhw", alpha, fmap))  # Eq. 2
+        return logits, F.relu(torch.einsum("nk,nkhw->nhw", alpha, fmap)), z  # Eq. 2
+
+    def raw_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N×K) and Grad-CAM at the feature-map resolution (N×h×w, not normalised)."""
+        logits, cam, _ = self.parts(x)
+        return logits, cam
+
+    @staticmethod
+    def finish_cam(cam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The raw CAM upsampled bilinearly to the input size and scaled to [0, 1] per image."""
+        cam = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return unit_scale(cam.squeeze(1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, cam = self.raw_cam(x)
-        cam = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits.softmax(dim=1), unit_scale(cam.squeeze(1))
+        return logits.softmax(dim=1), self.finish_cam(cam, x)
 
 
 class _Logits(nn.Module):

@@ -49,6 +49,14 @@ from cxrdebias.data.csv_records import resolve_relative_path
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import POSITIVE_INDEX, SPLITS_FILE, load_model_artefact
 from cxrdebias.deploy.explain import GradCAMModel
+from cxrdebias.deploy.guard import (
+    DEFAULT_LAYER,
+    Guard,
+    GuardedModel,
+    fit_guard,
+    layer_module,
+    torch_outputs,
+)
 from cxrdebias.deploy.model_card import (
     INTENDED_USE,
     build_metadata,
@@ -56,7 +64,7 @@ from cxrdebias.deploy.model_card import (
     monai_metadata,
     per_site_validation,
 )
-from cxrdebias.deploy.onnx_metadata import CAM, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, encode
+from cxrdebias.deploy.onnx_metadata import INPUT_NAME, LEGACY_OUTPUT_NAMES, OUTPUT_NAMES, encode
 from cxrdebias.deploy.parity import (
     RELOAD_TOLERANCE,
     ParityReport,
@@ -65,6 +73,8 @@ from cxrdebias.deploy.parity import (
     load_model_bare,
 )
 from cxrdebias.errors import CxrDebiasError, ExportError, RunExistsError
+from cxrdebias.evaluation.calibration import threshold_at_temperature
+from cxrdebias.evaluation.ood import DEFAULT_METHOD, DEFAULT_PERCENTILE
 from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 DEFAULT_OPSET = 17
@@ -87,8 +97,12 @@ class ExportResult:
 
 
 # -- the graph ----------------------------------------------------------------------------------
-def to_onnx_bytes(model: torch.nn.Module, spec: PreprocessSpec, *, class_index: int = POSITIVE_INDEX, opset: int = DEFAULT_OPSET) -> bytes:
-    """The ONNX graph (no metadata) of ``GradCAMModel(model, class_index)`` for ``spec``'s input.
+def to_onnx_bytes(
+    model: torch.nn.Module, spec: PreprocessSpec, *, class_index: int = POSITIVE_INDEX, opset: int = DEFAULT_OPSET, guard: Guard | None = None
+) -> bytes:
+    """The ONNX graph (no metadata) of ``GradCAMModel(model, class_index)`` for ``spec``'s input;
+    with ``guard``, of :class:`~cxrdebias.deploy.guard.GuardedModel` (temperature-scaled
+    probabilities and the third output ``ood_score``).
 
     Raises:
         ExportError: the model is not a pooled-feature classifier with a supported head, or
@@ -96,7 +110,9 @@ def to_onnx_bytes(model: torch.nn.Module, spec: PreprocessSpec, *, class_index: 
     """
     if opset < 17:
         raise ExportError(f"opset {opset}: the export needs opset >= 17")
-    wrapped = GradCAMModel(model.cpu().float().eval(), class_index=class_index).eval()
+    model = model.cpu().float().eval()
+    wrapped = (GradCAMModel(model, class_index=class_index) if guard is None else GuardedModel(model, guard, class_index=class_index)).eval()
+    names = list(OUTPUT_NAMES if guard is not None else LEGACY_OUTPUT_NAMES)
     example = torch.zeros(2, *spec.output_shape)
     buf = io.BytesIO()
     batch = {0: "batch"}
@@ -110,8 +126,8 @@ def to_onnx_bytes(model: torch.nn.Module, spec: PreprocessSpec, *, class_index: 
             (example,),
             buf,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: batch, PROBABILITIES: batch, CAM: batch},
+            output_names=names,
+            dynamic_axes={INPUT_NAME: batch, **dict.fromkeys(names, batch)},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -144,9 +160,10 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | None, str]:
-    """The run's validation images (``runtime.InputImage`` with site/label/patient fields) and
-    where they came from, or ``(None, why not)``. The manifest path is the config's (pass
+def validation_images(run_dir: Path, config: dict[str, Any], split: str = "val") -> tuple[list | None, str]:
+    """The run's validation images (or those of another ``split``: ``train``) as
+    ``runtime.InputImage`` with site/label/patient fields, and where they came from, or
+    ``(None, why not)``. The manifest path is the config's (pass
     :meth:`~cxrdebias.training.runs.RunDir.read_config_located`: found from any folder and
     after the run moved with its data, as for ``evaluate``); its
     symbolic links may lead out of the manifest's folder when the run allowed it
@@ -168,17 +185,18 @@ def validation_images(run_dir: Path, config: dict[str, Any]) -> tuple[list | Non
     from cxrdebias.data.cxr.splits import load_splits
 
     table = load_splits(splits)
-    table = table[table[MANIFEST.split] == "val"]
+    table = table[table[MANIFEST.split] == split]
+    what = {"val": "validation", "train": "training"}.get(split, split)
     found = []
     for row in table.itertuples(index=False):
         rel = getattr(row, MANIFEST.path)
         path, _, reason = resolve_relative_path(manifest.parent, rel, allow_links_outside=allow_outside)
         if path is None:
-            return None, f"validation image {rel}: {reason}"
+            return None, f"{what} image {rel}: {reason}"
         found.append(InputImage(rel, path, fields={c: getattr(row, c) for c in MANIFEST.sample_fields}))
     if not found:
-        return None, f"{splits} has no validation images"
-    return found, f"validation split of {run_dir} ({len(found)} images from {manifest})"
+        return None, f"{splits} has no {what} images"
+    return found, f"{what} split of {run_dir} ({len(found)} images from {manifest})"
 
 
 def spread_over_sites(images: Sequence, n: int) -> list[int]:
@@ -219,12 +237,20 @@ def export_run(
     opset: int = DEFAULT_OPSET,
     tolerances: Tolerances = Tolerances(),
     force: bool = False,
+    ood_method: str = DEFAULT_METHOD,
+    ood_layer: str = DEFAULT_LAYER,
+    ood_percentile: float = DEFAULT_PERCENTILE,
 ) -> ExportResult:
     """Export ``RUN/model.pt`` to a verified single-file ONNX model (see the module doc).
 
     ``check_images``: folders/manifests/files to verify on instead of the run's validation
     split (needed when the training data is not reachable; no per-site validation metrics
-    then). ``model_version`` defaults to the run folder's name.
+    then). ``model_version`` defaults to the run folder's name. The guard (temperature and
+    ``ood_score``, :mod:`cxrdebias.deploy.guard`) is fitted on the run's training and validation
+    splits (``ood_method``; ``ood_layer``: the probe layer whose pooled output the Mahalanobis
+    score reads, or ``bottleneck``; threshold: the ``ood_percentile``-th percentile of the validation
+    scores); when they are not reachable the model is written without it (two outputs,
+    temperature 1) and the metadata say why.
 
     Raises:
         ExportError: a parity check failed (nothing written), the model cannot be exported, or
@@ -246,27 +272,30 @@ def export_run(
         raise ExportError(f"n_cam_images must be >= 1, got {n_cam_images}")
     model, art = load_model_artefact(run_path)
     spec = PreprocessSpec.model_validate(art["preprocess"])
+    try:
+        config: dict[str, Any] | None = RunDir(run_path).read_config_located()
+    except CxrDebiasError as exc:
+        config, why = None, f"cannot find the run's images ({exc})"
+    val_images, val_source = validation_images(run_path, config) if config is not None else (None, why)
     if check_images:
         images, source, is_val = collect_inputs(check_images), f"{len(check_images)} user-given input(s)", False
     else:
-        try:
-            config = RunDir(run_path).read_config_located()
-        except CxrDebiasError as exc:
-            raise ExportError(f"{run_path}: cannot find the validation images to verify the export ({exc})") from None
-        images, source = validation_images(run_path, config)
-        if images is None:
-            raise ExportError(f"{run_path}: cannot verify the export on the validation images: {source}; pass --check-images FOLDER_OR_MANIFEST")
-        is_val = True
+        if val_images is None:
+            raise ExportError(f"{run_path}: cannot verify the export on the validation images: {val_source}; pass --check-images FOLDER_OR_MANIFEST")
+        images, source, is_val = val_images, val_source, True
     cam_batch = prepare([images[i] for i in spread_over_sites(images, n_cam_images)], spec)[0]
+    guard, guard_note = _fit_guard(model, spec, run_path, config, val_images, val_source, ood_method, ood_layer, ood_percentile)
 
-    graph = to_onnx_bytes(model, spec, class_index=POSITIVE_INDEX, opset=opset)
+    graph = to_onnx_bytes(model, spec, class_index=POSITIVE_INDEX, opset=opset, guard=guard)
     bare = load_model_bare(graph)
     parity, probs = check_parity(
-        model, bare, _prepared_batches(images, spec, CHECK_BATCH), cam_batch, tolerances=tolerances, images=source
+        model, bare, _prepared_batches(images, spec, CHECK_BATCH), cam_batch, tolerances=tolerances, images=source, guard=guard
     )
     if not parity.passed:
         raise ExportError(f"refusing to write {targets[0]}: " + "; ".join(parity.problems))
-    validation = per_site_validation(images, probs[:, POSITIVE_INDEX], float(art["threshold"])) if is_val else None
+    # T rescales the logit: the threshold on softmax(logits / T) that makes the same decisions
+    threshold = float(art["threshold"]) if guard is None else threshold_at_temperature(float(art["threshold"]), guard.temperature)
+    validation = per_site_validation(images, probs[:, POSITIVE_INDEX], threshold) if is_val else None
     with torch.no_grad():
         fmap = tuple(model.feature_map(torch.zeros(1, *spec.output_shape)).shape[-2:])
     meta = build_metadata(
@@ -277,19 +306,47 @@ def export_run(
         validation=validation,
         opset=opset,
         feature_map_size=fmap,
+        guard=guard,
+        guard_note=guard_note,
     )
     final = with_metadata(graph, meta)
     # the bytes that are written must load in the runtime and reproduce the verified outputs
     deployed = load_model(final, device="cpu")
-    p_final, cam_final = deployed.run(cam_batch)
-    p_ref, cam_ref = bare(cam_batch)
-    moved = max(float(np.abs(p_final - p_ref).max()), float(np.abs(cam_final - cam_ref).max()))
-    if moved > RELOAD_TOLERANCE:
+    got, want = deployed.run_all(cam_batch), bare(cam_batch)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=False) if a is not None)
+    if moved > RELOAD_TOLERANCE or (got[2] is None) != (guard is None):
         raise ExportError(f"refusing to write {targets[0]}: the model with metadata gives outputs {moved:.3g} away from the verified ones")
     write_bytes_atomic(targets[0], final)
     write_text_atomic(targets[1], model_card(meta, targets[0].name))
     write_json_atomic(targets[2], monai_metadata(meta))
     return ExportResult(targets[0], targets[1], targets[2], meta, parity, len(final))
+
+
+def _fit_guard(
+    model: torch.nn.Module,
+    spec: PreprocessSpec,
+    run_path: Path,
+    config: dict[str, Any] | None,
+    val_images: list | None,
+    val_source: str,
+    method: str,
+    layer: str,
+    percentile: float,
+) -> tuple[Guard | None, str | None]:
+    """The guard fitted on the run's training/validation images, or ``(None, why not)``."""
+    module = layer_module(model, layer) if method == "mahalanobis" else None
+    if val_images is None:
+        return None, f"no OOD score and no temperature: {val_source}"
+    assert config is not None
+    train_images, train_source = validation_images(run_path, config, split="train")
+    if train_images is None:
+        return None, f"no OOD score and no temperature: {train_source}"
+
+    def outputs(images: list) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        logits, feats = torch_outputs(model, _prepared_batches(images, spec, CHECK_BATCH))
+        return logits, feats, np.array([int(x.fields["label"]) for x in images])
+
+    return fit_guard(outputs(train_images), outputs(val_images), method=method, layer=layer, module=module, percentile=percentile), None
 
 
 __all__ = [

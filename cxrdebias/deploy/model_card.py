@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,12 +28,17 @@ from cxrdebias.deploy.onnx_metadata import (
     FORMAT_KEY,
     FORMAT_VERSION,
     INPUT_NAME,
+    OOD_SCORE,
     PROBABILITIES,
     encode,
     format_metric,
     json_safe,
 )
 from cxrdebias.deploy.parity import ParityReport
+from cxrdebias.evaluation.calibration import threshold_at_temperature
+
+if TYPE_CHECKING:
+    from cxrdebias.deploy.guard import Guard
 from cxrdebias.training.provenance import code_version
 
 INTENDED_USE = (
@@ -74,12 +79,17 @@ def build_metadata(
     validation: dict[str, Any] | None,
     opset: int,
     feature_map_size: Sequence[int],
+    guard: Guard | None = None,
+    guard_note: str | None = None,
 ) -> dict[str, Any]:
     """The ``metadata_props`` of an exported run (keys: :data:`cxrdebias.deploy.onnx_metadata.KEYS`).
 
     ``validation.recorded_at_training`` are the numbers of the training run (computed with its
     ``training_precision``, e.g. bf16 autocast); the ``overall``/``per_site`` numbers are the
-    exported float32 model's, which is what a deployment gets.
+    exported float32 model's, which is what a deployment gets. With ``guard`` the probabilities
+    are ``softmax(logits / T)`` and ``threshold`` is the saved one mapped onto them (same
+    decisions); the guard's keys (``temperature``, ``ood_threshold``, ``ood_method``) are written,
+    otherwise ``guard_note`` says why there is none.
     """
     import onnx
     import onnxruntime
@@ -94,13 +104,33 @@ def build_metadata(
     spec = PreprocessSpec.model_validate(art["preprocess"])
     labels = list(art["class_names"])
     c, s = spec.channels, spec.image_size
+    training_sites = sorted(art["site_to_index"], key=art["site_to_index"].get)
+    threshold = float(art["threshold"]) if guard is None else threshold_at_temperature(float(art["threshold"]), guard.temperature)
+    outputs: dict[str, Any] = {
+        PROBABILITIES: {"shape": ["batch", len(labels)], "dtype": "float32",
+                        "meaning": f"softmax(logits / temperature) over {labels}" if guard else f"softmax over {labels}"},
+        CAM: {
+            "shape": ["batch", s, s],
+            "dtype": "float32",
+            "meaning": f"Grad-CAM of {labels[POSITIVE_INDEX]!r} at the last feature map, bilinear to the input size, "
+            "scaled to [0, 1] per image, in model-input geometry",
+            "feature_map_size": list(feature_map_size),
+        },
+    }
+    guard_keys: dict[str, Any] = {"temperature": 1.0, "training_sites": training_sites}
+    if guard is not None:
+        outputs[OOD_SCORE] = {"shape": ["batch"], "dtype": "float32", "meaning": guard.details["description"] +
+                              "; out of distribution when above ood_threshold"}
+        guard_keys |= {"temperature": guard.temperature, "ood_threshold": guard.threshold, "ood_method": guard.method}
     return {
         FORMAT_KEY: FORMAT_VERSION,
         "model_version": model_version,
         "labels": labels,
         "positive_label": labels[POSITIVE_INDEX],
-        "threshold": float(art["threshold"]),
-        "threshold_method": art["threshold_method"],
+        "threshold": threshold,
+        "threshold_method": art["threshold_method"] + (
+            f"; {float(art['threshold']):.6g} on softmax(logits), mapped to softmax(logits / T)" if guard is not None else ""
+        ),
         "preprocessing": spec.model_dump(mode="json"),
         "method": art["method"],
         "bias": art["bias"],
@@ -114,7 +144,7 @@ def build_metadata(
             "selected_epoch": art.get("selected_epoch"),
             "recorded_at_training": art.get("val_metrics"),
             "training_precision": training_precision,
-            "at_threshold": float(art["threshold"]),
+            "at_threshold": threshold,
             **(
                 {"computed_with": "the exported ONNX model on the run's validation split", **validation}
                 if validation is not None
@@ -133,21 +163,14 @@ def build_metadata(
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
             "checks": asdict(parity),
+            "guard": guard.details if guard is not None else {"absent": guard_note},
         },
         "io": {
             "inputs": {INPUT_NAME: {"shape": ["batch", c, s, s], "dtype": "float32", "meaning": "preprocess(read_image(file), preprocessing)"}},
-            "outputs": {
-                PROBABILITIES: {"shape": ["batch", len(labels)], "dtype": "float32", "meaning": f"softmax over {labels}"},
-                CAM: {
-                    "shape": ["batch", s, s],
-                    "dtype": "float32",
-                    "meaning": f"Grad-CAM of {labels[POSITIVE_INDEX]!r} at the last feature map, bilinear to the input size, "
-                    "scaled to [0, 1] per image, in model-input geometry",
-                    "feature_map_size": list(feature_map_size),
-                },
-            },
+            "outputs": outputs,
         },
         "intended_use": INTENDED_USE,
+        **guard_keys,
     }
 
 
@@ -233,6 +256,24 @@ def _code(v: dict[str, Any] | None) -> str:
     return f"cxrdebias {v.get('package')} ({commit}{', local changes' if v.get('git_dirty') else ''})"
 
 
+def _guard_lines(meta: dict[str, Any]) -> list[str]:
+    """The model card's calibration and out-of-distribution section."""
+    guard = meta["export"].get("guard") or {}
+    if meta.get("ood_threshold") is None:
+        return ["## Calibration and out-of-distribution guard", "", f"None in this model ({guard.get('absent')}).", ""]
+    temp = guard["temperature"]
+    return [
+        "## Calibration and out-of-distribution guard",
+        "",
+        f"- Probabilities are `softmax(logits / T)` with **T = {meta['temperature']:.4f}** ({temp['fitted_on']}; "
+        f"validation NLL {temp['nll_before']:.4f} → {temp['nll_after']:.4f}).",
+        f"- `{OOD_SCORE}`: {guard['description']}; statistics from the {guard['statistics_from']}.",
+        f"- An image is **out of distribution** when `{OOD_SCORE}` > **{meta['ood_threshold']:.4g}** ({guard['threshold_rule']}; "
+        f"{guard['validation_flagged']:.1%} of the validation images are above it). Do not trust the prediction of a flagged image.",
+        "",
+    ]
+
+
 def model_card(meta: dict[str, Any], model_file: str) -> str:
     """``MODEL_CARD.md``: what the model is, how it was trained, validated and checked."""
     val, checks, spec = meta["validation"], meta["export"]["checks"], meta["preprocessing"]
@@ -246,7 +287,8 @@ def model_card(meta: dict[str, Any], model_file: str) -> str:
         "## Model",
         "",
         f"- File: `{model_file}` (ONNX opset {meta['export']['opset']}, dynamic batch); input `{INPUT_NAME}`, "
-        f"outputs `{PROBABILITIES}` ({', '.join(meta['labels'])}) and `{CAM}` (Grad-CAM of `{meta['positive_label']}`).",
+        f"outputs `{PROBABILITIES}` ({', '.join(meta['labels'])}), `{CAM}` (Grad-CAM of `{meta['positive_label']}`)"
+        + (f" and `{OOD_SCORE}` (distance from the training data)." if OOD_SCORE in meta["io"]["outputs"] else "."),
         f"- Architecture: DenseNet-121, one input channel, {spec['image_size']}×{spec['image_size']} input.",
         f"- Debiasing method: `{meta['method']['name']}` ({method}); bias label given to the method: `{meta['bias']}`.",
         f"- Sites seen in training: {', '.join(meta['sites']['names'])} (site read from: {meta['sites']['source']}).",
@@ -257,6 +299,7 @@ def model_card(meta: dict[str, Any], model_file: str) -> str:
         "",
         f"`{meta['positive_label']}` when its probability ≥ **{meta['threshold']:.4f}** ({meta['threshold_method']}).",
         "",
+        *_guard_lines(meta),
         "## Preprocessing (stored in the model; `cxrdebias predict` applies it)",
         "",
         "```json",
@@ -293,6 +336,12 @@ def model_card(meta: dict[str, Any], model_file: str) -> str:
         f"mean {checks['cam_mean_correlation']:.5f} on {checks['n_cam_images']} images ({checks['n_cam_constant']} constant maps; "
         f"limit {checks['tolerances']['cam_min_correlation']:g}); max |Δ| {checks['cam_max_abs_diff']:.2e}.",
         f"- Dynamic batch: batch sizes {checks['batch_sizes']} checked.",
+        *(
+            [f"- `{OOD_SCORE}` vs the reference computed outside the graph: max relative |Δ| = {checks['ood_max_rel_diff']:.2e} "
+             f"on {checks['n_ood_images']} images (limit {checks['tolerances']['ood_max_rel_diff']:g})."]
+            if checks.get("ood_max_rel_diff") is not None
+            else []
+        ),
         "",
         "## Limitations",
         "",

@@ -1,13 +1,18 @@
 """What an exported ONNX model promises: its input/output names and its metadata.
 
 The contract between :mod:`cxrdebias.deploy.export` (writes it) and :mod:`cxrdebias.deploy.runtime` (reads
-it). Torch-free. The graph has one input and two outputs:
+it). Torch-free. The graph has one input and three outputs (format 1, before the guard: the first
+two only):
 
 - ``image``: float32 ``batch × C × S × S``, the output of
   :func:`cxrdebias.data.preprocess.preprocess` with the spec stored in the metadata;
 - ``probabilities``: float32 ``batch × K``, softmax of the logits;
 - ``cam``: float32 ``batch × S × S``, Grad-CAM of the positive class scaled to ``[0, 1]`` per
-  image, in the model-input geometry (see :class:`~cxrdebias.data.preprocess.ResizeGeometry`).
+  image, in the model-input geometry (see :class:`~cxrdebias.data.preprocess.ResizeGeometry`);
+- ``ood_score``: float32 ``batch``, how far the image lies from the training data (higher =
+  further; flagged above the metadata's ``ood_threshold``; :mod:`cxrdebias.deploy.guard`).
+
+The probabilities are ``softmax(logits / temperature)`` (metadata ``temperature``; 1 in format 1).
 
 Metadata are ONNX ``metadata_props``: string keys, JSON-encoded values (:data:`KEYS` lists
 them; NaN is written as ``null``). :meth:`ModelMetadata.from_props` parses and checks the
@@ -29,12 +34,17 @@ from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.errors import CheckpointError
 
 #: version of this metadata layout; bump when a key changes meaning
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: formats this version reads: 1 = two outputs (no OOD score, no temperature), 2 = three outputs
+READABLE_FORMATS = (1, 2)
 FORMAT_KEY = "cxrdebias_format"
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
 CAM = "cam"
-OUTPUT_NAMES = (PROBABILITIES, CAM)
+OOD_SCORE = "ood_score"
+OUTPUT_NAMES = (PROBABILITIES, CAM, OOD_SCORE)
+#: the outputs of a format-1 model (and of a format-2 model exported without the guard)
+LEGACY_OUTPUT_NAMES = (PROBABILITIES, CAM)
 
 #: every metadata key an export writes, with what its JSON value holds
 KEYS: dict[str, str] = {
@@ -54,6 +64,10 @@ KEYS: dict[str, str] = {
     "export": "export provenance and the parity checks it passed (dict)",
     "io": "input and output names, shapes and meaning (dict)",
     "intended_use": "what the model is for, and that it is NOT FOR CLINICAL USE (str)",
+    "temperature": "temperature T of the probabilities softmax(logits / T), fitted on the validation split (float)",
+    "ood_threshold": "an image is out of distribution when its ood_score is above this (float)",
+    "ood_method": "how ood_score is computed (str: 'mahalanobis' or 'energy')",
+    "training_sites": "names of the sites seen in training (list of str)",
 }
 #: the keys the runtime cannot work without
 REQUIRED = (FORMAT_KEY, "model_version", "labels", "positive_label", "threshold", "preprocessing")
@@ -99,6 +113,10 @@ class ModelMetadata:
     threshold: float
     preprocessing: PreprocessSpec
     raw: dict[str, Any]
+    temperature: float = 1.0
+    ood_threshold: float | None = None
+    ood_method: str | None = None
+    training_sites: tuple[str, ...] | None = None
 
     @property
     def positive_index(self) -> int:
@@ -124,9 +142,9 @@ class ModelMetadata:
                 raw[key] = json.loads(value)
             except json.JSONDecodeError:
                 raw[key] = value  # a foreign key (e.g. added by another tool) stays text
-        if raw[FORMAT_KEY] != FORMAT_VERSION:
+        if isinstance(raw[FORMAT_KEY], bool) or raw[FORMAT_KEY] not in READABLE_FORMATS:
             raise CheckpointError(
-                f"{source}: metadata format {raw[FORMAT_KEY]!r}; this cxrdebias reads format {FORMAT_VERSION}"
+                f"{source}: metadata format {raw[FORMAT_KEY]!r}; this cxrdebias reads formats {', '.join(map(str, READABLE_FORMATS))}"
             )
         try:
             spec = PreprocessSpec.model_validate(raw["preprocessing"])
@@ -143,4 +161,26 @@ class ModelMetadata:
         # bool is an int in Python: `true` must not be read as 1.0
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 < threshold < 1.0:
             raise CheckpointError(f"{source}: metadata 'threshold' {threshold!r}; expected a number strictly between 0 and 1")
-        return cls(str(raw["model_version"]), tuple(labels), raw["positive_label"], float(threshold), spec, raw)
+        temperature = _number(raw, "temperature", source, default=1.0, positive=True)
+        ood_threshold = _number(raw, "ood_threshold", source, default=None)
+        ood_method = raw.get("ood_method")
+        if ood_method is not None and not isinstance(ood_method, str):
+            raise CheckpointError(f"{source}: metadata 'ood_method' {ood_method!r}; expected a name")
+        sites = raw.get("training_sites")
+        if sites is not None and not (isinstance(sites, list) and all(isinstance(x, str) for x in sites)):
+            raise CheckpointError(f"{source}: metadata 'training_sites' {sites!r}; expected a list of site names")
+        return cls(
+            str(raw["model_version"]), tuple(labels), raw["positive_label"], float(threshold), spec, raw,
+            temperature=temperature, ood_threshold=ood_threshold, ood_method=ood_method,
+            training_sites=tuple(sites) if sites is not None else None,
+        )
+
+
+def _number(raw: Mapping[str, Any], key: str, source: str, *, default: float | None, positive: bool = False) -> float | None:
+    """An optional finite number of the metadata (``default`` when absent or null)."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (positive and value <= 0):
+        raise CheckpointError(f"{source}: metadata {key!r} {value!r}; expected a finite {'positive ' if positive else ''}number")
+    return float(value)

@@ -8,6 +8,10 @@ needed) and compares, on real preprocessed images:
 - the in-graph CAM vs MONAI's autograd ``GradCAM`` on the torch model
   (:func:`~cxrdebias.deploy.explain.monai_gradcam`): per-image Pearson correlation of the pixels
   ≥ :data:`CAM_MIN_CORRELATION` (two constant maps agree when they are equal);
+- with a guard (:mod:`cxrdebias.deploy.guard`): the probabilities are compared with
+  ``softmax(logits / T)`` and the ``ood_score`` output with the score computed outside the graph
+  from the torch model's logits and pooled features (sklearn's Mahalanobis distance, or scipy's
+  ``logsumexp`` for the energy): max ``|Δ| / max(1, |score|)`` ≤ :data:`OOD_TOLERANCE`;
 - the dynamic batch axis: batch 1 gives the same outputs as the full batch (≤ :data:`RELOAD_TOLERANCE`).
 """
 
@@ -15,14 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cxrdebias.deploy.artefact import POSITIVE_INDEX
 from cxrdebias.deploy.explain import monai_gradcam
-from cxrdebias.deploy.onnx_metadata import INPUT_NAME, OUTPUT_NAMES
+from cxrdebias.deploy.onnx_metadata import INPUT_NAME, LEGACY_OUTPUT_NAMES, OUTPUT_NAMES
 from cxrdebias.errors import ExportError
+
+if TYPE_CHECKING:
+    from cxrdebias.deploy.guard import Guard
 
 #: max |p_onnx − p_torch| over every check image and class
 PROBABILITY_TOLERANCE = 1e-4
@@ -30,6 +38,8 @@ PROBABILITY_TOLERANCE = 1e-4
 CAM_MIN_CORRELATION = 0.99
 #: the final bytes (with metadata) must reproduce the verified outputs this closely
 RELOAD_TOLERANCE = 1e-5
+#: max |ood_onnx − ood_reference| / max(1, |ood_reference|) (float32 graph vs float64 reference)
+OOD_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Tolerances:
 
     probability_max_abs_diff: float = PROBABILITY_TOLERANCE
     cam_min_correlation: float = CAM_MIN_CORRELATION
+    ood_max_rel_diff: float = OOD_TOLERANCE
 
 
 @dataclass
@@ -55,6 +66,9 @@ class ParityReport:
     batch_sizes: list[int]
     batch1_max_abs_diff: float
     tolerances: dict[str, float]
+    n_ood_images: int = 0
+    ood_max_rel_diff: float | None = None
+    temperature: float = 1.0
     passed: bool = True
     problems: list[str] = field(default_factory=list)
 
@@ -72,9 +86,16 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
     return float(da @ db / (na * nb)), False
 
 
-def _torch_probabilities(model: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(batch)).logits.float().softmax(dim=1).numpy()
+def _torch_reference(model: torch.nn.Module, batch: np.ndarray, guard: Guard | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (``softmax(logits / T)``) and, with a guard, the OOD scores of the torch model."""
+    if guard is None:
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).logits.float().softmax(dim=1).numpy(), None
+    from cxrdebias.deploy.guard import torch_outputs
+
+    logits, feats = torch_outputs(model, [batch])
+    probs = torch.from_numpy(logits).float().div(guard.temperature).softmax(dim=1).numpy()
+    return probs, guard.reference_scores(logits, feats)
 
 
 def check_parity(
@@ -86,30 +107,39 @@ def check_parity(
     class_index: int = POSITIVE_INDEX,
     tolerances: Tolerances = Tolerances(),
     images: str = "",
+    guard: Guard | None = None,
 ) -> tuple[ParityReport, np.ndarray]:
-    """Compare an ONNX graph (``session_run(batch) → (probabilities, cams)``) with the torch model.
+    """Compare an ONNX graph (``session_run(batch) → (probabilities, cams[, ood_scores])``) with
+    the torch model (and, with ``guard``, its temperature and OOD score).
 
-    ``batches``: preprocessed check images (probabilities, every image); ``cam_batch``: the
-    images of the CAM check. Returns the report (``passed`` False with ``problems`` when a
-    check fails) and the ONNX probabilities of ``batches`` concatenated.
+    ``batches``: preprocessed check images (probabilities and OOD scores, every image);
+    ``cam_batch``: the images of the CAM check. Returns the report (``passed`` False with
+    ``problems`` when a check fails) and the ONNX probabilities of ``batches`` concatenated.
     """
     model = model.cpu().float().eval()
-    onnx_probs, worst, n_prob, sizes = [], 0.0, 0, set()
+    onnx_probs, worst, worst_ood, n_prob, sizes = [], 0.0, 0.0, 0, set()
     for batch in batches:
-        p_onnx, _ = session_run(batch)
-        worst = max(worst, float(np.abs(p_onnx - _torch_probabilities(model, batch)).max()))
+        p_onnx, *rest = session_run(batch)
+        p_ref, ood_ref = _torch_reference(model, batch, guard)
+        worst = max(worst, float(np.abs(p_onnx - p_ref).max()))
+        if guard is not None:
+            if not rest[1:]:
+                raise ExportError("the exported graph has no ood_score output")
+            ood = np.asarray(rest[1], dtype=np.float64)
+            worst_ood = max(worst_ood, float((np.abs(ood - ood_ref) / np.maximum(1.0, np.abs(ood_ref))).max()))
         onnx_probs.append(p_onnx)
         n_prob += len(batch)
         sizes.add(len(batch))
     if n_prob == 0:
         raise ExportError("no images to verify the export on")
-    p_cam, cam_onnx = session_run(cam_batch)
+    p_cam, cam_onnx, *ood_cam = session_run(cam_batch)
     cam_ref = monai_gradcam(model, torch.from_numpy(cam_batch), class_index=class_index).numpy()
     pairs = [_correlation(a, b) for a, b in zip(cam_onnx, cam_ref, strict=True)]
     corrs = np.array([c for c, _ in pairs])
-    p1, cam1 = session_run(cam_batch[:1])
+    p1, cam1, *ood1 = session_run(cam_batch[:1])
     sizes.update({1, len(cam_batch)})
-    batch1 = max(float(np.abs(p1 - p_cam[:1]).max()), float(np.abs(cam1 - cam_onnx[:1]).max()))
+    batch1 = max(float(np.abs(p1 - p_cam[:1]).max()), float(np.abs(cam1 - cam_onnx[:1]).max()),
+                 *(float(np.abs(a - b[:1]).max()) for a, b in zip(ood1, ood_cam, strict=True)))
     report = ParityReport(
         images=images,
         n_probability_images=n_prob,
@@ -122,10 +152,17 @@ def check_parity(
         batch_sizes=sorted(sizes),
         batch1_max_abs_diff=batch1,
         tolerances=asdict(tolerances),
+        n_ood_images=n_prob if guard is not None else 0,
+        ood_max_rel_diff=worst_ood if guard is not None else None,
+        temperature=guard.temperature if guard is not None else 1.0,
     )
     if not worst <= tolerances.probability_max_abs_diff:
         report.problems.append(
             f"probabilities differ from torch by up to {worst:.3g} (> {tolerances.probability_max_abs_diff:g}) on {n_prob} images"
+        )
+    if guard is not None and not worst_ood <= tolerances.ood_max_rel_diff:
+        report.problems.append(
+            f"ood_score differs from the reference by up to {worst_ood:.3g} relative (> {tolerances.ood_max_rel_diff:g}) on {n_prob} images"
         )
     if not report.cam_min_correlation >= tolerances.cam_min_correlation:
         bad = int((corrs < tolerances.cam_min_correlation).sum())
@@ -140,7 +177,8 @@ def check_parity(
 
 
 def load_model_bare(graph: bytes):
-    """``batch → (probabilities, cams)`` of an ONNX graph without metadata (CPU onnxruntime)."""
+    """``batch → (probabilities, cams[, ood_scores])`` of an ONNX graph without metadata (CPU
+    onnxruntime; the OOD scores when the graph has that output)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -150,15 +188,18 @@ def load_model_bare(graph: bytes):
     except Exception as exc:  # onnxruntime's own pybind error types
         raise ExportError(f"onnxruntime cannot load the exported graph ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, cams = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-        return probs, cams
+    outputs = [o.name for o in session.get_outputs()]
+    names = list(OUTPUT_NAMES) if outputs == list(OUTPUT_NAMES) else list(LEGACY_OUTPUT_NAMES)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(session.run(names, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}))
 
     return run
 
 
 __all__ = [
     "CAM_MIN_CORRELATION",
+    "OOD_TOLERANCE",
     "PROBABILITY_TOLERANCE",
     "RELOAD_TOLERANCE",
     "ParityReport",

@@ -15,13 +15,11 @@ with :func:`cxrdebias.data.preprocess.preprocess` and the :class:`PreprocessSpec
 model's metadata — never re-specified by hand. :func:`collect_inputs` expands folders
 (recursively: PNG, JPEG and DICOM files) and manifests (CSV with a ``path`` column relative to
 the manifest's folder; ``site``, ``label``, ``patient_id`` columns are carried along).
-:func:`predict_to_csv` is ``cxrdebias predict``.
+:func:`cxrdebias.deploy.predict.predict_to_csv` is ``cxrdebias predict``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,19 +28,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cxrdebias.data.cxr.manifest import MANIFEST, read_manifest_images
+from cxrdebias.data.cxr.manifest import read_manifest_images
 from cxrdebias.data.images import read_image
 from cxrdebias.data.preprocess import PreprocessSpec, ResizeGeometry, preprocess, resize_geometry
 from cxrdebias.deploy.onnx_metadata import (
     CAM,
     INPUT_NAME,
+    LEGACY_OUTPUT_NAMES,
+    OOD_SCORE,
     OUTPUT_NAMES,
     PROBABILITIES,
     ModelMetadata,
 )
-from cxrdebias.deploy.overlay import save_overlay
-from cxrdebias.errors import CheckpointError, ConfigError, DataError, OutputError, RunExistsError
-from cxrdebias.fileio import check_writable, spreadsheet_safe, write_text_atomic
+from cxrdebias.errors import CheckpointError, ConfigError, DataError
 
 #: suffixes of the image files taken from a folder (DICOM files without a suffix are also
 #: taken when they carry the ``DICM`` marker)
@@ -170,7 +168,10 @@ class RuntimePredictions:
     ``probabilities``: N×K (columns = ``labels``); ``cams``: N×S×S Grad-CAM of the positive
     class in ``[0, 1]``, in model-input geometry (``geometries[i]`` maps it onto image ``i``,
     see :func:`cxrdebias.deploy.overlay.cam_to_image`). ``images`` holds the ``[0, 1]`` originals
-    only while streaming (:meth:`CXRModel.iter_predict`).
+    only while streaming (:meth:`CXRModel.iter_predict`). ``ood_score`` (N float),
+    ``in_distribution`` (N bool: ``ood_score <= ood_threshold``) and ``ood_threshold``: the
+    out-of-distribution score, its verdict and threshold, ``None`` for a model without them
+    (exported before the guard).
     """
 
     names: list[str]
@@ -183,6 +184,9 @@ class RuntimePredictions:
     geometries: list[ResizeGeometry]
     fields: list[dict[str, str]]
     images: list[np.ndarray] | None = None
+    ood_score: np.ndarray | None = None
+    in_distribution: np.ndarray | None = None
+    ood_threshold: float | None = None
 
     @property
     def positive_probability(self) -> np.ndarray:
@@ -212,7 +216,15 @@ class RuntimePredictions:
             provider=first.provider,
             geometries=[g for p in parts for g in p.geometries],
             fields=[f for p in parts for f in p.fields],
+            ood_score=_joined([p.ood_score for p in parts]),
+            in_distribution=_joined([p.in_distribution for p in parts]),
+            ood_threshold=first.ood_threshold,
         )
+
+
+def _joined(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    """The arrays of consecutive batches concatenated; ``None`` when a batch has none."""
+    return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
 
 
 def _providers(device: str) -> list[str]:
@@ -235,6 +247,7 @@ class CXRModel:
         self.session = session
         self.metadata = metadata
         self.source = source
+        self.has_ood = [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
 
     @property
     def provider(self) -> str:
@@ -243,11 +256,18 @@ class CXRModel:
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (N×K) and CAMs (N×S×S) of a preprocessed batch (N×C×S×S float32)."""
+        probs, cams, _ = self.run_all(batch)
+        return probs, cams
+
+    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Probabilities (N×K), CAMs (N×S×S) and OOD scores (N; ``None`` for a model without
+        them) of a preprocessed batch (N×C×S×S float32)."""
         expected = self.metadata.preprocessing.output_shape
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise DataError(f"model input must be N×{'×'.join(map(str, expected))}, got {batch.shape}")
+        names = list(OUTPUT_NAMES if self.has_ood else LEGACY_OUTPUT_NAMES)
         try:
-            probs, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+            probs, cams, *ood = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
         except Exception as exc:  # onnxruntime's pybind error types: a graph that does not fit its metadata
             text = " ".join(str(exc).split())[:200]
             raise CheckpointError(f"{self.source}: the model failed on its own preprocessed input ({type(exc).__name__}: {text})") from None
@@ -257,7 +277,9 @@ class CXRModel:
                 f"{self.source}: the model returned probabilities {np.shape(probs)} and CAMs {np.shape(cams)}; "
                 f"its metadata promise {n}×{len(self.metadata.labels)} and {n}×{size}×{size}"
             )
-        return probs, cams
+        if ood and np.shape(ood[0]) != (n,):
+            raise CheckpointError(f"{self.source}: the model returned OOD scores {np.shape(ood[0])}; expected one per image ({n})")
+        return probs, cams, (ood[0] if ood else None)
 
     def iter_predict(
         self, images: Iterable[str | os.PathLike | np.ndarray | InputImage], batch_size: int = 16
@@ -270,7 +292,7 @@ class CXRModel:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             batch, originals = prepare(chunk, spec)
-            probs, cams = self.run(batch)
+            probs, cams, ood = self.run_all(batch)
             yield RuntimePredictions(
                 names=[x.name for x in chunk],
                 probabilities=probs,
@@ -282,6 +304,9 @@ class CXRModel:
                 geometries=[resize_geometry(p.shape, spec) for p in originals],
                 fields=[x.fields for x in chunk],
                 images=originals,
+                ood_score=ood,
+                in_distribution=None if ood is None or meta.ood_threshold is None else ood <= meta.ood_threshold,
+                ood_threshold=meta.ood_threshold,
             )
 
     def predict(
@@ -319,8 +344,13 @@ def load_model(model: str | os.PathLike | bytes, *, device: str = "auto") -> CXR
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, source)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != [INPUT_NAME] or outputs != [PROBABILITIES, CAM]:
-        raise CheckpointError(f"{source}: graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}")
+    if inputs != [INPUT_NAME] or outputs not in (list(OUTPUT_NAMES), list(LEGACY_OUTPUT_NAMES)):
+        raise CheckpointError(
+            f"{source}: graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and "
+            f"{list(OUTPUT_NAMES)} (or {list(LEGACY_OUTPUT_NAMES)} before the OOD guard)"
+        )
+    if outputs == list(OUTPUT_NAMES) and metadata.ood_threshold is None:
+        raise CheckpointError(f"{source}: the graph has an {OOD_SCORE!r} output but its metadata give no 'ood_threshold'")
     _check_graph_shapes(session, metadata, source)
     return CXRModel(session, metadata, source)
 
@@ -334,6 +364,7 @@ def _check_graph_shapes(session: ort.InferenceSession, metadata: ModelMetadata, 
         INPUT_NAME: ("N", c, s, s),
         PROBABILITIES: ("N", len(metadata.labels)),
         CAM: ("N", s, s),
+        OOD_SCORE: ("N",),
     }
     for arg in [*session.get_inputs(), *session.get_outputs()]:
         want, got = promised[arg.name], list(arg.shape)
@@ -344,78 +375,3 @@ def _check_graph_shapes(session: ort.InferenceSession, metadata: ModelMetadata, 
                 f"{s}×{s} px, {len(metadata.labels)} labels) promise {'×'.join(map(str, want))}; "
                 "the metadata do not belong to this graph"
             )
-
-
-# -- cxrdebias predict --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PredictSummary:
-    """What :func:`predict_to_csv` wrote."""
-
-    csv: Path
-    images: int
-    positive: int
-    provider: str
-    cam_dir: Path | None
-
-
-def _check_outputs(out_csv: Path, cam_dir: Path | None, force: bool) -> None:
-    """Every way the outputs could not be written, checked before any inference."""
-    if out_csv.is_dir():
-        raise OutputError(f"{out_csv}: is a folder; --out takes the predictions CSV file (e.g. predictions.csv)")
-    if out_csv.exists() and not force:
-        raise RunExistsError(f"{out_csv}: already exists; pass --force to overwrite it")
-    check_writable(out_csv)
-    if cam_dir is None:
-        return
-    if cam_dir.exists() and not cam_dir.is_dir():
-        raise OutputError(f"{cam_dir}: is a file; --cams takes the folder for the overlay PNGs")
-    if cam_dir.is_dir() and any(cam_dir.iterdir()) and not force:
-        raise RunExistsError(f"{cam_dir}: CAM folder is not empty; pass --force to write into it")
-    check_writable(cam_dir, folder=True)
-
-
-def predict_to_csv(
-    model: CXRModel,
-    inputs: Iterable[str | os.PathLike],
-    out_csv: str | os.PathLike,
-    *,
-    cam_dir: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    force: bool = False,
-    allow_links_outside: bool = False,
-) -> PredictSummary:
-    """``cxrdebias predict``: one CSV row per image, optional CAM overlay PNGs.
-
-    Columns: ``file``, ``probability`` (of the positive class), ``predicted_label``,
-    ``threshold``, ``provider``, then ``site``, ``label``, ``patient_id`` when any input came
-    from a manifest, and ``cam`` (overlay file name) with ``cam_dir``. Overlays are named
-    ``<row number>_<file stem>.png``. Nothing is written over an existing CSV or into a
-    non-empty CAM folder without ``force``; that both can be written is checked before any
-    inference; the CSV is written last, in one piece. Text cells that a spreadsheet would run
-    as a formula (``=``, ``+``, ``-``, ``@`` first) get a leading ``'``
-    (:func:`cxrdebias.fileio.spreadsheet_safe`). ``allow_links_outside``: see :func:`collect_inputs`.
-    """
-    out_csv = Path(out_csv)
-    cams = Path(cam_dir) if cam_dir is not None else None
-    _check_outputs(out_csv, cams, force)
-    items = collect_inputs(inputs, allow_links_outside=allow_links_outside)
-    extra = [c for c in MANIFEST.sample_fields if any(c in x.fields for x in items)]
-    header = ["file", "probability", "predicted_label", "threshold", "provider", *extra] + (["cam"] if cams else [])
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    n_positive, row = 0, 0
-    for part in model.iter_predict(items, batch_size):
-        for i, name in enumerate(part.names):
-            row += 1
-            values = [name, f"{part.positive_probability[i]:.6f}", part.predicted_labels[i], f"{part.threshold:.6f}", part.provider]
-            values += [part.fields[i].get(c, "") for c in extra]
-            if cams is not None:
-                overlay = f"{row:05d}_{Path(name).stem}.png"
-                assert part.images is not None
-                save_overlay(cams / overlay, part.images[i], part.cams[i], part.geometries[i])
-                values.append(overlay)
-            writer.writerow([spreadsheet_safe(v) for v in values])
-        n_positive += int(part.predicted_positive.sum())
-    write_text_atomic(out_csv, buf.getvalue())
-    return PredictSummary(out_csv, row, n_positive, model.provider, cams)

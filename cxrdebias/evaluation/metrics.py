@@ -9,17 +9,20 @@ Names follow fairlearn where a counterpart exists (``by_group``, ``group_min``,
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def as_numpy(x: Any) -> np.ndarray:
     """``x`` as a NumPy array: a tensor is detached and copied to the CPU, anything else goes
-    through ``np.asarray`` (no copy when it already is an array)."""
-    if isinstance(x, torch.Tensor):
+    through ``np.asarray`` (no copy when it already is an array). Torch is not imported here (the
+    per-site report also serves the torch-free ``cxrdebias predict``): a tensor can only exist
+    when torch is already loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
 

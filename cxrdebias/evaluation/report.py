@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrdebias.evaluation.calibration import calibration_markdown
 from cxrdebias.evaluation.formatting import format_value
 from cxrdebias.evaluation.formatting import markdown_cell as _cell
 from cxrdebias.evaluation.leakage import probe_compare_markdown, probe_markdown
@@ -233,6 +234,8 @@ def to_markdown(
         lines += ["", *site_thresholds_markdown(report["site_thresholds"], digits)]
     if "site_probe" in report:
         lines += ["", *probe_markdown(report["site_probe"], digits)]
+    if "calibration" in report:
+        lines += ["", *calibration_markdown(report["calibration"], ext)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -23,6 +23,12 @@ from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
 from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import ConfigError, DataError, DiskFullError, OutputError, RunExistsError
+from cxrdebias.evaluation.calibration import (
+    CALIBRATION_PNG,
+    calibration_report,
+    fit_temperature,
+    plot_reliability,
+)
 from cxrdebias.evaluation.leakage import site_probe, site_probe_by_layer
 from cxrdebias.evaluation.paired import OVERALL, paired_differences, paired_markdown
 from cxrdebias.evaluation.proportions import class_sizes_text
@@ -76,7 +82,9 @@ def evaluate_run(
     in every table and the plot, and kept out of the summaries across sites. Uses the threshold chosen on validation and
     saved with the model, or with ``site_thresholds`` one threshold per training site chosen on
     its own validation images (:mod:`cxrdebias.evaluation.thresholds`; the global one for the
-    others). Writes report.json/.csv/.md and report.png to ``out`` (default ``RUN/eval``,
+    others). The calibration section (per-site ECE and Brier score before and after temperature
+    scaling fitted on the run's validation split, :mod:`cxrdebias.evaluation.calibration`) goes
+    into the report and its reliability diagram into calibration.png. Writes report.json/.csv/.md and report.png to ``out`` (default ``RUN/eval``,
     ``RUN/eval_site_thresholds`` with ``site_thresholds``), which must not exist unless ``force``; ``force`` replaces only a cxrdebias
     report folder, never the run, the data or a folder holding them (:mod:`cxrdebias.training.folders`).
     Symbolic links of the manifest may lead out of its folder with ``allow_links_outside``
@@ -172,6 +180,13 @@ def evaluate_run(
         report["site_thresholds"] = {"method": SITE_THRESHOLD_METHOD, "global_threshold": art["threshold"], "by_site": chosen}
         console.print("per-site thresholds: " + esc(", ".join(f"{k} {v['threshold']:.4g} ({v['source']})" for k, v in chosen.items())))
     report["site_probe"] = _probe_report(validation, p, sites, val_table, why, split, seed, layers)
+    if val_table is not None and not val_table.empty:  # temperature scaling fitted on the validation split
+        pv, _ = validation()
+        temperature = fit_temperature(pv.logits.double().numpy(), pv.targets.numpy())
+        report["calibration"] = calibration_report(y, p.logits.double().numpy(), sites, temperature,
+                                                   fitted_on=f"validation split ({len(pv.targets)} images)")
+    else:
+        report["calibration"] = {"absent": why or "the run has no validation split to fit the temperature on"}
     if external:
         console.print(f"external site(s), not in training: {esc(', '.join(external))}")
     name = f"{run.path.name} ({art['method']['name']})"
@@ -182,6 +197,9 @@ def evaluate_run(
         write_marker(staging, "report")
         write_report(report, staging, run_name=name, metadata={"source": source, "split": split, "method": art["method"]})
         plot_site_report(report, staging / "report.png", y_true=y, y_score=report_score, sites=sites, title=name)
+        if "temperature" in report["calibration"]:
+            plot_reliability(y, p.logits.double().numpy(), sites, report["calibration"]["temperature"], staging / CALIBRATION_PNG,
+                             title=f"{name}: reliability on the {split} split")
         write_predictions(staging / "predictions.csv", ds.table.iloc[p.indices.numpy()], score, threshold)
         replace_folder(staging, out)
     except OutputError as exc:
