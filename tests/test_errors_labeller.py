@@ -135,3 +135,25 @@ def test_grid_max_pool_keeps_where_a_local_cue_is():
     torch.testing.assert_close(flat.take(), e.amax(dim=(2, 3)))
     with pytest.raises(ConfigError, match="layer_pool"):
         FeatureTap(net, "extractor.2", pool="median")
+
+
+@pytest.mark.parametrize("extra,name", [
+    (("--labeller", "errors", "--set", "unsupervised.warmup_steps=2"), "errors"),
+    (("--labeller", "gce_head", "--set", "unsupervised.layer_pool=max", "--set", "unsupervised.layer_grid=2"), "gce_head"),
+])
+def test_local_cue_labellers_train_on_the_patch_benchmark_and_analyze_bias(fake_mnist, tmp_path, monkeypatch, capsys, extra, name):
+    import json
+
+    from tests.conftest import run_cli
+    from tests.test_pseudo_bias import _tiny
+
+    out = tmp_path / name
+    args = _tiny(fake_mnist, out, "--method", "groupdro", "--bias", "auto", "--set", "data.bias_kind=patch", *extra)
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["pseudo_bias"]["labeller"] == name and r["pseudo_bias"]["n"] > 0 for r in records)
+    code, _, err = run_cli(["analyze-bias", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((out / "analysis" / "agreement.json").read_text())
+    assert f"{name} labeller" in report["pseudo_labels_from"] and report["split_agreement"]["n"] > 0
