@@ -46,7 +46,7 @@ AllowOutsideOpt = Annotated[
     ),
 ]
 LabellerOpt = Annotated[
-    str | None, typer.Option(help="--bias auto: pseudo-bias labeller (attractor, cluster or gce_head; docs/unsupervised.md).")
+    str | None, typer.Option(help="--bias auto: pseudo-bias labeller (attractor, cluster, gce_head or errors; docs/unsupervised.md).")
 ]
 
 

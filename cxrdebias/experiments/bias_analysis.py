@@ -136,7 +136,8 @@ def analyze_run(
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{ckpt_file}: does not fit the run's model ({exc})") from None
     layer = cfg.unsupervised.layer if isinstance(method, UnsupervisedBias) else None
-    tap = FeatureTap(model, layer) if layer is not None else None
+    u = cfg.unsupervised
+    tap = FeatureTap(model, layer, u.layer_pool, u.layer_grid) if layer is not None else None
     if tap is not None:  # the labeller reads an earlier layer (unsupervised.layer): keep it in the same pass
         tap.kept = []
     p = predict(model, make_loader(samples, 256), keep_features=True)

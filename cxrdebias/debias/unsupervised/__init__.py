@@ -24,6 +24,15 @@ computed (no extra pass over the data, no second training run) into pseudo-bias 
     a linear head on the *detached* bottleneck trained with the generalised cross-entropy
     (``q = 0.7``, :func:`~cxrdebias.debias.lff.generalized_cross_entropy`, LfF eq. 1), which
     amplifies the easiest cue — the bias; its arg-max is the label (class space).
+``errors``
+    JTT/LfF-style, online: a per-sample EMA (indexed by ``batch["index"]``) of the early
+    model's one-hot predictions during the warm-up (the shortcut phase), frozen at its end;
+    label = target where the EMA of "correct" is ≥ ``easy_threshold`` (bias-aligned), else the
+    other class most voted for (likely conflicting). Class space, like ``attractor``; made for
+    local cues, which pooled features may not separate.
+
+The tapped layer (``layer``) is pooled over space by ``layer_pool`` (mean or max), over a
+``layer_grid × layer_grid`` grid of regions so that *where* a local cue is survives the pooling.
 
 Common options (:class:`PseudoBiasOptions`): ``warmup_steps`` (before it, with
 ``warmup_labels: none``, the wrapped method gets no bias labels and takes a plain cross-entropy
@@ -74,6 +83,7 @@ from cxrdebias.debias.unsupervised.labellers import (
     LABELLER_CLASSES,
     AttractorLabeller,
     ClusterLabeller,
+    ErrorsLabeller,
     GCEHeadLabeller,
     PseudoBiasLabeller,
     build_labeller,
@@ -90,6 +100,7 @@ __all__ = [
     "SOURCES",
     "AttractorLabeller",
     "ClusterLabeller",
+    "ErrorsLabeller",
     "FeatureTap",
     "GCEHeadLabeller",
     "GroupMoments",

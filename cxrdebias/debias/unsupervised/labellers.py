@@ -1,4 +1,4 @@
-"""The online pseudo-bias labellers (``attractor``, ``cluster``, ``gce_head``) and their
+"""The online pseudo-bias labellers (``attractor``, ``cluster``, ``gce_head``, ``errors``) and their
 vectorised helpers (spherical k-means, cosine silhouette).
 
 A labeller turns the features and logits of the batch the model has just computed into
@@ -342,8 +342,82 @@ class GCEHeadLabeller(PseudoBiasLabeller):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
+class ErrorsLabeller(PseudoBiasLabeller):
+    """JTT/LfF-style, online: which training samples the *early* model gets wrong.
+
+    Per training sample (indexed by ``batch["index"]``) an EMA of the one-hot prediction,
+    ``v_i ← a·v_i + (1 − a)·onehot(argmax logits_i)`` (``a = ema``; the first visit sets it), kept
+    while ``step < warmup_steps`` (the shortcut phase) and frozen after. ``v_i[t_i]`` is the EMA
+    of "classified correctly". Label: ``t_i`` (bias-aligned, "easy") when
+    ``v_i[t_i] ≥ easy_threshold``, else the class the early model voted for most among the
+    others (likely conflicting: the class whose shortcut it carries; binary: the other class).
+    Class space, like ``attractor``. A sample the warm-up never saw is bias-aligned
+    (:meth:`fallback`); without an index (``analyze-bias`` on another split) the label is the
+    model's current prediction when it is wrong, the target otherwise.
+    """
+
+    name = "errors"
+
+    def _setup(self, device, make_optimizer) -> None:
+        self.register_buffer("trained", torch.zeros((), dtype=torch.bool, device=device))
+
+    def setup(self, feature_dim, num_classes, num_samples=0, device="cpu", make_optimizer=None) -> None:
+        if self.options.warmup_steps < 1:
+            raise ConfigError("unsupervised.labeller=errors learns during the warm-up: set unsupervised.warmup_steps ≥ 1 (e.g. one or two epochs of steps)")
+        if self.options.source == "ema":
+            raise ConfigError("unsupervised.labeller=errors keeps its own per-sample EMA: use source=live or frozen")
+        super().setup(feature_dim, num_classes, num_samples, device, make_optimizer)
+        # "soft_" tables are per training sample (left out when another split is labelled)
+        self.register_buffer("soft_votes", torch.zeros(max(1, num_samples), num_classes, device=torch.device(device)))
+        self.register_buffer("soft_voted", torch.zeros(max(1, num_samples), dtype=torch.bool, device=torch.device(device)))
+
+    def learning(self, step: int) -> bool:
+        return step < self.options.warmup_steps  # frozen at the end of warm-up, whatever ``source``
+
+    def _update(self, features, logits, targets) -> None:
+        pass
+
+    def _refresh(self, step) -> None:
+        pass
+
+    @torch.no_grad()
+    def vote(self, logits: torch.Tensor, index: torch.Tensor) -> None:
+        """Fold this batch's predictions into the per-sample EMA of votes."""
+        index = index.to(self.soft_votes.device).long()
+        pred = F.one_hot(logits.argmax(dim=1), self.num_classes).to(self.soft_votes.dtype).to(self.soft_votes.device)
+        seen = self.soft_voted[index]
+        a = self.options.ema
+        self.soft_votes[index] = torch.where(seen[:, None], a * self.soft_votes[index] + (1 - a) * pred, pred)
+        self.soft_voted[index] = True
+        self.trained.fill_(True)
+
+    def label_from_votes(self, votes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``target`` where its vote share ≥ ``easy_threshold``, else the most-voted other class."""
+        t = targets.to(votes.device).long()
+        easy = votes.gather(1, t[:, None]).squeeze(1) >= self.options.easy_threshold
+        other = votes.scatter(1, t[:, None], float("-inf")).argmax(dim=1)
+        return torch.where(easy, t, other)
+
+    @torch.no_grad()
+    def assign(self, features, logits, targets, step=0, index=None):
+        t = targets.long()
+        if index is None or self.soft_votes.shape[0] <= 1:  # no per-sample table: the current errors
+            return self.label_from_votes(F.one_hot(logits.argmax(dim=1), self.num_classes).float(), t)
+        if self.learning(step):
+            self.vote(logits, index)
+        index = index.to(self.soft_votes.device).long()
+        labels = self.label_from_votes(self.soft_votes[index], t)
+        return torch.where(self.soft_voted[index], labels, self.fallback(t).to(labels.device))
+
+    def summary(self) -> dict[str, Any]:
+        voted = self.soft_voted
+        if not bool(voted.any()):
+            return {}
+        return {"voted_samples": int(voted.sum())}
+
+
 LABELLER_CLASSES: dict[str, type[PseudoBiasLabeller]] = {
-    cls.name: cls for cls in (AttractorLabeller, ClusterLabeller, GCEHeadLabeller)
+    cls.name: cls for cls in (AttractorLabeller, ClusterLabeller, GCEHeadLabeller, ErrorsLabeller)
 }
 
 
@@ -357,6 +431,7 @@ __all__ = [
     "LABELLER_CLASSES",
     "AttractorLabeller",
     "ClusterLabeller",
+    "ErrorsLabeller",
     "GCEHeadLabeller",
     "PseudoBiasLabeller",
     "build_labeller",

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LABELLERS: tuple[str, ...] = ("attractor", "cluster", "gce_head")
+LABELLERS: tuple[str, ...] = ("attractor", "cluster", "gce_head", "errors")
 SOURCES: tuple[str, ...] = ("live", "frozen", "ema")
 
 
@@ -21,7 +21,7 @@ class PseudoBiasOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = Field(False, description="replace the dataset's bias labels by online pseudo-bias labels")
-    labeller: Literal["attractor", "cluster", "gce_head"] = "attractor"
+    labeller: Literal["attractor", "cluster", "gce_head", "errors"] = "attractor"
     warmup_steps: int = Field(10, ge=0, description="optimiser steps before the labeller's pseudo labels are used")
     warmup_labels: Literal["none", "target"] = Field(
         "target",
@@ -41,6 +41,9 @@ class PseudoBiasOptions(BaseModel):
     min_silhouette: float = Field(0.1, description="cluster, k=auto: below this best silhouette a class keeps 1 cluster")
     bank_size: int = Field(4096, ge=2, description="cluster: memory bank of recent features")
     kmeans_iters: int = Field(20, ge=1)
+    easy_threshold: float = Field(
+        0.5, gt=0, le=1, description="errors: a sample is bias-aligned when the EMA of its correct predictions is at least this"
+    )
     q: float = Field(0.7, gt=0, le=1, description="gce_head: GCE exponent")
     min_aligned: float = Field(
         0.7,
@@ -51,6 +54,10 @@ class PseudoBiasOptions(BaseModel):
         "remove and the step is plain CE",
     )
     gate_momentum: float = Field(0.9, ge=0, lt=1, description="EMA weight of the past aligned share (per step)")
+    layer_pool: Literal["mean", "max"] = Field("mean", description="how the tapped layer is pooled over space")
+    layer_grid: int = Field(
+        1, ge=1, le=8, description="pool the tapped layer over a g×g grid of regions (features = channels·g²): keeps where a cue is"
+    )
     layer: str | None = Field(
         "early",
         description="features the labeller reads: null = the bottleneck; 'early' = the model's first block; "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cxrdebias.errors import ConfigError
@@ -34,7 +35,11 @@ def resolve_layer(model: nn.Module, name: str, option: str = "unsupervised.layer
 
 
 class FeatureTap:
-    """The output of one named module of a model, averaged over its spatial axes, at every forward.
+    """The output of one named module of a model, pooled over space, at every forward.
+
+    ``pool``: ``mean`` (default) or ``max`` over space; ``grid = g > 1`` pools each of a
+    ``g × g`` grid of regions separately (``adaptive_{avg,max}_pool2d``), so the features
+    (``channels·g²``) keep *where* a local cue is, which a global pool loses.
 
     The labeller can read an earlier layer than the bottleneck (``unsupervised.layer``): the
     bottleneck is what the debiasing method acts on, so the better the method works the less
@@ -44,8 +49,11 @@ class FeatureTap:
     the module before it in its parent).
     """
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, pool: str = "mean", grid: int = 1):
         name = resolve_layer(model, name)
+        if pool not in ("mean", "max") or grid < 1:
+            raise ConfigError(f"unsupervised.layer_pool={pool!r}, layer_grid={grid!r}: expected 'mean' or 'max' and a grid ≥ 1")
+        self.pool, self.grid = pool, int(grid)
         modules = dict(model.named_modules())
         self.name = name
         width = _width(modules[name])
@@ -56,16 +64,25 @@ class FeatureTap:
             width = next((w for w in (_width(m) for m in reversed(before)) if w is not None), None)
         if width is None:
             raise ConfigError(f"unsupervised.layer={name!r}: cannot tell the number of channels of that module")
-        self.width = width
+        self.channels = width
+        self.width = width * self.grid**2
         self.value: torch.Tensor | None = None
         self.kept: list[torch.Tensor] | None = None  # set to [] to keep every forward pass's value
         self._handle = modules[name].register_forward_hook(self._capture)
 
     def _capture(self, module, inputs, output) -> None:
         out = output.detach().float()
-        self.value = out.flatten(2).mean(dim=2) if out.dim() > 2 else out
+        if out.dim() > 2 and out.shape[1] != self.channels:
+            raise ConfigError(f"unsupervised.layer={self.name!r}: output has {out.shape[1]} channels, expected {self.channels}")
+        if out.dim() == 4 and (self.grid > 1 or self.pool == "max"):
+            pool = F.adaptive_max_pool2d if self.pool == "max" else F.adaptive_avg_pool2d
+            self.value = pool(out, self.grid).flatten(1)  # channel-major: c·g² + row·g + col
+        elif out.dim() > 2:
+            self.value = out.flatten(2).amax(dim=2) if self.pool == "max" else out.flatten(2).mean(dim=2)
+        else:
+            self.value = out
         if self.value.shape[1] != self.width:
-            raise ConfigError(f"unsupervised.layer={self.name!r}: output has {self.value.shape[1]} channels, expected {self.width}")
+            raise ConfigError(f"unsupervised.layer={self.name!r}: output has {self.value.shape[1]} features, expected {self.width}")
         if self.kept is not None:
             self.kept.append(self.value)
 

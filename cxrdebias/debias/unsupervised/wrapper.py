@@ -84,7 +84,7 @@ class UnsupervisedBias(Method):
 
     def setup(self, model, context: TrainContext) -> None:
         if self.unsupervised.layer is not None:
-            self._tap = FeatureTap(model, self.unsupervised.layer)
+            self._tap = FeatureTap(model, self.unsupervised.layer, self.unsupervised.layer_pool, self.unsupervised.layer_grid)
         tap = self._tap
         self.labeller.setup(
             tap.width if tap is not None else getattr(model, "feature_dim", None),
