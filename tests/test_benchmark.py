@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrdebias.errors import ConfigError
+from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.experiments import benchmark as bm
 from cxrdebias.experiments.benchmark import (
     Cell,
@@ -467,6 +467,85 @@ def test_build_table_refuses_dirty_cells_unless_allowed(tmp_path):
     assert "◇ from a dirty tree" in table["markdown"]
 
 
+# -- merging an earlier table's cells ------------------------------------------------------------
+
+
+def _split_fill(tmp_path: Path, spec):
+    """The cells of ``spec`` split over two folders as two machines would: EnD and LNL on one,
+    the rest on the other; the first one's table as the earlier benchmark.json."""
+    _fill(tmp_path / "a", spec, skip={c.name for c in cells(spec) if c.recipe in ("end", "posthoc")})
+    build_table(spec, tmp_path / "a")
+    _fill(tmp_path / "b", spec, skip={c.name for c in cells(spec) if c.recipe not in ("end", "vanilla")})
+    return tmp_path / "a" / "benchmark.json", tmp_path / "b"
+
+
+def test_merge_adds_an_earlier_tables_cells_and_gives_the_same_table(tmp_path):
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    _fill(tmp_path / "whole", spec)
+    whole = build_table(spec, tmp_path / "whole")
+    earlier, folder = _split_fill(tmp_path, spec)
+    merged = build_table(spec, folder, merge=[earlier])
+    # the vanilla cells are in both and agree: counted once; the post-hoc row needs its source run
+    assert merged["summary"]["merged"] == [{"file": str(earlier), "cells": 8}]  # reference and LNL
+    s, w = merged["summary"]["recipes"], whole["summary"]["recipes"]
+    assert {n: e["n_cells"] for n, e in s.items()} == {n: (0 if n == "posthoc" else 4) for n in spec.recipes}
+    for name in ("vanilla", "reference", "end", "lnl"):
+        assert s[name]["metrics"]["worst_site_ba"] == w[name]["metrics"]["worst_site_ba"]
+    assert s["end"]["gap_closed"]["worst_site_ba"]["value"] == pytest.approx(0.5)
+    assert s["end"]["vs_baseline"]["worst_site_ba"]["n"] == 4
+    assert f"8 cell(s) merged from `{earlier}`" in merged["markdown"]
+    assert len(_strict(folder / "benchmark.json")["cells"]) == 16
+
+
+def test_merge_refuses_a_cell_that_does_not_reproduce(tmp_path):
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    earlier, folder = _split_fill(tmp_path, spec)
+    doc = json.loads(earlier.read_text(encoding="utf-8"))
+    cell = next(c for c in doc["cells"] if c["recipe"] == "vanilla" and c["data_seed"] == 1 and c["train_seed"] == 0)
+    cell["worst_site_ba"] += 0.01
+    earlier.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(DataError, match=r"cells\[\d+\]: cell seed1-vanilla-train0 is in both, with worst_site_ba 0\.59\d* there and 0\.58"):
+        build_table(spec, folder, merge=[earlier])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["spec"].update(config="cxr/other.yaml"), r"spec\.config is 'cxr/other\.yaml'"),
+        (lambda d: d["spec"]["data"].update(synth={"n_sites": 3}), r"spec\.data\.synth differs"),
+        (lambda d: d["spec"]["recipes"]["end"].update(set=["method.alpha=9"]), r"recipe 'end' differs from this spec's in set"),
+        (lambda d: d["cells"][0].update(recipe="jtt"), r"cells\[0\]: recipe 'jtt' is not in this spec"),
+        (lambda d: d["cells"][0].update(data_seed=7), r"cells\[0\]: data seed 7, training seed 0 are not among this spec's"),
+        (lambda d: d["cells"][0].pop("probe"), r"cells\[0\]: expected recipe, data_seed, train_seed and .*KeyError"),
+        (lambda d: d.pop("cells"), r"not a benchmark\.json"),
+    ],
+)
+def test_merge_refuses_what_would_mix_different_experiments(tmp_path, edit, message):
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    earlier, folder = _split_fill(tmp_path, spec)
+    doc = json.loads(earlier.read_text(encoding="utf-8"))
+    edit(doc)
+    earlier.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises((ConfigError, DataError), match=message):
+        build_table(spec, folder, merge=[earlier])
+
+
+def test_merge_accepts_a_recipe_that_was_only_relabelled(tmp_path):
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    earlier, folder = _split_fill(tmp_path, spec)
+    doc = json.loads(earlier.read_text(encoding="utf-8"))
+    doc["spec"]["recipes"]["lnl"]["label"] = "LNL (old name)"
+    earlier.write_text(json.dumps(doc), encoding="utf-8")
+    assert build_table(spec, folder, merge=[earlier])["summary"]["recipes"]["lnl"]["n_cells"] == 4
+
+
+def test_merge_a_missing_file_is_a_one_line_error(tmp_path):
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    _, folder = _split_fill(tmp_path, spec)
+    with pytest.raises(DataError, match=r"--merge .*nope\.json: cannot read"):
+        build_table(spec, folder, merge=[tmp_path / "nope.json"])
+
+
 @pytest.mark.parametrize("synth", [{}, {"external_sites": 1}, {"cue": "tag", "bias_strength": 0.0}])
 def test_prepare_data_reuses_the_sets_it_wrote(tmp_path, synth):
     """A rerun finds the synthetic sets its options wrote (synth_config.json records only the
@@ -605,7 +684,7 @@ def test_publish_writes_the_marked_block_the_json_and_the_plot(tmp_path):
 
     import pytest
 
-    from cxrdebias.errors import ConfigError
+    from cxrdebias.errors import ConfigError, DataError
     from cxrdebias.experiments.benchmark_table import publish
 
     docs = tmp_path / "cxr.md"

@@ -37,6 +37,8 @@ def benchmark_cmd(
     docs: Annotated[Path | None, typer.Option(help="Also write the table into this Markdown file (between <!-- benchmark:NAME:start/end -->, NAME = the spec's "
                                                "file name) and its JSON and plot under results/benchmark/ beside it.")] = None,
     allow_dirty: Annotated[bool, typer.Option("--allow-dirty", help="Run and tabulate from a checkout with uncommitted changes (marked).")] = False,
+    merge: Annotated[list[Path] | None, typer.Option(help="Add the cells of another benchmark.json (repeatable; e.g. cells run on another machine); "
+                                                          "its spec must mean the same, a cell in both must agree.")] = None,
 ) -> None:
     """Train and evaluate every recipe of the spec on every data and training seed; a table with gap closed,
     paired differences against vanilla, the per-layer site probe and the external sites."""
@@ -52,7 +54,7 @@ def benchmark_cmd(
         set=set_,
     )
     failed = [] if table_only else run_benchmark(the_spec, out_dir, jobs=jobs, allow_dirty=allow_dirty, console=err)
-    table = build_table(the_spec, out_dir, allow_dirty=allow_dirty)
+    table = build_table(the_spec, out_dir, allow_dirty=allow_dirty, merge=merge)
     out.print(table["markdown"], markup=False, highlight=False)
     err.print(f"wrote {esc(out_dir / 'benchmark.json')}, benchmark.md and benchmark.png")
     if docs is not None:
