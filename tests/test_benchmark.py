@@ -684,7 +684,7 @@ def test_publish_writes_the_marked_block_the_json_and_the_plot(tmp_path):
 
     import pytest
 
-    from cxrdebias.errors import ConfigError, DataError
+    from cxrdebias.errors import ConfigError
     from cxrdebias.experiments.benchmark_table import publish
 
     docs = tmp_path / "cxr.md"
