@@ -99,3 +99,47 @@ def test_train_refuses_bad_manifest(tmp_path, monkeypatch, capsys):
 def test_end_without_bias_labels_is_refused(manifest, tmp_path, monkeypatch, capsys):
     code, _, err = cli(["train", "--data", str(manifest), "--bias", "none", "--method", "end", "--out", str(tmp_path / "r"), *FAST], monkeypatch, capsys)
     assert code == 2 and "needs bias labels" in err
+
+
+def test_export_puts_the_test_report_of_this_very_model_into_the_model_card(trained, tmp_path):
+    from cxrdebias.deploy.export import export_run
+    from cxrdebias.fileio import sha256_files
+
+    run = trained["end"]
+    rep = json.loads((run / "eval" / "report.json").read_text())
+    assert rep["model_sha256"] == sha256_files([run / "model.pt"])
+    card = export_run(run, tmp_path / "m" / "model.onnx", n_cam_images=4).model_card.read_text()
+    test = card[card.index("## Test split (`cxrdebias evaluate`)"):card.index("## How to use")]
+    assert "From eval/report.json of this model.pt: split `test`" in test
+    for site in ("actualmed", "ieee8023"):  # per-site rows with the bootstrap and Wilson intervals
+        row = next(line for line in test.splitlines() if line.startswith(f"| {site} |"))
+        assert row.count("[") >= 5
+    assert "### Calibration (temperature T = " in test and "ECE before" in test
+    assert "\n# " not in test  # the report's headings are demoted under the card's
+    how = card[card.index("## How to use"):]
+    assert "cxrdebias predict IMAGES_OR_FOLDER_OR_MANIFEST --model model.onnx --out predictions.csv" in how
+    assert "cxrdebias view --model model.onnx" in how
+
+
+def test_the_model_card_leaves_out_a_missing_stale_or_unattributed_test_report(trained, tmp_path):
+    import shutil
+
+    from cxrdebias.deploy.export import run_test_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained["end"] / "model.pt", run / "model.pt")
+    report, why = run_test_report(run)
+    assert report is None and why.startswith("no eval/report.json in the run; run `cxrdebias evaluate")
+    (run / "eval").mkdir()
+    rep = json.loads((trained["end"] / "eval" / "report.json").read_text())
+    (run / "eval" / "report.json").write_text(json.dumps(rep))
+    assert run_test_report(run)[0] == rep
+    with open(run / "model.pt", "ab") as f:  # trained again after the report
+        f.write(b"\0")
+    report, why = run_test_report(run)
+    assert report is None and "is of another model.pt" in why
+    (run / "eval" / "report.json").write_text(json.dumps({k: v for k, v in rep.items() if k != "model_sha256"}))
+    assert "does not say which model it is of" in run_test_report(run)[1]
+    (run / "eval" / "report.json").write_text("{not json")
+    assert "cannot read" in run_test_report(run)[1]

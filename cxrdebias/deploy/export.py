@@ -34,6 +34,7 @@ is written. Existing files are never replaced without ``force``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -47,7 +48,7 @@ import torch
 import cxrdebias
 from cxrdebias.data.csv_records import resolve_relative_path
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.deploy.artefact import POSITIVE_INDEX, SPLITS_FILE, load_model_artefact
+from cxrdebias.deploy.artefact import MODEL_FILE, POSITIVE_INDEX, SPLITS_FILE, load_model_artefact
 from cxrdebias.deploy.explain import GradCAMModel
 from cxrdebias.deploy.guard import (
     DEFAULT_LAYER,
@@ -75,7 +76,7 @@ from cxrdebias.deploy.parity import (
 from cxrdebias.errors import CxrDebiasError, ExportError, RunExistsError
 from cxrdebias.evaluation.calibration import threshold_at_temperature
 from cxrdebias.evaluation.ood import DEFAULT_METHOD, DEFAULT_PERCENTILE
-from cxrdebias.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrdebias.fileio import sha256_files, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 DEFAULT_OPSET = 17
 DEFAULT_CAM_IMAGES = 16
@@ -316,10 +317,39 @@ def export_run(
     moved = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=False) if a is not None)
     if moved > RELOAD_TOLERANCE or (got[2] is None) != (guard is None):
         raise ExportError(f"refusing to write {targets[0]}: the model with metadata gives outputs {moved:.3g} away from the verified ones")
+    test_report, test_note = run_test_report(run_path)
     write_bytes_atomic(targets[0], final)
-    write_text_atomic(targets[1], model_card(meta, targets[0].name))
+    write_text_atomic(targets[1], model_card(meta, targets[0].name, test_report=test_report, test_note=test_note))
     write_json_atomic(targets[2], monai_metadata(meta))
     return ExportResult(targets[0], targets[1], targets[2], meta, parity, len(final))
+
+
+#: the report ``cxrdebias evaluate RUN`` writes by default
+TEST_REPORT = Path("eval") / "report.json"
+TEST_REPORT_MAX_BYTES = 32 * 1024 * 1024
+
+
+def run_test_report(run_path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The run's ``eval/report.json`` when it is a report of this very ``model.pt`` (its
+    ``model_sha256``), for the model card; otherwise ``None`` and why it is left out."""
+    path = run_path / TEST_REPORT
+    hint = f"run `cxrdebias evaluate {run_path} --per-institution` before exporting"
+    if not path.is_file():
+        return None, f"no {TEST_REPORT.as_posix()} in the run; {hint}"
+    if path.stat().st_size > TEST_REPORT_MAX_BYTES:
+        return None, f"{path}: larger than {TEST_REPORT_MAX_BYTES} bytes, not read"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, f"{path}: cannot read ({exc})"
+    if not isinstance(report, dict) or "by_group" not in report or "sites" not in report:
+        return None, f"{path}: not a report of `cxrdebias evaluate`"
+    recorded = report.get("model_sha256")
+    if recorded is None:
+        return None, f"{path} does not say which model it is of (written by an older cxrdebias); {hint}"
+    if recorded != sha256_files([run_path / MODEL_FILE]):
+        return None, f"{path} is of another model.pt (the run was trained again after it); {hint}"
+    return report, f"{TEST_REPORT.as_posix()} of this model.pt"
 
 
 def _fit_guard(

@@ -274,8 +274,41 @@ def _guard_lines(meta: dict[str, Any]) -> list[str]:
     ]
 
 
-def model_card(meta: dict[str, Any], model_file: str) -> str:
-    """``MODEL_CARD.md``: what the model is, how it was trained, validated and checked."""
+def _test_lines(test_report: dict[str, Any] | None, note: str | None) -> list[str]:
+    """The test split's per-site results with intervals and calibration (``cxrdebias evaluate``'s
+    report of this model), headings demoted under the card's."""
+    from cxrdebias.evaluation.report import to_markdown
+
+    lines = ["## Test split (`cxrdebias evaluate`)", ""]
+    if test_report is None:
+        return [*lines, f"Not included: {note or 'no test report'}.", ""]
+    body = to_markdown(test_report).splitlines()[2:]  # without its own title
+    lines += [f"From {note}: split `{test_report.get('split')}` of `{test_report.get('source')}`, the decision rule above "
+              "(on the model's own scores before temperature scaling, which gives the same decisions).", ""]  # fmt: skip
+    lines += [("##" + line[1:]) if line.startswith("#") else line for line in body]
+    return [*lines, ""]
+
+
+def _how_to_use(model_file: str) -> list[str]:
+    return [
+        "## How to use",
+        "",
+        "```bash",
+        f"cxrdebias predict IMAGES_OR_FOLDER_OR_MANIFEST --model {model_file} --out predictions.csv",
+        f"cxrdebias predict labelled_manifest.csv --model {model_file} --out predictions.csv   # + per-site metrics; sites not in training marked external",
+        f"cxrdebias view --model {model_file} --data IMAGES_OR_FOLDER_OR_MANIFEST   # worklist, Grad-CAM overlay, out-of-distribution badges",
+        "```",
+        "",
+        "Read a prediction only together with `in_distribution`: a flagged image is unlike the training data and its "
+        "probability means nothing. The Grad-CAM shows where the evidence for the positive class lies, not a finding.",
+        "",
+    ]
+
+
+def model_card(meta: dict[str, Any], model_file: str, *, test_report: dict[str, Any] | None = None, test_note: str | None = None) -> str:
+    """``MODEL_CARD.md``: what the model is, how it was trained, validated and checked; with
+    ``test_report`` (the run's ``eval/report.json`` of this model) its test-split results, else
+    ``test_note`` says why they are missing."""
     val, checks, spec = meta["validation"], meta["export"]["checks"], meta["preprocessing"]
     fh, fw = meta["io"]["outputs"][CAM]["feature_map_size"]
     method = ", ".join(f"{k}={v}" for k, v in meta["method"].items() if k != "name") or "no options"
@@ -327,6 +360,8 @@ def model_card(meta: dict[str, Any], model_file: str) -> str:
         "Recorded at training (precision " + str(val.get("training_precision")) + "; the table above is the exported "
         "float32 model): " + ", ".join(f"{k} {format_metric(v)}" for k, v in rec.items()) + ".",
         "",
+        *_test_lines(test_report, test_note),
+        *_how_to_use(model_file),
         "## Export checks (passed before this file was written)",
         "",
         f"- Images: {checks['images']}.",

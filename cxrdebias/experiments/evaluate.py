@@ -21,7 +21,7 @@ from cxrdebias.console import esc, make_console
 from cxrdebias.data.base import TensorBatchLoader
 from cxrdebias.data.cxr import CXRDataset, load_manifest, load_splits
 from cxrdebias.data.preprocess import PreprocessSpec
-from cxrdebias.deploy.artefact import SPLITS_FILE, load_model_artefact
+from cxrdebias.deploy.artefact import MODEL_FILE, SPLITS_FILE, load_model_artefact
 from cxrdebias.errors import ConfigError, DataError, DiskFullError, OutputError, RunExistsError
 from cxrdebias.evaluation.calibration import (
     CALIBRATION_PNG,
@@ -44,7 +44,7 @@ from cxrdebias.evaluation.thresholds import DECISION, choose_site_thresholds, si
 from cxrdebias.evaluation.thresholds import METHOD as SITE_THRESHOLD_METHOD
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
-from cxrdebias.fileio import spreadsheet_safe, write_text_atomic
+from cxrdebias.fileio import sha256_files, spreadsheet_safe, write_text_atomic
 from cxrdebias.models.pooled import probe_layers
 from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
 from cxrdebias.training.folders import check_replaceable, write_marker
@@ -172,6 +172,7 @@ def evaluate_run(
         n_boot=n_boot, seed=seed, external=external,
     )
     report["run"] = str(run.path)
+    report["model_sha256"] = sha256_files([run.path / MODEL_FILE])  # which model this report is of (export checks it)
     report["method"] = art["method"]
     report["split"] = split
     report["source"] = source
