@@ -21,18 +21,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The released demo model (models/cxr-synthetic-end/): embedded synthetic data (seed 0) → EnD with
-# the site as the bias (configs/cxr/synthetic.yaml, seed 0, one thread) → per-site test report →
-# verified ONNX export with MODEL_CARD.md and metadata.json. ≈ 10 min on a 2-core CPU.
+# The released demo model (models/cxr-synthetic-end/): embedded synthetic data (seed 0) → the
+# default site recipe (configs/cxr/synthetic.yaml: EnD + site×label sampling, seed 0) at 224 px
+# (a 7×7 Grad-CAM) → per-site test report → verified ONNX export (OOD guard, temperature) with
+# MODEL_CARD.md (test-split results) and metadata.json. Time: docs/deployment.md (bf16 CPUs).
 RELEASE := runs/release
 release-model: $(STAMP)
 	$(BIN)/cxrdebias data synth --out $(RELEASE)/data --seed 0 --force
 	$(BIN)/cxrdebias train --data $(RELEASE)/data/manifest.csv --config configs/cxr/synthetic.yaml \
 		--bias site --method end --seed 0 --out $(RELEASE)/end --force \
-		--set train.num_threads=1 --set train.progress=false
+		--image-size 224
 	$(BIN)/cxrdebias evaluate $(RELEASE)/end --per-institution --force
 	$(BIN)/cxrdebias export $(RELEASE)/end --out models/cxr-synthetic-end/model.onnx \
-		--model-version cxr-synthetic-end-0.1.0 --force
+		--model-version cxr-synthetic-end-0.2.0 --force
 	install -m 644 $(RELEASE)/end/eval/report.md models/cxr-synthetic-end/test_report.md
 
 # Replace the CPU onnxruntime by onnxruntime-gpu (they install the same module; never keep both).
