@@ -11,6 +11,19 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_exec_of_the_test_process(monkeypatch):
+    """`cxrdebias view` replaces its process by Streamlit's (os.execvp): called in-process by a test
+    that did not mock it, it would replace pytest itself and the run would hang on a server. A
+    test that means to exec mocks ``os.execvp`` itself (its monkeypatch wins over this one)."""
+    import os
+
+    def refuse(file, args):
+        pytest.fail(f"os.execvp({file!r}, ...) called in the test process; mock os.execvp in this test")
+
+    monkeypatch.setattr(os, "execvp", refuse)
 SHARED_DATA = REPO.parent / "shared" / "data"
 MNIST15K = SHARED_DATA / "mnist15k"
 CXR_SOURCES = SHARED_DATA / "cxr-covid-sources"

@@ -429,7 +429,7 @@ def test_view_with_allow_outside_shows_a_linked_images_folder(linked_share, tmp_
     manifest, _ = linked_share
     model = _model(tmp_path / "model.onnx")
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(os, "execvp", lambda file, cmd: calls.append(cmd))  # `view` execs Streamlit
     for extra in ([], ["--allow-outside"]):
         code, _, err = run_cli(["view", "--model", model, "--data", manifest, *extra], monkeypatch, capsys)
         assert code == 0, err

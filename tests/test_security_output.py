@@ -448,7 +448,6 @@ def test_view_prints_no_markup_from_paths(tmp_path, monkeypatch, capsys):
     """`view` refuses a missing --data path whose name carries markup with one plain line."""
     model = toy_model(tmp_path / "m.onnx")
     missing = tmp_path / "[/x]:x:"
-    monkeypatch.setattr(subprocess, "call", lambda cmd: 0)
     code, _, err = run_cli(["view", "--model", model, "--data", missing], monkeypatch, capsys)
     assert_one_line_error(code, err, str(missing))
 
