@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
