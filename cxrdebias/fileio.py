@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -157,6 +158,14 @@ def spreadsheet_safe(value: Any) -> Any:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     atomic_write(Path(path), lambda f: f.write(data))
+
+
+def write_png_atomic(fig: Any, path: str | Path, dpi: int) -> Path:
+    """A Matplotlib figure as a PNG file, written atomically (the figure is left open)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -232,6 +232,19 @@ def tiny_cxr_run(cxr_manifest, tmp_path_factory) -> Path:
     return out
 
 
+def run_without_its_images(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` (model, splits, config) whose recorded manifest points nowhere: a run
+    moved to a machine without its training images."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for name in ("model.pt", "splits.csv"):
+        shutil.copy(run / name, dest / name)
+    config = (run / "config.yaml").read_text()
+    (dest / "config.yaml").write_text(config.replace("manifest: ", "manifest: /nonexistent/", 1))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def exported_cxr_model(tiny_cxr_run, tmp_path_factory):
     """``export_run`` of :func:`tiny_cxr_run`, verified on its validation split (an ``ExportResult``)."""

@@ -27,7 +27,7 @@ from cxrdebias.errors import ExportError
 from cxrdebias.evaluation.calibration import threshold_at_temperature
 from cxrdebias.models.base import L2Normalize, ModelOutput, activation
 from cxrdebias.models.densenet import DenseNet121
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_without_its_images
 
 SPEC64 = PreprocessSpec(image_size=64)
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -320,14 +320,7 @@ def test_cli_export_on_given_images_and_refusals(tiny_cxr_run, cxr_manifest, tmp
 
 
 def test_export_without_reachable_validation_images(tiny_cxr_run, tmp_path, monkeypatch, capsys):
-    import shutil
-
-    run = tmp_path / "moved"
-    run.mkdir()
-    for name in ("model.pt", "splits.csv"):
-        shutil.copy(tiny_cxr_run / name, run / name)
-    config = (tiny_cxr_run / "config.yaml").read_text()
-    (run / "config.yaml").write_text(config.replace("manifest: ", "manifest: /nonexistent/", 1))
+    run = run_without_its_images(tiny_cxr_run, tmp_path / "moved")
     code, _, err = run_cli(["export", run, "--out", tmp_path / "m.onnx"], monkeypatch, capsys)
     assert code == 2 and "--check-images" in err and "not reachable" in err
     assert not (tmp_path / "m.onnx").exists()

@@ -29,7 +29,7 @@ from cxrdebias.evaluation.ood import (
     mahalanobis_scores,
     percentile_threshold,
 )
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_without_its_images
 
 
 # -- calibration by hand ------------------------------------------------------------------------
@@ -220,12 +220,7 @@ def test_export_with_energy_score(tiny_cxr_run, tmp_path):
 
 
 def test_export_without_training_images_writes_no_guard(tiny_cxr_run, cxr_manifest, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "moved"
-    run.mkdir()
-    for name in ("model.pt", "splits.csv"):
-        shutil.copy(tiny_cxr_run / name, run / name)
-    config = (tiny_cxr_run / "config.yaml").read_text()
-    (run / "config.yaml").write_text(config.replace("manifest: ", "manifest: /nonexistent/", 1))
+    run = run_without_its_images(tiny_cxr_run, tmp_path / "moved")
     pngs = sorted((cxr_manifest.parent / "images").rglob("*.png"))[:2]
     out = tmp_path / "m.onnx"
     code, _, err = run_cli(["export", run, "--out", out, "--cam-images", "2", *sum((["--check-images", p] for p in pngs), [])],

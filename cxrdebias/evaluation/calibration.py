@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import brier_score_loss
 
-from cxrdebias.fileio import write_bytes_atomic
+from cxrdebias.fileio import write_png_atomic
 
 N_BINS = 10
 BINNING = (
@@ -190,11 +189,7 @@ def plot_reliability(y_true: Any, logits: Any, sites: Any, temperature: float, p
         ax.legend(loc="upper left", fontsize="x-small")
     if title:
         fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    path = Path(path_png)
-    write_bytes_atomic(path, buf.getvalue())
-    return path
+    return write_png_atomic(fig, path_png, dpi)
 
 
 __all__ = [

@@ -43,8 +43,8 @@ from cxrdebias.evaluation.site_report import SITE_METRICS
 from cxrdebias.evaluation.thresholds import site_thresholds_markdown
 from cxrdebias.fileio import (
     spreadsheet_safe,
-    write_bytes_atomic,
     write_json_atomic,
+    write_png_atomic,
     write_text_atomic,
 )
 
@@ -479,8 +479,4 @@ def plot_site_report(
     if title:
         fig.suptitle(title)
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    path = Path(path_png)
-    write_bytes_atomic(path, buf.getvalue())
-    return path
+    return write_png_atomic(fig, path_png, dpi)
