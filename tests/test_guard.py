@@ -17,10 +17,14 @@ from cxrdebias.deploy.predict import site_files
 from cxrdebias.deploy.runtime import load_model
 from cxrdebias.errors import ExportError
 from cxrdebias.evaluation.calibration import (
+    LOG_T_BOUND,
     brier_score,
+    calibration_markdown,
+    calibration_report,
     expected_calibration_error,
     fit_temperature,
     nll,
+    temperature_warning,
     threshold_at_temperature,
 )
 from cxrdebias.evaluation.ood import (
@@ -67,6 +71,23 @@ def test_temperature_of_overconfident_logits_is_above_one():
     assert p == pytest.approx(0.75, abs=0.03)
     # under-confident logits (gap ±0.1, all correct) want T < 1
     assert fit_temperature(np.stack([-0.05 * np.where(y == 1, 1, -1), 0.05 * np.where(y == 1, 1, -1)], axis=1), y) < 1.0
+
+
+def test_a_temperature_at_the_edge_of_the_search_is_a_warning_not_a_calibration():
+    # regression: a model worse than chance on its validation split (the real-data export of
+    # docs/deployment.md: 22 images) got T = e^5 = 148.4, every probability ≈ 0.5, and nothing said so
+    y = np.array([0, 1] * 20)
+    wrong = np.stack([4.0 * (2 * y - 1), -4.0 * (2 * y - 1)], axis=1)  # confidently wrong on every image
+    t = fit_temperature(wrong, y)
+    assert t == pytest.approx(np.exp(LOG_T_BOUND), rel=1e-3)
+    msg = temperature_warning(t, 40)
+    assert msg.startswith("T = 148.4 is at the edge of the search (e^+5): the validation split (40 images) gives no usable")
+    assert "towards 0.5" in msg
+    assert "to 0 or 1" in temperature_warning(np.exp(-LOG_T_BOUND), None)
+    assert temperature_warning(3.8, 421) is None and temperature_warning(np.exp(LOG_T_BOUND - 0.01)) is None
+    cal = calibration_report(y, wrong, ["a"] * 40, t, n_fit=40)
+    assert cal["warning"] == msg and any("**warning**: T = 148.4" in line for line in calibration_markdown(cal))
+    assert "warning" not in calibration_report(y, wrong, ["a"] * 40, 2.0, n_fit=40)
 
 
 def test_threshold_at_temperature_keeps_decisions():
@@ -258,3 +279,14 @@ def test_metadata_guard_keys_are_checked(changes, message):
     assert (plain.temperature, plain.ood_threshold, plain.training_sites) == (1.0, None, None)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
         ModelMetadata.from_props(encode({**meta, **changes}), "m.onnx")
+
+
+def test_the_model_card_repeats_a_temperature_warning():
+    from cxrdebias.deploy.model_card import _guard_lines
+
+    temp = {"value": 148.4, "fitted_on": "validation split (22 images), minimum NLL", "nll_before": 2.0, "nll_after": 0.69}
+    guard = {"temperature": temp, "description": "d", "statistics_from": "s", "threshold_rule": "r", "validation_flagged": 0.05}
+    meta = {"temperature": 148.4, "ood_threshold": 29.2, "export": {"guard": guard}}
+    assert "Warning" not in "\n".join(_guard_lines(meta))
+    temp["warning"] = temperature_warning(148.4131591025766, 22)
+    assert f"**Warning: {temp['warning']}.**" in "\n".join(_guard_lines(meta))

@@ -50,6 +50,8 @@ def export_cmd(
             f"{esc(meta['export']['guard'].get('layer') or 'logits')}) threshold {meta['ood_threshold']:.4g}, "
             f"max relative |Δ| vs reference {c.ood_max_rel_diff:.2e} ({c.n_ood_images} images)"
         )
+        if warning := meta["export"]["guard"].get("temperature", {}).get("warning"):
+            err.print(f"[yellow]warning:[/] {esc(warning)}")
     if c.n_cam_constant == c.n_cam_images:
         err.print("[yellow]warning:[/] every checked Grad-CAM map was constant: the CAM check says little for this model")
     out.print(f"wrote {esc(res.model)} ({res.size_bytes / 1e6:.1f} MB), {esc(res.model_card.name)}, {esc(res.monai_metadata.name)}")

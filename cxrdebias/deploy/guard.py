@@ -34,7 +34,7 @@ from torch import nn
 
 from cxrdebias.deploy.explain import GradCAMModel
 from cxrdebias.errors import ExportError
-from cxrdebias.evaluation.calibration import fit_temperature, nll
+from cxrdebias.evaluation.calibration import fit_temperature, nll, temperature_warning
 from cxrdebias.evaluation.ood import (
     DEFAULT_PERCENTILE,
     DESCRIPTIONS,
@@ -169,7 +169,8 @@ def fit_guard(
         "validation_flagged": float((val_scores > guard.threshold).mean()),
         **({"class_counts": stats.counts, "ledoit_wolf_shrinkage": stats.shrinkage, "feature_dim": int(f_tr[layer].shape[1])} if stats else {}),
         "temperature": {"value": temperature, "fitted_on": f"validation split ({len(y_va)} images), minimum NLL",
-                        "nll_before": nll(l_va, y_va), "nll_after": nll(l_va, y_va, temperature)},
+                        "nll_before": nll(l_va, y_va), "nll_after": nll(l_va, y_va, temperature),
+                        **({"warning": w} if (w := temperature_warning(temperature, len(y_va))) else {})},
     }
     return guard
 

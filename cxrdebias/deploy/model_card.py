@@ -266,7 +266,8 @@ def _guard_lines(meta: dict[str, Any]) -> list[str]:
         "## Calibration and out-of-distribution guard",
         "",
         f"- Probabilities are `softmax(logits / T)` with **T = {meta['temperature']:.4f}** ({temp['fitted_on']}; "
-        f"validation NLL {temp['nll_before']:.4f} → {temp['nll_after']:.4f}).",
+        f"validation NLL {temp['nll_before']:.4f} → {temp['nll_after']:.4f})."
+        + (f" **Warning: {temp['warning']}.**" if temp.get("warning") else ""),
         f"- `{OOD_SCORE}`: {guard['description']}; statistics from the {guard['statistics_from']}.",
         f"- An image is **out of distribution** when `{OOD_SCORE}` > **{meta['ood_threshold']:.4g}** ({guard['threshold_rule']}; "
         f"{guard['validation_flagged']:.1%} of the validation images are above it). Do not trust the prediction of a flagged image.",

@@ -97,6 +97,19 @@ def fit_temperature(logits: Any, y_true: Any) -> float:
     return float(np.exp(res.x))
 
 
+def temperature_warning(temperature: float, n: int | None = None) -> str | None:
+    """Why a fitted ``temperature`` should not be trusted, or ``None``: at the edge of the search
+    (``e^±LOG_T_BOUND``) the validation NLL kept falling all the way there, i.e. on those ``n``
+    images the model's scores carry no usable likelihood (T → ∞ flattens every probability to
+    1/K; T → 0 makes them 0 or 1)."""
+    log_t = float(np.log(temperature))
+    if abs(log_t) < LOG_T_BOUND - 1e-3:
+        return None
+    side = "flattens every probability towards 0.5" if log_t > 0 else "pushes every probability to 0 or 1"
+    return (f"T = {temperature:.4g} is at the edge of the search (e^{'+' if log_t > 0 else '-'}{LOG_T_BOUND:g}): the validation "
+            f"split{f' ({n} images)' if n else ''} gives no usable calibration and this T {side}; do not read the probabilities as confidences")
+
+
 def scaled_positive(logits: Any, temperature: float, positive_index: int = 1) -> np.ndarray:
     """Positive-class probability of ``softmax(logits / temperature)``."""
     return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)[:, positive_index]
@@ -117,7 +130,9 @@ def _entry(y: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict[str, An
     }
 
 
-def calibration_report(y_true: Any, logits: Any, sites: Any, temperature: float, *, fitted_on: str = "validation split") -> dict[str, Any]:
+def calibration_report(
+    y_true: Any, logits: Any, sites: Any, temperature: float, *, fitted_on: str = "validation split", n_fit: int | None = None
+) -> dict[str, Any]:
     """ECE and Brier score overall and per site, before (``T = 1``) and after temperature scaling."""
     y = np.asarray(y_true).astype(int)
     site = np.array([str(s) for s in np.asarray(sites).reshape(-1)])
@@ -125,6 +140,7 @@ def calibration_report(y_true: Any, logits: Any, sites: Any, temperature: float,
     by_site = {s: _entry(y[site == s], before[site == s], after[site == s]) for s in sorted(set(site.tolist()))}
     return {
         "temperature": float(temperature),
+        **({"warning": warning} if (warning := temperature_warning(temperature, n_fit)) else {}),
         "fitted_on": fitted_on,
         "binning": BINNING,
         "by_site": by_site,
@@ -154,6 +170,8 @@ def calibration_markdown(cal: Mapping[str, Any], external: set[str] | frozenset[
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"- ECE binning: {cal['binning']}; reliability diagram: {CALIBRATION_PNG}"]
+    if cal.get("warning"):
+        lines.append(f"- **warning**: {cal['warning']}")
     return lines
 
 
@@ -201,6 +219,7 @@ __all__ = [
     "calibration_report",
     "expected_calibration_error",
     "fit_temperature",
+    "temperature_warning",
     "nll",
     "plot_reliability",
     "reliability_bins",

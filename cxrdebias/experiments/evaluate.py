@@ -185,7 +185,7 @@ def evaluate_run(
         pv, _ = validation()
         temperature = fit_temperature(pv.logits.double().numpy(), pv.targets.numpy())
         report["calibration"] = calibration_report(y, p.logits.double().numpy(), sites, temperature,
-                                                   fitted_on=f"validation split ({len(pv.targets)} images)")
+                                                   fitted_on=f"validation split ({len(pv.targets)} images)", n_fit=len(pv.targets))
     else:
         report["calibration"] = {"absent": why or "the run has no validation split to fit the temperature on"}
     if external:
