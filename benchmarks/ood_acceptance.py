@@ -58,7 +58,7 @@ def share(flags: np.ndarray) -> dict[str, Any]:
 
 
 def run_images(run: Path, split: str) -> list:
-    images, why = validation_images(run, RunDir(run).read_config(), split=split)
+    images, why = validation_images(run, RunDir(run).read_config_located(), split=split)
     if images is None:
         raise SystemExit(f"{run}: {why}")
     return images
