@@ -701,6 +701,26 @@ def test_publish_writes_the_marked_block_the_json_and_the_plot(tmp_path):
     assert js.with_suffix(".png").read_bytes() == png.read_bytes()
     with pytest.raises(ConfigError, match="benchmark:other:start"):
         publish(table, docs, "other")
+    for bad in ("../escape", "a/b", "", ".hidden"):  # the name becomes a file name under results/
+        with pytest.raises(ConfigError, match="letters, digits"):
+            publish(table, docs, bad)
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_the_table_states_the_training_precision_and_a_mix_of_them(tmp_path):
+    spec = load_spec(write_spec(tmp_path, SPEC))
+    _fill(tmp_path / "out", spec)
+    for cell in cells(spec):  # hand-built cells: no precision recorded
+        results = cell.folder(tmp_path / "out") / "results.json"
+        if results.exists():
+            doc = json.loads(results.read_text())
+            doc["train"] = {**doc.get("train", {}), "precision": "bf16" if cell.recipe == "end" else "fp32"}
+            results.write_text(json.dumps(doc))
+    table = build_table(spec, tmp_path / "out")
+    assert table["summary"]["precisions"]["end"] == ["bf16"] and table["summary"]["precisions"]["vanilla"] == ["fp32"]
+    assert "- training precision: **mixed** — EnD: bf16; reference: fp32; vanilla: fp32; lnl: fp32; posthoc: bf16" in table["markdown"]
+    _fill(tmp_path / "same", spec)
+    assert "- training precision: not recorded" in build_table(spec, tmp_path / "same")["markdown"]
 
 
 def test_an_interrupt_reaches_the_running_cells_and_starts_no_more(tmp_path):

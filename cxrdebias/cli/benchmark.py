@@ -37,6 +37,7 @@ def benchmark_cmd(
     docs: Annotated[Path | None, typer.Option(help="Also write the table into this Markdown file (between <!-- benchmark:NAME:start/end -->, NAME = the spec's "
                                                "file name) and its JSON and plot under results/benchmark/ beside it.")] = None,
     allow_dirty: Annotated[bool, typer.Option("--allow-dirty", help="Run and tabulate from a checkout with uncommitted changes (marked).")] = False,
+    name: Annotated[str | None, typer.Option(help="With --docs: the block's NAME and the JSON's file name (default: the spec's file name).")] = None,
     merge: Annotated[list[Path] | None, typer.Option(help="Add the cells of another benchmark.json (repeatable; e.g. cells run on another machine); "
                                                           "its spec must mean the same, a cell in both must agree.")] = None,
 ) -> None:
@@ -58,7 +59,7 @@ def benchmark_cmd(
     out.print(table["markdown"], markup=False, highlight=False)
     err.print(f"wrote {esc(out_dir / 'benchmark.json')}, benchmark.md and benchmark.png")
     if docs is not None:
-        md, js = publish(table, docs, Path(spec or DEFAULT_SPEC).stem, plot=out_dir / "benchmark.png")
+        md, js = publish(table, docs, name or Path(spec or DEFAULT_SPEC).stem, plot=out_dir / "benchmark.png")
         err.print(f"wrote the table into {esc(md)} and {esc(js)} (+ .png)")
     if failed:
         err.print(f"[red]{len(failed)} cell(s) failed[/]: {esc(', '.join(c.name for c, _ in failed))}; their logs are in {esc(out_dir / 'logs')}; rerun to retry")

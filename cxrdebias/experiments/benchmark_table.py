@@ -97,6 +97,7 @@ def cell_metrics(report: dict[str, Any], results: dict[str, Any]) -> dict[str, A
         "select_metric": select,
         "select_mode": train_cfg.get("select_mode", "max"),
         "train_time_s": _num(results.get("train", {}).get("time_s")),
+        "precision": results.get("train", {}).get("precision"),
         "code_version": results.get("code_version", {}),
     }
 
@@ -177,7 +178,11 @@ def merge_cells(spec: BenchmarkSpec, rows: list[dict[str, Any]], path: str | Pat
             for k in numbers:
                 a, b = mine[k], row[k]
                 if not (math.isnan(a) and math.isnan(b)) and not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
-                    raise DataError(f"{where}: cell seed{key[1]}-{key[0]}-train{key[2]} is in both, with {k} {b!r} there and {a!r} here")
+                    raise DataError(
+                        f"{where}: cell seed{key[1]}-{key[0]}-train{key[2]} is in both, with {k} {b!r} there and {a!r} here "
+                        f"(trained in {mine.get('precision') or 'an unrecorded precision'} here; training is not bit-reproducible "
+                        "across precisions or CPUs, so such tables are not merged)"
+                    )
             continue
         seen[key] = row
         merged.append(row)
@@ -222,6 +227,7 @@ def summarise(spec: BenchmarkSpec, rows: list[dict[str, Any]]) -> dict[str, Any]
         "dirty": any(r["code_version"].get("git_dirty") for r in rows),
         "dirty_recipes": sorted({r["recipe"] for r in rows if r["code_version"].get("git_dirty")}),
         "select_metrics": sorted({str(r["select_metric"]) for r in rows}),
+        "precisions": {name: sorted({str(r.get("precision") or "not recorded") for r in rows if r["recipe"] == name}) for name in recipes},
     }
 
 
@@ -317,6 +323,12 @@ def to_markdown(spec: BenchmarkSpec, summary: dict[str, Any], n_expected: int, t
                  f"{n_found} of {n_expected} cells finished")  # fmt: skip
     commits = ", ".join(f"{(v.get('git_commit') or 'no git')[:10]}{' (dirty)' if v.get('git_dirty') else ''}" for v in summary["code_versions"])
     lines.append(f"- code: {commits or 'n/a'}; model selection on validation by {', '.join(summary['select_metrics']) or 'n/a'}")
+    precisions = summary.get("precisions", {})
+    used = sorted({p for ps in precisions.values() for p in ps})
+    if len(used) == 1:
+        lines.append(f"- training precision: {used[0]}")
+    elif used:
+        lines.append("- training precision: **mixed** — " + "; ".join(f"{recipes[n]['label']}: {', '.join(ps)}" for n, ps in precisions.items() if ps))
     for m in summary.get("merged", []):
         lines.append(f"- {m['cells']} cell(s) merged from `{m['file']}` (an earlier table; cells in both agreed)")
     if summary["best_by_validation"]:
@@ -450,6 +462,8 @@ def publish(
     and ``<!-- KIND:NAME:end -->`` (headings demoted under the file's own), and its JSON to
     ``<docs folder>/results/KIND/NAME.json`` (the numbers the block shows), the ``plot`` PNG
     beside it. ``kind``: ``benchmark`` or ``sweep``. Returns the two paths."""
+    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name.startswith("."):
+        raise ConfigError(f"--name {name!r}: letters, digits, '.', '_' or '-' only (it names the block and its JSON file)")
     docs = Path(docs)
     start, end = f"<!-- {kind}:{name}:start -->", f"<!-- {kind}:{name}:end -->"
     body = "\n".join(("###" + line[1:]) if line.startswith("#") else line for line in table["markdown"].rstrip().splitlines())
