@@ -738,7 +738,10 @@ def test_an_interrupt_reaches_the_running_cells_and_starts_no_more(tmp_path):
     log = (tmp_path / "log").open("w")
     # the child says when its interpreter runs: a SIGINT that lands between fork and exec is
     # taken by the parent's handler copy and lost with the exec (under load that window is long)
-    sleeper = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"]
+    # (and restores Python's SIGINT handler: a shell's background job, e.g. `./.ci/run &`, starts
+    # with SIGINT ignored, and Python then keeps it ignored)
+    sleeper = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "print('ready', flush=True); time.sleep(30)"]  # fmt: skip
     worker = threading.Thread(target=lambda: codes.append(children.run(sleeper, log, {})))
     worker.start()
     deadline = time.perf_counter() + 60
