@@ -284,7 +284,7 @@ def test_disk_full_in_cxr_train_and_evaluate(cxr_manifest, tmp_path, monkeypatch
     code, _, err = run_cli(evaluate, monkeypatch, capsys)
     assert code == 0, err
     files = {p.name: p.read_bytes() for p in (out / "eval").iterdir()}
-    assert set(files) == {"report.json", "report.csv", "report.md", "report.png", "predictions.csv", ".cxrdebias-report"}
+    assert set(files) == {"report.json", "report.csv", "report.md", "report.png", "calibration.png", "predictions.csv", ".cxrdebias-report"}
 
     disk_full("predictions.csv", room=10)
     line = _one_line_disk_full_error(*run_cli([*evaluate, "--force", "--n-boot", "30"], monkeypatch, capsys), out / "eval" / "predictions.csv")
