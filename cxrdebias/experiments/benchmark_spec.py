@@ -81,16 +81,22 @@ def problems(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML tree of ``path``; one-line errors: ``PATH: cannot read WHAT (…)`` or ``PATH: not
+    valid YAML (its first line)``."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def load_spec(path: str | Path | None = None, **changes: Any) -> BenchmarkSpec:
     """The spec at ``path`` (default :data:`DEFAULT_SPEC`) with ``changes`` (``None`` = keep):
     ``data_seeds``, ``train_seeds``, ``recipes`` (names to keep, in that order), ``manifest``, ``set``."""
     path = Path(path) if path is not None else DEFAULT_SPEC
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the benchmark spec ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    tree = read_yaml(path, "the benchmark spec")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of benchmark options")
     if changes.get("data_seeds") is not None:

@@ -47,7 +47,7 @@ from cxrdebias.experiments.benchmark import (
     run_jobs,
     run_logged,
 )
-from cxrdebias.experiments.benchmark_spec import problems
+from cxrdebias.experiments.benchmark_spec import problems, read_yaml
 from cxrdebias.experiments.dirty import DIRTY_MARK, check_dirty, is_dirty, legend
 from cxrdebias.fileio import write_json_atomic, write_text_atomic
 
@@ -97,12 +97,7 @@ def parse_grid(items: list[str], method: str) -> dict[str, list[str]]:
 def read_grid_file(path: str | Path, method: str) -> dict[str, list[str]]:
     """A YAML mapping ``KEY: [values]`` (a YAML file's grid) in :func:`parse_grid`'s form."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the grid ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    tree = read_yaml(path, "the grid")
     if not isinstance(tree, dict) or not all(isinstance(v, list) and v for v in tree.values()):
         raise ConfigError(f"{path}: expected a mapping of config keys to non-empty lists of values, e.g. method.alpha: [0.1, 1, 5]")
     items = [f"{k}={','.join(v if isinstance(v, str) else json.dumps(v) for v in vals)}" for k, vals in tree.items()]
