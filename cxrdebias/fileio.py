@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cxrdebias.errors import DiskFullError, OutputError
+from cxrdebias.errors import DataError, DiskFullError, OutputError
 
 # the run-folder layout that a disk-full hint refers to (cxrdebias.training.runs uses the same names)
 CONFIG_FILE = "config.yaml"
@@ -186,6 +186,22 @@ def json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json_file(path: str | Path, max_bytes: int) -> Any:
+    """The JSON document of a file handed to us, its size checked before it is read; a
+    :class:`DataError` ``PATH: …`` (one line) when it cannot be read, is larger than ``max_bytes``
+    or is not JSON."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DataError(f"{path}: {size} bytes; at most {max_bytes} are read")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
 
 
 def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 20) -> str:

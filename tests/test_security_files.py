@@ -369,3 +369,23 @@ def test_a_non_finite_float_option_is_refused_before_any_folder_exists(option, d
     line = _one_line(*run_cli(["train", "--data", data, "--out", out, *TRAIN, "--epochs", "1", "--set", option], monkeypatch, capsys))
     assert option.split("=")[0] in line and "finite" in line, line
     assert not out.exists()
+
+
+def test_a_json_file_is_size_checked_before_it_is_read(tmp_path, monkeypatch):
+    from cxrdebias.errors import DataError
+    from cxrdebias.fileio import read_json_file
+
+    path = tmp_path / "table.json"
+    path.write_text('{"cells": [1, 2]}')
+    assert read_json_file(path, 100) == {"cells": [1, 2]}
+    read = []
+    monkeypatch.setattr(type(path), "read_text", lambda self, **kw: read.append(self) or "")
+    with pytest.raises(DataError, match=r"table\.json: 17 bytes; at most 10 are read"):
+        read_json_file(path, 10)
+    assert read == []  # refused on its size, never read
+    monkeypatch.undo()
+    path.write_text("{not json")
+    with pytest.raises(DataError, match=r"table\.json: cannot read \(Expecting"):
+        read_json_file(path, 100)
+    with pytest.raises(DataError, match=r"missing\.json: cannot read \(No such file or directory\)"):
+        read_json_file(tmp_path / "missing.json", 100)

@@ -34,7 +34,6 @@ is written. Existing files are never replaced without ``force``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -73,10 +72,16 @@ from cxrdebias.deploy.parity import (
     check_parity,
     load_model_bare,
 )
-from cxrdebias.errors import CxrDebiasError, ExportError, RunExistsError
+from cxrdebias.errors import CxrDebiasError, DataError, ExportError, RunExistsError
 from cxrdebias.evaluation.calibration import threshold_at_temperature
 from cxrdebias.evaluation.ood import DEFAULT_METHOD, DEFAULT_PERCENTILE
-from cxrdebias.fileio import sha256_files, write_bytes_atomic, write_json_atomic, write_text_atomic
+from cxrdebias.fileio import (
+    read_json_file,
+    sha256_files,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 DEFAULT_OPSET = 17
 DEFAULT_CAM_IMAGES = 16
@@ -336,12 +341,10 @@ def run_test_report(run_path: Path) -> tuple[dict[str, Any] | None, str]:
     hint = f"run `cxrdebias evaluate {run_path} --per-institution` before exporting"
     if not path.is_file():
         return None, f"no {TEST_REPORT.as_posix()} in the run; {hint}"
-    if path.stat().st_size > TEST_REPORT_MAX_BYTES:
-        return None, f"{path}: larger than {TEST_REPORT_MAX_BYTES} bytes, not read"
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return None, f"{path}: cannot read ({exc})"
+        report = read_json_file(path, TEST_REPORT_MAX_BYTES)
+    except DataError as exc:
+        return None, str(exc)
     if not isinstance(report, dict) or "by_group" not in report or "sites" not in report:
         return None, f"{path}: not a report of `cxrdebias evaluate`"
     recorded = report.get("model_sha256")

@@ -4,7 +4,6 @@ refused where they would mix different experiments (:func:`merge_cells`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.experiments.benchmark import BenchmarkSpec
+from cxrdebias.fileio import read_json_file
 
 
 def _float(value: Any) -> float:
@@ -40,17 +40,9 @@ def merge_cells(
     error naming the cell, the metric and the precision it trained in here."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"--merge {path}: cannot read ({exc.strerror})") from None
-    if size > MERGE_MAX_BYTES:
-        raise DataError(
-            f"--merge {path}: {size} bytes; a benchmark.json is at most {MERGE_MAX_BYTES}"
-        )
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"--merge {path}: cannot read ({exc})") from None
+        doc = read_json_file(path, MERGE_MAX_BYTES)
+    except DataError as exc:
+        raise DataError(f"--merge {exc}") from None
     if (
         not isinstance(doc, dict)
         or not isinstance(doc.get("spec"), dict)
@@ -77,7 +69,7 @@ def merge_cells(
                 f"--merge {path}: recipe {name!r} differs from this spec's in {', '.join(diff)}"
             )
     seen = {(r["recipe"], r["data_seed"], r["train_seed"]): r for r in rows}
-    merged, added = list(rows), 0
+    merged = list(rows)
     for i, cell in enumerate(doc["cells"]):
         where = f"--merge {path}: cells[{i}]"
         try:
@@ -111,8 +103,7 @@ def merge_cells(
             continue
         seen[key] = row
         merged.append(row)
-        added += 1
-    return merged, added
+    return merged, len(merged) - len(rows)
 
 
 __all__ = ["MERGE_MAX_BYTES", "RECIPE_KEYS", "SPEC_KEYS", "merge_cells"]
