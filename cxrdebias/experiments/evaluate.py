@@ -46,7 +46,7 @@ from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.protocols.cxr import positive_scores
 from cxrdebias.fileio import sha256_files, spreadsheet_safe, write_text_atomic
 from cxrdebias.models.pooled import probe_layers
-from cxrdebias.training.device import make_autocast, resolve_device, resolve_precision
+from cxrdebias.training.device import resolve_device
 from cxrdebias.training.folders import check_replaceable, write_marker
 from cxrdebias.training.inference import Predictions, predict
 from cxrdebias.training.runs import RunDir, replace_folder, staging_folder
@@ -56,6 +56,7 @@ __all__ = ["EVAL_DIR", "SITE_THRESHOLDS_DIR", "Predictions", "compare_runs", "ev
 EVAL_DIR = "eval"
 #: the default report folder of ``evaluate --site-thresholds`` (beside ``eval``, never over it)
 SITE_THRESHOLDS_DIR = "eval_site_thresholds"
+INFERENCE_PRECISION = "fp32"  # evaluate scores in the precision the exported (ONNX) model runs in
 
 
 def evaluate_run(
@@ -138,10 +139,10 @@ def evaluate_run(
 
     device = resolve_device(cfg.train.device)
     model = model.to(device)
-    precision = resolve_precision(cfg.train.precision, device)
-    autocast = make_autocast(precision, device)
+    # scored in fp32 whatever the training precision: the precision the exported model runs in,
+    # so that this report, its temperature and the ONNX graph's agree (bf16 logits differ by ~1e-2)
     layers = probe_layers(model)  # the per-layer site probe reads them in the same pass
-    p = predict(model, TensorBatchLoader(samples, 64), device=device, autocast=autocast, keep_features=True, layers=layers)
+    p = predict(model, TensorBatchLoader(samples, 64), device=device, keep_features=True, layers=layers)
     y, score = p.targets.numpy(), positive_scores(p)
     sites = np.array(ds.bias_names)[p.biases.numpy()]
     patients = ds.table["patient_id"].to_numpy()[p.indices.numpy()]
@@ -153,7 +154,7 @@ def evaluate_run(
     def validation() -> tuple[Predictions, np.ndarray]:  # the run's validation split through the model, once
         val_ds = CXRDataset(val_table, spec, art["site_to_index"], cache=False, name="val")
         loader = TensorBatchLoader(val_ds.to_tensor_samples(workers=data_cfg.workers), 64)
-        pv = predict(model, loader, device=device, autocast=autocast, keep_features=True, layers=layers)
+        pv = predict(model, loader, device=device, keep_features=True, layers=layers)
         return pv, np.array(val_ds.bias_names)[pv.biases.numpy()]
 
     threshold, report_score, chosen = art["threshold"], score, None
@@ -175,6 +176,7 @@ def evaluate_run(
     report["model_sha256"] = sha256_files([run.path / MODEL_FILE])  # which model this report is of (export checks it)
     report["method"] = art["method"]
     report["split"] = split
+    report["inference_precision"] = INFERENCE_PRECISION
     report["source"] = source
     report["threshold_method"] = art["threshold_method"] if chosen is None else SITE_THRESHOLD_METHOD
     if chosen is not None:
