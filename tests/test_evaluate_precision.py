@@ -51,3 +51,29 @@ def test_a_bf16_run_is_evaluated_in_fp32(tmp_path):
     # the check can fail: this model's bf16 scores are not its fp32 ones
     bf16, _ = _predictions(run, "test", autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert np.abs(positive_scores(bf16) - mine).max() > 1e-5
+
+
+def test_an_equalized_run_exports_and_predicts_what_evaluate_scored(tmp_path):
+    """``data.preprocess.equalize=true`` travels with the model: the run's spec, the ONNX metadata
+    (the model card says so) and onnxruntime's preprocessing; the deployed probabilities are
+    evaluate's, at the graph's temperature."""
+    from cxrdebias.deploy.export import export_run
+    from cxrdebias.deploy.runtime import collect_inputs, load_model, prepare
+
+    synth = SynthConfig(seed=6, image_size=48, n_train_patients_per_site=6, n_val_patients_per_site=8, n_test_patients_per_site=4)
+    with single_torch_thread():
+        run = tiny_synthetic_cxr_run(tmp_path, synth, "data.preprocess.equalize=true")
+        evaluate_run(run, n_boot=0)
+        exported = export_run(run, tmp_path / "model.onnx", n_cam_images=2)
+    _, art = load_model_artefact(run)
+    assert art["preprocess"]["equalize"] is True
+    deployed = load_model(exported.model, device="cpu")
+    assert deployed.metadata.preprocessing.equalize is True
+    assert "histogram-equalised" in exported.monai_metadata.read_text()
+    scored = pd.read_csv(run / "eval" / "predictions.csv")
+    paths = [str(run.parent / "data" / p) if not str(p).startswith("/") else str(p) for p in scored["path"]]
+    batch, _ = prepare(collect_inputs(paths), deployed.metadata.preprocessing)
+    probabilities = deployed.run_all(batch)[0][:, 1]
+    s = scored["probability"].to_numpy(np.float64)
+    at_t = 1.0 / (1.0 + np.exp(-np.log(s / (1.0 - s)) / deployed.metadata.temperature))
+    np.testing.assert_allclose(probabilities, at_t, atol=1e-4)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from cxrdebias.data.images import write_dicom
 from cxrdebias.data.preprocess import (
+    equalize,
     PREPROCESS_VERSION,
     PreprocessSpec,
     preprocess,
@@ -130,3 +131,53 @@ def test_preprocess_file_same_for_png_and_dicom(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(DataError, match="file not found"):
         preprocess_file(tmp_path / "missing.png", spec)
+
+
+# --- equalize: histogram equalisation by exact ranks ---------------------------------------------
+
+
+def test_equalize_by_hand():
+    # n = 6; values 0.2 ×2, 0.1, 0.9, 0.5 ×2: #{≤ 0.1} = 1, #{≤ 0.2} = 3, #{≤ 0.5} = 5, #{≤ 0.9} = 6
+    img = np.array([[0.2, 0.1, 0.9], [0.5, 0.2, 0.5]], dtype=np.float32)
+    np.testing.assert_allclose(equalize(img), [[3 / 6, 1 / 6, 1.0], [5 / 6, 3 / 6, 5 / 6]], rtol=1e-7)
+    assert equalize(np.full((3, 3), 0.4, np.float32)).tolist() == [[1.0] * 3] * 3  # constant → all 1
+
+
+def test_preprocess_equalizes_the_image_not_the_padding():
+    img = np.linspace(0.0, 0.3, 8 * 4, dtype=np.float32).reshape(8, 4)  # letterboxed into 8×8: columns 2..5
+    spec = PreprocessSpec(image_size=8, interpolation="area", equalize=True)
+    out = preprocess(img, spec)[0]
+    np.testing.assert_array_equal(out[:, :2], -1.0)  # padding: 0 → (0 − 0.5) / 0.5
+    np.testing.assert_array_equal(out[:, 6:], -1.0)
+    content = out[:, 2:6] * 0.5 + 0.5  # back to [0, 1]: the 32 distinct values become 1/32 … 32/32
+    assert sorted(content.ravel().tolist()) == pytest.approx([(k + 1) / 32 for k in range(32)])
+
+
+def test_equalize_removes_a_monotone_intensity_change():
+    """A scanner's contrast curve (gamma, gain, offset) changes nothing at the model's size (up to
+    ties the float32 rounding creates) and almost nothing after downsizing; without ``equalize`` it
+    moves the input a lot."""
+    rng = np.random.default_rng(0)
+    curve = lambda x: (0.8 * x**2.2 + 0.1).astype(np.float32)  # noqa: E731
+    same = rng.random((64, 64)).astype(np.float32)
+    spec = PreprocessSpec(image_size=64, equalize=True)
+    assert np.abs(preprocess(same, spec) - preprocess(curve(same), spec)).max() <= 2 * 2 / same.size
+    yy, xx = np.mgrid[0:300, 0:200] / 300.0
+    smooth = np.clip(0.5 + 0.3 * np.sin(6 * xx) * np.cos(4 * yy) + 0.1 * yy, 0, 1).astype(np.float32)
+    spec = PreprocessSpec(image_size=64, equalize=True)
+    assert np.abs(preprocess(smooth, spec) - preprocess(curve(smooth), spec)).max() < 0.01
+    plain = PreprocessSpec(image_size=64)
+    assert np.abs(preprocess(smooth, plain) - preprocess(curve(smooth), plain)).max() > 0.2
+
+
+def test_equalize_is_left_out_of_the_spec_when_off():
+    """Specs (and the data hashes and caches keyed by their JSON) of runs without it are unchanged;
+    with it, the JSON says so and reads back."""
+    off = PreprocessSpec(image_size=32)
+    assert "equalize" not in off.model_dump(mode="json") and "equalize" not in off.model_dump_json()
+    assert json.loads(off.model_dump_json()) == {"version": 1, "image_size": 32, "resize": "letterbox",
+                                                  "interpolation": "area", "mean": 0.5, "std": 0.5, "channels": 1}
+    on = PreprocessSpec(image_size=32, equalize=True)
+    assert json.loads(on.model_dump_json())["equalize"] is True
+    assert PreprocessSpec.model_validate_json(on.model_dump_json()) == on
+    assert PreprocessSpec.model_validate_json(off.model_dump_json()).equalize is False

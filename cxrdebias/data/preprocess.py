@@ -15,7 +15,15 @@ Steps, in order:
    image (extra pixel of an odd padding at the bottom/right); ``center_crop`` scales the
    shorter side to ``image_size`` and keeps the central square (one resampling of the central
    square, no double rounding); ``stretch`` ignores the aspect ratio;
-3. normalise ``(x - mean) / std`` and repeat the channel ``channels`` times.
+3. with ``equalize``, histogram equalisation of the resized image (the letterbox padding
+   excluded and left at 0): each pixel becomes the empirical CDF of the image at its value,
+   ``#{pixels ≤ x} / n``. Exact ranks, no bins: an image already at the model's size gives the
+   same result under any strictly increasing change of its intensities — a scanner's contrast
+   curve, gamma or brightness (the usual reason two hospitals' films look different); after
+   downsizing nearly so (the resampling averages before the ranks are taken) — at the price of
+   the absolute intensities. Off by default; not written into the spec when off, so specs, hashes and
+   caches of runs without it are what they were;
+4. normalise ``(x - mean) / std`` and repeat the channel ``channels`` times.
 
 Interpolation ``"area"`` is Pillow's box filter (each output pixel is the mean of the input
 area it covers: the right choice for shrinking a radiograph; when enlarging it repeats pixels);
@@ -30,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from cxrdebias.data.images import DEFAULT_MAX_PIXELS, TagLike, read_image
 
@@ -61,6 +69,18 @@ class PreprocessSpec(BaseModel):
     mean: float = Field(0.5, description="subtracted after resizing (input range [0, 1])")
     std: float = Field(0.5, gt=0, description="divides after subtracting the mean")
     channels: int = Field(1, ge=1, le=3, description="the gray image repeated this many times (3 for ImageNet backbones)")
+    equalize: bool = Field(
+        False,
+        description="histogram equalisation (the image's empirical CDF, padding excluded) before normalising: "
+        "removes any monotone intensity difference between scanners (contrast curve, gamma, brightness)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_equalize_when_off(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if not self.equalize:  # specs (and the hashes and caches keyed by them) of runs without it stay as they were
+            data.pop("equalize", None)
+        return data
 
     @field_validator("version")
     @classmethod
@@ -163,6 +183,14 @@ def check_unit_image(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
+def equalize(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation by exact ranks: each pixel → ``#{pixels ≤ its value} / n`` (float32,
+    in ``(0, 1]``; equal values stay equal, a constant image becomes all 1)."""
+    flat = image.ravel()
+    ranks = np.searchsorted(np.sort(flat), flat, side="right")
+    return (ranks / np.float64(flat.size)).astype(np.float32).reshape(image.shape)
+
+
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """A ``[0, 1]`` H×W image → float32 model input of shape ``spec.output_shape``.
 
@@ -182,6 +210,8 @@ def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     # resampling filters with negative lobes cannot leave [0, 1] for box/bilinear, but a float
     # round-off must not either
     np.clip(out, 0.0, 1.0, out=out)
+    if spec.equalize:
+        out[top:bottom, left:right] = equalize(out[top:bottom, left:right])
     out = (out - np.float32(spec.mean)) / np.float32(spec.std)
     return np.repeat(out[None], spec.channels, axis=0)  # a new, writable C-contiguous array
 

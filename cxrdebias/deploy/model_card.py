@@ -197,7 +197,8 @@ def monai_metadata(meta: dict[str, Any]) -> dict[str, Any]:
             "copyright": "Copyright (c) cxrdebias developers",
             "data_source": f"training data sha256 {meta['data_hash']}; sites {', '.join(meta['sites']['names'])}",
             "data_type": "dicom, png, jpeg",
-            "image_classes": f"single channel chest X-ray, [0, 1] then (x - {spec.mean}) / {spec.std}, {spec.resize} to {s}x{s}",
+            "image_classes": f"single channel chest X-ray, [0, 1], {spec.resize} to {s}x{s}"
+                            + (", histogram-equalised (empirical CDF)" if spec.equalize else "") + f", then (x - {spec.mean}) / {spec.std}",
             "label_classes": f"0 = {labels[0]}, 1 = {labels[1]}",
             "pred_classes": f"{len(labels)} probabilities: " + ", ".join(f"channel {i} is {x}" for i, x in enumerate(labels)),
             "eval_metrics": {k: v for k, v in (val.get("overall") or val.get("recorded_at_training") or {}).items() if isinstance(v, float)},
