@@ -11,9 +11,9 @@ from pydantic import ValidationError
 
 from cxrdebias.data.images import write_dicom
 from cxrdebias.data.preprocess import (
-    equalize,
     PREPROCESS_VERSION,
     PreprocessSpec,
+    equalize,
     preprocess,
     preprocess_file,
     resize_geometry,
