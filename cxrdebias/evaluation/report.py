@@ -78,23 +78,23 @@ CSV_COLUMNS: tuple[str, ...] = (
 # -- small helpers --------------------------------------------------------------------------
 
 
-def _num(x: Any) -> float:
-    """A report value as float; ``None`` (JSON null) → NaN."""
+def none_to_nan(x: Any) -> float:
+    """A report value as float; ``None`` (JSON null, as :func:`nan_to_none` writes NaN) → NaN."""
     return float("nan") if x is None else float(x)
 
 
 def _fmt_ci(value: Any, ci: Sequence[Any] | None, digits: int = 3) -> str:
-    text = format_value(_num(value), digits)
+    text = format_value(none_to_nan(value), digits)
     if text == "n/a" or ci is None:
         return text
-    lo, hi = (_num(c) for c in ci)
+    lo, hi = (none_to_nan(c) for c in ci)
     if math.isnan(lo) or math.isnan(hi):
         return text
     return f"{text} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _fmt_diff(a: Any, b: Any, digits: int = 3) -> str:
-    d = _num(b) - _num(a)
+    d = none_to_nan(b) - none_to_nan(a)
     return "n/a" if math.isnan(d) else f"{d:+.{digits}f}"
 
 
@@ -114,7 +114,7 @@ def _site_cells(e: Mapping[str, Any], digits: int) -> list[str]:
     small, wilson = small_cells(e), _wilson(e)
     cells = [
         f"{e['n']} ({e.get('n_patients', 'n/a')})",
-        mark_small(f"{format_value(_num(e['prevalence']), digits)} ({fraction(e, 'prevalence')}) "
+        mark_small(f"{format_value(none_to_nan(e['prevalence']), digits)} ({fraction(e, 'prevalence')}) "
                    f"{interval_text(wilson.get('prevalence'), digits)}", small["prevalence"]),
     ]
     for m in ("tpr", "tnr"):
@@ -124,7 +124,7 @@ def _site_cells(e: Mapping[str, Any], digits: int) -> list[str]:
 
 
 def _ci_pct(report: Mapping[str, Any]) -> str:
-    return f"{100 * _num(report['bootstrap']['ci']):g}%"
+    return f"{100 * none_to_nan(report['bootstrap']['ci']):g}%"
 
 
 def external_sites(*reports: Mapping[str, Any]) -> set[str]:
@@ -211,7 +211,7 @@ def to_markdown(
         )
     lines.append(
         f"- worst site (lowest balanced accuracy): {_cell(worst['site'])} — BA "
-        f"{format_value(_num(worst['balanced_accuracy']), digits)}; minimum BA over sites "
+        f"{format_value(none_to_nan(worst['balanced_accuracy']), digits)}; minimum BA over sites "
         f"{_fmt_ci(gmin['balanced_accuracy'], gmin['ci'].get('balanced_accuracy'), digits)}"
     )
     for m in ("balanced_accuracy", "tpr", "tnr", "auroc"):
@@ -226,7 +226,7 @@ def to_markdown(
     boot = report["bootstrap"]
     per_site = " on the per-site mapped scores, i.e. each site's own threshold below," if "site_thresholds" in report else ""
     lines.append(
-        f"- threshold: {_num(report['threshold']):.6g}{per_site} (positive if {report['positive_if']}); "
+        f"- threshold: {none_to_nan(report['threshold']):.6g}{per_site} (positive if {report['positive_if']}); "
         f"{pct} percentile intervals from {boot['n_boot']} {boot['unit']}-level bootstrap "
         f"resamples within each site (seed {boot['seed']})"
     )
@@ -276,8 +276,8 @@ def compare_markdown(
         small_a, small_b = (small_cells(e) if e else {} for e in (ea, eb))
         for m in metrics:
             a, b = ea.get(m), eb.get(m)
-            cells += [mark_small(format_value(_num(a), digits), small_a.get(m, False)),
-                      mark_small(format_value(_num(b), digits), small_b.get(m, False)), _fmt_diff(a, b, digits)]
+            cells += [mark_small(format_value(none_to_nan(a), digits), small_a.get(m, False)),
+                      mark_small(format_value(none_to_nan(b), digits), small_b.get(m, False)), _fmt_diff(a, b, digits)]
         any_small = any_small or any(small_a.values()) or any(small_b.values())
         if site == OVERALL:
             cells = [f"**{c}**" for c in cells]
@@ -289,7 +289,7 @@ def compare_markdown(
         lines.append(f"- external sites (not in training): {_cell(', '.join(sorted(ext)))}; not in the summaries below")
 
     def summary(label: str, a: Any, b: Any) -> str:
-        return f"- {label}: {name_a} {format_value(_num(a), digits)}, {name_b} {format_value(_num(b), digits)} (Δ {_fmt_diff(a, b, digits)})"
+        return f"- {label}: {name_a} {format_value(none_to_nan(a), digits)}, {name_b} {format_value(none_to_nan(b), digits)} (Δ {_fmt_diff(a, b, digits)})"
 
     wa, wb = report_a["worst_site"], report_b["worst_site"]
     lines.append(
@@ -332,12 +332,12 @@ def to_csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             row[c] = int(e[c]) if e.get(c) is not None else math.nan
         for m in SITE_METRICS:
             lo, hi = e["ci"].get(m, (None, None))
-            row[m] = _num(e[m])
-            row[f"{m}_ci_low"] = _num(lo)
-            row[f"{m}_ci_high"] = _num(hi)
+            row[m] = none_to_nan(e[m])
+            row[f"{m}_ci_low"] = none_to_nan(lo)
+            row[f"{m}_ci_high"] = none_to_nan(hi)
             row[f"{m}_n_valid_boot"] = int(e["n_valid_boot"].get(m, 0))
         for m, (lo, hi) in _wilson(e).items():
-            row[f"{m}_wilson_low"], row[f"{m}_wilson_high"] = _num(lo), _num(hi)
+            row[f"{m}_wilson_low"], row[f"{m}_wilson_high"] = none_to_nan(lo), none_to_nan(hi)
         row.update({f"{m}_small": int(v) for m, v in small_cells(e).items()})
         row["external"] = int(bool(e.get("external", False)))
         rows.append(row)
@@ -425,11 +425,11 @@ def plot_site_report(
     x = np.arange(len(rows))
     width = 0.38
     for offset, m, color in ((-width / 2, "tpr", "tab:red"), (width / 2, "tnr", "tab:blue")):
-        wilson = np.array([[_num(c) for c in _wilson(e)[m]] for _, e in rows])  # beside the bar
+        wilson = np.array([[none_to_nan(c) for c in _wilson(e)[m]] for _, e in rows])  # beside the bar
         ax_bar.vlines(x + offset + 0.3 * width, wilson[:, 0], wilson[:, 1], color="0.25", lw=2,
                       label="Wilson" if m == "tpr" else None)
-        vals = np.array([_num(e[m]) for _, e in rows])
-        cis = np.array([[_num(c) for c in e["ci"].get(m, (None, None))] for _, e in rows])
+        vals = np.array([none_to_nan(e[m]) for _, e in rows])
+        cis = np.array([[none_to_nan(c) for c in e["ci"].get(m, (None, None))] for _, e in rows])
         # error bars only where both the value and its interval are defined
         err = np.vstack([vals - cis[:, 0], cis[:, 1] - vals])
         err = np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
@@ -468,13 +468,13 @@ def plot_site_report(
                 continue  # ROC undefined with one class
             fpr, tpr, _ = roc_curve(ts, ss)
             kw = {"color": "black", "lw": 2} if site == OVERALL else {"lw": 1.3, "ls": "--" if site in ext else "-"}
-            (line,) = ax_roc.plot(fpr, tpr, label=f"{site_label(site, ext)} (AUROC {format_value(_num(e['auroc']))})", **kw)
-            ax_roc.plot(1 - _num(e["tnr"]), _num(e["tpr"]), "o", color=line.get_color(), ms=5)
+            (line,) = ax_roc.plot(fpr, tpr, label=f"{site_label(site, ext)} (AUROC {format_value(none_to_nan(e['auroc']))})", **kw)
+            ax_roc.plot(1 - none_to_nan(e["tnr"]), none_to_nan(e["tpr"]), "o", color=line.get_color(), ms=5)
         ax_roc.set_xlim(0, 1)
         ax_roc.set_ylim(0, 1.02)
         ax_roc.set_xlabel("1 − specificity (FPR)")
         ax_roc.set_ylabel("sensitivity (TPR)")
-        ax_roc.set_title(f"ROC per site (dots: threshold {_num(report['threshold']):.3g})")
+        ax_roc.set_title(f"ROC per site (dots: threshold {none_to_nan(report['threshold']):.3g})")
         ax_roc.legend(loc="lower right", fontsize="small")
     if title:
         fig.suptitle(title)

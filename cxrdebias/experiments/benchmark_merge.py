@@ -10,14 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrdebias.errors import ConfigError, DataError
+from cxrdebias.evaluation.report import none_to_nan
 from cxrdebias.experiments.benchmark import BenchmarkSpec
 from cxrdebias.fileio import read_json_file
-
-
-def _float(value: Any) -> float:
-    """``value`` as a float; NaN for ``None`` (a table's JSON writes NaN as ``null``)."""
-    return math.nan if value is None else float(value)
-
 
 #: what makes two recipes the same experiment (the label is only how the table names it)
 RECIPE_KEYS = ("method", "bias", "data", "set", "from", "evaluate")
@@ -75,7 +70,7 @@ def merge_cells(
         try:
             key = (str(cell["recipe"]), int(cell["data_seed"]), int(cell["train_seed"]))
             row = {**cell, "recipe": key[0], "data_seed": key[1], "train_seed": key[2],
-                   **{k: _float(cell[k]) for k in numbers}, "probe_layers": {str(k): _float(v) for k, v in (cell.get("probe_layers") or {}).items()},
+                   **{k: none_to_nan(cell[k]) for k in numbers}, "probe_layers": {str(k): none_to_nan(v) for k, v in (cell.get("probe_layers") or {}).items()},
                    "code_version": dict(cell.get("code_version") or {})}  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(

@@ -28,7 +28,7 @@ import numpy as np
 
 from cxrdebias.errors import ConfigError, DataError
 from cxrdebias.evaluation.benchmark_stats import gap_closed, mean_ci, paired_difference
-from cxrdebias.evaluation.report import nan_to_none
+from cxrdebias.evaluation.report import nan_to_none, none_to_nan
 from cxrdebias.experiments.benchmark import BenchmarkSpec, Cell, cells
 from cxrdebias.experiments.benchmark_merge import merge_cells
 from cxrdebias.experiments.dirty import check_dirty, legend
@@ -61,11 +61,6 @@ def _read(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: cannot read ({exc})") from None
 
 
-def _num(value: Any) -> float:
-    """``value`` as a float; NaN for ``None`` (report.json writes NaN as ``null``) or a missing value."""
-    return math.nan if value is None else float(value)
-
-
 def cell_metrics(report: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one cell (module doc) from its ``report.json`` and ``results.json``."""
     external = set(report.get("external_sites", []))
@@ -90,14 +85,14 @@ def cell_metrics(report: dict[str, Any], results: dict[str, Any]) -> dict[str, A
         "mean_site_auroc": float(np.mean(auc)) if auc else math.nan,
         "tpr_gap": spread("tpr"),
         "tnr_gap": spread("tnr"),
-        "probe": _num(probe.get("mean_auroc")),
-        "probe_layers": {k: _num(v.get("mean_auroc")) for k, v in probe.get("layers", {}).items()},
+        "probe": none_to_nan(probe.get("mean_auroc")),
+        "probe_layers": {k: none_to_nan(v.get("mean_auroc")) for k, v in probe.get("layers", {}).items()},
         "external_ba": float(np.mean(over(ext, "balanced_accuracy"))) if over(ext, "balanced_accuracy") else math.nan,
         "external_auroc": float(np.mean(over(ext, "auroc"))) if over(ext, "auroc") else math.nan,
-        "val_select": _num(val.get(select)) if select else math.nan,
+        "val_select": none_to_nan(val.get(select)) if select else math.nan,
         "select_metric": select,
         "select_mode": train_cfg.get("select_mode", "max"),
-        "train_time_s": _num(results.get("train", {}).get("time_s")),
+        "train_time_s": none_to_nan(results.get("train", {}).get("time_s")),
         "precision": results.get("train", {}).get("precision"),
         "code_version": results.get("code_version", {}),
     }
