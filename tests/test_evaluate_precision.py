@@ -71,7 +71,7 @@ def test_an_equalized_run_exports_and_predicts_what_evaluate_scored(tmp_path):
     assert deployed.metadata.preprocessing.equalize is True
     assert "histogram-equalised" in exported.monai_metadata.read_text()
     scored = pd.read_csv(run / "eval" / "predictions.csv")
-    paths = [str(run.parent / "data" / p) if not str(p).startswith("/") else str(p) for p in scored["path"]]
+    paths = [run.parent / "data" / p for p in scored["path"]]  # relative to the manifest (an absolute path stays as it is)
     batch, _ = prepare(collect_inputs(paths), deployed.metadata.preprocessing)
     probabilities = deployed.run_all(batch)[0][:, 1]
     s = scored["probability"].to_numpy(np.float64)
