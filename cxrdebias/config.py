@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from cxrdebias.errors import ConfigError
 
@@ -53,6 +53,30 @@ class MethodConfig(BaseModel):
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class AugmentConfig(StrictConfig):
+    """Random acquisition-style augmentation of training batches (:mod:`cxrdebias.data.augment`).
+
+    Every option is a range a training image's parameter is drawn from, per image and per step;
+    0 (the default of each) turns that transform off. Intensity options work on each image's own
+    [min, max] range, so they do not depend on the input normalisation. Off by default, and left
+    out of a config's JSON when off (the resolved configs of runs without it stay as they were).
+    """
+
+    gamma: float = Field(0.0, ge=0, le=4, description="gamma exponent log-uniform in [1/(1+g), 1+g]")
+    contrast: float = Field(0.0, ge=0, lt=1, description="contrast factor uniform in [1-c, 1+c] about the image mean")
+    brightness: float = Field(0.0, ge=0, le=1, description="offset uniform in [-b, b], in units of the image's range")
+    noise: float = Field(0.0, ge=0, le=1, description="Gaussian noise, std uniform in [0, n], in units of the image's range")
+    sharpness: float = Field(
+        0.0, ge=0, le=4, description="unsharp amount uniform in [-s, s] with a Gaussian of σ 1 pixel (below 0 blurs, floored at -1)"
+    )
+    crop: float = Field(0.0, ge=0, le=0.5, description="crop of side uniform in [1-c, 1] of the image at a random place, resized back")
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a left-right flip")
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, name) > 0 for name in type(self).model_fields)
 
 
 class TrainConfig(StrictConfig):
@@ -99,6 +123,17 @@ class TrainConfig(StrictConfig):
     sync_batchnorm: bool = Field(
         True, description="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)"
     )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="random acquisition-style augmentation of training batches (off by default; cxrdebias.data.augment)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_augment_when_off(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if not self.augment.enabled:  # resolved configs (and fingerprints) of runs without it stay as they were
+            data.pop("augment", None)
+        return data
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -38,6 +38,7 @@ from torch import nn
 from cxrdebias import distributed as dist_utils
 from cxrdebias.config import TrainConfig
 from cxrdebias.console import esc, make_console
+from cxrdebias.data.augment import augment_batch, augment_generator
 from cxrdebias.data.base import Batch
 from cxrdebias.debias.base import Method, TrainContext
 from cxrdebias.errors import ConfigError, TrainingInterrupted
@@ -283,9 +284,16 @@ class Trainer:
         n_seen = 0
         t0 = time.perf_counter()
         step = 0
+        augment = self.cfg.augment
+        gen = augment_generator(self.seed, epoch, self.world.rank) if augment.enabled else None
         try:
             for batch in self.train_loader:
                 batch = to_device(batch, self.device, self.cfg.channels_last)
+                if gen is not None:  # train.augment (cxrdebias.data.augment): training batches only
+                    image = augment_batch(batch["image"], augment, gen)
+                    if self.cfg.channels_last:
+                        image = image.contiguous(memory_format=torch.channels_last)
+                    batch["image"] = image
                 logs = self.method.update(self.train_model, batch, self.optimizer, self.autocast)
                 step += 1
                 n = batch["target"].shape[0]
