@@ -69,7 +69,7 @@ class AugmentConfig(StrictConfig):
     brightness: float = Field(0.0, ge=0, le=1, description="offset uniform in [-b, b], in units of the image's range")
     noise: float = Field(0.0, ge=0, le=1, description="Gaussian noise, std uniform in [0, n], in units of the image's range")
     sharpness: float = Field(
-        0.0, ge=0, le=4, description="unsharp amount uniform in [-s, s] with a Gaussian of σ 1 pixel (below 0 blurs, floored at -1)"
+        0.0, ge=0, le=4, description="unsharp amount uniform in [max(-1, -s), s] with a Gaussian of σ 1 pixel (below 0 blurs; -1 = the blurred image)"
     )
     crop: float = Field(0.0, ge=0, le=0.5, description="crop of side uniform in [1-c, 1] of the image at a random place, resized back")
     hflip: float = Field(0.0, ge=0, le=1, description="probability of a left-right flip")

@@ -38,20 +38,34 @@ def test_a_certain_flip_is_the_mirror_image():
     torch.testing.assert_close(y, x.flip(-1), atol=1e-5, rtol=0)
 
 
-def test_crop_zooms_into_the_image():
-    # a horizontal ramp: a crop of side u at centre t shows values u * X + t (X the output's
-    # normalised column coordinate), so the crop's slope is u times the original's
+def test_crop_is_a_zoom_inside_the_image_at_a_random_place():
+    # channel 0 a horizontal ramp, channel 1 a vertical one (value = the pixel centre's coordinate
+    # in [-1, 1]); a crop of side u centred at (tx, ty) shows u·X + tx and u·Y + ty, exactly linear
+    # away from the outermost pixels (bilinear between pixel centres)
     w = 32
-    col = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1  # pixel centres in [-1, 1]
-    x = col.view(1, 1, 1, w).expand(16, 1, w, w).contiguous()
+    coord = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    x = torch.stack([coord.view(1, w).expand(w, w), coord.view(w, 1).expand(w, w)]).expand(16, 2, w, w).contiguous()
     y = augment_batch(x, AugmentConfig(crop=0.4), _gen(3))
-    slope = (y[:, 0, :, 1:] - y[:, 0, :, :-1]).mean(dim=(1, 2)) / (2 / w)
-    assert ((slope >= 0.6 - 1e-4) & (slope <= 1 + 1e-4)).all()
-    assert slope.std() > 0.05  # a side per image
-    # inside the image: every sampled value is one of the original's range (no border padding reached)
-    assert y.min() >= col.min() - 1e-5 and y.max() <= col.max() + 1e-5
+    inner = coord[1:-1]
+    design = torch.stack([inner, torch.ones_like(inner)], dim=1)
+    sides = []
+    for img in y[:, :, 1:-1, 1:-1]:
+        (ux, tx), res_x = _fit(design, img[0].mean(0)), img[0] - img[0].mean(0, keepdim=True)
+        (uy, ty), res_y = _fit(design, img[1].mean(1)), img[1] - img[1].mean(1, keepdim=True)
+        assert res_x.abs().max() < 1e-5 and res_y.abs().max() < 1e-5  # a zoom, no rotation or shear
+        assert abs(ux - uy) < 1e-4 and 0.6 - 1e-4 <= ux <= 1 + 1e-4  # square, side in [1 - crop, 1]
+        assert abs(tx) <= 1 - ux + 1e-4 and abs(ty) <= 1 - uy + 1e-4  # inside the image
+        pred_x = ux * inner + tx
+        torch.testing.assert_close(img[0].mean(0), pred_x, atol=1e-4, rtol=0)
+        sides.append(ux)
+    assert torch.tensor(sides).std() > 0.05  # a side per image
     constant = torch.full((4, 1, 8, 8), 0.3)
     torch.testing.assert_close(augment_batch(constant, AugmentConfig(crop=0.5, hflip=0.5), _gen()), constant)
+
+
+def _fit(design: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    sol = torch.linalg.lstsq(design.double(), values.double().view(-1, 1)).solution.flatten()
+    return float(sol[0]), float(sol[1])
 
 
 def test_gamma_keeps_each_image_range_and_pixel_order():
@@ -90,10 +104,11 @@ def test_contrast_scales_about_the_mean_and_brightness_shifts_by_a_constant():
     c_img = (dy * dx).sum(1) / (dx * dx).sum(1)  # least-squares factor per image
     torch.testing.assert_close(dy, c_img.view(-1, 1) * dx, atol=1e-5, rtol=0)
     assert (c_img >= 0.7 - 1e-5).all() and (c_img <= 1.3 + 1e-5).all()
-    y = augment_batch(x, AugmentConfig(brightness=0.05), _gen())
-    d = (y - x)[inner]
+    wide = x * 3 - 1  # range [-1, 2]: the offset is in units of the image's range (3)
+    y = augment_batch(wide, AugmentConfig(brightness=0.05), _gen())
+    d = (y - wide)[inner]
     torch.testing.assert_close(d, d[:, :1, :1].expand_as(d), atol=1e-5, rtol=0)
-    assert d.abs().max() <= 0.05 + 1e-6
+    assert d.abs().max() <= 0.15 + 1e-5 and d.abs().max() > 0.1
 
 
 def test_gaussian_blur_by_hand_and_sharpness_keeps_a_flat_image():
@@ -107,6 +122,19 @@ def test_gaussian_blur_by_hand_and_sharpness_keeps_a_flat_image():
     flat[:, :, 0, 0] = 0.0  # a range to map against
     y = augment_batch(flat, AugmentConfig(sharpness=2.0), _gen())
     torch.testing.assert_close(y[:, :, 4:, 4:], flat[:, :, 4:, 4:])
+    # an edge from 0.4 to 0.6 (corners fix the range to [0, 1]): y = x + a (x - G * x) with one a
+    # per image, uniform in [max(-1, -s), s]
+    edge = torch.full((32, 1, 24, 24), 0.4)
+    edge[:, :, :, 12:] = 0.6
+    edge[:, :, 0, 0], edge[:, :, -1, -1] = 0.0, 1.0
+    y = augment_batch(edge, AugmentConfig(sharpness=2.0), _gen())
+    detail = (edge - gaussian_blur(edge))[:, 0, 8:16, 4:20].flatten(1)
+    change = (y - edge)[:, 0, 8:16, 4:20].flatten(1)
+    a = (change * detail).sum(1) / (detail * detail).sum(1)
+    torch.testing.assert_close(change, a.view(-1, 1) * detail, atol=1e-5, rtol=0)
+    assert (a >= -1 - 1e-5).all() and (a <= 2 + 1e-5).all() and a.min() < -0.5 and a.max() > 1.0
+    tiny = augment_batch(torch.rand(2, 1, 3, 3), AugmentConfig(sharpness=1.0), _gen())  # smaller than the kernel
+    assert tiny.shape == (2, 1, 3, 3) and torch.isfinite(tiny).all()
 
 
 def test_noise_has_the_drawn_spread():
@@ -116,6 +144,9 @@ def test_noise_has_the_drawn_spread():
     y = augment_batch(x, AugmentConfig(noise=0.1), _gen())
     sd = y[:, 0, 8:, :].flatten(1).std(dim=1)
     assert (sd <= 0.1 * 1.1).all() and sd.max() > 0.06 and sd.min() < 0.04
+    grey3 = x.expand(16, 3, 64, 64).contiguous()  # channels are copies of one grey image: one noise field
+    y3 = augment_batch(grey3, AugmentConfig(noise=0.1), _gen())
+    assert torch.equal(y3[:, 0], y3[:, 1]) and torch.equal(y3[:, 0], y3[:, 2])
 
 
 def test_draws_are_reproducible_and_differ_by_epoch_seed_and_rank():

@@ -17,8 +17,10 @@ reproducible and a resumed run draws the same numbers as an uninterrupted one):
    on the normalisation): ``x ← x^γ`` (``log γ`` uniform in ``±log(1 + gamma)``), contrast
    ``x ← m + c (x − m)`` about the image mean ``m`` (``c ∈ [1 − contrast, 1 + contrast]``),
    ``x ← x + b`` (``b ∈ ±brightness``), unsharp masking ``x ← x + a (x − G_σ=1 * x)``
-   (``a ∈ [max(−1, −sharpness), sharpness]``; below 0 it blurs), Gaussian noise of standard
-   deviation ``∈ [0, noise]``; clipped to ``[0, 1]`` and mapped back to the image's range.
+   (``a`` uniform in ``[max(−1, −sharpness), sharpness]``; below 0 it blurs, ``a = −1`` is the
+   blurred image), Gaussian noise of standard deviation ``∈ [0, noise]`` (one noise field shared by
+   the channels, which are copies of one grey image); clipped to ``[0, 1]`` and mapped back to the
+   image's range.
 
 Training only: evaluation, export and prediction never augment.
 """
@@ -59,9 +61,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float = SHARPEN_SIGMA) -> torch.Tensor
     """Separable Gaussian blur of every channel of an ``(N, C, H, W)`` tensor (reflect padding)."""
     k = _gaussian_kernel(sigma).to(device=x.device, dtype=x.dtype)
     c, r = x.shape[1], (k.numel() - 1) // 2
-    out = F.pad(x, (r, r, 0, 0), mode="reflect")
+    # reflect needs more pixels than the kernel's radius; a smaller image repeats its edge instead
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    out = F.pad(x, (r, r, 0, 0), mode=mode)
     out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, r, r), mode="reflect")
+    out = F.pad(out, (0, 0, r, r), mode=mode)
     return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
@@ -103,8 +107,19 @@ def _intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tor
         y = y + draw(max(-1.0, -cfg.sharpness), cfg.sharpness) * (y - gaussian_blur(y))
     if cfg.noise > 0:
         std = draw(0.0, cfg.noise)
-        y = y + std * torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        y = y + std * _noise((n, 1, *x.shape[2:]), x, gen)  # one field for all channels (they are copies of one grey image)
     return y.clamp(0, 1) * span + lo
+
+
+def _noise(shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Standard normal noise on ``like``'s device: from ``gen`` itself on the CPU, else from a
+    generator on the device seeded by ``gen`` (no full-size host → device copy; still a function
+    of ``gen``'s state, so resuming stays exact)."""
+    if like.device.type == "cpu":
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=like.dtype)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    device_gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(shape, generator=device_gen, device=like.device, dtype=like.dtype)
 
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -119,4 +134,4 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
         x = _geometry(x, cfg, gen)
     if any(v > 0 for v in (cfg.gamma, cfg.contrast, cfg.brightness, cfg.sharpness, cfg.noise)):
         x = _intensity(x, cfg, gen)
-    return x.contiguous()
+    return x

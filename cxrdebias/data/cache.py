@@ -25,8 +25,8 @@ be read as the expected array (truncated, wrong shape/dtype, non-finite values) 
 a well-formed array (a flipped bit in the pixel values) is not detected — that is the
 filesystem's job, as for the source images.
 
-The package applies no random augmentation; if one is added it must run *after* the cache read
-(the cache holds the deterministic part only).
+The cache holds the deterministic part only: the random augmentation of ``train.augment``
+(:mod:`cxrdebias.data.augment`) runs on the training batches, after the cache read.
 """
 
 from __future__ import annotations
