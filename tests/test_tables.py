@@ -70,11 +70,25 @@ def test_render_mean_std_over_seeds_and_published_numbers(tmp_path):
     assert r.missing == ["rho0.997-end-partner_mean-s2"]
     lines = r.markdown.splitlines()
     vanilla = next(line for line in lines if line.startswith("| vanilla"))
-    # mean of 100/98 = 99.00, sample std = 1.41; unbiased 11.00 ± 1.41; paper 33.40
-    assert vanilla == "| vanilla | 0.997 | 1, 2 | 99.00 ± 1.41 | 11.00 ± 1.41 | 33.40 |"
+    # mean of 100/98 = 99.00, sample std = 1.41; unbiased 11.00 ± 1.41; no paper number: the
+    # published vanilla is Bahng et al.'s raw-feature baseline, the vanilla-raw row
+    assert vanilla == "| vanilla | 0.997 | 1, 2 | 99.00 ± 1.41 | 11.00 ± 1.41 | – |"
     end = next(line for line in lines if line.startswith("| end"))
     assert "| 1 | 90.00 | 50.00 | 83.70 |" in end
     assert "3 of 4 cells finished" in r.markdown
+
+
+def test_bahng_vanilla_row_runs_its_own_config_and_carries_the_published_vanilla():
+    t = biased_mnist_table(rhos=[0.997, 0.990], methods=["vanilla-raw", "vanilla"], seeds=[42])
+    cells = {c.name: c for c in t.cells}
+    raw, normalised = cells["rho0.997-vanilla-raw-s42"], cells["rho0.997-vanilla-s42"]
+    assert raw.config.model.normalize_features is False and raw.config.model.last_activation == "relu"
+    assert normalised.config.model.normalize_features is True
+    assert raw.config.data.rho == 0.997 and cells["rho0.990-vanilla-raw-s42"].config.data.rho == 0.990
+    assert raw.config.method.name == "vanilla" and raw.config.seed == 42
+    assert t.published[raw.row] == [None, 33.4] and t.published[normalised.row] == [None, None]
+    assert t.published[cells["rho0.990-vanilla-raw-s42"].row] == [None, 89.1]
+    assert raw.row[0] != normalised.row[0]
 
 
 def test_result_from_other_options_is_refused(tmp_path):
@@ -159,7 +173,7 @@ def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch,
     from tests.test_cli import run_cli
 
     md = tmp_path / "t.md"
-    base = ["reproduce", "table", "biased-mnist", "--rho", "0.99", "--method", "vanilla",
+    base = ["reproduce", "table", "biased-mnist", "--rho", "0.99", "--method", "vanilla-raw",
             "--results", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"), "--set", f"data.root={fake_mnist}"]
     for o in TINY:
         base += ["--set", o]
@@ -170,13 +184,14 @@ def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch,
     monkeypatch.setattr(clean_tree, "code_version", lambda: {"package": "0", "git_commit": "abc", "git_dirty": False})
     code, stdout, err = run_cli([*base, "--seed", "0", "--run", "--markdown", str(md)], monkeypatch, capsys)
     assert code == 0, err
-    assert "| vanilla | 0.990 | 0 |" in stdout and "| 89.10 |" in stdout
+    row = "| vanilla (raw pooled features; Bahng et al.'s baseline) | 0.990 |"
+    assert f"{row} 0 |" in stdout and "| 89.10 |" in stdout  # Bahng's vanilla carries the published vanilla
     assert md.read_text().strip() == stdout.strip()
-    assert (tmp_path / "res" / "biased_mnist" / "rho0.990-vanilla-s0.json").is_file()
+    assert (tmp_path / "res" / "biased_mnist" / "rho0.990-vanilla-raw-s0.json").is_file()
     # without --run a missing cell is reported, not run
     code, stdout, err = run_cli([*base, "--seed", "1"], monkeypatch, capsys)
-    assert code == 0 and "| vanilla | 0.990 | not run |" in stdout and "1 cells not run yet" in err
-    assert not (tmp_path / "runs" / "rho0.990-vanilla-s1").exists()
+    assert code == 0 and f"{row} not run |" in stdout and "1 cells not run yet" in err
+    assert not (tmp_path / "runs" / "rho0.990-vanilla-raw-s1").exists()
 
 
 def test_ablation_reads_the_full_end_cell_from_table_1_only_when_it_is_the_same_run(tmp_path):
