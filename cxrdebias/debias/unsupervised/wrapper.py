@@ -68,6 +68,10 @@ class UnsupervisedBias(Method):
         self.labeller = build_labeller(options)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
+        # EMA of the main model's accuracy on the samples called (conflicting, aligned), global batch;
+        # in extra_state (checkpoints of older versions, which lack it, still load)
+        self._model_accuracy = torch.full((2,), float("nan"))
+        self._last_correct: torch.Tensor | None = None
         self._epoch: dict[str, list[torch.Tensor]] = {}
         self._tap: FeatureTap | None = None  # built by setup (a hook on the model, not state)
         # every training sample's latest pseudo label (-1: not labelled yet), for group-balanced
@@ -115,8 +119,21 @@ class UnsupervisedBias(Method):
         share = 1.0 - conflicting.float().mean()
         m = self.unsupervised.gate_momentum
         self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
+        correct = logits.argmax(1) == target_all
+        self._track_accuracy(correct.cpu(), conflicting.cpu(), m)
+        self._last_correct = correct[own]
         self._remember(index, pseudo_all)
         return pseudo_all[own], conflicting[own]
+
+    @torch.no_grad()
+    def _track_accuracy(self, correct: torch.Tensor, conflicting: torch.Tensor, momentum: float) -> None:
+        """EMA of the model's accuracy on this step's conflicting and aligned samples (a group absent
+        from the step leaves its value as it was)."""
+        for slot, mask in ((0, conflicting), (1, ~conflicting)):
+            if bool(mask.any()):
+                acc = float(correct[mask].float().mean())
+                old = float(self._model_accuracy[slot])
+                self._model_accuracy[slot] = acc if old != old else momentum * old + (1 - momentum) * acc
 
     @torch.no_grad()
     def _remember(self, index: torch.Tensor, labels: torch.Tensor) -> None:
@@ -157,17 +174,28 @@ class UnsupervisedBias(Method):
         return found
 
     def gate_open(self) -> bool:
-        """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``.
+        """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``
+        and, with ``max_conflict_accuracy`` < 1, the model's running accuracy on the samples called
+        conflicting ≤ ``max_conflict_accuracy``.
 
         A bias is a shortcut only if it predicts the class. At ρ = 0.997 the attractor calls ≈ 99%
         of the samples aligned; with no colour–digit correlation (ρ = 0.1) ≈ 15%: the groups it
-        finds are not the classes' biases, and feeding them to EnD fights the classifier.
+        finds are not the classes' biases, and feeding them to EnD fights the classifier. The share
+        cannot tell a labeller that learnt a shortcut from one that learnt the class (both agree
+        with the target on most samples); the second condition can: a model that follows the
+        shortcut fails the samples that contradict it, while the "conflicting" samples of a
+        labeller that learnt the class are only its hard cases.
         """
         share = float(self.aligned_share)
-        return share != share or share >= self.unsupervised.min_aligned  # NaN (no statistics yet): open
+        if share == share and share < self.unsupervised.min_aligned:  # NaN (no statistics yet): open
+            return False
+        limit = self.unsupervised.max_conflict_accuracy
+        acc = float(self._model_accuracy[0])
+        return limit >= 1.0 or acc != acc or acc <= limit
 
     def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:
-        for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target)):
+        correct = self._last_correct if self._last_correct is not None else torch.zeros_like(target, dtype=torch.bool)
+        for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target), ("correct", correct)):
             self._epoch.setdefault(key, []).append(value.detach())
 
     def _prior(self, target: torch.Tensor) -> torch.Tensor:
@@ -263,6 +291,8 @@ class UnsupervisedBias(Method):
             "labels_used": int(self.step) > self.unsupervised.warmup_steps,
             "aligned_share": float(self.aligned_share),
             "gate_open": self.gate_open(),
+            "gate_conflict_accuracy": float(self._model_accuracy[0]),
+            **_accuracy_by_group(cat["correct"], self.labeller.conflicting(cat["pseudo"], cat["target"])),
             **self.labeller.summary(),
             **label_agreement(cat["true"], cat["pseudo"], cat["target"]),
         }
@@ -275,7 +305,11 @@ class UnsupervisedBias(Method):
         self.inner.on_epoch_end(epoch)
 
     def extra_state(self) -> dict[str, Any]:
-        out = {"inner": self.inner.extra_state(), "labeller": self.labeller.extra_state()}
+        out = {
+            "inner": self.inner.extra_state(),
+            "labeller": self.labeller.extra_state(),
+            "model_accuracy": self._model_accuracy.clone(),
+        }
         if self._sample_labels is not None:
             out["sample_labels"] = self._sample_labels.cpu().clone()
         return out
@@ -283,6 +317,8 @@ class UnsupervisedBias(Method):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.inner.load_extra_state(state.get("inner", {}))
         self.labeller.load_extra_state(state.get("labeller", {}))
+        if isinstance(state.get("model_accuracy"), torch.Tensor) and state["model_accuracy"].shape == (2,):
+            self._model_accuracy.copy_(state["model_accuracy"])
         saved = state.get("sample_labels")  # absent in checkpoints of older versions: nothing labelled yet
         if saved is not None and self._sample_labels is not None and saved.shape == self._sample_labels.shape:
             self._sample_labels.copy_(saved.to(self._sample_labels.device))
@@ -290,6 +326,16 @@ class UnsupervisedBias(Method):
     def describe(self) -> dict[str, Any]:
         u = self.unsupervised.model_dump(exclude={"enabled"})
         return {**self.inner.describe(), "bias": "auto", "unsupervised": u}
+
+
+def _accuracy_by_group(correct: torch.Tensor, conflicting: torch.Tensor) -> dict[str, float]:
+    """The epoch's training accuracy of the model (at each step, before its update) on the samples
+    the labeller called conflicting and on those it called aligned (NaN: none)."""
+    correct, conflicting = correct.bool(), conflicting.bool().to(correct.device)
+    out = {}
+    for key, mask in (("model_accuracy_conflicting", conflicting), ("model_accuracy_aligned", ~conflicting)):
+        out[key] = float(correct[mask].float().mean()) if bool(mask.any()) else float("nan")
+    return out
 
 
 __all__ = ["UnsupervisedBias", "check_wrappable"]
