@@ -1,8 +1,8 @@
 """Unsupervised online debiasing (--bias auto): labellers, agreement metrics, wrapper, CLI."""
 
 import contextlib
-import math
 import json
+import math
 
 import numpy as np
 import pytest
