@@ -53,15 +53,7 @@ class PseudoBiasOptions(BaseModel):
         "labeller calls bias-aligned is at least this (0 = always); below it there is no class-correlated bias to "
         "remove and the step is plain CE",
     )
-    max_conflict_accuracy: float = Field(
-        1.0,
-        ge=0,
-        le=1,
-        description="shortcut gate, second condition: the main model's running accuracy on the samples the labeller "
-        "calls conflicting must be at most this (a shortcut the model follows makes it fail exactly those; a labeller "
-        "that learnt the class flags hard samples, which the model mostly gets right); 1 = off",
-    )
-    gate_momentum: float = Field(0.9, ge=0, lt=1, description="EMA weight of the past aligned share and accuracies (per step)")
+    gate_momentum: float = Field(0.9, ge=0, lt=1, description="EMA weight of the past aligned share (per step)")
     layer_pool: Literal["mean", "max"] = Field("mean", description="how the tapped layer is pooled over space")
     layer_grid: int = Field(
         1, ge=1, le=8, description="pool the tapped layer over a g×g grid of regions (features = channels·g²): keeps where a cue is"

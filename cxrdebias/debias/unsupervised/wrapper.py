@@ -68,10 +68,7 @@ class UnsupervisedBias(Method):
         self.labeller = build_labeller(options)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
-        # EMA of the main model's accuracy on the samples called (conflicting, aligned), global batch;
-        # in extra_state (checkpoints of older versions, which lack it, still load)
-        self._model_accuracy = torch.full((2,), float("nan"))
-        self._last_correct: torch.Tensor | None = None
+        self._last_correct: torch.Tensor | None = None  # this step's "model right?" of this rank's samples
         self._epoch: dict[str, list[torch.Tensor]] = {}
         self._tap: FeatureTap | None = None  # built by setup (a hook on the model, not state)
         # every training sample's latest pseudo label (-1: not labelled yet), for group-balanced
@@ -119,21 +116,9 @@ class UnsupervisedBias(Method):
         share = 1.0 - conflicting.float().mean()
         m = self.unsupervised.gate_momentum
         self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
-        correct = logits.argmax(1) == target_all
-        self._track_accuracy(correct.cpu(), conflicting.cpu(), m)
-        self._last_correct = correct[own]
+        self._last_correct = (logits.argmax(1) == target_all)[own]
         self._remember(index, pseudo_all)
         return pseudo_all[own], conflicting[own]
-
-    @torch.no_grad()
-    def _track_accuracy(self, correct: torch.Tensor, conflicting: torch.Tensor, momentum: float) -> None:
-        """EMA of the model's accuracy on this step's conflicting and aligned samples (a group absent
-        from the step leaves its value as it was)."""
-        for slot, mask in ((0, conflicting), (1, ~conflicting)):
-            if bool(mask.any()):
-                acc = float(correct[mask].float().mean())
-                old = float(self._model_accuracy[slot])
-                self._model_accuracy[slot] = acc if old != old else momentum * old + (1 - momentum) * acc
 
     @torch.no_grad()
     def _remember(self, index: torch.Tensor, labels: torch.Tensor) -> None:
@@ -174,27 +159,18 @@ class UnsupervisedBias(Method):
         return found
 
     def gate_open(self) -> bool:
-        """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``
-        and, with ``max_conflict_accuracy`` < 1, the model's running accuracy on the samples called
-        conflicting ≤ ``max_conflict_accuracy``.
+        """Whether the pseudo labels describe a shortcut: the running aligned share ≥ ``min_aligned``.
 
         A bias is a shortcut only if it predicts the class. At ρ = 0.997 the attractor calls ≈ 99%
         of the samples aligned; with no colour–digit correlation (ρ = 0.1) ≈ 15%: the groups it
-        finds are not the classes' biases, and feeding them to EnD fights the classifier. The share
-        cannot tell a labeller that learnt a shortcut from one that learnt the class (both agree
-        with the target on most samples); the second condition can: a model that follows the
-        shortcut fails the samples that contradict it, while the "conflicting" samples of a
-        labeller that learnt the class are only its hard cases.
+        finds are not the classes' biases, and feeding them to EnD fights the classifier.
         """
         share = float(self.aligned_share)
-        if share == share and share < self.unsupervised.min_aligned:  # NaN (no statistics yet): open
-            return False
-        limit = self.unsupervised.max_conflict_accuracy
-        acc = float(self._model_accuracy[0])
-        return limit >= 1.0 or acc != acc or acc <= limit
+        return share != share or share >= self.unsupervised.min_aligned  # NaN (no statistics yet): open
 
     def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:
-        correct = self._last_correct if self._last_correct is not None else torch.zeros_like(target, dtype=torch.bool)
+        correct = self._last_correct  # set by _label, which every step calls before this
+        assert correct is not None and correct.shape == target.shape
         for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target), ("correct", correct)):
             self._epoch.setdefault(key, []).append(value.detach())
 
@@ -291,7 +267,6 @@ class UnsupervisedBias(Method):
             "labels_used": int(self.step) > self.unsupervised.warmup_steps,
             "aligned_share": float(self.aligned_share),
             "gate_open": self.gate_open(),
-            "gate_conflict_accuracy": float(self._model_accuracy[0]),
             **_accuracy_by_group(cat["correct"], self.labeller.conflicting(cat["pseudo"], cat["target"])),
             **self.labeller.summary(),
             **label_agreement(cat["true"], cat["pseudo"], cat["target"]),
@@ -305,11 +280,7 @@ class UnsupervisedBias(Method):
         self.inner.on_epoch_end(epoch)
 
     def extra_state(self) -> dict[str, Any]:
-        out = {
-            "inner": self.inner.extra_state(),
-            "labeller": self.labeller.extra_state(),
-            "model_accuracy": self._model_accuracy.clone(),
-        }
+        out = {"inner": self.inner.extra_state(), "labeller": self.labeller.extra_state()}
         if self._sample_labels is not None:
             out["sample_labels"] = self._sample_labels.cpu().clone()
         return out
@@ -317,8 +288,6 @@ class UnsupervisedBias(Method):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.inner.load_extra_state(state.get("inner", {}))
         self.labeller.load_extra_state(state.get("labeller", {}))
-        if isinstance(state.get("model_accuracy"), torch.Tensor) and state["model_accuracy"].shape == (2,):
-            self._model_accuracy.copy_(state["model_accuracy"])
         saved = state.get("sample_labels")  # absent in checkpoints of older versions: nothing labelled yet
         if saved is not None and self._sample_labels is not None and saved.shape == self._sample_labels.shape:
             self._sample_labels.copy_(saved.to(self._sample_labels.device))
