@@ -311,6 +311,23 @@ def test_model_accuracy_on_the_samples_called_conflicting_and_aligned_is_logged(
     assert math.isnan(pb["model_accuracy_conflicting"]) and 0 <= pb["model_accuracy_aligned"] <= 1
 
 
+def test_the_accuracies_use_each_step_own_conflicting_call():
+    # the cluster labeller's "conflicting" depends on its current majority cluster, which moves
+    # between steps: the epoch's numbers must use what each step decided, not a later recomputation
+    m, model, opt = _wrapped(warmup_steps=0, refresh_every=1, min_aligned=0.0)
+    calls = {"n": 0}
+
+    def conflicting(labels, targets):
+        calls["n"] += 1
+        return torch.full_like(targets, calls["n"] == 1, dtype=torch.bool)  # step 1: all; later: none
+
+    m.labeller.conflicting = conflicting
+    logs = [m.update(model, _batch(seed=s), opt, AUTOCAST) for s in range(2)]
+    pb = m.epoch_metrics()["pseudo_bias"]
+    assert pb["model_accuracy_conflicting"] == pytest.approx(float(logs[0]["accuracy"]))
+    assert pb["model_accuracy_aligned"] == pytest.approx(float(logs[1]["accuracy"]))
+
+
 def test_a_perfect_labeller_makes_bias_auto_exactly_supervised_end():
     """With labels equal to the true bias up to a renaming, --bias auto is supervised EnD, step for step."""
     torch.manual_seed(0)

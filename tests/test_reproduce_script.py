@@ -77,7 +77,8 @@ def test_table_has_a_row_per_schedule_with_mean_std_and_the_precisions(tmp_path)
     lines = rbm.build_table(tmp_path).splitlines()
     assert "precision" in lines[0] and len(lines) == 2 + 5
     # ρ descending, vanilla first, then the shipped schedule before the longer one
-    assert lines[2].startswith("| 0.997 | vanilla | – | – | – | 10 (7) | 42 | bf16 | 100.00 (n=1) | 10.00 (n=1) | 33.4 |")
+    # no paper number beside vanilla on EnD's normalised bottleneck (the published one is Bahng's raw-feature vanilla)
+    assert lines[2].startswith("| 0.997 | vanilla | – | – | – | 10 (7) | 42 | bf16 | 100.00 (n=1) | 10.00 (n=1) | – |")
     # mean ± sample std by hand: (96, 98) → 97 ± 1.41; (50, 60) → 55 ± 7.07
     assert lines[3] == "| 0.997 | end | 5.0 | 0.5 | paper | 10 (7) | 42, 43 | bf16 | 97.00 ± 1.41 (n=2) | 55.00 ± 7.07 (n=2) | 83.7 |"
     # seeds run in bf16 and in fp32 are separate rows, never one mean
@@ -102,6 +103,22 @@ def test_results_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_pa
     with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(rho0.997-end-paper-s43\)"):
         rbm.build_table(tmp_path)
     lines = rbm.build_table(tmp_path, allow_dirty=True).splitlines()
-    assert lines[2].endswith("| 100.00 (n=1) | 10.00 (n=1) | 33.4 |")  # clean row: no mark
+    assert lines[2].endswith("| 100.00 (n=1) | 10.00 (n=1) | – |")  # clean row: no mark
     assert lines[3].endswith("| 97.00 ± 1.41 (n=2) ◇ | 55.00 ± 7.07 (n=2) ◇ | 83.7 |")
     assert lines[-1].startswith("- ◇ from a dirty tree")
+
+
+def test_bahng_vanilla_is_its_own_row_with_the_published_vanilla(tmp_path):
+    raw = _result(0.997, "vanilla", 42, 1.0, 0.30)
+    raw["config"]["model"] = {"normalize_features": False, "last_activation": "relu"}
+    normalised = _result(0.997, "vanilla", 42, 1.0, 0.10)
+    normalised["config"]["model"] = {"normalize_features": True}
+    _store(tmp_path, "rho0.997-vanilla-raw-s42", raw)
+    _store(tmp_path, "rho0.997-vanilla-s42", normalised)
+    assert rbm.row_method(raw) == "vanilla-raw" and rbm.row_method(normalised) == "vanilla"
+    lines = rbm.build_table(tmp_path).splitlines()
+    raw_row = next(line for line in lines if "| vanilla-raw |" in line)
+    plain_row = next(line for line in lines if "| vanilla |" in line)
+    assert "| 30.00 (n=1) |" in raw_row and raw_row.endswith("| 33.4 |")  # never averaged with the other row
+    assert "| 10.00 (n=1) |" in plain_row and plain_row.endswith("| – |")
+    assert rbm.published("end", 0.997) == 83.7 and rbm.published("vanilla-raw", 0.99) == 89.1

@@ -240,3 +240,11 @@ def test_cells_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_path
     # a table with only clean cells has no mark and no legend
     (tmp_path / t.results_subdir / "rho0.997-end-partner_mean-s2.json").unlink()
     assert "◇" not in build_table(t, results_dir=tmp_path).markdown
+
+
+def test_a_rho_without_the_bahng_config_leaves_that_row_out_unless_asked_for():
+    t = biased_mnist_table(rhos=[0.995], seeds=[42])  # no vanilla-raw-rho0.995.yaml ships
+    names = [c.name for c in t.cells]
+    assert "rho0.995-vanilla-s42" in names and not any("vanilla-raw" in n for n in names)
+    with pytest.raises(ConfigError, match="vanilla-raw-rho0.995.yaml"):
+        biased_mnist_table(rhos=[0.995], methods=["vanilla-raw"], seeds=[42])

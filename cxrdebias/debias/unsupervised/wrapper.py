@@ -68,7 +68,8 @@ class UnsupervisedBias(Method):
         self.labeller = build_labeller(options)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("aligned_share", torch.full((), float("nan")))  # EMA over steps, global batch
-        self._last_correct: torch.Tensor | None = None  # this step's "model right?" of this rank's samples
+        # this step's (model right?, called conflicting?) of this rank's samples, set by _label for _record
+        self._last_step: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch: dict[str, list[torch.Tensor]] = {}
         self._tap: FeatureTap | None = None  # built by setup (a hook on the model, not state)
         # every training sample's latest pseudo label (-1: not labelled yet), for group-balanced
@@ -116,7 +117,7 @@ class UnsupervisedBias(Method):
         share = 1.0 - conflicting.float().mean()
         m = self.unsupervised.gate_momentum
         self.aligned_share.copy_(share if bool(torch.isnan(self.aligned_share)) else m * self.aligned_share + (1 - m) * share)
-        self._last_correct = (logits.argmax(1) == target_all)[own]
+        self._last_step = ((logits.argmax(1) == target_all)[own], conflicting[own])
         self._remember(index, pseudo_all)
         return pseudo_all[own], conflicting[own]
 
@@ -169,9 +170,12 @@ class UnsupervisedBias(Method):
         return share != share or share >= self.unsupervised.min_aligned  # NaN (no statistics yet): open
 
     def _record(self, pseudo: torch.Tensor, true_bias: torch.Tensor, target: torch.Tensor) -> None:
-        correct = self._last_correct  # set by _label, which every step calls before this
-        assert correct is not None and correct.shape == target.shape
-        for key, value in (("pseudo", pseudo), ("true", true_bias), ("target", target), ("correct", correct)):
+        if self._last_step is None or self._last_step[0].shape != target.shape:
+            raise RuntimeError("UnsupervisedBias: a step recorded without its labelling (_label was not called)")
+        correct, conflicting = self._last_step
+        self._last_step = None
+        pairs = (("pseudo", pseudo), ("true", true_bias), ("target", target), ("correct", correct), ("conflicting", conflicting))
+        for key, value in pairs:
             self._epoch.setdefault(key, []).append(value.detach())
 
     def _prior(self, target: torch.Tensor) -> torch.Tensor:
@@ -267,7 +271,7 @@ class UnsupervisedBias(Method):
             "labels_used": int(self.step) > self.unsupervised.warmup_steps,
             "aligned_share": float(self.aligned_share),
             "gate_open": self.gate_open(),
-            **_accuracy_by_group(cat["correct"], self.labeller.conflicting(cat["pseudo"], cat["target"])),
+            **_accuracy_by_group(cat["correct"], cat["conflicting"]),  # each step's own call (the cluster labeller's changes)
             **self.labeller.summary(),
             **label_agreement(cat["true"], cat["pseudo"], cat["target"]),
         }
