@@ -690,3 +690,11 @@ def test_resume_of_a_bias_auto_run_is_exact(labeller, tmp_path):
     epochs = RunDir(tmp_path / "cut").read_metrics()
     assert [r["epoch"] for r in epochs] == [1, 2] and all("pseudo_bias" in r for r in epochs)
     assert epochs[1]["pseudo_bias"] == RunDir(tmp_path / "ref").read_metrics()[1]["pseudo_bias"]
+
+
+def test_configs_saved_with_the_retired_gate_option_at_its_off_value_still_load():
+    from pydantic import ValidationError
+
+    assert PseudoBiasOptions.model_validate({"max_conflict_accuracy": 1.0, "labeller": "gce_head"}) == PseudoBiasOptions(labeller="gce_head")
+    with pytest.raises(ValidationError, match="max_conflict_accuracy=0.5: this gate condition was removed"):
+        PseudoBiasOptions.model_validate({"max_conflict_accuracy": 0.5})

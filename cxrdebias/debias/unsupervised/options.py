@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LABELLERS: tuple[str, ...] = ("attractor", "cluster", "gce_head", "errors")
 SOURCES: tuple[str, ...] = ("live", "frozen", "ema")
@@ -63,6 +63,21 @@ class PseudoBiasOptions(BaseModel):
         description="features the labeller reads: null = the bottleneck; 'early' = the model's first block; "
         "a module name of the model (e.g. extractor.2) = that module's output, averaged over space (docs/unsupervised.md)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_options(cls, data: Any) -> Any:
+        """``max_conflict_accuracy`` existed for a few commits (a gate condition measured and
+        dropped, docs/unsupervised.md); configs saved then carry it at 1.0, which meant "off" —
+        today's behaviour — and still load. Any other value asked for a gate that no longer exists."""
+        if isinstance(data, dict) and "max_conflict_accuracy" in data:
+            if data["max_conflict_accuracy"] != 1.0:
+                raise ValueError(
+                    f"max_conflict_accuracy={data['max_conflict_accuracy']!r}: this gate condition was removed "
+                    "(measured, it did not separate shortcut from shortcut-free runs; docs/unsupervised.md)"
+                )
+            data = {k: v for k, v in data.items() if k != "max_conflict_accuracy"}
+        return data
 
     @field_validator("k")
     @classmethod
