@@ -29,15 +29,15 @@ from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.benchmark import check_clean
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
-from cxrdebias.experiments.tables import PUBLISHED_BIASED_MNIST, update_markdown
+from cxrdebias.experiments.tables import TABLE_VARIANTS, published_biased_mnist, update_markdown
 
 RESULTS = DOCS / "results" / "biased_mnist"
 TABLE = DOCS / "reproduction.md"
 #: the methods this table shows unless --methods asks for more (the results folder also holds
 #: Table 1's one-seed cells of the other methods)
 SEED_TABLE_METHODS = ("vanilla-raw", "vanilla", "end")
-#: rows that are a method on a config of their own (tables.TABLE_VARIANTS): Bahng et al.'s vanilla
-VARIANT_CONFIGS = {"vanilla-raw": ("vanilla", "vanilla-raw-rho{rho:.3f}.yaml")}
+#: rows that are a method on a config of their own (the method run, tables.TABLE_VARIANTS' config)
+VARIANT_CONFIGS = {"vanilla-raw": ("vanilla", TABLE_VARIANTS["vanilla-raw"][0])}
 
 
 def row_method(results: dict) -> str:
@@ -46,14 +46,6 @@ def row_method(results: dict) -> str:
     name = results["method"]["name"]
     model = (results.get("config") or {}).get("model") or {}
     return "vanilla-raw" if name == "vanilla" and model.get("normalize_features") is False else name
-
-
-def published(method: str, rho: float) -> float | None:
-    """The paper's unbiased accuracy for a row: the published vanilla is Bahng et al.'s raw-feature
-    baseline, so it goes with ``vanilla-raw``, not with vanilla on EnD's normalised bottleneck."""
-    if method == "vanilla":
-        return None
-    return PUBLISHED_BIASED_MNIST.get("vanilla" if method == "vanilla-raw" else method, {}).get(round(rho, 3))
 
 
 def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None) -> str:
@@ -139,7 +131,7 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TAB
         rho, method, form, alpha, beta, epochs, step, precision = key
         named = sorted(rows[key], key=lambda nr: nr[1]["seed"])
         rs = [r for _, r in named]
-        paper = published(method, rho)
+        paper = published_biased_mnist(method, rho)
         biased, unbiased = (
             mark(format_mean_std([r["metrics"][k] for r in rs], scale=100, show_n=True), [n for n, _ in named], dirty)
             for k in ("biased_accuracy", "unbiased_accuracy")

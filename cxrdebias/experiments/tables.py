@@ -164,16 +164,13 @@ def _biased_mnist_cell_name(rho: float, method: str, form: str | None, seed: int
     return f"rho{rho:.3f}-{method}{'-' + form if form else ''}-s{seed}"
 
 
-def _published_biased_mnist(cell: Cell) -> float | None:
-    """The paper's unbiased accuracy for a Table 1 row. The published vanilla is Bahng et al.'s
-    baseline (raw pooled features): it belongs to the ``vanilla-raw`` row, not to vanilla on EnD's
-    normalised bottleneck."""
-    rho = round(float(cell.row[1]), 3)
-    if cell.name.rsplit("-s", 1)[0].endswith("-vanilla-raw"):
-        return PUBLISHED_BIASED_MNIST["vanilla"].get(rho)
-    if cell.config.method.name == "vanilla":
+def published_biased_mnist(method: str, rho: float) -> float | None:
+    """The paper's unbiased accuracy for the Table 1 row ``method`` (a method name or a key of
+    :data:`TABLE_VARIANTS`). The published vanilla is Bahng et al.'s baseline (raw pooled
+    features): it belongs to the ``vanilla-raw`` row, not to vanilla on EnD's normalised bottleneck."""
+    if method == "vanilla":
         return None
-    return PUBLISHED_BIASED_MNIST.get(cell.config.method.name, {}).get(rho)
+    return PUBLISHED_BIASED_MNIST.get("vanilla" if method == "vanilla-raw" else method, {}).get(round(rho, 3))
 
 
 def biased_mnist_table(
@@ -186,7 +183,7 @@ def biased_mnist_table(
     its own config for each ρ; by default a ρ without one leaves that row out, asked for by name
     it is an error naming the missing file."""
     asked = methods is not None
-    cells = []
+    cells, published = [], {}
     for rho in rhos:
         base = load_config(_rho_config(rho), list(overrides))
         for method in TABLE_METHODS if methods is None else methods:
@@ -200,10 +197,11 @@ def biased_mnist_table(
                 cfg = _with(base, _method_section(base, method))
                 label = _label(cfg)
             form = cfg.method.options().get("form")
+            row = (label, f"{rho:.3f}")
+            published[row] = [None, published_biased_mnist(method, rho)]
             for seed in seeds:
                 name = _biased_mnist_cell_name(rho, method, form, seed)
-                cells.append(Cell(name, (label, f"{rho:.3f}"), seed, _with(cfg, overrides=[f"seed={seed}"])))
-    published = {(c.row[0], c.row[1]): [None, _published_biased_mnist(c)] for c in cells}
+                cells.append(Cell(name, row, seed, _with(cfg, overrides=[f"seed={seed}"])))
     return Table(
         "biased-mnist",
         "EnD Table 1 — Biased MNIST (MNIST-15k protocol), last epoch",
