@@ -28,8 +28,15 @@ from cxrdebias.debias.end import DEFAULT_FORM
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.benchmark import check_clean
+from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
-from cxrdebias.experiments.tables import TABLE_VARIANTS, published_biased_mnist, update_markdown
+from cxrdebias.experiments.tables import (
+    TABLE_VARIANTS,
+    biased_mnist_cell_name,
+    published_biased_mnist,
+    row_method,
+    update_markdown,
+)
 
 RESULTS = DOCS / "results" / "biased_mnist"
 TABLE = DOCS / "reproduction.md"
@@ -40,17 +47,18 @@ SEED_TABLE_METHODS = ("vanilla-raw", "vanilla", "end")
 VARIANT_CONFIGS = {"vanilla-raw": ("vanilla", TABLE_VARIANTS["vanilla-raw"][0])}
 
 
-def row_method(results: dict) -> str:
-    """The table row of a results JSON: ``vanilla-raw`` for vanilla on the raw pooled features
-    (Bahng et al.'s baseline), else the method's name."""
-    name = results["method"]["name"]
-    model = (results.get("config") or {}).get("model") or {}
-    return "vanilla-raw" if name == "vanilla" and model.get("normalize_features") is False else name
+def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None, alpha: float | None = None, beta: float | None = None) -> str:
+    """Table 1's naming (:func:`cxrdebias.experiments.tables.biased_mnist_cell_name`):
+    ``rho0.997-end-partner_mean-a50-b5-s42`` (EnD's form, α and β); ``epochs`` (another schedule
+    than the config's) adds ``-20ep``."""
+    options = {"form": form, "alpha": alpha, "beta": beta} if method == "end" else {}
+    return biased_mnist_cell_name(rho, method, options, seed, f"{epochs}ep" if epochs else "")
 
 
-def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None) -> str:
-    """``rho0.997-end-partner_mean-s42``; ``epochs`` (another schedule than the config's) adds ``-20ep``."""
-    return f"rho{rho:.3f}-{method}{'-' + form if form else ''}{f'-{epochs}ep' if epochs else ''}-s{seed}"
+def end_options(rho: float, args) -> tuple[float, float]:
+    """EnD's α and β for a cell: ``--alpha``/``--beta`` when given, else the shipped config's."""
+    shipped = load_config(REPO / "configs" / "biased_mnist" / f"rho{rho:.3f}.yaml").method.options()
+    return (args.alpha if args.alpha is not None else shipped["alpha"]), (args.beta if args.beta is not None else shipped["beta"])
 
 
 def schedule_overrides(epochs: int | None, lr_step: int | None) -> list[str]:
@@ -74,7 +82,8 @@ def check_schedule(results: dict, epochs: int | None, lr_step: int | None, sourc
 
 
 def run_cell(rho: float, method: str, seed: int, args) -> None:
-    name = cell_name(rho, method, seed, args.form if method == "end" else None, args.epochs)
+    alpha, beta = end_options(rho, args) if method == "end" else (None, None)
+    name = cell_name(rho, method, seed, args.form if method == "end" else None, args.epochs, alpha, beta)
     dest = RESULTS / f"{name}.json"
     if dest.exists():
         print(f"skip {name} (done)")
@@ -87,11 +96,7 @@ def run_cell(rho: float, method: str, seed: int, args) -> None:
         "--method", run_method, "--seed", str(seed), "--out", str(out), "--set", "train.progress=false",
     ]
     if method == "end":
-        cmd += ["--form", args.form]
-        if args.alpha is not None:
-            cmd += ["--alpha", str(args.alpha)]
-        if args.beta is not None:
-            cmd += ["--beta", str(args.beta)]
+        cmd += ["--form", args.form, "--alpha", str(alpha), "--beta", str(beta)]
     if args.threads:
         cmd += ["--set", f"train.num_threads={args.threads}"]
     for override in schedule_overrides(args.epochs, args.lr_step):

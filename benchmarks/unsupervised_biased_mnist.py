@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks._common import DOCS
+from benchmarks._common import DOCS, REPO
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
+from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
-from cxrdebias.experiments.tables import update_markdown
+from cxrdebias.experiments.tables import row_method, update_markdown
 
 RESULTS = DOCS / "results" / "unsupervised" / "biased_mnist"
 SUPERVISED = DOCS / "results" / "biased_mnist"
@@ -79,19 +80,38 @@ def _ms(vals: list[float]) -> str:
     return format_mean_std(vals)
 
 
+def shipped_end(rho: float) -> dict:
+    """EnD's options in the shipped config of ``rho`` (configs/biased_mnist/rho{ρ}.yaml)."""
+    return load_config(REPO / "configs" / "biased_mnist" / f"rho{rho:.3f}.yaml").method.options()
+
+
+def _is_reference(r: dict) -> str | None:
+    """``"vanilla"`` for vanilla on EnD's normalised bottleneck, ``"end"`` for EnD with the
+    shipped config's form, α and β; None for every other run (Bahng's raw-feature vanilla,
+    EnD at another α/β or form, other methods)."""
+    method = r["method"]
+    if row_method(r) == "vanilla":
+        return "vanilla"
+    if method["name"] != "end":
+        return None
+    want = shipped_end(float(r["rho"]))
+    same = method.get("form") == want["form"] and all(float(method.get(k, "nan")) == float(want[k]) for k in ("alpha", "beta"))
+    return "end" if same else None
+
+
 def _supervised_means() -> tuple[dict[tuple[str, float], float], dict[tuple[str, float], list[tuple[str, dict]]]]:
-    """3-seed unbiased accuracy (%) of vanilla and partner_mean-form EnD (the shipped default) per ρ on the shipped schedule
-    (docs/results/biased_mnist; the ``-<N>ep-`` files of other schedules are left out), and the
-    results files behind each mean."""
+    """3-seed unbiased accuracy (%) of vanilla (normalised bottleneck) and of EnD at the shipped
+    config's form, α and β per ρ on the shipped schedule (docs/results/biased_mnist; the
+    ``-<N>ep-`` files of other schedules are left out), and the results files behind each mean."""
     acc: dict[tuple[str, float], list[float]] = {}
     files: dict[tuple[str, float], list[tuple[str, dict]]] = {}
-    for p in SUPERVISED.glob("rho*-*-s*.json"):
+    for p in sorted(SUPERVISED.glob("rho*-*-s*.json")):
         if OTHER_SCHEDULE.search(p.stem):
             continue
         r = json.loads(p.read_text())
         r = r.get("results", r)
-        key = r["method"]["name"]
-        if key not in ("vanilla", "end") or (key == "end" and r["method"].get("form") != "partner_mean"):
+        key = _is_reference(r)
+        if key is None:
             continue
         acc.setdefault((key, float(r["rho"])), []).append(100 * r["metrics"]["unbiased_accuracy"])
         files.setdefault((key, float(r["rho"])), []).append((f"biased_mnist/{p.stem}", r))

@@ -37,9 +37,11 @@ def _store(folder: Path, name: str, result: dict) -> None:
 
 
 def test_cell_names_keep_the_shipped_schedule_names_and_mark_another_schedule():
-    assert rbm.cell_name(0.997, "end", 42, "partner_mean") == "rho0.997-end-partner_mean-s42"  # the committed files
+    # the committed files; EnD's carry form, alpha and beta, so runs at another alpha/beta keep their own
+    assert rbm.cell_name(0.997, "end", 42, "partner_mean", alpha=5.0, beta=0.5) == "rho0.997-end-partner_mean-a5-b0.5-s42"
+    assert rbm.cell_name(0.997, "end", 42, "partner_mean", alpha=50.0, beta=5.0) == "rho0.997-end-partner_mean-a50-b5-s42"
     assert rbm.cell_name(0.99, "vanilla", 43, None) == "rho0.990-vanilla-s43"
-    assert rbm.cell_name(0.997, "end", 44, "partner_mean", 20) == "rho0.997-end-partner_mean-20ep-s44"
+    assert rbm.cell_name(0.997, "end", 44, "partner_mean", 20, 5.0, 0.5) == "rho0.997-end-partner_mean-a5-b0.5-20ep-s44"
     assert rbm.cell_name(0.99, "vanilla", 42, None, 20) == "rho0.990-vanilla-20ep-s42"
 
 

@@ -16,6 +16,8 @@ from cxrdebias.experiments.tables import (
     update_markdown,
 )
 
+#: the pinned EnD options of the tests that name Table 1's EnD cells (the shipped α/β may change)
+PIN = ["method.alpha=5", "method.beta=0.5"]
 TINY = [
     "train.epochs=1", "train.batch_size=64", "train.progress=false", "model.kernel_size=3",
     "data.limit_train=128", "data.limit_test=64", "train.eval_every=1",
@@ -49,25 +51,37 @@ def _store(tmp_path, table, name, results):
 
 
 def test_cells_cover_methods_rhos_and_seeds_with_stable_names():
-    t = biased_mnist_table(rhos=[0.997, 0.990], methods=["vanilla", "end", "lff"], seeds=[42, 43])
+    t = biased_mnist_table(rhos=[0.997, 0.990], methods=["vanilla", "end", "lff"], seeds=[42, 43], overrides=PIN)
     names = [c.name for c in t.cells]
     assert len(names) == len(set(names)) == 2 * 3 * 2
-    # the names of the committed docs/results/biased_mnist files
-    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-partner_mean-s43" in names and "rho0.997-lff-s42" in names
-    end = next(c for c in t.cells if c.name == "rho0.997-end-partner_mean-s42")
-    assert end.config.method.options()["alpha"] == 5.0  # the shipped config's EnD options
+    # the names of the committed docs/results/biased_mnist files: EnD's carry form, α and β
+    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-partner_mean-a5-b0.5-s43" in names and "rho0.997-lff-s42" in names
+    end = next(c for c in t.cells if c.name == "rho0.997-end-partner_mean-a5-b0.5-s42")
+    assert end.config.method.options()["alpha"] == 5.0
     lff = next(c for c in t.cells if c.name == "rho0.997-lff-s43")
     assert lff.config.method.name == "lff" and "alpha" not in lff.config.method.options() and lff.config.seed == 43
+    other = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42], overrides=["method.alpha=50", "method.beta=5"])
+    assert [c.name for c in other.cells] == ["rho0.997-end-partner_mean-a50-b5-s42"]  # never the same file as another α/β
+
+
+def test_end_cells_start_from_the_shipped_config():
+    from cxrdebias.experiments.config import load_config
+    from tests.conftest import REPO
+
+    shipped = load_config(REPO / "configs" / "biased_mnist" / "rho0.997.yaml").method.options()
+    (end,) = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42]).cells
+    assert end.config.method.options() == shipped
+    assert end.name == f"rho0.997-end-{shipped['form']}-a{shipped['alpha']:g}-b{shipped['beta']:g}-s42"
 
 
 def test_render_mean_std_over_seeds_and_published_numbers(tmp_path):
-    t = biased_mnist_table(rhos=[0.997], methods=["vanilla", "end"], seeds=[1, 2])
+    t = biased_mnist_table(rhos=[0.997], methods=["vanilla", "end"], seeds=[1, 2], overrides=PIN)
     cells = {c.name: c for c in t.cells}
     _store(tmp_path, t, "rho0.997-vanilla-s1", _fake_result(cells["rho0.997-vanilla-s1"], 1.0, 0.10))
     _store(tmp_path, t, "rho0.997-vanilla-s2", _fake_result(cells["rho0.997-vanilla-s2"], 0.98, 0.12))
-    _store(tmp_path, t, "rho0.997-end-partner_mean-s1", _fake_result(cells["rho0.997-end-partner_mean-s1"], 0.9, 0.5))
+    _store(tmp_path, t, "rho0.997-end-partner_mean-a5-b0.5-s1", _fake_result(cells["rho0.997-end-partner_mean-a5-b0.5-s1"], 0.9, 0.5))
     r = build_table(t, results_dir=tmp_path)
-    assert r.missing == ["rho0.997-end-partner_mean-s2"]
+    assert r.missing == ["rho0.997-end-partner_mean-a5-b0.5-s2"]
     lines = r.markdown.splitlines()
     vanilla = next(line for line in lines if line.startswith("| vanilla"))
     # mean of 100/98 = 99.00, sample std = 1.41; unbiased 11.00 ± 1.41; no paper number: the
@@ -92,12 +106,12 @@ def test_bahng_vanilla_row_runs_its_own_config_and_carries_the_published_vanilla
 
 
 def test_result_from_other_options_is_refused(tmp_path):
-    t = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42])
+    t = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42], overrides=PIN)
     cell = t.cells[0]
     bad = _fake_result(cell, 1.0, 0.5)
     bad["config"]["method"]["alpha"] = 0.1
     _store(tmp_path, t, cell.name, bad)
-    with pytest.raises(ConfigError, match=r"rho0.997-end-partner_mean-s42.json: was produced with other options.*method.alpha"):
+    with pytest.raises(ConfigError, match=r"rho0.997-end-partner_mean-a5-b0.5-s42.json: was produced with other options.*method.alpha"):
         build_table(t, results_dir=tmp_path)
 
 
@@ -125,12 +139,12 @@ def test_unsupervised_options_matter_only_when_bias_auto_is_on(tmp_path):
 
 
 def test_run_missing_cells_then_skip_them(fake_mnist, tmp_path, clean_tree):
-    overrides = [*TINY, f"data.root={fake_mnist}"]
+    overrides = [*TINY, *PIN, f"data.root={fake_mnist}"]
     t = biased_mnist_table(rhos=[0.99], methods=["vanilla", "end"], seeds=[0], overrides=overrides)
     results, runs = tmp_path / "results", tmp_path / "runs"
     first = build_table(t, results_dir=results, runs_dir=runs, run=True)
-    assert first.missing == [] and first.done == ["rho0.990-end-partner_mean-s0", "rho0.990-vanilla-s0"]
-    stored = json.loads((results / "biased_mnist" / "rho0.990-end-partner_mean-s0.json").read_text())
+    assert first.missing == [] and first.done == ["rho0.990-end-partner_mean-a5-b0.5-s0", "rho0.990-vanilla-s0"]
+    stored = json.loads((results / "biased_mnist" / "rho0.990-end-partner_mean-a5-b0.5-s0.json").read_text())
     assert stored["method"]["name"] == "end" and stored["epochs"] == 1
     # the second call runs nothing: remove the run folders and it still finds every cell
     shutil.rmtree(runs)
@@ -195,11 +209,11 @@ def test_cli_runs_a_table_and_writes_markdown(fake_mnist, tmp_path, monkeypatch,
 
 
 def test_ablation_reads_the_full_end_cell_from_table_1_only_when_it_is_the_same_run(tmp_path):
-    t1 = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42])
-    ab = ablation_table(rho=0.997, seeds=[42])
+    t1 = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42], overrides=PIN)
+    ab = ablation_table(rho=0.997, seeds=[42], overrides=PIN)
     (end_cell,) = t1.cells
     both = next(c for c in ab.cells if c.name == "rho0.997-end-partner_mean-a5-b0.5-s42")
-    assert both.same_as == ("biased_mnist/rho0.997-end-partner_mean-s42",)
+    assert both.same_as == ("biased_mnist/rho0.997-end-partner_mean-a5-b0.5-s42",)  # Table 1 names it alike
     assert all(not c.same_as for c in ab.cells if c is not both)
     _store(tmp_path, t1, end_cell.name, _fake_result(end_cell, 0.96, 0.5))
     r = build_table(ab, results_dir=tmp_path)
@@ -225,12 +239,12 @@ def test_every_table_has_its_own_block_in_the_reproduction_docs():
 
 
 def test_cells_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_path):
-    t = biased_mnist_table(rhos=[0.997], methods=["vanilla", "end"], seeds=[1, 2])
+    t = biased_mnist_table(rhos=[0.997], methods=["vanilla", "end"], seeds=[1, 2], overrides=PIN)
     cells = {c.name: c for c in t.cells}
-    for name, dirty in (("rho0.997-vanilla-s1", False), ("rho0.997-end-partner_mean-s1", False), ("rho0.997-end-partner_mean-s2", True)):
+    for name, dirty in (("rho0.997-vanilla-s1", False), ("rho0.997-end-partner_mean-a5-b0.5-s1", False), ("rho0.997-end-partner_mean-a5-b0.5-s2", True)):
         res = _fake_result(cells[name], 0.9, 0.5) | {"code_version": {"git_commit": "abc", "git_dirty": dirty}}
         _store(tmp_path, t, name, res)
-    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(rho0.997-end-partner_mean-s2\).*--allow-dirty"):
+    with pytest.raises(ConfigError, match=r"1 result\(s\) were produced with uncommitted changes \(rho0.997-end-partner_mean-a5-b0.5-s2\).*--allow-dirty"):
         build_table(t, results_dir=tmp_path)
     md = build_table(t, results_dir=tmp_path, allow_dirty=True).markdown
     end = next(line for line in md.splitlines() if line.startswith("| end"))
@@ -238,7 +252,7 @@ def test_cells_from_a_dirty_tree_are_refused_unless_allowed_then_marked(tmp_path
     assert end.count("◇") == 2 and "◇" not in vanilla  # both metric columns of the row with the dirty seed
     assert "◇ from a dirty tree" in md
     # a table with only clean cells has no mark and no legend
-    (tmp_path / t.results_subdir / "rho0.997-end-partner_mean-s2.json").unlink()
+    (tmp_path / t.results_subdir / "rho0.997-end-partner_mean-a5-b0.5-s2.json").unlink()
     assert "◇" not in build_table(t, results_dir=tmp_path).markdown
 
 

@@ -159,9 +159,23 @@ def _label(cfg: ExperimentConfig) -> str:
 
 
 # -- table definitions ---------------------------------------------------------------------
-def _biased_mnist_cell_name(rho: float, method: str, form: str | None, seed: int) -> str:
-    """Table 1's cell names (the committed docs/results/biased_mnist/ files)."""
-    return f"rho{rho:.3f}-{method}{'-' + form if form else ''}-s{seed}"
+def biased_mnist_cell_name(rho: float, method: str, options: dict[str, Any], seed: int, schedule: str = "") -> str:
+    """Table 1's cell names (the committed docs/results/biased_mnist/ files): EnD's carry its
+    form, α and β (``rho0.997-end-partner_mean-a50-b5-s42``), so runs at another α/β keep their
+    own files and never stand for the shipped config's cell; ``schedule`` (e.g. ``20ep``) marks
+    another schedule than the config's."""
+    tag = ""
+    if method == "end":
+        tag = f"-{options.get('form', DEFAULT_FORM)}-a{float(options['alpha']):g}-b{float(options['beta']):g}"
+    return f"rho{rho:.3f}-{method}{tag}{'-' + schedule if schedule else ''}-s{seed}"
+
+
+def row_method(results: dict[str, Any]) -> str:
+    """The Table 1 row of a results JSON: ``vanilla-raw`` for vanilla on the raw pooled features
+    (Bahng et al.'s baseline, ``model.normalize_features: false``), else the method's name."""
+    name = results["method"]["name"]
+    model = (results.get("config") or {}).get("model") or {}
+    return "vanilla-raw" if name == "vanilla" and model.get("normalize_features") is False else name
 
 
 def published_biased_mnist(method: str, rho: float) -> float | None:
@@ -196,11 +210,10 @@ def biased_mnist_table(
             else:
                 cfg = _with(base, _method_section(base, method))
                 label = _label(cfg)
-            form = cfg.method.options().get("form")
             row = (label, f"{rho:.3f}")
             published[row] = [None, published_biased_mnist(method, rho)]
             for seed in seeds:
-                name = _biased_mnist_cell_name(rho, method, form, seed)
+                name = biased_mnist_cell_name(rho, method, cfg.method.options(), seed)
                 cells.append(Cell(name, row, seed, _with(cfg, overrides=[f"seed={seed}"])))
     return Table(
         "biased-mnist",
@@ -222,9 +235,8 @@ def ablation_table(rho: float = 0.997, seeds: Iterable[int] = (42,), overrides: 
     for a, b in ((0.0, 0.0), (alpha, 0.0), (0.0, beta), (alpha, beta)):
         cfg = _with(base, {**end, "name": "end", "alpha": a, "beta": b})
         for seed in seeds:
-            form = cfg.method.options().get("form", DEFAULT_FORM)
-            name = f"rho{rho:.3f}-end-{form}-a{a:g}-b{b:g}-s{seed}"
-            same = (f"biased_mnist/{_biased_mnist_cell_name(rho, 'end', form, seed)}",) if (a, b) == (alpha, beta) else ()
+            name = biased_mnist_cell_name(rho, "end", cfg.method.options(), seed)  # Table 1's name for the same run
+            same = (f"biased_mnist/{name}",) if (a, b) == (alpha, beta) else ()
             cells.append(Cell(name, (f"{a:g}", f"{b:g}"), seed, _with(cfg, overrides=[f"seed={seed}"]), same))
     return Table(
         "ablation",
