@@ -99,6 +99,23 @@ def test_collect_picks_by_validation_mean_never_by_test(tmp_path):
     assert lower["best"] == names[0]
 
 
+def test_collect_keeps_each_epochs_validation_and_the_pick_at_each_epoch(tmp_path):
+    """Point 0 leads at epoch 2 (mean 0.35 vs 0.30), point 1 at epoch 4 (0.55 vs 0.40): runs cut
+    at epoch 2 would pick point 0, the full runs point 1. Point 2 misses a seed: never picked."""
+    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1", "10", "100"]}, train_seeds=[1, 2])
+    names = [point_name(i, p) for i, p in enumerate(spec.points())]
+    curves = {(0, 1): [0.3, 0.4], (0, 2): [0.4, 0.4], (1, 1): [0.2, 0.5], (1, 2): [0.4, 0.6], (2, 1): [0.9, 0.9]}
+    for (i, seed), (v2, v4) in curves.items():
+        _fake_run(tmp_path, names[i], seed, 0.0, 0.0)
+        _metrics(tmp_path / "runs" / names[i] / f"seed{seed}", [None, {"accuracy": v2}, None, {"accuracy": v4}])
+    record = collect(spec, tmp_path, CLEAN)
+    assert record["points"][1]["seeds"]["2"]["history"] == {"2": 0.4, "4": 0.6}
+    assert record["best"] == names[1]
+    assert record["pick_by_epoch"] == [{"epoch": 2, "best": names[0]}, {"epoch": 4, "best": names[1]}]
+    assert f"epoch 2: {names[0]}; epoch 4: {names[1]}." in to_markdown(record)
+    assert collect(spec.model_copy(update={"mode": "min"}), tmp_path, CLEAN)["pick_by_epoch"][0] == {"epoch": 2, "best": names[1]}
+
+
 def test_collect_refuses_a_run_from_a_dirty_tree_unless_allowed_then_marks_it(tmp_path):
     spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1", "2"]}, train_seeds=[0])
     names = [point_name(i, p) for i, p in enumerate(spec.points())]

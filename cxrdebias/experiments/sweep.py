@@ -14,7 +14,9 @@ combination is a *point*), the training seeds, an optional data seed and the val
    per-epoch training log: it has no test numbers; ``results.json``, which has them, is only
    checked for existence) at the epoch the run reports (the last, or the best one by
    ``train.select_metric``), averages it over the training seeds and picks the best point. The
-   sweep JSON and table hold no test metric, so nothing downstream can pick by one.
+   sweep JSON and table hold no test metric, so nothing downstream can pick by one. Each run's
+   validation at every evaluated epoch is kept too, with the point the sweep would pick at each
+   of those epochs (:func:`pick_by_epoch`): whether a shorter schedule would choose alike.
 
 Layout: ``OUT/spec.json``, ``OUT/runs/<point>/seed<S>/`` (run folders), ``OUT/logs/<point>-seed<S>.log``,
 ``OUT/sweep.json`` and ``OUT/sweep.md``.
@@ -241,6 +243,40 @@ def validation_value(run: Path, metric: str, select_metric: str | None, select_m
     return {"value": float(value) if _finite(value) else None, "epoch": chosen["epoch"]}
 
 
+def validation_history(run: Path, metric: str) -> dict[str, float | None]:
+    """``{epoch: metric}`` on validation at every evaluated epoch of ``RUN/metrics.jsonl`` (keys
+    are strings, as in the JSON); an epoch without that metric is left out."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {
+        str(r["epoch"]): (float(r["val"][metric]) if _finite(r["val"][metric]) else None)
+        for r in records
+        if isinstance(r.get("val"), dict) and metric in r["val"]
+    }
+
+
+def pick_by_epoch(points: list[dict[str, Any]], seeds: list[int], mode: str) -> list[dict[str, Any]]:
+    """The point the sweep would pick from the validation at each epoch every run evaluated
+    (``[{"epoch", "best"}]``): whether a run cut short there — a shorter schedule, when the LR
+    schedule does not depend on the number of epochs — ranks the points as the full one does.
+    Only complete points with a value at that epoch for every seed compete; ties go to the first
+    in grid order, as for ``best``."""
+    histories = [p["seeds"][str(s)].get("history") or {} for p in points if p["complete"] for s in seeds]
+    if not histories:
+        return []
+    epochs = sorted(set.intersection(*(set(h) for h in histories)), key=int)
+    sign = -1.0 if mode == "min" else 1.0
+    picks = []
+    for epoch in epochs:
+        means = {}
+        for p in points:
+            values = [(p["seeds"].get(str(s), {}).get("history") or {}).get(epoch) for s in seeds]
+            if p["complete"] and all(v is not None for v in values):
+                means[p["name"]] = sum(values) / len(values)
+        if means:
+            picks.append({"epoch": int(epoch), "best": max(means, key=lambda n: sign * means[n])})
+    return picks
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
 
@@ -260,7 +296,7 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
             info = _read_run_info(run)
             cfg = info.get("config", {}).get("train", {})
             v = validation_value(run, spec.metric, cfg.get("select_metric"), cfg.get("select_mode", "max"))
-            seeds[str(seed)] = {**v, "code_version": info.get("code_version", {})}
+            seeds[str(seed)] = {**v, "history": validation_history(run, spec.metric), "code_version": info.get("code_version", {})}
         values = [s["value"] for s in seeds.values() if s["value"] is not None]
         complete = len(values) == len(spec.train_seeds)
         points.append({"name": name, "point": point, "seeds": seeds, "complete": complete,
@@ -277,6 +313,7 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
         "points": points,
         "best": best,
         "best_point": next((p["point"] for p in points if p["name"] == best), None),
+        "pick_by_epoch": pick_by_epoch(points, spec.train_seeds, spec.mode),
         "code_version": version,
         "dirty": dirty,
     }
@@ -324,6 +361,10 @@ def to_markdown(record: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     pick = f"**{record['best']}** ({', '.join(f'{k}={v}' for k, v in record['best_point'].items())})" if record["best"] else "none yet (no point has every seed)"
     lines += ["", f"Best by validation: {pick}. Values: the validation metric at the epoch each run reports; `–`: not run yet."]
+    earlier = record.get("pick_by_epoch") or []
+    if len(earlier) > 1:
+        lines += ["", "Picked from the validation at each evaluated epoch (would runs cut short there pick the same point?): "
+                  + "; ".join(f"epoch {e['epoch']}: {e['best']}" for e in earlier) + "."]  # fmt: skip
     lines += legend({p["name"] for p in record["points"] if p["dirty"]})
     return "\n".join(lines) + "\n"
 
