@@ -113,6 +113,8 @@ def test_collect_keeps_each_epochs_validation_and_the_pick_at_each_epoch(tmp_pat
     assert record["best"] == names[1]
     assert record["pick_by_epoch"] == [{"epoch": 2, "best": names[0]}, {"epoch": 4, "best": names[1]}]
     assert f"epoch 2: {names[0]}; epoch 4: {names[1]}." in to_markdown(record)
+    later = collect(spec, tmp_path, {**CLEAN, "git_commit": "fedcba9876543210"})  # re-collected by a later commit
+    assert f"- code: runs from {CLEAN['git_commit'][:10]}; this table written by fedcba9876\n" in to_markdown(later)
     assert collect(spec.model_copy(update={"mode": "min"}), tmp_path, CLEAN)["pick_by_epoch"][0] == {"epoch": 2, "best": names[1]}
 
 

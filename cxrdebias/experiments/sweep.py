@@ -348,7 +348,7 @@ def to_markdown(record: dict[str, Any]) -> str:
         "",
         f"- {data}; training seeds {', '.join(seeds)}; overrides: {', '.join(spec['set']) or 'none'}",
         f"- picked by {record['selection']}",
-        f"- code: {commit}",
+        f"- code: {_code_line(record, commit)}",
         "",
         "| point | " + " | ".join(keys) + " | " + " | ".join(f"val {spec['metric']} s{s}" for s in seeds) + " | mean |",
         "|---|" + "---|" * len(keys) + "---:|" * (len(seeds) + 1),
@@ -367,6 +367,16 @@ def to_markdown(record: dict[str, Any]) -> str:
                   + "; ".join(f"epoch {e['epoch']}: {e['best']}" for e in earlier) + "."]  # fmt: skip
     lines += legend({p["name"] for p in record["points"] if p["dirty"]})
     return "\n".join(lines) + "\n"
+
+
+def _code_line(record: dict[str, Any], commit: str) -> str:
+    """The commit of the record, and the runs' own commits where they differ (a record re-collected
+    by a later commit from runs made earlier)."""
+    runs = sorted({(s.get("code_version") or {}).get("git_commit") or "no git" for p in record["points"] for s in p["seeds"].values()})
+    runs = [r[:10] for r in runs]
+    if not runs or runs == [commit.split(" ")[0]]:
+        return commit
+    return f"runs from {', '.join(runs)}; this table written by {commit}"
 
 
 def _fmt(v: float | None) -> str:
