@@ -779,3 +779,60 @@ def test_recipes_filter_keeps_the_default_and_the_spec_order():
     spec = load_spec(None, recipes=["auto", "end"])
     assert list(spec.recipes) == [r for r in load_spec().recipes if r in {"vanilla", "reference", spec.default, "end", "auto"}]
     assert list(spec.recipes)[0] == "vanilla" and spec.default in spec.recipes
+
+
+_PARENT = """
+import sys
+from pathlib import Path
+
+from cxrdebias.console import make_console
+from cxrdebias.experiments.benchmark import Children, Progress, run_jobs
+
+out = Path(sys.argv[1])
+children = Children()
+child = [sys.executable, "-c", "import os, pathlib, signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(60)", str(out / "child.pid")]
+
+
+def run_one(job):
+    with (out / "log").open("w") as log:
+        return job, children.run(child, log, {}), 0.0
+
+
+try:
+    run_jobs([1], run_one, jobs=1, children=children, progress=Progress(1, make_console(stderr=True)), name=str, log=lambda j: out / "log")
+except KeyboardInterrupt as exc:
+    sys.exit(128 + getattr(exc, "signum", 2))
+"""
+
+
+def test_sigterm_stops_the_running_cells_instead_of_orphaning_them(tmp_path):
+    """`kill` (SIGTERM) of a benchmark/sweep process: its cell processes get SIGINT (they
+    checkpoint and stop) before it exits with 143. Before, the parent died at once and the cells
+    trained on as orphans — a rerun then trained beside them into the same run folders."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)], cwd=REPO)
+    pid_file, child = tmp_path / "child.pid", None
+    try:
+        deadline = time.perf_counter() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 143
+        with pytest.raises(ProcessLookupError):  # stopped and reaped by the parent before it exited
+            os.kill(child, 0)
+    finally:
+        parent.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

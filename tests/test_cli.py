@@ -105,3 +105,17 @@ def test_usage_error_raised_in_a_command_is_a_message_not_a_traceback(monkeypatc
     assert code == 2
     assert "--resume needs --out RUN_FOLDER" in err
     assert "Traceback" not in err + out
+
+
+def test_main_exits_130_on_ctrl_c_and_143_on_a_sigterm_that_stopped_a_sweep(monkeypatch, capsys):
+    import importlib
+
+    from cxrdebias.experiments.benchmark import Terminated
+
+    cli_app = importlib.import_module("cxrdebias.cli.app")  # the module (the package exports the Typer app under this name)
+
+    for raised, code, word in ((KeyboardInterrupt(), 130, "interrupted"), (Terminated(), 143, "terminated")):
+        monkeypatch.setattr(cli_app, "app", lambda standalone_mode, exc=raised: (_ for _ in ()).throw(exc))
+        with pytest.raises(SystemExit) as info:
+            cli_app.main()
+        assert info.value.code == code and capsys.readouterr().err.strip() == word

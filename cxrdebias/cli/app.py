@@ -83,9 +83,10 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # SIGTERM during a benchmark/sweep arrives as one (signum = SIGTERM)
+        signum = getattr(exc, "signum", 2)
+        err.print("terminated" if signum == 15 else "interrupted")
+        sys.exit(128 + signum)
     except Exception as exc:  # usage errors (typer ≥ 0.16 raises its own bundled click's classes)
         import click
 

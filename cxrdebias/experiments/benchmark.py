@@ -23,6 +23,7 @@ Layout: ``OUT/spec.json``, ``OUT/data/seed<D>/{biased,reference}/``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,32 @@ INTERRUPTED = 130
 """Exit status of a cell stopped by an interrupt (as a shell reports SIGINT)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a session ending) during :func:`run_jobs`: handled as
+    Ctrl-C is (the running cells checkpoint and stop), the process then exits with 143."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` in the main thread, so that it stops
+    the cells like an interrupt rather than killing this process and leaving them running
+    (orphans that a rerun would then train beside, into the same folders)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def resume_option(train: list[str], folder: Path) -> list[list[str]]:
     """The training command for a run folder: none when it is finished (``results.json``), with
     ``--resume`` when it has a checkpoint, with ``--force`` when a start left no checkpoint."""
@@ -384,10 +411,11 @@ def run_jobs(
 ) -> list[tuple[Any, int]]:
     """Run ``run_one(job)`` → ``(job, exit status, seconds)`` for every job, ``jobs`` at a time
     (their subprocesses started through ``children``), a progress line per finished job and a
-    heartbeat of the running ones; the failed jobs with their exit status. On an interrupt the
-    running jobs checkpoint and stop, no new one starts, and the interrupt is re-raised."""
+    heartbeat of the running ones; the failed jobs with their exit status. On an interrupt
+    (SIGINT, or SIGTERM as :class:`Terminated`) the running jobs checkpoint and stop, no new one
+    starts, and the interrupt is re-raised."""
     failed: list[tuple[Any, int]] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _sigterm_as_interrupt(), ThreadPoolExecutor(max_workers=jobs) as pool:
         pending = {pool.submit(run_one, job): job for job in todo}
         while pending:
             try:
