@@ -21,7 +21,7 @@ from cxrdebias.experiments.sweep import (
     validation_value,
 )
 from cxrdebias.training.provenance import code_version
-from tests.conftest import run_cli, write_idx
+from tests.conftest import REPO, run_cli, write_idx
 
 CLEAN = {"package": "0", "git_commit": "0123456789abcdef", "git_dirty": False}
 DIRTY = {**CLEAN, "git_dirty": True}
@@ -239,3 +239,26 @@ def test_publish_writes_the_sweep_block_and_json_beside_the_docs(tmp_path):
     assert "Numbers: `results/sweep/end-0.997.json`." in text
     with pytest.raises(ConfigError, match="sweep:other:start"):
         publish({"markdown": "x", "json": {}}, docs, "other", kind="sweep")
+
+
+@pytest.mark.parametrize("grid_file", sorted((REPO / "configs" / "sweeps" / "biased_mnist").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_grids_are_valid_and_centred_on_the_starting_values(grid_file):
+    """Each Table 1 method's grid (file name = method): every point a valid config, 3 x 3 points,
+    the middle value of each key the method's starting value (the recorded sweep's for EnD, the
+    package default otherwise — the published values where the papers give them; issue 25)."""
+    from cxrdebias.debias import METHODS
+    from cxrdebias.experiments.sweep import check_spec, read_grid_file
+
+    method = grid_file.stem
+    config = REPO / "configs" / "biased_mnist" / "rho0.997.yaml"
+    grid = read_grid_file(grid_file, method)
+    spec = SweepSpec(config=str(config), method=method, grid=grid)
+    check_spec(spec)
+    assert len(spec.points()) == 9 and all(len(v) == 3 for v in grid.values())
+    start = METHODS[method].Options().model_dump()  # the package defaults
+    if method == "end":
+        start = {"alpha": 5.0, "beta": 0.5}  # the recorded sweep's centre: the configs' values then
+    for key, values in grid.items():
+        default = float(start[key.removeprefix("method.")])
+        # centred; a default of 0 (the option off: GroupDRO's adjustment, a linear bias head) is the first value
+        assert float(values[0 if default == 0 else 1]) == default, key
