@@ -10,6 +10,7 @@ import pytest
 from cxrdebias.errors import ConfigError
 from cxrdebias.experiments.tables import (
     ablation_table,
+    biased_mnist_cell_name,
     biased_mnist_table,
     build_table,
     get_table,
@@ -62,6 +63,9 @@ def test_cells_cover_methods_rhos_and_seeds_with_stable_names():
     assert lff.config.method.name == "lff" and "alpha" not in lff.config.method.options() and lff.config.seed == 43
     other = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42], overrides=["method.alpha=50", "method.beta=5"])
     assert [c.name for c in other.cells] == ["rho0.997-end-partner_mean-a50-b5-s42"]  # never the same file as another α/β
+    # a config that leaves EnD's options out is named by the package defaults (α = β = 0.1), not a KeyError
+    assert biased_mnist_cell_name(0.99, "end", {}, 1) == "rho0.990-end-partner_mean-a0.1-b0.1-s1"
+    assert biased_mnist_cell_name(0.99, "end", {"form": "paper", "alpha": 5}, 1, "20ep") == "rho0.990-end-paper-a5-b0.1-20ep-s1"
 
 
 def test_end_cells_start_from_the_shipped_config():

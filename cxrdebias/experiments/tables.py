@@ -38,7 +38,7 @@ from rich.console import Console
 
 from cxrdebias.config import CONFIGS_DIR
 from cxrdebias.console import esc, make_console
-from cxrdebias.debias.end import DEFAULT_FORM
+from cxrdebias.debias.end import EnDOptions
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
@@ -166,7 +166,8 @@ def biased_mnist_cell_name(rho: float, method: str, options: dict[str, Any], see
     another schedule than the config's."""
     tag = ""
     if method == "end":
-        tag = f"-{options.get('form', DEFAULT_FORM)}-a{float(options['alpha']):g}-b{float(options['beta']):g}"
+        o = EnDOptions(**{k: v for k, v in options.items() if v is not None})  # the package defaults for what a config leaves out
+        tag = f"-{o.form}-a{o.alpha:g}-b{o.beta:g}"
     return f"rho{rho:.3f}-{method}{tag}{'-' + schedule if schedule else ''}-s{seed}"
 
 
