@@ -56,6 +56,7 @@ from benchmarks._common import REPO
 from cxrdebias.data.biased_mnist import BiasedMNIST, build_biased_mnist
 from cxrdebias.errors import ConfigError
 from cxrdebias.experiments.config import load_config
+from cxrdebias.experiments.tables import rho_config
 from cxrdebias.fileio import write_json_atomic
 from cxrdebias.training.provenance import code_version
 
@@ -132,7 +133,7 @@ def run(
     code: Path, *, rho: float, seed: int, alpha: float, beta: float, epochs: int, lr_step: int, data_root: Path, threads: int | None = None, their_commit: str | None = None
 ) -> dict[str, Any]:
     """Their ``main(config)`` on our splits (module doc); the results record."""
-    cfg = load_config(REPO / "configs" / "biased_mnist" / f"rho{rho:.3f}.yaml", [f"data.root={data_root}"])
+    cfg = load_config(rho_config(rho), [f"data.root={data_root}"])
     data = build_biased_mnist(cfg.data, seed)
     if threads:
         torch.set_num_threads(threads)

@@ -34,6 +34,7 @@ from cxrdebias.experiments.tables import (
     TABLE_VARIANTS,
     biased_mnist_cell_name,
     published_biased_mnist,
+    rho_config,
     row_method,
     update_markdown,
 )
@@ -57,7 +58,7 @@ def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int 
 
 def end_options(rho: float, args) -> tuple[float, float]:
     """EnD's α and β for a cell: ``--alpha``/``--beta`` when given, else the shipped config's."""
-    shipped = load_config(REPO / "configs" / "biased_mnist" / f"rho{rho:.3f}.yaml").method.options()
+    shipped = load_config(rho_config(rho)).method.options()
     return (args.alpha if args.alpha is not None else shipped["alpha"]), (args.beta if args.beta is not None else shipped["beta"])
 
 

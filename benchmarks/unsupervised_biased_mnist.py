@@ -15,6 +15,7 @@ supervised EnD's gain is ``(auto − vanilla) / (EnD − vanilla)`` on unbiased 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -23,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks._common import DOCS, REPO
+from benchmarks._common import DOCS
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
-from cxrdebias.experiments.tables import row_method, update_markdown
+from cxrdebias.experiments.tables import rho_config, row_method, update_markdown
 
 RESULTS = DOCS / "results" / "unsupervised" / "biased_mnist"
 SUPERVISED = DOCS / "results" / "biased_mnist"
@@ -80,9 +81,10 @@ def _ms(vals: list[float]) -> str:
     return format_mean_std(vals)
 
 
+@functools.cache
 def shipped_end(rho: float) -> dict:
-    """EnD's options in the shipped config of ``rho`` (configs/biased_mnist/rho{ρ}.yaml)."""
-    return load_config(REPO / "configs" / "biased_mnist" / f"rho{rho:.3f}.yaml").method.options()
+    """EnD's options in the shipped config of ``rho`` (configs/biased_mnist/rho{ρ}.yaml), read once per ρ."""
+    return load_config(rho_config(rho)).method.options()
 
 
 def _is_reference(r: dict) -> str | None:
