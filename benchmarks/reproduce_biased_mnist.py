@@ -31,6 +31,7 @@ from cxrdebias.experiments.benchmark import check_clean
 from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
 from cxrdebias.experiments.tables import (
+    CELL_OPTIONS,
     TABLE_VARIANTS,
     biased_mnist_cell_name,
     published_biased_mnist,
@@ -48,18 +49,33 @@ SEED_TABLE_METHODS = ("vanilla-raw", "vanilla", "end")
 VARIANT_CONFIGS = {"vanilla-raw": ("vanilla", TABLE_VARIANTS["vanilla-raw"][0])}
 
 
-def cell_name(rho: float, method: str, seed: int, form: str | None, epochs: int | None = None, alpha: float | None = None, beta: float | None = None) -> str:
-    """Table 1's naming (:func:`cxrdebias.experiments.tables.biased_mnist_cell_name`):
-    ``rho0.997-end-partner_mean-a50-b5-s42`` (EnD's form, α and β); ``epochs`` (another schedule
-    than the config's) adds ``-20ep``."""
-    options = {"form": form, "alpha": alpha, "beta": beta} if method == "end" else {}
-    return biased_mnist_cell_name(rho, method, options, seed, f"{epochs}ep" if epochs else "")
+def cell_name(rho: float, method: str, seed: int, options: dict | None = None, epochs: int | None = None) -> str:
+    """Table 1's naming (:func:`cxrdebias.experiments.tables.biased_mnist_cell_name`): the method's
+    swept options (``rho0.997-end-partner_mean-a50-b5-s42``, ``rho0.997-lnl-l0.1-grl1-s42``);
+    ``epochs`` (another schedule than the config's) adds ``-20ep``."""
+    return biased_mnist_cell_name(rho, method, options or {}, seed, f"{epochs}ep" if epochs else "")
 
 
-def end_options(rho: float, args) -> tuple[float, float]:
-    """EnD's α and β for a cell: ``--alpha``/``--beta`` when given, else the shipped config's."""
-    shipped = load_config(rho_config(rho)).method.options()
-    return (args.alpha if args.alpha is not None else shipped["alpha"]), (args.beta if args.beta is not None else shipped["beta"])
+def method_sets(sets: list[str] | None) -> dict[str, str]:
+    """``--set method.KEY=VALUE`` → {KEY: VALUE}; only method options (they are in the cell's name)."""
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("method.") or key == "method.name" or not value:
+            raise SystemExit(f"--set {item!r}: expected method.KEY=VALUE (a method option, e.g. method.lambda_=0.1)")
+        out[key.removeprefix("method.")] = value
+    return out
+
+
+def cell_options(rho: float, method: str, args) -> dict:
+    """A cell's method options: the shipped config's when it is that method (EnD's), with
+    ``--form``/``--alpha``/``--beta`` (EnD) and ``--set method.KEY=VALUE`` on top."""
+    shipped = load_config(rho_config(rho)).method
+    options = dict(shipped.options()) if shipped.name == method else {}
+    if method == "end":
+        options["form"] = args.form
+        options.update({k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None})
+    return {**options, **method_sets(args.set)}
 
 
 def schedule_overrides(epochs: int | None, lr_step: int | None) -> list[str]:
@@ -83,8 +99,8 @@ def check_schedule(results: dict, epochs: int | None, lr_step: int | None, sourc
 
 
 def run_cell(rho: float, method: str, seed: int, args) -> None:
-    alpha, beta = end_options(rho, args) if method == "end" else (None, None)
-    name = cell_name(rho, method, seed, args.form if method == "end" else None, args.epochs, alpha, beta)
+    options = cell_options(rho, method, args)
+    name = cell_name(rho, method, seed, options, args.epochs)
     dest = RESULTS / f"{name}.json"
     if dest.exists():
         print(f"skip {name} (done)")
@@ -96,8 +112,8 @@ def run_cell(rho: float, method: str, seed: int, args) -> None:
         "--config", str(REPO / "configs" / "biased_mnist" / config.format(rho=rho)),
         "--method", run_method, "--seed", str(seed), "--out", str(out), "--set", "train.progress=false",
     ]
-    if method == "end":
-        cmd += ["--form", args.form, "--alpha", str(alpha), "--beta", str(beta)]
+    for key, value in options.items():
+        cmd += ["--set", f"method.{key}={value}"]
     if args.threads:
         cmd += ["--set", f"train.num_threads={args.threads}"]
     for override in schedule_overrides(args.epochs, args.lr_step):
@@ -114,6 +130,11 @@ def run_cell(rho: float, method: str, seed: int, args) -> None:
     shutil.copyfile(out / "results.json", dest)
 
 
+def options_text(options: tuple[tuple[str, object], ...]) -> str:
+    """A row's options as the table shows them: ``form partner_mean, alpha 5, beta 0.5``."""
+    return ", ".join(f"{k.rstrip('_')} {v:g}" if isinstance(v, float) else f"{k.rstrip('_')} {v}" for k, v in options) or "–"
+
+
 def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TABLE_METHODS, allow_dirty: bool = False) -> str:
     """One row per (ρ, method, options, schedule, precision) with every seed's results under it,
     for ``methods`` only: seeds run in bf16 autocast and in fp32 (``train.precision``) are separate
@@ -126,15 +147,16 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TAB
         if row_method(r) not in methods:
             continue
         precision = str((r.get("train") or {}).get("precision", "?"))
-        key = (r["rho"], row_method(r), m.get("form"), m.get("alpha"), m.get("beta"), r["epochs"], r["config"]["train"].get("lr_step"), precision)
+        options = tuple((k, m.get(k)) for k, _ in CELL_OPTIONS.get(m["name"], ()))
+        key = (r["rho"], row_method(r), options, r["epochs"], r["config"]["train"].get("lr_step"), precision)
         rows.setdefault(key, []).append((p.stem, r))
     dirty = check_dirty({n: r for rs in rows.values() for n, r in rs}, allow_dirty=allow_dirty, where=str(results_dir))
     lines = [
-        "| ρ | method | α | β | form | epochs (LR step) | seeds | precision | biased acc (%) | unbiased acc (%) | paper unbiased (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ρ | method | options | epochs (LR step) | seeds | precision | biased acc (%) | unbiased acc (%) | paper unbiased (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(rows, key=lambda k: (-k[0], methods.index(k[1]), str(k[2]), k[3] or 0, k[4] or 0, k[5], k[6] or 0, k[7])):
-        rho, method, form, alpha, beta, epochs, step, precision = key
+    for key in sorted(rows, key=lambda k: (-k[0], methods.index(k[1]), str(k[2]), k[3], k[4] or 0, k[5])):
+        rho, method, options, epochs, step, precision = key
         named = sorted(rows[key], key=lambda nr: nr[1]["seed"])
         rs = [r for _, r in named]
         paper = published_biased_mnist(method, rho)
@@ -143,7 +165,7 @@ def build_table(results_dir: Path = RESULTS, methods: tuple[str, ...] = SEED_TAB
             for k in ("biased_accuracy", "unbiased_accuracy")
         )
         lines.append(
-            f"| {rho} | {method} | {alpha if alpha is not None else '–'} | {beta if beta is not None else '–'} | {form or '–'} "
+            f"| {rho} | {method} | {options_text(options)} "
             f"| {epochs} ({step}) | {', '.join(str(r['seed']) for r in rs)} | {precision} "
             f"| {biased} | {unbiased} "
             f"| {paper if paper is not None else '–'} |"
@@ -168,6 +190,7 @@ def main() -> None:
     ap.add_argument("--form", default=DEFAULT_FORM)
     ap.add_argument("--alpha", type=float)
     ap.add_argument("--beta", type=float)
+    ap.add_argument("--set", action="append", metavar="method.KEY=VALUE", help="a method option (repeatable); it goes into the cell's name")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--epochs", type=int, help="another schedule than the configs' (with --lr-step)")
     ap.add_argument("--lr-step", type=int, help="epoch of the LR x0.1 step (with --epochs)")
@@ -176,6 +199,12 @@ def main() -> None:
     ap.add_argument("--allow-dirty", action="store_true", help="tabulate results produced with uncommitted changes, marked ◇")
     args = ap.parse_args()
     schedule_overrides(args.epochs, args.lr_step)  # fail before any run
+    for rho in args.rhos:  # every cell's name (its options) before any run
+        for method in args.methods:
+            try:
+                cell_name(rho, method, 0, cell_options(rho, method, args))
+            except ConfigError as exc:
+                raise SystemExit(f"--methods {method} at rho {rho}: {exc}") from None
     if not args.table_only:
         try:
             check_clean(args.allow_dirty)  # new cells from a commit only

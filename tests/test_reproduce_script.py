@@ -20,6 +20,8 @@ def _result(rho, method, seed, biased, unbiased, *, epochs=10, lr_step=7, precis
     m = {"name": method}
     if method == "end":
         m.update(alpha=alpha if alpha is not None else 5.0, beta=beta if beta is not None else 0.5, form="paper")
+    if method == "lnl":
+        m.update(lambda_=0.01, grl_scale=0.1)
     return {
         "rho": rho,
         "method": m,
@@ -37,12 +39,30 @@ def _store(folder: Path, name: str, result: dict) -> None:
 
 
 def test_cell_names_keep_the_shipped_schedule_names_and_mark_another_schedule():
-    # the committed files; EnD's carry form, alpha and beta, so runs at another alpha/beta keep their own
-    assert rbm.cell_name(0.997, "end", 42, "partner_mean", alpha=5.0, beta=0.5) == "rho0.997-end-partner_mean-a5-b0.5-s42"
-    assert rbm.cell_name(0.997, "end", 42, "partner_mean", alpha=50.0, beta=5.0) == "rho0.997-end-partner_mean-a50-b5-s42"
-    assert rbm.cell_name(0.99, "vanilla", 43, None) == "rho0.990-vanilla-s43"
-    assert rbm.cell_name(0.997, "end", 44, "partner_mean", 20, 5.0, 0.5) == "rho0.997-end-partner_mean-a5-b0.5-20ep-s44"
+    # the committed files carry each method's swept options, so runs at another point keep their own
+    assert rbm.cell_name(0.997, "end", 42, {"form": "partner_mean", "alpha": 5.0, "beta": 0.5}) == "rho0.997-end-partner_mean-a5-b0.5-s42"
+    assert rbm.cell_name(0.997, "end", 42, {"form": "partner_mean", "alpha": 50.0, "beta": 5.0}) == "rho0.997-end-partner_mean-a50-b5-s42"
+    assert rbm.cell_name(0.99, "vanilla", 43) == "rho0.990-vanilla-s43"
+    assert rbm.cell_name(0.997, "end", 44, {"form": "partner_mean", "alpha": 5.0, "beta": 0.5}, 20) == "rho0.997-end-partner_mean-a5-b0.5-20ep-s44"
     assert rbm.cell_name(0.99, "vanilla", 42, None, 20) == "rho0.990-vanilla-20ep-s42"
+    # another method: its package defaults, with --set's values (strings, as typed) on top
+    assert rbm.cell_name(0.997, "lnl", 42) == "rho0.997-lnl-l0.01-grl0.1-s42"
+    assert rbm.cell_name(0.997, "lnl", 42, {"lambda_": "0.1", "grl_scale": "1"}) == "rho0.997-lnl-l0.1-grl1-s42"
+
+
+def test_cell_options_start_from_the_shipped_config_for_its_method_only():
+    class Args:
+        form, alpha, beta, set = "reference", None, 5.0, ["method.lambda_=0.1"]
+
+    end = rbm.cell_options(0.997, "end", Args)
+    assert end == {"alpha": 5.0, "beta": 5.0, "form": "reference", "lambda_": "0.1"}  # shipped alpha 5, --beta, --form, --set
+    assert rbm.cell_options(0.997, "lnl", Args) == {"lambda_": "0.1"}  # not EnD's alpha/beta
+    with pytest.raises(ConfigError, match="Extra inputs"):  # EnD has no lambda_: an error before any run
+        rbm.cell_name(0.997, "end", 42, end)
+    assert rbm.method_sets(["method.grl_scale=1", "method.lambda_=0.1"]) == {"grl_scale": "1", "lambda_": "0.1"}
+    for bad in ("train.lr=1", "method.name=lnl", "method.lambda_", "method.lambda_="):
+        with pytest.raises(SystemExit, match="expected method.KEY=VALUE"):
+            rbm.method_sets([bad])
 
 
 def test_schedule_overrides_need_both_values_and_a_step_inside_the_run():
@@ -80,15 +100,15 @@ def test_table_has_a_row_per_schedule_with_mean_std_and_the_precisions(tmp_path)
     assert "precision" in lines[0] and len(lines) == 2 + 5
     # ρ descending, vanilla first, then the shipped schedule before the longer one
     # no paper number beside vanilla on EnD's normalised bottleneck (the published one is Bahng's raw-feature vanilla)
-    assert lines[2].startswith("| 0.997 | vanilla | – | – | – | 10 (7) | 42 | bf16 | 100.00 (n=1) | 10.00 (n=1) | – |")
+    assert lines[2].startswith("| 0.997 | vanilla | – | 10 (7) | 42 | bf16 | 100.00 (n=1) | 10.00 (n=1) | – |")
     # mean ± sample std by hand: (96, 98) → 97 ± 1.41; (50, 60) → 55 ± 7.07
-    assert lines[3] == "| 0.997 | end | 5.0 | 0.5 | paper | 10 (7) | 42, 43 | bf16 | 97.00 ± 1.41 (n=2) | 55.00 ± 7.07 (n=2) | 83.7 |"
+    assert lines[3] == "| 0.997 | end | form paper, alpha 5, beta 0.5 | 10 (7) | 42, 43 | bf16 | 97.00 ± 1.41 (n=2) | 55.00 ± 7.07 (n=2) | 83.7 |"
     # seeds run in bf16 and in fp32 are separate rows, never one mean
-    assert lines[4] == "| 0.997 | end | 5.0 | 0.5 | paper | 20 (10) | 42 | bf16 | 99.00 (n=1) | 57.00 (n=1) | 83.7 |"
-    assert lines[5] == "| 0.997 | end | 5.0 | 0.5 | paper | 20 (10) | 43 | fp32 | 98.00 (n=1) | 55.00 (n=1) | 83.7 |"
-    assert lines[6].startswith("| 0.99 | end | 5.0 | 0.5 | paper | 10 (7) | 42 | bf16 | 95.00 (n=1) | 70.00 (n=1) | 96.02 |")
+    assert lines[4] == "| 0.997 | end | form paper, alpha 5, beta 0.5 | 20 (10) | 42 | bf16 | 99.00 (n=1) | 57.00 (n=1) | 83.7 |"
+    assert lines[5] == "| 0.997 | end | form paper, alpha 5, beta 0.5 | 20 (10) | 43 | fp32 | 98.00 (n=1) | 55.00 (n=1) | 83.7 |"
+    assert lines[6].startswith("| 0.99 | end | form paper, alpha 5, beta 0.5 | 10 (7) | 42 | bf16 | 95.00 (n=1) | 70.00 (n=1) | 96.02 |")
     assert not any("lnl" in line for line in lines)
-    assert any("| lnl |" in line for line in rbm.build_table(tmp_path, methods=("vanilla", "end", "lnl")).splitlines())
+    assert any(line.startswith("| 0.997 | lnl | lambda 0.01, grl_scale 0.1 | 10 (7) | 42 |") for line in rbm.build_table(tmp_path, methods=("vanilla", "end", "lnl")).splitlines())
 
 
 def test_the_committed_table_is_the_one_the_results_give():

@@ -258,6 +258,10 @@ def test_shipped_sweep_grids_are_valid_and_centred_on_the_starting_values(grid_f
     start = METHODS[method].Options().model_dump()  # the package defaults
     if method == "end":
         start = {"alpha": 5.0, "beta": 0.5}  # the recorded sweep's centre: the configs' values then
+    # the keys a sweep varies are in Table 1's cell names, so each point's runs keep their own files
+    from cxrdebias.experiments.tables import CELL_OPTIONS
+
+    assert {k.removeprefix("method.") for k in grid} <= {k for k, _ in CELL_OPTIONS[method]}
     for key, values in grid.items():
         default = float(start[key.removeprefix("method.")])
         # centred; a default of 0 (the option off: GroupDRO's adjustment, a linear bias head) is the first value

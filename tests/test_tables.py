@@ -56,16 +56,23 @@ def test_cells_cover_methods_rhos_and_seeds_with_stable_names():
     names = [c.name for c in t.cells]
     assert len(names) == len(set(names)) == 2 * 3 * 2
     # the names of the committed docs/results/biased_mnist files: EnD's carry form, α and β
-    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-partner_mean-a5-b0.5-s43" in names and "rho0.997-lff-s42" in names
+    assert "rho0.997-vanilla-s42" in names and "rho0.990-end-partner_mean-a5-b0.5-s43" in names and "rho0.997-lff-q0.7-ema0.7-s42" in names
     end = next(c for c in t.cells if c.name == "rho0.997-end-partner_mean-a5-b0.5-s42")
     assert end.config.method.options()["alpha"] == 5.0
-    lff = next(c for c in t.cells if c.name == "rho0.997-lff-s43")
+    lff = next(c for c in t.cells if c.name == "rho0.997-lff-q0.7-ema0.7-s43")
     assert lff.config.method.name == "lff" and "alpha" not in lff.config.method.options() and lff.config.seed == 43
     other = biased_mnist_table(rhos=[0.997], methods=["end"], seeds=[42], overrides=["method.alpha=50", "method.beta=5"])
     assert [c.name for c in other.cells] == ["rho0.997-end-partner_mean-a50-b5-s42"]  # never the same file as another α/β
     # a config that leaves EnD's options out is named by the package defaults (α = β = 0.1), not a KeyError
     assert biased_mnist_cell_name(0.99, "end", {}, 1) == "rho0.990-end-partner_mean-a0.1-b0.1-s1"
     assert biased_mnist_cell_name(0.99, "end", {"form": "paper", "alpha": 5}, 1, "20ep") == "rho0.990-end-paper-a5-b0.1-20ep-s1"
+    # every swept method's cells carry its swept options (package defaults filled in); vanilla none
+    assert biased_mnist_cell_name(0.997, "groupdro", {"name": "groupdro"}, 42) == "rho0.997-groupdro-eta0.01-adj0-s42"
+    assert biased_mnist_cell_name(0.997, "blindeye", {"head_hidden": 64}, 42) == "rho0.997-blindeye-a1-h64-s42"
+    assert biased_mnist_cell_name(0.997, "rebias", {"hsic_features": "bottleneck", "lambda_g": 10}, 42) == "rho0.997-rebias-bottleneck-l1-lg10-s42"
+    assert biased_mnist_cell_name(0.997, "vanilla", {}, 42) == "rho0.997-vanilla-s42"
+    with pytest.raises(ConfigError, match="lnl options"):
+        biased_mnist_cell_name(0.997, "lnl", {"alpha": 1}, 42)
 
 
 def test_end_cells_start_from_the_shipped_config():

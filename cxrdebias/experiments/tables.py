@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 
 from cxrdebias.config import CONFIGS_DIR
 from cxrdebias.console import esc, make_console
-from cxrdebias.debias.end import EnDOptions
+from cxrdebias.debias import METHODS
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
@@ -159,15 +160,38 @@ def _label(cfg: ExperimentConfig) -> str:
 
 
 # -- table definitions ---------------------------------------------------------------------
+#: the options a Table 1 cell's name carries, per method, with the short tag each is written with
+#: (``""``: the value alone): every key its validation sweep varies
+#: (``configs/sweeps/biased_mnist/<method>.yaml``; tests/test_sweep.py keeps the two equal) and the
+#: variant options that make it another method (EnD's form, ReBias's HSIC features)
+CELL_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "end": (("form", ""), ("alpha", "a"), ("beta", "b")),
+    "lnl": (("lambda_", "l"), ("grl_scale", "grl")),
+    "blindeye": (("alpha", "a"), ("head_hidden", "h")),
+    "groupdro": (("eta", "eta"), ("generalization_adjustment", "adj")),
+    "lff": (("q", "q"), ("ema", "ema")),
+    "rebias": (("hsic_features", ""), ("lambda_", "l"), ("lambda_g", "lg")),
+}
+
+
+def _tag(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def biased_mnist_cell_name(rho: float, method: str, options: dict[str, Any], seed: int, schedule: str = "") -> str:
-    """Table 1's cell names (the committed docs/results/biased_mnist/ files): EnD's carry its
-    form, α and β (``rho0.997-end-partner_mean-a50-b5-s42``), so runs at another α/β keep their
-    own files and never stand for the shipped config's cell; ``schedule`` (e.g. ``20ep``) marks
-    another schedule than the config's."""
+    """Table 1's cell names (the committed docs/results/biased_mnist/ files). A method's cells carry
+    the options of :data:`CELL_OPTIONS` (``rho0.997-end-partner_mean-a50-b5-s42``,
+    ``rho0.997-lnl-l0.01-grl0.1-s42``), filled from the package defaults where ``options`` leaves
+    them out, so runs at another point of a sweep keep their own files and never stand for the
+    shipped config's cell; ``schedule`` (e.g. ``20ep``) marks another schedule than the config's."""
     tag = ""
-    if method == "end":
-        o = EnDOptions(**{k: v for k, v in options.items() if v is not None})  # the package defaults for what a config leaves out
-        tag = f"-{o.form}-a{o.alpha:g}-b{o.beta:g}"
+    if method in CELL_OPTIONS:
+        given = {k: v for k, v in options.items() if v is not None and k != "name"}
+        try:
+            o = METHODS[method].Options(**given)  # the package defaults for what a config leaves out
+        except ValidationError as exc:
+            raise ConfigError(f"{method} options {given}: {exc.errors()[0]['msg']}") from None
+        tag = "".join(f"-{short}{_tag(getattr(o, key))}" for key, short in CELL_OPTIONS[method])
     return f"rho{rho:.3f}-{method}{tag}{'-' + schedule if schedule else ''}-s{seed}"
 
 
