@@ -34,10 +34,11 @@ def conflicting_counts(rhos=(0.997, 0.990), seeds=(42, 43, 44), root: Path = MNI
     many (digit, colour) groups the training set fills, built by the shipped config's own code."""
     from cxrdebias.data.biased_mnist import build_biased_mnist
     from cxrdebias.experiments.config import load_config
+    from cxrdebias.experiments.tables import rho_config
 
     out = {}
     for rho in rhos:
-        cfg = load_config(REPO / "configs" / "biased_mnist" / f"rho{rho:.3f}.yaml", [f"data.root={root}"])
+        cfg = load_config(rho_config(rho), [f"data.root={root}"])
         for seed in seeds:
             train = build_biased_mnist(cfg.data, seed).train
             pairs = {(int(t), int(b)) for t, b in zip(train.targets, train.biases, strict=True)}
