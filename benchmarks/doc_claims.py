@@ -147,7 +147,8 @@ def cxr() -> list[str]:
         lines.append(f"CXR {label}: site-EnD − vanilla {fmt_delta(paired_difference(v, e), 3)}; auto-w0 − vanilla {fmt_delta(paired_difference(v, w0), 3)}")
         lines.append(f"CXR {label}: auto-w0 share of site-EnD's gain {fmt_share(gap_closed(w0, v, e))}")
     v, a = worst("vanilla", range(5)), worst("end-auto", range(5))
-    lines.append(f"CXR seeds 0–4: end-auto (warm-up 10) − vanilla {fmt_delta(paired_difference(v, a), 3)}; share {fmt_share(gap_closed(a, v, worst('end', range(5))))}")
+    lines.append(f"CXR seeds 0–4: end-auto (warm-up 10) {fmt_ci(mean_ci(list(a.values())), 3)}; − vanilla {fmt_delta(paired_difference(v, a), 3)}; "
+                 f"share {fmt_share(gap_closed(a, v, worst('end', range(5))))}")  # fmt: skip
     hashes = {json.loads(p.read_text())["results"]["data"]["manifest_sha256"] for p in (RESULTS / "cxr").glob("*.json")}
     dirty = sum(is_dirty(json.loads(p.read_text())) for p in (RESULTS / "cxr").glob("*.json"))
     lines.append(f"CXR results JSONs: {len(list((RESULTS / 'cxr').glob('*.json')))}, {dirty} from a dirty tree; manifest_sha256 recorded: {sorted(hashes)}")
