@@ -384,7 +384,7 @@ def publish(
     """Write a built table into ``docs`` (a Markdown file) between ``<!-- KIND:NAME:start -->``
     and ``<!-- KIND:NAME:end -->`` (headings demoted under the file's own), and its JSON to
     ``<docs folder>/results/KIND/NAME.json`` (the numbers the block shows), the ``plot`` PNG
-    beside it. ``kind``: ``benchmark`` or ``sweep``. Returns the two paths."""
+    beside it. ``kind``: ``benchmark``, ``sweep`` or ``second-stage``. Returns the two paths."""
     if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name.startswith("."):
         raise ConfigError(f"--name {name!r}: letters, digits, '.', '_' or '-' only (it names the block and its JSON file)")
     docs = Path(docs)
