@@ -836,3 +836,32 @@ def test_sigterm_stops_the_running_cells_instead_of_orphaning_them(tmp_path):
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_the_heartbeat_lists_the_running_jobs_not_the_queued_ones(tmp_path):
+    """A queued job whose log holds an earlier attempt's lines (a resumed sweep) was listed as
+    running ("p07 starting" / "epoch 3 done") while only one job at a time ran."""
+    import threading
+
+    from cxrdebias.console import make_console
+    from cxrdebias.experiments.benchmark import Children, Progress, run_jobs
+
+    for job in ("a", "b"):
+        (tmp_path / f"{job}.log").write_text("epoch 3\n")  # both have logs from an earlier attempt
+    release = threading.Event()
+
+    def run_one(job):
+        if job == "a":
+            release.wait(10)
+        return job, 0, 0.0
+
+    console = make_console(stderr=False, record=True, width=200)
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    try:
+        run_jobs(["a", "b"], run_one, jobs=1, children=Children(), progress=Progress(2, console), name=str,
+                 log=lambda j: tmp_path / f"{j}.log", heartbeat_s=0.1)  # fmt: skip
+    finally:
+        timer.cancel()
+    beats = [line for line in console.export_text().splitlines() if line.startswith("running:")]
+    assert beats and all(line == "running: a epoch 3 done" for line in beats)

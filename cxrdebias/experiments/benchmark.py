@@ -428,7 +428,8 @@ def run_jobs(
                 progress.console.print(f"interrupted: {progress.done} of {progress.total} finished; run the same command again to resume")
                 raise
             if not finished:
-                running = [_progress(log(j), name(j)) for j in pending.values() if log(j).exists()]
+                # the jobs started, not the queued ones (whose logs may hold an earlier attempt's lines)
+                running = [_progress(log(j), name(j)) for f, j in pending.items() if f.running()]
                 progress.console.print("running: " + "; ".join(esc(r) for r in running))
             for fut in finished:
                 pending.pop(fut)
