@@ -7,12 +7,15 @@ pick replaces the centre: both points are run at 3 training seeds at both ρ as 
 pick is **adopted only if its mean validation accuracy is higher than the centre's at every ρ**.
 This script reads those cells' JSONs from docs/results/biased_mnist/, applies the rule to the
 validation accuracy only, and writes the decision with every paired difference (n and 95%
-Student-t interval, paired by seed) to docs/results/second-stage/METHOD.json and a Markdown
-table (stdout, and with ``--docs FILE`` between ``<!-- second-stage:METHOD:start/end -->``).
+Student-t interval, paired by seed) to docs/results/second-stage/NAME.json (``--name``, default
+the method) and a Markdown table (stdout, and with ``--docs FILE`` between
+``<!-- second-stage:NAME:start/end -->``).
 The test accuracies are recorded beside it for the reader, after the decision; they never enter it.
 
     python benchmarks/second_stage.py --method end            # the pick: docs/results/sweep/end-0.997.json
     python benchmarks/second_stage.py --method lnl --pick lambda_=0.1 --pick grl_scale=1
+    # the same rule for another EnD form against the shipped one, under its own name
+    python benchmarks/second_stage.py --method end --pick form=reference --name end-form-reference
 """
 
 from __future__ import annotations
@@ -169,17 +172,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pick", action="append", metavar="KEY=VALUE", help="the pick's options (default: the recorded sweep's best point)")
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.997, 0.990])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    ap.add_argument("--docs", type=Path, help="also write the table into this Markdown file's second-stage:METHOD block "
+    ap.add_argument("--name", help="the decision's name: its JSON file and docs block (default: the method)")
+    ap.add_argument("--docs", type=Path, help="also write the table into this Markdown file's second-stage:NAME block "
                     "(the JSON then goes to results/second-stage/ beside that file)")
     args = ap.parse_args(argv)
+    name = args.name or args.method
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
+        raise SystemExit(f"--name {name!r}: letters, digits, '.', '_' or '-' only (it names the JSON file and the docs block)")
     pick = parse_point(args.pick) if args.pick else sweep_pick(args.method)
     try:
         record = decide(args.method, pick, tuple(args.rhos), tuple(args.seeds))
         text = markdown(record)
         if args.docs:
-            publish({"markdown": text, "json": record}, args.docs, args.method, kind="second-stage")
+            publish({"markdown": text, "json": record}, args.docs, name, kind="second-stage")
         else:
-            write_json_atomic(DECISIONS / f"{args.method}.json", record)
+            write_json_atomic(DECISIONS / f"{name}.json", record)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     print(text)

@@ -68,6 +68,9 @@ def test_bad_points_are_one_line_errors():
         ss.decide("lnl", {"lambda_": "0.01"}, results=Path("/nonexistent"))
     with pytest.raises(SystemExit, match="no recorded sweep"):
         ss.sweep_pick("lnl", sweeps=Path("/nonexistent"))
+    for bad in ("/tmp/x", "../x", ".x"):
+        with pytest.raises(SystemExit, match="letters, digits"):
+            ss.main(["--method", "end", "--pick", "form=reference", "--name", bad])
 
 
 def test_the_committed_end_decision_is_the_one_its_cells_give_and_the_configs_follow_it():
