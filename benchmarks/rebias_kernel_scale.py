@@ -14,7 +14,8 @@ fixed batch of training digits (the first ``--n`` of the training split, the run
   ``--n`` digits of the validation split (ρ = 0.1 recolouring), the 5-fold cross-validated accuracy
   of a logistic regression reading the colour and one reading the digit (chance 0.1 each).
 
-    python benchmarks/rebias_kernel_scale.py SWEEP_FOLDER --out docs/results/diagnostics/rebias-kernel-scale-0.997.json
+    python benchmarks/rebias_kernel_scale.py SWEEP_FOLDER --out docs/results/diagnostics/rebias-kernel-scale-0.997.json \
+        --docs docs/reproduction.md     # the table between <!-- rebias-kernel-scale:start/end -->
 
 ``SWEEP_FOLDER`` is a ``cxrdebias sweep --method rebias`` folder (``runs/<point>/seed<S>/``).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,13 @@ import torch
 from cxrdebias.data.biased_mnist import build_biased_mnist
 from cxrdebias.debias.hsic import hsic
 from cxrdebias.experiments.config import load_config
-from cxrdebias.fileio import write_json_atomic
+from cxrdebias.fileio import replace_marked_block, write_json_atomic, write_text_atomic
 from cxrdebias.models import build_model
 from cxrdebias.models.base import capture_pooled
 from cxrdebias.training.provenance import code_version
 from cxrdebias.training.runs import torch_load_checked
+
+BLOCK = ("<!-- rebias-kernel-scale:start -->", "<!-- rebias-kernel-scale:end -->")
 
 
 def kernel_stats(z: torch.Tensor, sigma: float) -> dict[str, float]:
@@ -128,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--n", type=int, default=512, help="training digits in the batch (default 512)")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="results JSON (every number of the table, the runs' commits)")
+    ap.add_argument("--docs", type=Path, help="also write the table into this Markdown file's rebias-kernel-scale block (needs --out)")
     args = ap.parse_args(argv)
+    if args.docs and not args.out:
+        raise SystemExit("--docs needs --out: a number in docs/ comes with the JSON it was read from")
     torch.set_num_threads(1)
     # finished runs only: an unfinished one's last.pt is an earlier epoch's
     runs = sorted(p for p in args.sweep.glob("runs/*/seed*") if (p / "results.json").is_file() and (p / "checkpoints" / "last.pt").is_file())
@@ -139,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(rows, args.n)
     if args.out:
         write_json_atomic(args.out, {"sweep": str(args.sweep), "n": args.n, "rows": rows, "code_version": code_version(), "markdown": text})
+    if args.docs:
+        rel = os.path.relpath(args.out.resolve(), args.docs.resolve().parent)
+        try:
+            body = replace_marked_block(args.docs.read_text(encoding="utf-8"), BLOCK[0], BLOCK[1], f"{text}\n\nNumbers: `{rel}`.", where=str(args.docs))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--docs {exc}") from None
+        write_text_atomic(args.docs, body)
     print(text)
 
 

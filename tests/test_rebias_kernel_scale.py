@@ -39,3 +39,8 @@ def test_a_folder_without_finished_runs_is_a_one_line_error(tmp_path):
     (tmp_path / "runs" / "p00" / "seed42" / "checkpoints" / "last.pt").write_bytes(b"")  # unfinished: no results.json
     with pytest.raises(SystemExit, match="no finished run"):
         rks.main([str(tmp_path)])
+
+
+def test_docs_need_the_json_they_are_read_from(tmp_path):
+    with pytest.raises(SystemExit, match="--docs needs --out"):
+        rks.main([str(tmp_path), "--docs", str(tmp_path / "x.md")])
