@@ -25,6 +25,7 @@ from tests.conftest import REPO, run_cli, write_idx
 
 CLEAN = {"package": "0", "git_commit": "0123456789abcdef", "git_dirty": False}
 DIRTY = {**CLEAN, "git_dirty": True}
+CFG = str(REPO / "configs" / "biased_mnist" / "rho0.997.yaml")  # EnD, alpha 5, beta 0.5
 
 
 def test_grid_from_options_and_file(tmp_path):
@@ -43,7 +44,7 @@ def test_grid_from_options_and_file(tmp_path):
 
 
 def test_points_in_grid_order_with_safe_names():
-    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["0.1", "5"], "method.beta": ["0.5", "1"]})
+    spec = SweepSpec(config=CFG, method="end", grid={"method.alpha": ["0.1", "5"], "method.beta": ["0.5", "1"]})
     assert spec.points() == [
         {"method.alpha": "0.1", "method.beta": "0.5"}, {"method.alpha": "0.1", "method.beta": "1"},
         {"method.alpha": "5", "method.beta": "0.5"}, {"method.alpha": "5", "method.beta": "1"},
@@ -78,10 +79,10 @@ def _fake_run(out: Path, name: str, seed: int, val: float, test: float, version=
 
 
 def test_collect_picks_by_validation_mean_never_by_test(tmp_path):
-    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["0.1", "1", "5"]}, train_seeds=[1, 2])
+    spec = SweepSpec(config=CFG, method="end", grid={"method.alpha": ["0.1", "1", "5"]}, train_seeds=[1, 2])
     names = [point_name(i, p) for i, p in enumerate(spec.points())]
-    _fake_run(tmp_path, names[0], 1, 0.40, 0.99)
-    _fake_run(tmp_path, names[0], 2, 0.50, 0.99)  # mean 0.45, the best test
+    _fake_run(tmp_path, names[0], 1, 0.40, 0.987654)
+    _fake_run(tmp_path, names[0], 2, 0.50, 0.987654)  # mean 0.45, the best test
     _fake_run(tmp_path, names[1], 1, 0.60, 0.10)
     _fake_run(tmp_path, names[1], 2, 0.40, 0.10)  # mean 0.50: the best validation
     _fake_run(tmp_path, names[2], 1, 0.90, 0.50)  # best single value, but seed 2 missing: not picked
@@ -90,7 +91,7 @@ def test_collect_picks_by_validation_mean_never_by_test(tmp_path):
     assert [p["mean"] for p in record["points"]] == pytest.approx([0.45, 0.50, 0.90])
     assert [p["complete"] for p in record["points"]] == [True, True, False]
     text = json.dumps(record)
-    assert "0.99" not in text and "unbiased" not in text and "0.1," not in text  # no test number anywhere
+    assert "0.987654" not in text and "unbiased" not in text and "0.1," not in text  # no test number anywhere
     assert record["dirty"] is False
     md = to_markdown(record)
     assert f"| **{names[1]}** | **1** | **0.6000** | **0.4000** | **0.5000** |" in md
@@ -99,10 +100,33 @@ def test_collect_picks_by_validation_mean_never_by_test(tmp_path):
     assert lower["best"] == names[0]
 
 
+def test_a_tie_goes_to_the_starting_point_when_it_is_among_the_tied_ones(tmp_path):
+    """Every point of the ReBias sweep ended at the same validation value (colour-only); the
+    first in grid order (the smallest λ, λ_g) was picked, an arbitrary move off the published
+    values. A tie now keeps the starting config's values when the grid holds them."""
+    spec = SweepSpec(config=CFG, method="end", grid={"method.alpha": ["0.5", "5", "50"]}, train_seeds=[1])
+    names = [point_name(i, p) for i, p in enumerate(spec.points())]
+    for name in names:
+        _fake_run(tmp_path, name, 1, 0.0986, 0.5)
+    record = collect(spec, tmp_path, CLEAN)
+    assert record["start"] == {"values": {"method.alpha": 5.0}, "point": names[1]}
+    assert record["best"] == names[1] and record["ties"] == names
+    assert "**3 of 3 points tie** at the best value; the tie goes to the starting point" in to_markdown(record)
+    # the starting point not tied: the first of the tied ones in grid order
+    _fake_run(tmp_path, names[1], 1, 0.05, 0.5)
+    record = collect(spec, tmp_path, CLEAN)
+    assert record["best"] == names[0] and record["ties"] == [names[0], names[2]]
+    assert "the starting point is not among them, so the tie goes to the first in grid order" in to_markdown(record)
+    # a clear best: no tie line
+    _fake_run(tmp_path, names[2], 1, 0.2, 0.5)
+    record = collect(spec, tmp_path, CLEAN)
+    assert record["best"] == names[2] and record["ties"] == [] and "tie" not in to_markdown(record)
+
+
 def test_collect_keeps_each_epochs_validation_and_the_pick_at_each_epoch(tmp_path):
     """Point 0 leads at epoch 2 (mean 0.35 vs 0.30), point 1 at epoch 4 (0.55 vs 0.40): runs cut
     at epoch 2 would pick point 0, the full runs point 1. Point 2 misses a seed: never picked."""
-    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1", "10", "100"]}, train_seeds=[1, 2])
+    spec = SweepSpec(config=CFG, method="end", grid={"method.alpha": ["1", "10", "100"]}, train_seeds=[1, 2])
     names = [point_name(i, p) for i, p in enumerate(spec.points())]
     curves = {(0, 1): [0.3, 0.4], (0, 2): [0.4, 0.4], (1, 1): [0.2, 0.5], (1, 2): [0.4, 0.6], (2, 1): [0.9, 0.9]}
     for (i, seed), (v2, v4) in curves.items():
@@ -119,7 +143,7 @@ def test_collect_keeps_each_epochs_validation_and_the_pick_at_each_epoch(tmp_pat
 
 
 def test_collect_refuses_a_run_from_a_dirty_tree_unless_allowed_then_marks_it(tmp_path):
-    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["1", "2"]}, train_seeds=[0])
+    spec = SweepSpec(config=CFG, method="end", grid={"method.alpha": ["1", "2"]}, train_seeds=[0])
     names = [point_name(i, p) for i, p in enumerate(spec.points())]
     _fake_run(tmp_path, names[0], 0, 0.5, 0.5, version=DIRTY)
     _fake_run(tmp_path, names[1], 0, 0.4, 0.5)
@@ -223,7 +247,7 @@ def test_sweep_end_to_end_picks_the_learning_point_resumes_and_refuses_dirty(tmp
 def test_publish_writes_the_sweep_block_and_json_beside_the_docs(tmp_path):
     from cxrdebias.experiments.benchmark_table import publish
 
-    spec = SweepSpec(config="c.yaml", method="end", grid={"method.alpha": ["0.1", "1"]}, train_seeds=[0])
+    spec = SweepSpec(config=CFG, method="end", grid={"method.alpha": ["0.1", "1"]}, train_seeds=[0])
     names = [point_name(i, p) for i, p in enumerate(spec.points())]
     _fake_run(tmp_path / "sw", names[0], 0, 0.3, 0.9)
     _fake_run(tmp_path / "sw", names[1], 0, 0.6, 0.1)

@@ -254,12 +254,50 @@ def validation_history(run: Path, metric: str) -> dict[str, float | None]:
     }
 
 
-def pick_by_epoch(points: list[dict[str, Any]], seeds: list[int], mode: str) -> list[dict[str, Any]]:
+def starting_point(spec: SweepSpec) -> dict[str, Any]:
+    """The value of each grid key in the config the sweep starts from (no grid value applied; a
+    method option the config leaves out at the package default)."""
+    from cxrdebias.debias import METHODS
+
+    cfg = _point_config(spec, {}, spec.train_seeds[0])
+    tree = cfg.model_dump(mode="json")
+    tree["method"] = {**METHODS[cfg.method.name].Options(**cfg.method.options()).model_dump(mode="json"), **tree["method"]}
+    out = {}
+    for key in spec.grid:
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def start_name(points: list[dict[str, Any]], start: dict[str, Any]) -> str | None:
+    """The grid point whose values are the starting config's, if the grid holds it."""
+    return next((p["name"] for p in points if all(_same_value(v, start.get(k)) for k, v in p["point"].items())), None)
+
+
+def _pick(means: dict[str, float], sign: float, start: str | None) -> tuple[str, list[str]]:
+    """The best name by ``sign`` × mean and every name tied with it (in grid order). A tie goes to
+    the starting point when it is among the tied ones (no evidence to move off the starting
+    values), else to the first in grid order."""
+    top = max(sign * v for v in means.values())
+    tied = [n for n, v in means.items() if math.isclose(sign * v, top, rel_tol=0.0, abs_tol=1e-12)]
+    return (start if start in tied else tied[0]), tied
+
+
+def pick_by_epoch(points: list[dict[str, Any]], seeds: list[int], mode: str, start: str | None = None) -> list[dict[str, Any]]:
     """The point the sweep would pick from the validation at each epoch every run evaluated
     (``[{"epoch", "best"}]``): whether a run cut short there — a shorter schedule, when the LR
     schedule does not depend on the number of epochs — ranks the points as the full one does.
-    Only complete points with a value at that epoch for every seed compete; ties go to the first
-    in grid order, as for ``best``."""
+    Only complete points with a value at that epoch for every seed compete; ties are broken as
+    for ``best`` (:func:`_pick`)."""
     histories = [p["seeds"][str(s)].get("history") or {} for p in points if p["complete"] for s in seeds]
     if not histories:
         return []
@@ -273,7 +311,7 @@ def pick_by_epoch(points: list[dict[str, Any]], seeds: list[int], mode: str) -> 
             if p["complete"] and all(v is not None for v in values):
                 means[p["name"]] = sum(values) / len(values)
         if means:
-            picks.append({"epoch": int(epoch), "best": max(means, key=lambda n: sign * means[n])})
+            picks.append({"epoch": int(epoch), "best": _pick(means, sign, start)[0]})
     return picks
 
 
@@ -283,7 +321,8 @@ def _finite(v: Any) -> bool:
 
 def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty: bool = False) -> dict[str, Any]:
     """The sweep record: every point with its per-seed validation values and their mean, and the
-    best point by the mean (``mode``; the first in grid order on a tie). Points missing a seed are
+    best point by the mean (``mode``; on a tie the starting point — the config's own values — when
+    it is among the tied ones, else the first in grid order; ``ties`` lists them). Points missing a seed are
     listed but not picked. No test metric is read. Runs recorded with uncommitted changes are
     refused unless ``allow_dirty`` (then their points are marked, :mod:`cxrdebias.experiments.dirty`)."""
     points = []
@@ -303,9 +342,11 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
                        "mean": sum(values) / len(values) if values else None,
                        "dirty": any(is_dirty(s) for s in seeds.values())})  # fmt: skip
     check_dirty({f"{p['name']}-seed{k}": s for p in points for k, s in p["seeds"].items()}, allow_dirty=allow_dirty, where=str(out))
-    candidates = [p for p in points if p["complete"]]
     sign = -1.0 if spec.mode == "min" else 1.0
-    best = max(candidates, key=lambda p: sign * p["mean"])["name"] if candidates else None
+    start = starting_point(spec)
+    start_point = start_name(points, start)
+    means = {p["name"]: p["mean"] for p in points if p["complete"]}
+    best, ties = _pick(means, sign, start_point) if means else (None, [])
     dirty = bool(version.get("git_dirty")) or any(p["dirty"] for p in points)
     return {
         "spec": spec.model_dump(mode="json"),
@@ -313,7 +354,9 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
         "points": points,
         "best": best,
         "best_point": next((p["point"] for p in points if p["name"] == best), None),
-        "pick_by_epoch": pick_by_epoch(points, spec.train_seeds, spec.mode),
+        "ties": ties if len(ties) > 1 else [],
+        "start": {"values": start, "point": start_point},
+        "pick_by_epoch": pick_by_epoch(points, spec.train_seeds, spec.mode, start_point),
         "code_version": version,
         "dirty": dirty,
     }
@@ -361,6 +404,12 @@ def to_markdown(record: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     pick = f"**{record['best']}** ({', '.join(f'{k}={v}' for k, v in record['best_point'].items())})" if record["best"] else "none yet (no point has every seed)"
     lines += ["", f"Best by validation: {pick}. Values: the validation metric at the epoch each run reports; `–`: not run yet."]
+    ties = record.get("ties") or []
+    if ties:
+        start = (record.get("start") or {}).get("point")
+        rule = (f"the tie goes to the starting point ({start}, the config's own values): nothing measured moves off it"
+                if start in ties else "the starting point is not among them, so the tie goes to the first in grid order")  # fmt: skip
+        lines += ["", f"**{len(ties)} of {len(record['points'])} points tie** at the best value; {rule}."]
     earlier = record.get("pick_by_epoch") or []
     if len(earlier) > 1:
         lines += ["", "Picked from the validation at each evaluated epoch (would runs cut short there pick the same point?): "
