@@ -126,6 +126,22 @@ def test_result_from_other_options_is_refused(tmp_path):
         build_table(t, results_dir=tmp_path)
 
 
+def test_a_default_given_explicitly_is_the_default(tmp_path):
+    """A sweep's centre run names the package defaults explicitly (method.lambda_=1); it is the
+    Table 1 cell that leaves them out — before, the table refused it as "other options"."""
+    t = biased_mnist_table(rhos=[0.997], methods=["rebias"], seeds=[42], overrides=PIN)
+    cell = t.cells[0]
+    assert cell.name == "rho0.997-rebias-raw-l1-lg1-s42" and "lambda_" not in cell.config.method.options()
+    res = _fake_result(cell, 1.0, 0.1)
+    res["config"]["method"].update(lambda_=1, lambda_g=1.0)
+    _store(tmp_path, t, cell.name, res)
+    assert build_table(t, results_dir=tmp_path).missing == []
+    res["config"]["method"]["lambda_g"] = 10
+    _store(tmp_path, t, cell.name, res)
+    with pytest.raises(ConfigError, match="other options.*method.lambda_g"):
+        build_table(t, results_dir=tmp_path)
+
+
 def test_runtime_options_do_not_make_a_result_different(tmp_path):
     t = biased_mnist_table(rhos=[0.997], methods=["vanilla"], seeds=[42])
     cell = t.cells[0]

@@ -350,6 +350,13 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
         (out.get("train") or {}).pop(key, None)
     if not (out.get("unsupervised") or {}).get("enabled"):
         out.pop("unsupervised", None)  # its options do nothing unless --bias auto is on
+    method = out.get("method") or {}
+    if method.get("name") in METHODS:  # a default given explicitly (a sweep's centre point) is the default
+        try:
+            options = METHODS[method["name"]].Options(**{k: v for k, v in method.items() if k != "name"})
+        except ValidationError:
+            return out  # compared as written; the mismatch is reported
+        out["method"] = {"name": method["name"], **options.model_dump(mode="json")}
     return out
 
 
