@@ -59,6 +59,16 @@ def _metrics(run: Path, vals: list[dict | None]) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
+def test_run_seconds_sum_the_training_and_validation_time_of_every_epoch(tmp_path):
+    from cxrdebias.experiments.sweep import run_seconds
+
+    _metrics(tmp_path, [None, {"accuracy": 0.1}])
+    assert run_seconds(tmp_path) is None  # no epoch recorded a time
+    lines = [{"epoch": 1, "train": {"time_s": 80.5}}, {"epoch": 2, "train": {"time_s": 79.5}, "val": {"accuracy": 0.1}, "eval_time_s": 7.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert run_seconds(tmp_path) == 167.0
+
+
 def test_validation_value_is_the_reported_epochs(tmp_path):
     _metrics(tmp_path, [{"accuracy": 0.2, "loss": 3.0}, None, {"accuracy": 0.6, "loss": 1.0}, {"accuracy": 0.5, "loss": 2.0}])
     assert validation_value(tmp_path, "accuracy", None, "max") == {"value": 0.5, "epoch": 4}  # last epoch

@@ -243,6 +243,15 @@ def validation_value(run: Path, metric: str, select_metric: str | None, select_m
     return {"value": float(value) if _finite(value) else None, "epoch": chosen["epoch"]}
 
 
+def run_seconds(run: Path) -> float | None:
+    """The run's training + validation time, summed over the epochs of ``RUN/metrics.jsonl``
+    (``train.time_s`` + ``eval_time_s``; the test evaluation is not in it). None when no epoch
+    records a time (older runs)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    times = [float((r.get("train") or {}).get("time_s", 0.0)) + float(r.get("eval_time_s", 0.0)) for r in records]
+    return sum(times) if any(times) else None
+
+
 def validation_history(run: Path, metric: str) -> dict[str, float | None]:
     """``{epoch: metric}`` on validation at every evaluated epoch of ``RUN/metrics.jsonl`` (keys
     are strings, as in the JSON); an epoch without that metric is left out."""
@@ -335,7 +344,8 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
             info = _read_run_info(run)
             cfg = info.get("config", {}).get("train", {})
             v = validation_value(run, spec.metric, cfg.get("select_metric"), cfg.get("select_mode", "max"))
-            seeds[str(seed)] = {**v, "history": validation_history(run, spec.metric), "code_version": info.get("code_version", {})}
+            seeds[str(seed)] = {**v, "history": validation_history(run, spec.metric), "seconds": run_seconds(run),
+                                "code_version": info.get("code_version", {})}  # fmt: skip
         values = [s["value"] for s in seeds.values() if s["value"] is not None]
         complete = len(values) == len(spec.train_seeds)
         points.append({"name": name, "point": point, "seeds": seeds, "complete": complete,
