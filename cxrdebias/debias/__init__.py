@@ -49,6 +49,21 @@ def unregister_method(name: str) -> None:
     METHODS.pop(name, None)
 
 
+def method_options(name: str, options: dict[str, Any] | None = None) -> MethodOptions:
+    """A registered method's validated options, the package defaults filled in for what
+    ``options`` leaves out (:class:`ConfigError` naming the method and the bad field if not)."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown method {name!r}; expected one of: {', '.join(method_names())}")
+    try:
+        return cls.Options(**(options or {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"method {name!r}: {problems}") from None
+
+
 def build_method(
     name: str, options: dict[str, Any] | None = None, unsupervised: PseudoBiasOptions | dict[str, Any] | None = None
 ) -> Method:
@@ -58,17 +73,8 @@ def build_method(
     wrapped in :class:`~cxrdebias.debias.unsupervised.UnsupervisedBias` and fed online
     pseudo-bias labels instead of the dataset's (``--bias auto``).
     """
-    cls = METHODS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown method {name!r}; expected one of: {', '.join(method_names())}")
-    try:
-        opts = cls.Options(**(options or {}))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"method {name!r}: {problems}") from None
-    method = cls(opts)
+    opts = method_options(name, options)
+    method = METHODS[name](opts)
     if isinstance(unsupervised, dict):
         try:
             unsupervised = PseudoBiasOptions(**unsupervised)
@@ -96,6 +102,7 @@ __all__ = [
     "build_method",
     "end_regularizer",
     "method_names",
+    "method_options",
     "register_method",
     "unregister_method",
 ]

@@ -266,11 +266,11 @@ def validation_history(run: Path, metric: str) -> dict[str, float | None]:
 def starting_point(spec: SweepSpec) -> dict[str, Any]:
     """The value of each grid key in the config the sweep starts from (no grid value applied; a
     method option the config leaves out at the package default)."""
-    from cxrdebias.debias import METHODS
+    from cxrdebias.debias import method_options
 
     cfg = _point_config(spec, {}, spec.train_seeds[0])
     tree = cfg.model_dump(mode="json")
-    tree["method"] = {**METHODS[cfg.method.name].Options(**cfg.method.options()).model_dump(mode="json"), **tree["method"]}
+    tree["method"] = {**method_options(cfg.method.name, cfg.method.options()).model_dump(mode="json"), **tree["method"]}
     out = {}
     for key in spec.grid:
         node: Any = tree

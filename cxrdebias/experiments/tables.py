@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from rich.console import Console
 
 from cxrdebias.config import CONFIGS_DIR
 from cxrdebias.console import esc, make_console
-from cxrdebias.debias import METHODS
+from cxrdebias.debias import METHODS, method_options
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.config import ExperimentConfig, load_config
@@ -188,9 +187,9 @@ def biased_mnist_cell_name(rho: float, method: str, options: dict[str, Any], see
     if method in CELL_OPTIONS:
         given = {k: v for k, v in options.items() if v is not None and k != "name"}
         try:
-            o = METHODS[method].Options(**given)  # the package defaults for what a config leaves out
-        except ValidationError as exc:
-            raise ConfigError(f"{method} options {given}: {exc.errors()[0]['msg']}") from None
+            o = method_options(method, given)  # the package defaults for what a config leaves out
+        except ConfigError as exc:
+            raise ConfigError(f"{method} options {given}: {exc}") from None
         tag = "".join(f"-{short}{_tag(getattr(o, key))}" for key, short in CELL_OPTIONS[method])
     return f"rho{rho:.3f}-{method}{tag}{'-' + schedule if schedule else ''}-s{seed}"
 
@@ -353,8 +352,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     method = out.get("method") or {}
     if method.get("name") in METHODS:  # a default given explicitly (a sweep's centre point) is the default
         try:
-            options = METHODS[method["name"]].Options(**{k: v for k, v in method.items() if k != "name"})
-        except ValidationError:
+            options = method_options(method["name"], {k: v for k, v in method.items() if k != "name"})
+        except ConfigError:
             return out  # compared as written; the mismatch is reported
         out["method"] = {"name": method["name"], **options.model_dump(mode="json")}
     return out
