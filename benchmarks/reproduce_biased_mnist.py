@@ -28,15 +28,14 @@ from cxrdebias.debias.end import DEFAULT_FORM
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
 from cxrdebias.experiments.benchmark import check_clean
-from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
 from cxrdebias.experiments.tables import (
     CELL_OPTIONS,
     TABLE_VARIANTS,
     biased_mnist_cell_name,
     published_biased_mnist,
-    rho_config,
     row_method,
+    shipped_options,
     update_markdown,
 )
 
@@ -70,8 +69,7 @@ def method_sets(sets: list[str] | None) -> dict[str, str]:
 def cell_options(rho: float, method: str, args) -> dict:
     """A cell's method options: the shipped config's when it is that method (EnD's), with
     ``--form``/``--alpha``/``--beta`` (EnD) and ``--set method.KEY=VALUE`` on top."""
-    shipped = load_config(rho_config(rho)).method
-    options = dict(shipped.options()) if shipped.name == method else {}
+    options = shipped_options(rho, method)
     if method == "end":
         options["form"] = args.form
         options.update({k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None})

@@ -33,9 +33,8 @@ from benchmarks._common import DOCS
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.benchmark_stats import mean_ci, paired_difference
 from cxrdebias.experiments.benchmark_table import publish
-from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import is_dirty
-from cxrdebias.experiments.tables import biased_mnist_cell_name, rho_config
+from cxrdebias.experiments.tables import biased_mnist_cell_name, shipped_options
 from cxrdebias.fileio import write_json_atomic
 
 RESULTS = DOCS / "results" / "biased_mnist"
@@ -69,13 +68,6 @@ def sweep_pick(method: str, rho: float = 0.997, sweeps: Path = SWEEPS) -> dict[s
     return {k.removeprefix("method."): str(v) for k, v in best.items()}
 
 
-def centre(method: str, rho: float) -> dict[str, Any]:
-    """The point Table 1 runs now: the shipped config's options when it is that method (EnD's),
-    else the package defaults (the sweep grids' centres)."""
-    shipped = load_config(rho_config(rho)).method
-    return dict(shipped.options()) if shipped.name == method else {}
-
-
 def _value(results: dict, key: str) -> float:
     v = (results.get("metrics") or {}).get(key)
     return 100 * float(v) if isinstance(v, int | float) else math.nan
@@ -92,8 +84,9 @@ def decide(
     the paired pick − centre difference, and ``decision``: ``adopt``, ``keep the centre`` or
     ``incomplete`` (a cell missing: nothing is decided)."""
     per_rho, missing, dirty = {}, [], []
+    centres = {f"{rho:.3f}": shipped_options(rho, method) for rho in rhos}  # what Table 1 runs now
     for rho in rhos:
-        points = {"centre": centre(method, rho)}
+        points = {"centre": centres[f"{rho:.3f}"]}
         points["pick"] = {**points["centre"], **pick}
         names = {p: {s: biased_mnist_cell_name(rho, method, opts, s) for s in seeds} for p, opts in points.items()}
         if names["centre"] == names["pick"]:
@@ -121,7 +114,7 @@ def decide(
         decision = "adopt" if higher else "keep the centre"
     return {
         "method": method,
-        "centre": {f"{r:.3f}": centre(method, r) for r in rhos},
+        "centre": centres,
         "pick": pick,
         "seeds": list(seeds),
         "rule": RULE,

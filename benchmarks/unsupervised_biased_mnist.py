@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks._common import DOCS
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.formatting import format_mean_std
-from cxrdebias.experiments.config import load_config
 from cxrdebias.experiments.dirty import check_dirty, legend, mark
-from cxrdebias.experiments.tables import rho_config, row_method, update_markdown
+from cxrdebias.experiments.tables import row_method, shipped_options, update_markdown
 
 RESULTS = DOCS / "results" / "unsupervised" / "biased_mnist"
 SUPERVISED = DOCS / "results" / "biased_mnist"
@@ -84,7 +83,7 @@ def _ms(vals: list[float]) -> str:
 @functools.cache
 def shipped_end(rho: float) -> dict:
     """EnD's options in the shipped config of ``rho`` (configs/biased_mnist/rho{ρ}.yaml), read once per ρ."""
-    return load_config(rho_config(rho)).method.options()
+    return shipped_options(rho, "end")
 
 
 def _is_reference(r: dict) -> str | None:

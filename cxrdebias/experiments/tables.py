@@ -153,6 +153,12 @@ def _method_section(base: ExperimentConfig, method: str) -> dict[str, Any]:
     return base.method.model_dump(mode="json") if base.method.name == method else {"name": method}
 
 
+def shipped_options(rho: float, method: str) -> dict[str, Any]:
+    """The options Table 1 runs ``method`` with at ``rho``: the shipped config's when it is that
+    method (EnD's α, β, form), else none given (the package defaults)."""
+    return {k: v for k, v in _method_section(load_config(rho_config(rho)), method).items() if k != "name"}
+
+
 def _label(cfg: ExperimentConfig) -> str:
     opts = cfg.method.options()
     return cfg.method.name + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")" if opts else "")
