@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks._common import DOCS
 from cxrdebias.errors import ConfigError
 from cxrdebias.evaluation.benchmark_stats import mean_ci, paired_difference
-from cxrdebias.experiments.benchmark_table import publish
+from cxrdebias.experiments.benchmark_table import check_block_name, publish
 from cxrdebias.experiments.dirty import is_dirty
 from cxrdebias.experiments.tables import biased_mnist_cell_name, shipped_options
 from cxrdebias.fileio import write_json_atomic
@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
                     "(the JSON then goes to results/second-stage/ beside that file)")
     args = ap.parse_args(argv)
     name = args.name or args.method
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
-        raise SystemExit(f"--name {name!r}: letters, digits, '.', '_' or '-' only (it names the JSON file and the docs block)")
+    try:
+        check_block_name(name)  # also without --docs: it names the JSON file
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     pick = parse_point(args.pick) if args.pick else sweep_pick(args.method)
     try:
         record = decide(args.method, pick, tuple(args.rhos), tuple(args.seeds))

@@ -378,6 +378,13 @@ def build_table(
     return {"rows": rows, "summary": summary, "markdown": md, "json": nan_to_none(doc)}
 
 
+def check_block_name(name: str) -> None:
+    """A docs block's (and its JSON file's) name: letters, digits, '.', '_' or '-', not starting
+    with '.' (:class:`ConfigError` otherwise) — never a path."""
+    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name.startswith("."):
+        raise ConfigError(f"--name {name!r}: letters, digits, '.', '_' or '-' only (it names the block and its JSON file)")
+
+
 def publish(
     table: dict[str, Any], docs: str | Path, name: str, plot: str | Path | None = None, kind: str = "benchmark"
 ) -> tuple[Path, Path]:
@@ -385,8 +392,7 @@ def publish(
     and ``<!-- KIND:NAME:end -->`` (headings demoted under the file's own), and its JSON to
     ``<docs folder>/results/KIND/NAME.json`` (the numbers the block shows), the ``plot`` PNG
     beside it. ``kind``: ``benchmark``, ``sweep`` or ``second-stage``. Returns the two paths."""
-    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or name.startswith("."):
-        raise ConfigError(f"--name {name!r}: letters, digits, '.', '_' or '-' only (it names the block and its JSON file)")
+    check_block_name(name)
     docs = Path(docs)
     start, end = f"<!-- {kind}:{name}:start -->", f"<!-- {kind}:{name}:end -->"
     body = "\n".join(("###" + line[1:]) if line.startswith("#") else line for line in table["markdown"].rstrip().splitlines())
