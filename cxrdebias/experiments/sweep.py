@@ -221,17 +221,21 @@ def _log(out: Path, r: tuple[str, dict[str, str], int]) -> Path:
     return out / "logs" / f"{_name(r)}.log"
 
 
+def _epoch_records(run: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``RUN/metrics.jsonl`` (:class:`DataError` if unreadable)."""
+    path = run / "metrics.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the per-epoch metrics ({exc})") from None
+
+
 def validation_value(run: Path, metric: str, select_metric: str | None, select_mode: str) -> dict[str, Any]:
     """``{"value", "epoch"}``: ``metric`` on validation at the epoch the run reports (the last
     evaluated epoch, or the first best one by ``select_metric``), from ``RUN/metrics.jsonl``."""
-    path = run / "metrics.jsonl"
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the per-epoch metrics ({exc})") from None
-    evaluated = [r for r in records if isinstance(r.get("val"), dict)]
+    evaluated = [r for r in _epoch_records(run) if isinstance(r.get("val"), dict)]
     if not evaluated:
-        raise DataError(f"{path}: no validation metrics (does the config have a validation set and train.eval_every?)")
+        raise DataError(f"{run / 'metrics.jsonl'}: no validation metrics (does the config have a validation set and train.eval_every?)")
     chosen = evaluated[-1]
     if select_metric:
         sign = -1.0 if select_mode == "min" else 1.0
@@ -247,7 +251,7 @@ def run_seconds(run: Path) -> float | None:
     """The run's training + validation time, summed over the epochs of ``RUN/metrics.jsonl``
     (``train.time_s`` + ``eval_time_s``; the test evaluation is not in it). None when no epoch
     records a time (older runs)."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = _epoch_records(run)
     times = [float((r.get("train") or {}).get("time_s", 0.0)) + float(r.get("eval_time_s", 0.0)) for r in records]
     return sum(times) if any(times) else None
 
@@ -255,7 +259,7 @@ def run_seconds(run: Path) -> float | None:
 def validation_history(run: Path, metric: str) -> dict[str, float | None]:
     """``{epoch: metric}`` on validation at every evaluated epoch of ``RUN/metrics.jsonl`` (keys
     are strings, as in the JSON); an epoch without that metric is left out."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = _epoch_records(run)
     return {
         str(r["epoch"]): (float(r["val"][metric]) if _finite(r["val"][metric]) else None)
         for r in records
