@@ -42,8 +42,8 @@ SWEEPS = DOCS / "results" / "sweep"
 DECISIONS = DOCS / "results" / "second-stage"
 RULE = "adopt the pick only if its mean validation accuracy is higher than the centre's at every rho (n seeds each, paired by seed)"
 #: what the decision reads, then what is recorded beside it (read after the decision)
-DECIDES = ("val_accuracy", "validation")
-AFTER = (("unbiased_accuracy", "unbiased test"), ("biased_accuracy", "biased test"))
+DECIDES = "val_accuracy"
+AFTER = ("unbiased_accuracy", "biased_accuracy")
 
 
 def parse_point(items: list[str] | None) -> dict[str, str]:
@@ -102,7 +102,7 @@ def decide(
                 if is_dirty(runs[p][s]):
                     dirty.append(name)
         row: dict[str, Any] = {"cells": names}
-        for key, _ in (DECIDES, *AFTER):
+        for key in (DECIDES, *AFTER):
             c = {s: _value(r, key) for s, r in runs["centre"].items()}
             k = {s: _value(r, key) for s, r in runs["pick"].items()}
             row[key] = {"centre": mean_ci(list(c.values())), "pick": mean_ci(list(k.values())), "pick_minus_centre": paired_difference(c, k)}
@@ -110,7 +110,7 @@ def decide(
     if missing:
         decision = "incomplete"
     else:
-        higher = all(row[DECIDES[0]]["pick_minus_centre"]["mean"] > 0 for row in per_rho.values())
+        higher = all(row[DECIDES]["pick_minus_centre"]["mean"] > 0 for row in per_rho.values())
         decision = "adopt" if higher else "keep the centre"
     return {
         "method": method,
@@ -146,7 +146,7 @@ def markdown(record: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for rho, row in record["rhos"].items():
-        v = row[DECIDES[0]]
+        v = row[DECIDES]
         lines.append(
             f"| {rho} | {_ci(v['centre'])} | {_ci(v['pick'])} | {_delta(v['pick_minus_centre'])} "
             f"| {_delta(row['unbiased_accuracy']['pick_minus_centre'])} | {_delta(row['biased_accuracy']['pick_minus_centre'])} |"
