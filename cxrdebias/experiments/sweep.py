@@ -251,18 +251,16 @@ def run_seconds(run: Path) -> float | None:
     """The run's training + validation time, summed over the epochs of ``RUN/metrics.jsonl``
     (``train.time_s`` + ``eval_time_s``; the test evaluation is not in it). None when no epoch
     records a time (older runs)."""
-    records = _epoch_records(run)
-    times = [float((r.get("train") or {}).get("time_s", 0.0)) + float(r.get("eval_time_s", 0.0)) for r in records]
+    times = [float((r.get("train") or {}).get("time_s", 0.0)) + float(r.get("eval_time_s", 0.0)) for r in _epoch_records(run)]
     return sum(times) if any(times) else None
 
 
 def validation_history(run: Path, metric: str) -> dict[str, float | None]:
     """``{epoch: metric}`` on validation at every evaluated epoch of ``RUN/metrics.jsonl`` (keys
     are strings, as in the JSON); an epoch without that metric is left out."""
-    records = _epoch_records(run)
     return {
         str(r["epoch"]): (float(r["val"][metric]) if _finite(r["val"][metric]) else None)
-        for r in records
+        for r in _epoch_records(run)
         if isinstance(r.get("val"), dict) and metric in r["val"]
     }
 
@@ -348,8 +346,7 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
             info = _read_run_info(run)
             cfg = info.get("config", {}).get("train", {})
             v = validation_value(run, spec.metric, cfg.get("select_metric"), cfg.get("select_mode", "max"))
-            seeds[str(seed)] = {**v, "history": validation_history(run, spec.metric), "seconds": run_seconds(run),
-                                "code_version": info.get("code_version", {})}  # fmt: skip
+            seeds[str(seed)] = {**v, "history": validation_history(run, spec.metric), "seconds": run_seconds(run), "code_version": info.get("code_version", {})}
         values = [s["value"] for s in seeds.values() if s["value"] is not None]
         complete = len(values) == len(spec.train_seeds)
         points.append({"name": name, "point": point, "seeds": seeds, "complete": complete,
@@ -357,8 +354,7 @@ def collect(spec: SweepSpec, out: Path, version: dict[str, Any], *, allow_dirty:
                        "dirty": any(is_dirty(s) for s in seeds.values())})  # fmt: skip
     check_dirty({f"{p['name']}-seed{k}": s for p in points for k, s in p["seeds"].items()}, allow_dirty=allow_dirty, where=str(out))
     sign = -1.0 if spec.mode == "min" else 1.0
-    start = starting_point(spec)
-    start_point = start_name(points, start)
+    start_point = start_name(points, start := starting_point(spec))
     means = {p["name"]: p["mean"] for p in points if p["complete"]}
     best, ties = _pick(means, sign, start_point) if means else (None, [])
     dirty = bool(version.get("git_dirty")) or any(p["dirty"] for p in points)
